@@ -1,0 +1,119 @@
+"""A plain, loop-based Fast Multipole Attention written straight from shared/design/fma.md, for tests only.
+
+It shares no code with fmt_hf.fma: the partition is enumerated per query from the §3 formulas, coarse keys come
+from torch's own conv1d / avg_pool1d, and the joint softmax is taken over an explicit list of logits.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fmt_hf.fma import AvgPoolDownsample, DepthwiseDownsample
+
+
+def downsample(module, level, x):
+    """Level-``level`` coarse tokens (B, H, groups, p, d) of ``x`` (B, H, n, d) with torch's conv ops."""
+    batch, heads, n, d = x.shape
+    width, p = module.widths[level - 1], module.coarse_tokens
+    flat = x.reshape(batch * heads, n, d).transpose(1, 2)  # (N, d, n)
+    if isinstance(module, AvgPoolDownsample):
+        out = F.avg_pool1d(flat, width // p).unflatten(2, (-1, p))  # (N, d, groups, p)
+    else:
+        # conv1d output channel c*p + r holds coarse token r of channel c
+        groups = d if isinstance(module, DepthwiseDownsample) else 1
+        weight = module.weights[level - 1].reshape(d * p, d // groups, width).to(x.dtype)
+        out = F.conv1d(flat, weight, module.biases[level - 1].reshape(-1).to(x.dtype), stride=width, groups=groups)
+        out = out.unflatten(1, (d, p)).transpose(2, 3)  # (N, d, groups, p)
+    return out.permute(0, 2, 3, 1).reshape(batch, heads, n // width, p, d)
+
+
+def fine_keys(i, n, m, capacity, causal):
+    """Level-0 key positions of query i, split into positions inside [0, capacity) and the count outside."""
+    b = i // m
+    if causal:
+        positions = range((b - 1) * m, i + 1)
+    else:
+        positions = range((b - 1) * m, (b + 2) * m)
+    inside = [j for j in positions if 0 <= j < capacity]
+    return inside, len(positions) - len(inside)
+
+
+def coarse_slot_groups(i, width, causal):
+    """Level groups of query i per §3 (negative or too-large ids included)."""
+    if causal:
+        parent, second_child = i // (2 * width), (i // width) % 2
+        return [2 * parent - 2] + ([2 * parent - 1] if second_child else [])
+    own = i // width
+    return [own - 2, own + 2, own + 3] if own % 2 == 0 else [own - 3, own - 2, own + 2]
+
+
+def multiplicity(n, m, levels, causal):
+    """How many times the §3 partition covers each (query, key) pair of a length-n sequence."""
+    counts = torch.zeros(n, n, dtype=torch.long)
+    capacity = m * 2 ** (levels + 1)
+    for i in range(n):
+        inside, _ = fine_keys(i, n, m, capacity, causal)
+        for j in inside:
+            if j < n:
+                counts[i, j] += 1
+        for level in range(1, levels + 1):
+            width = m * 2 ** (level - 1)
+            for g in coarse_slot_groups(i, width, causal):
+                for j in range(max(g * width, 0), min((g + 1) * width, n)):
+                    counts[i, j] += 1
+    return counts
+
+
+def reference_fma(attn, q, k, v, key_padding_mask=None):
+    """FMA output per the definition; q (B, H, n, d), k/v (B, H_kv, n, d). Slow: tiny sizes only."""
+    batch, heads, n, d = q.shape
+    m, causal, capacity = attn.block_size, attn.causal, attn.capacity
+    zero_sink = attn.boundary == "zero_sink"
+    k = k.repeat_interleave(heads // k.shape[1], 1)
+    v = v.repeat_interleave(heads // v.shape[1], 1)
+    real = torch.ones(batch, capacity, dtype=torch.bool)
+    real[:, n:] = False
+    if key_padding_mask is not None:
+        real[:, :n] = key_padding_mask
+    keep = real[:, None, :, None].to(q.dtype)
+    pad = (0, 0, 0, capacity - n)
+    q, k, v = F.pad(q, pad) * keep, F.pad(k, pad) * keep, F.pad(v, pad) * keep
+    q = q / math.sqrt(d)
+    coarse = []
+    for level in range(1, attn.num_levels + 1):
+        ck = downsample(attn.k_downsample, level, k)
+        cv = downsample(attn.v_downsample, level, v)
+        coarse.append((attn.group_width(level), ck, cv))
+
+    out = torch.zeros(batch, heads, n, d, dtype=q.dtype)
+    for b in range(batch):
+        for i in range(n):
+            # per entry: (H, s) logits and (H, s, d) values
+            inside, outside = fine_keys(i, n, m, capacity, causal)
+            fine = [j for j in inside if real[b, j]]
+            logits = [torch.einsum("hd,hsd->hs", q[b, :, i], k[b, :, fine])]
+            values = [v[b, :, fine]]
+            sinks = outside if zero_sink else 0
+            for width, ck, cv in coarse:
+                p = ck.shape[3]
+                if attn.query_mode == "coarse":
+                    start = (i // (width // p)) * (width // p)
+                    query = q[b, :, start] if causal else q[b, :, start:start + width // p].mean(1)
+                else:
+                    query = q[b, :, i]
+                offset = math.log(width / p) if attn.scale_attn else 0.0
+                for g in coarse_slot_groups(i, width, causal):
+                    if not 0 <= g < capacity // width:
+                        sinks += p if zero_sink else 0
+                    elif real[b, g * width:(g + 1) * width].any():
+                        logits.append(torch.einsum("hd,hsd->hs", query, ck[b, :, g]) + offset)
+                        values.append(cv[b, :, g])
+            logits, values = torch.cat(logits, 1), torch.cat(values, 1)
+            if logits.shape[1] == 0:
+                continue  # no real key at all (a padding query): the output is unspecified, left at zero
+            if sinks:
+                logits = torch.cat([logits, torch.zeros(heads, sinks, dtype=q.dtype)], -1)
+                values = torch.cat([values, torch.zeros(heads, sinks, d, dtype=q.dtype)], 1)
+            out[b, :, i] = torch.einsum("hs,hsd->hd", torch.softmax(logits, -1), values)
+    return out

@@ -1,0 +1,285 @@
+"""Fast Multipole Attention against its definition (shared/design/fma.md) and against dense attention."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fma_reference import multiplicity, reference_fma
+from fmt_hf.fma import FastMultipoleAttention, num_levels
+
+D = 8  # head dim of the small test layers
+F64 = torch.float64
+
+
+def make(seed=0, perturb=True, **kwargs):
+    """A float64 layer; learned downsamplers moved away from their average init so weights matter."""
+    torch.manual_seed(seed)
+    options = dict(head_dim=D, max_seq_len=64, block_size=4, coarse_tokens=2)
+    options.update(kwargs)
+    attn = FastMultipoleAttention(**options).double()
+    if perturb:
+        with torch.no_grad():
+            for param in attn.parameters():
+                param.add_(0.3 * torch.randn_like(param))
+    return attn
+
+
+def qkv(n, batch=2, heads=4, kv_heads=2, dtype=F64, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, n, D, generator=gen, dtype=dtype)
+    k = torch.randn(batch, kv_heads, n, D, generator=gen, dtype=dtype)
+    v = torch.randn(batch, kv_heads, n, D, generator=gen, dtype=dtype)
+    return q, k, v
+
+
+class Identity(nn.Module):
+    """Identity pooling (§6): at every level each coarse token is one fine token (p_l = w_l)."""
+
+    def __init__(self, widths):
+        super().__init__()
+        self.widths = widths
+
+    def forward(self, x, levels):
+        return [x.unflatten(-2, (-1, w)) for w in self.widths[:levels]]
+
+
+def with_identity_pooling(attn):
+    widths = [attn.group_width(level) for level in range(1, attn.num_levels + 1)]
+    attn.k_downsample, attn.v_downsample = Identity(widths), Identity(widths)
+    return attn
+
+
+OPTIONS = list(itertools.product([True, False], ["fine", "coarse"], ["depthwise", "full", "avgpool"],
+                                 [True, False], ["mask", "zero_sink"]))
+
+
+@pytest.mark.parametrize("causal,query_mode,downsample,scale_attn,boundary", OPTIONS)
+def test_matches_reference_for_every_option(causal, query_mode, downsample, scale_attn, boundary):
+    attn = make(causal=causal, query_mode=query_mode, downsample=downsample, scale_attn=scale_attn,
+                boundary=boundary)
+    for n in (3, 37, 64):  # L = 0, 3, 3; only 64 is the built length and a power of two
+        q, k, v = qkv(n, batch=1)
+        torch.testing.assert_close(attn(q, k, v), reference_fma(attn, q, k, v), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal,query_mode", list(itertools.product([True, False], ["fine", "coarse"])))
+def test_key_padding_matches_reference(causal, query_mode):
+    attn = make(causal=causal, query_mode=query_mode)
+    q, k, v = qkv(45, batch=3)
+    mask = torch.ones(3, 45, dtype=torch.bool)
+    mask[0, 30:] = False
+    mask[1, :7] = False
+    mask[2, 10:27] = False
+    out = attn(q, k, v, key_padding_mask=mask)
+    expected = reference_fma(attn, q, k, v, mask)
+    # a query with no real key at all (causal row 1 before position 7) has no defined output; it must be finite
+    defined = torch.ones(3, 45, dtype=torch.bool)
+    if causal:
+        defined[1, :7] = False
+    torch.testing.assert_close(out.transpose(1, 2)[defined], expected.transpose(1, 2)[defined], rtol=0, atol=1e-12)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("query_mode", ["fine", "coarse"])
+def test_padded_rows_equal_unpadded_rows(query_mode):
+    """Bidirectional: a right-padded batch row gives the outputs of the same row alone, at its real tokens."""
+    attn = make(causal=False, query_mode=query_mode)
+    q, k, v = qkv(50, batch=2)
+    mask = torch.ones(2, 50, dtype=torch.bool)
+    mask[1, 29:] = False
+    out = attn(q, k, v, key_padding_mask=mask)
+    alone = attn(q[1:, :, :29], k[1:, :, :29], v[1:, :, :29])
+    torch.testing.assert_close(out[1, :, :29], alone[0], rtol=0, atol=1e-12)
+    assert torch.isfinite(out).all()  # padding queries (all slots masked) stay finite
+
+
+@pytest.mark.parametrize("n", [1, 5, 8])
+def test_no_coarse_level_is_dense_causal(n):
+    """n <= 2m (L = 0): exactly dense causal attention (§6)."""
+    attn = make(perturb=False, block_size=4)
+    q, k, v = qkv(n)
+    dense = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+    torch.testing.assert_close(attn(q, k, v), dense, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal,query_mode", list(itertools.product([True, False], ["fine", "coarse"])))
+def test_identity_pooling_is_dense_attention(causal, query_mode):
+    """§6: one fine token per coarse token at every level -> exactly dense attention (tests partition + softmax)."""
+    attn = with_identity_pooling(make(perturb=False, causal=causal, query_mode=query_mode))
+    # bidirectional groups partly past the end are zero-padded (§7), so use lengths of whole widest groups
+    for n in ((5, 19, 37, 64) if causal else (24, 48, 64)):
+        q, k, v = qkv(n)
+        dense = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                               is_causal=causal)
+        torch.testing.assert_close(attn(q, k, v), dense, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_coverage_multiplicity_is_one(causal):
+    for n, m in ((64, 4), (37, 4), (96, 8)):
+        counts = multiplicity(n, m, num_levels(n, m), causal)
+        legal = torch.ones(n, n, dtype=torch.long)
+        assert torch.equal(counts, legal.tril() if causal else legal)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_kernel_coverage_through_one_hot_values(causal):
+    """The optimised kernel's own partition: uniform logits and one-hot values expose each key's weight."""
+    n = 37 if causal else 48  # bidirectional: whole widest groups, so no zero-padded slot joins a softmax
+    attn = with_identity_pooling(make(perturb=False, causal=causal, head_dim=n, max_seq_len=64))
+    q = torch.zeros(1, 1, n, n, dtype=F64)
+    v = torch.eye(n, dtype=F64)[None, None]
+    weights = attn(q, torch.zeros_like(v), v)[0, 0]  # row i: the weight of each key j
+    legal = torch.ones(n, n, dtype=F64)
+    legal = legal.tril() if causal else legal
+    # multiplicity exactly 1 on legal pairs, 0 elsewhere: every legal key weighs 1 / (number of legal keys)
+    torch.testing.assert_close(weights, legal / legal.sum(1, keepdim=True), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("query_mode", ["fine", "coarse"])
+def test_causality_by_perturbation_and_gradient(query_mode):
+    attn = make(query_mode=query_mode)
+    q, k, v = qkv(61)
+    out = attn(q, k, v)
+    j = 33
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    q2[:, :, j:] += 1.0
+    k2[:, :, j] += 1.0
+    v2[:, :, j] += 1.0
+    out2 = attn(q2, k2, v2)
+    torch.testing.assert_close(out2[:, :, :j], out[:, :, :j], rtol=0, atol=0)
+    assert not torch.allclose(out2[:, :, j], out[:, :, j])
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    attn(q, k, v)[:, :, :j].sum().backward()
+    for t in (q, k, v):
+        assert t.grad[:, :, j:].abs().max() == 0
+        assert t.grad[:, :, :j].abs().max() > 0
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_grouped_query_attention_equals_repeated_kv_heads(causal):
+    attn = make(causal=causal)
+    q, k, v = qkv(37, heads=6, kv_heads=2)
+    repeated = attn(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1))
+    torch.testing.assert_close(attn(q, k, v), repeated, rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("query_mode", ["fine", "coarse"])
+def test_low_precision_inputs(dtype, query_mode):
+    attn = make(query_mode=query_mode)
+    q, k, v = qkv(50)
+    expected = attn(q, k, v)
+    out = attn.to(dtype)(q.to(dtype), k.to(dtype), v.to(dtype))
+    assert out.dtype == dtype
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 0.1, torch.float16: 2e-2}[dtype]
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=tolerance)
+
+
+def test_gradients_match_reference():
+    attn = make(causal=True, query_mode="fine")
+    q, k, v = qkv(21, batch=1)
+    grads = []
+    for fn in (attn, lambda *x: reference_fma(attn, *x)):
+        inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        attn.zero_grad()
+        fn(*inputs).pow(2).sum().backward()
+        grads.append([t.grad for t in inputs] + [p.grad.clone() for p in attn.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 3
+    for got, expected in zip(*grads):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("downsample", ["depthwise", "full", "avgpool"])
+def test_downsampler_gradcheck(downsample):
+    attn = make(downsample=downsample, max_seq_len=16, block_size=2, coarse_tokens=1, head_dim=2)
+    x = torch.randn(1, 1, 16, 2, dtype=F64, requires_grad=True)
+    params = list(attn.k_downsample.parameters())
+    assert torch.autograd.gradcheck(lambda x, *ps: torch.cat([c.flatten() for c in attn.k_downsample(x, 2)]),
+                                    (x, *params))
+
+
+def test_average_init_equals_avgpool():
+    """Learned downsamplers start as sub-window means (§2)."""
+    avg = make(perturb=False, downsample="avgpool")
+    for family in ("depthwise", "full"):
+        learned = make(perturb=False, downsample=family)
+        q, k, v = qkv(64)
+        torch.testing.assert_close(learned(q, k, v), avg(q, k, v), rtol=0, atol=1e-13)
+
+
+def test_depthwise_parameter_count_grows_with_max_seq_len():
+    for max_seq_len in (256, 1024):
+        attn = FastMultipoleAttention(16, max_seq_len, block_size=16, coarse_tokens=4)
+        widths = [attn.group_width(level) for level in range(1, attn.num_levels + 1)]
+        expected = 2 * (4 * 16 * sum(widths) + 4 * 16 * len(widths))  # K and V
+        assert sum(p.numel() for p in attn.parameters()) == expected
+
+
+def test_dropout_only_in_training():
+    attn = make(dropout=0.5)
+    q, k, v = qkv(30)
+    attn.eval()
+    torch.testing.assert_close(attn(q, k, v), attn(q, k, v), rtol=0, atol=0)
+    attn.train()
+    assert not torch.allclose(attn(q, k, v), attn(q, k, v))
+
+
+@pytest.mark.parametrize("n,expected", [(1, 0), (128, 0), (129, 1), (256, 1), (257, 2), (8192, 6)])
+def test_num_levels(n, expected):
+    assert num_levels(n, 64) == expected
+
+
+def test_memory_is_not_quadratic():
+    """Forward + backward at n = 8192 must stay far below one n x n float32 matrix per head (268 MB)."""
+    torch.manual_seed(0)
+    attn = FastMultipoleAttention(16, 8192, block_size=32, coarse_tokens=4)
+    q, k, v = (torch.randn(1, 2, 8192, 16, requires_grad=True) for _ in range(3))
+    with torch.profiler.profile(profile_memory=True) as prof:
+        attn(q, k, v).sum().backward()
+    peak = max(event.cpu_memory_usage for event in prof.key_averages())
+    assert peak < 8192 * 8192 * 4 / 4
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(coarse_tokens=8), "coarse_tokens"),
+    (dict(coarse_tokens=3), "coarse_tokens"),
+    (dict(block_size=0), "block_size"),
+    (dict(max_seq_len=-1), "max_seq_len"),
+    (dict(head_dim=2.5), "head_dim"),
+    (dict(downsample="conv"), "downsample"),
+    (dict(query_mode="medium"), "query_mode"),
+    (dict(boundary="wrap"), "boundary"),
+    (dict(dropout=1.0), "dropout"),
+])
+def test_bad_constructor_arguments(kwargs, message):
+    options = dict(head_dim=D, max_seq_len=64, block_size=4, coarse_tokens=2)
+    options.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        FastMultipoleAttention(**options)
+
+
+def test_bad_inputs():
+    attn = make()
+    q, k, v = qkv(20)
+    cases = [
+        ((q, k, v[:, :, :10]), "same shape"),
+        ((q[0], k, v), "4-d"),
+        ((q, k.float(), v.float()), "dtype"),
+        ((q, k[:1], v[:1]), "batch or seq_len"),
+        ((q[:, :3], k, v), "multiple of key/value heads"),
+        ((q[..., :4], k, v), "head_dim"),
+        ((q.long(), k, v), "floating-point"),
+        (qkv(65), "max_seq_len"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            attn(*args)
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        attn(q, k, v, key_padding_mask=torch.ones(2, 19, dtype=torch.bool))
+    with pytest.raises(ValueError, match="key_padding_mask"):
+        attn(q, k, v, key_padding_mask=torch.ones(2, 20))
