@@ -70,15 +70,42 @@ class DepthwiseDownsample(nn.Module):
 
     def forward(self, x: torch.Tensor, levels: int) -> list[torch.Tensor]:
         """``x`` (..., n, d), n a multiple of the widest group used -> per level (..., n // w_l, p, d)."""
+        if levels == 0:
+            return []
         # One channel-major copy serves every level: there each group is a contiguous run of w_l values, so a
         # level is a single batched matmul over channels, (groups, w_l) @ (w_l, p), on a view.
         channels = x.movedim(-1, 0).contiguous()  # (d, ..., n)
-        out = []
-        for width, weight, bias in zip(self.widths[:levels], self.weights, self.biases):
-            coarse = torch.matmul(channels.view(x.shape[-1], -1, width), weight.to(x.dtype).transpose(1, 2))
-            coarse = coarse.view(channels.shape[:-1] + (-1, self.coarse_tokens)).movedim(0, -1)
-            out.append(coarse + bias.t().to(x.dtype))
-        return out
+        weights = [w.to(x.dtype) for w in self.weights[:levels]]
+        coarse = _DepthwiseLevels.apply(channels, *weights)
+        return [c.view(channels.shape[:-1] + (-1, self.coarse_tokens)).movedim(0, -1) + b.t().to(x.dtype)
+                for c, b in zip(coarse, self.biases)]
+
+
+class _DepthwiseLevels(torch.autograd.Function):
+    """All levels of :class:`DepthwiseDownsample` on one channel-major tensor (d, ..., n).
+
+    Autograd would give every level's input gradient its own full-size buffer and add them up; here they
+    accumulate in place into a single buffer with ``baddbmm_``.
+    """
+
+    @staticmethod
+    def forward(ctx, channels, *weights):
+        ctx.save_for_backward(channels, *weights)
+        d = channels.shape[0]
+        return tuple(torch.bmm(channels.view(d, -1, w.shape[-1]), w.transpose(1, 2)) for w in weights)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        channels, *weights = ctx.saved_tensors
+        d = channels.shape[0]
+        grad_channels = torch.zeros_like(channels) if ctx.needs_input_grad[0] else None
+        grad_weights = []
+        for grad, weight, needed in zip(grads, weights, ctx.needs_input_grad[1:]):
+            width = weight.shape[-1]
+            if grad_channels is not None:
+                grad_channels.view(d, -1, width).baddbmm_(grad, weight)
+            grad_weights.append(torch.bmm(grad.transpose(1, 2), channels.view(d, -1, width)) if needed else None)
+        return (grad_channels, *grad_weights)
 
 
 class FullDownsample(nn.Module):
@@ -225,6 +252,7 @@ class FastMultipoleAttention(nn.Module):
 
         # One downsampler for keys and one for values, each holding every level; shared by all heads.
         self.k_downsample, self.v_downsample = make(), make()
+        self._plan_cache: dict = {}  # static slot plans per sequence shape, see _plans
 
     def group_width(self, level: int) -> int:
         """``w_l = m * 2**(l-1)``; level 0 is the fine level with blocks of ``m``."""
@@ -275,77 +303,132 @@ class FastMultipoleAttention(nn.Module):
         """
         self._check_inputs(q, k, v, key_padding_mask)
         batch, heads, n, d = q.shape
+        input_dtype = q.dtype
         kv_heads = k.shape[1]
         m = self.block_size
         levels = num_levels(n, m)
         n_fine = -(-n // m) * m  # queries and fine keys: whole blocks
-        widest = self.group_width(levels) if levels else m
-        n_coarse = -(-n // widest) * widest  # downsampling: whole groups at every level used
+        n_coarse = -(-n // self.group_width(levels)) * self.group_width(levels)  # whole groups at every level
 
+        # Softmax statistics need float32 at least: bf16/fp16 inputs are computed in float32 throughout.
+        dtype = _softmax_dtype(q.dtype)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        key_valid = None  # (B, n_coarse) True for real keys; None when the user gave no padding
         if key_padding_mask is not None:
-            # Masked tokens behave exactly like internal padding: zero q/k/v, never a key.
-            keep = key_padding_mask[:, None, :, None].to(q.dtype)
+            # Masked tokens behave exactly like the internal zero padding of a shorter sequence.
+            keep = key_padding_mask[:, None, :, None].to(dtype)
             q, k, v = q * keep, k * keep, v * keep
-        # Real keys are those before n; key_valid additionally marks the user's padding (None when there is none).
-        key_valid = None
-        if key_padding_mask is not None:
             key_valid = F.pad(key_padding_mask, (0, n_coarse - n), value=False)
-
-        k = F.pad(k, (0, 0, 0, n_coarse - n))
-        v = F.pad(v, (0, 0, 0, n_coarse - n))
+        if n_coarse > n:
+            q, k, v = (F.pad(t, (0, 0, 0, n_coarse - n)) for t in (q, k, v))
         # (B, H_kv, positions, group_heads, d): see the module docstring.
-        queries = F.pad(q * d ** -0.5, (0, 0, 0, n_coarse - n)).unflatten(1, (kv_heads, -1)).transpose(2, 3)
+        queries = q.unflatten(1, (kv_heads, -1)).transpose(2, 3)
         coarse_k, coarse_v = self.k_downsample(k, levels), self.v_downsample(v, levels)
-        fine = self._fine_level(k[:, :, :n_fine], v[:, :, :n_fine], n, key_valid, levels)
+        bank_k, bank_v = self._bank(k[:, :, :n_fine], coarse_k), self._bank(v[:, :, :n_fine], coarse_v)
+        bank_valid = None
+        if key_valid is not None:
+            bank_valid = self._bank_valid(key_valid, n_fine, coarse_k)
+        plans = self._plans(n, n_fine, [c.shape[3] for c in coarse_k], k.device, dtype)
         if self.query_mode == "fine":
-            out = self._fine_queries(queries[:, :, :n_fine], fine, coarse_k, coarse_v, n, key_valid)
+            out = self._fine_queries(queries[:, :, :n_fine], bank_k, bank_v, *plans[0], bank_valid)
         else:
-            out = self._coarse_queries(queries, fine, coarse_k, coarse_v, n, key_valid)
+            out = self._coarse_queries(queries * d ** -0.5, bank_k, bank_v, plans, bank_valid, n_fine)
         # (B, H_kv, n_fine, g, d) -> (B, H, n, d)
-        return out.transpose(2, 3).flatten(1, 2)[:, :, :n].to(q.dtype)
+        return out.transpose(2, 3).flatten(1, 2)[:, :, :n].to(input_dtype)
 
     # ------------------------------------------------------------------ key sets
 
-    def _fine_level(self, k, v, n, key_valid, levels):
-        """Level 0 of every fine block: the neighbour blocks' keys/values and their bias (§3, §4).
+    @staticmethod
+    def _bank(fine, coarse):
+        """Every key (or value) any query can read, in one tensor: [zero slot | fine tokens | level 1 | ...].
 
-        Returns keys, values (B, H_kv, blocks, K0, d) and bias (B|1, blocks, m, K0) with K0 = 2m causal / 3m.
-        With ``boundary="zero_sink"`` one more zero slot carries the sinks of the levels this length does not
-        materialise (see :meth:`_missing_level_sinks`).
+        Each query unit's key set is then a single ``index_select`` from it; the zero slot serves zero sinks
+        and masked slots.
         """
-        m = self.block_size
-        n_blocks = k.shape[2] // m
-        offsets = (-1, 0) if self.causal else (-1, 0, 1)
-        padded_k = F.pad(k.unflatten(2, (n_blocks, m)), (0, 0, 0, 0, 1, 1))  # a zero block on either side
-        padded_v = F.pad(v.unflatten(2, (n_blocks, m)), (0, 0, 0, 0, 1, 1))
-        keys = torch.cat([padded_k[:, :, 1 + o:1 + o + n_blocks] for o in offsets], 3)
-        values = torch.cat([padded_v[:, :, 1 + o:1 + o + n_blocks] for o in offsets], 3)
+        parts = [fine.new_zeros(fine.shape[:2] + (1, fine.shape[-1])), fine]
+        return torch.cat(parts + [c.flatten(2, 3) for c in coarse], 2)
 
-        device = k.device
+    def _bank_valid(self, key_valid, n_fine, coarse):
+        """Which bank slots hold real keys: fine tokens by the padding mask, summaries if any token of the
+        group is real."""
+        parts = [key_valid.new_ones(key_valid.shape[0], 1), key_valid[:, :n_fine]]
+        for level, c in enumerate(coarse, start=1):
+            groups = key_valid.unflatten(1, (-1, self.group_width(level)))[:, :c.shape[2]].any(-1)
+            parts.append(groups.repeat_interleave(c.shape[3], 1))
+        return torch.cat(parts, 1)
+
+    def _plans(self, n, n_fine, coarse_tokens, device, dtype):
+        """Static slot plans for a length-n sequence: per query unit, the bank index of every slot and its bias.
+
+        Returns ``[fine_plan, level_1_plan, ...]``; each plan is ``(index (units, S), bias (units, R, S))``
+        with R the rows sharing a unit's key set (m for a fine block, 1 for a coarse query group). In "fine"
+        query mode the first plan already includes every level's slots. Plans depend only on shapes, so
+        they are cached.
+        """
+        key = (n, tuple(coarse_tokens), str(device), dtype)
+        if key not in self._plan_cache:
+            if len(self._plan_cache) >= 8:
+                self._plan_cache.pop(next(iter(self._plan_cache)))
+            self._plan_cache[key] = self._build_plans(n, n_fine, coarse_tokens, device, dtype)
+        return self._plan_cache[key]
+
+    def _build_plans(self, n, n_fine, coarse_tokens, device, dtype):
+        m, zero_sink = self.block_size, self.boundary == "zero_sink"
+        n_blocks = n_fine // m
         blocks = torch.arange(n_blocks, device=device)
+
+        # Level 0 (§3): the previous and own block (causal, own up to the query), or the three-block band.
+        offsets = torch.tensor((-1, 0) if self.causal else (-1, 0, 1), device=device)
         slot = torch.arange(len(offsets) * m, device=device)
-        neighbour = blocks[:, None] + torch.tensor(offsets, device=device)[slot // m]  # (blocks, K0)
+        neighbour = blocks[:, None] + offsets[slot // m]  # (blocks, K0)
         key_pos = neighbour * m + slot % m
         in_range = (neighbour >= 0) & (neighbour < self.capacity // m)
         if self.causal:
-            query_pos = blocks[:, None] * m + torch.arange(m, device=device)  # (blocks, m)
-            member = key_pos[:, None, :] <= query_pos[:, :, None]
+            member = key_pos[:, None, :] <= (blocks[:, None] * m + torch.arange(m, device=device))[:, :, None]
         else:
             member = torch.ones(n_blocks, m, len(slot), dtype=torch.bool, device=device)
-        bias = _slot_bias(member, in_range[:, None], (key_pos < n)[:, None], 0.0, self.boundary == "zero_sink",
-                          _softmax_dtype(k.dtype))
-        bias = bias.unsqueeze(0)
-        if key_valid is not None:
-            valid = F.pad(key_valid.unflatten(1, (-1, m))[:, :n_blocks], (0, 0, 1, 1), value=True)
-            valid = torch.cat([valid[:, 1 + o:1 + o + n_blocks] for o in offsets], 2)  # (B, blocks, K0)
-            bias = bias + torch.where(valid, 0.0, MASK_VALUE)[:, :, None, :]
-        if self.boundary == "zero_sink" and levels < self.num_levels:
-            sinks = self._missing_level_sinks(blocks, levels)  # (blocks,)
-            keys = torch.cat([keys, keys.new_zeros(keys.shape[:3] + (1, keys.shape[-1]))], 3)
-            values = torch.cat([values, values.new_zeros(values.shape[:3] + (1, values.shape[-1]))], 3)
-            sink_bias = torch.where(sinks > 0, sinks.clamp(min=1).log(), MASK_VALUE).to(bias.dtype)
-            bias = torch.cat([bias, sink_bias[None, :, None, None].expand(bias.shape[0], -1, m, 1)], 3)
-        return keys, values, bias
+        fine_bias = _slot_bias(member, in_range[:, None], (key_pos < n)[:, None], 0.0, zero_sink, dtype)
+        fine_index = torch.where(in_range & (key_pos < n_fine), key_pos + 1, 0)
+        levels = len(coarse_tokens)
+        if zero_sink and levels < self.num_levels:
+            # Levels this length does not need hold only out-of-range groups; their logit-0 zero slots are
+            # counted into one extra slot with logit log(count) (see _missing_level_sinks).
+            sinks = self._missing_level_sinks(blocks, levels)
+            sink_bias = torch.where(sinks > 0, sinks.clamp(min=1).log(), MASK_VALUE).to(dtype)
+            fine_bias = torch.cat([fine_bias, sink_bias[:, None, None].expand(-1, m, 1)], 2)
+            fine_index = torch.cat([fine_index, torch.zeros_like(fine_index[:, :1])], 1)
+
+        base = 1 + n_fine
+        level_plans = []
+        for level, p in enumerate(coarse_tokens, start=1):
+            width = self.group_width(level)
+            n_groups = -(-n // self.group_width(levels)) * self.group_width(levels) // width
+            def level_slots(own_group, base=base, width=width, p=p, n_groups=n_groups):
+                groups, member = coarse_groups(own_group, self.causal)
+                in_range = (groups >= 0) & (groups < self.capacity // width)
+                offset = math.log(width / p) if self.scale_attn else 0.0
+                bias = _slot_bias(member, in_range, groups * width < n, offset, zero_sink, dtype)
+                available = member & (groups >= 0) & (groups < n_groups)
+                index = torch.where(available, base + groups * p, 0)
+                slots = torch.arange(p, device=device)
+                index = torch.where(available[..., None], index[..., None] + slots, 0).flatten(-2)
+                return index, bias.repeat_interleave(p, -1)
+            level_plans.append((level_slots, n_groups))
+            base += n_groups * p
+
+        if self.query_mode == "fine":
+            # All queries of a fine block share their coarse slots: one key set per block.
+            index, bias = [fine_index], [fine_bias]
+            for level, (level_slots, _) in enumerate(level_plans, start=1):
+                level_index, level_bias = level_slots(blocks >> (level - 1))
+                index.append(level_index)
+                bias.append(level_bias[:, None, :].expand(-1, m, -1))
+            return [(torch.cat(index, 1), torch.cat(bias, 2))]
+        plans = [(fine_index, fine_bias)]
+        for level_slots, n_groups in level_plans:
+            index, bias = level_slots(torch.arange(n_groups, device=device))
+            plans.append((index, bias[:, None, :]))
+        return plans
 
     def _missing_level_sinks(self, blocks, levels):
         """Zero-sink slots that levels ``levels+1 .. L`` would give each fine block at the full hierarchy.
@@ -360,105 +443,83 @@ class FastMultipoleAttention(nn.Module):
             count += self.coarse_tokens * outside.sum(-1)
         return count
 
-    def _coarse_level(self, level, own_group, coarse_k, coarse_v, n, key_valid):
-        """Level-l slots of queries whose level-l group is ``own_group`` (§3): gathered summaries and bias.
+    # ------------------------------------------------------------------ attention
 
-        ``coarse_k``/``coarse_v`` are (B, H_kv, groups, p_l, d). Returns keys, values (B, H_kv, q, k*p_l, d)
-        and bias (B|1, q, 1, k*p_l), where q = len(own_group) and k = 2 (causal) or 3 (bidirectional) groups.
+    def _fine_queries(self, queries, bank_k, bank_v, index, bias, bank_valid):
+        """O(n log n): each fine block's m queries share one key set -- the fine band plus 2p (3p) slots per
+        level -- so the whole layer is one fused attention call with a block-batched additive mask.
+
+        ``queries`` (B, H_kv, n_fine, g, d) unscaled; ``index`` (blocks, S) into the banks; ``bias``
+        (blocks, m, S). Returns (B, H_kv, n_fine, g, d).
         """
-        width = self.group_width(level)
-        n_groups, p = coarse_k.shape[2], coarse_k.shape[3]
-        groups, member = coarse_groups(own_group, self.causal)
-        in_range = (groups >= 0) & (groups < self.capacity // width)
-        offset = math.log(width / p) if self.scale_attn else 0.0
-        bias = _slot_bias(member, in_range, groups * width < n, offset, self.boundary == "zero_sink",
-                          _softmax_dtype(coarse_k.dtype)).unsqueeze(0)
-        # Slot 0 of the padded summaries is a zero group: out-of-range and non-member slots read it.
-        index = torch.where(member & (groups >= 0) & (groups < n_groups), groups + 1, 0)
-        if key_valid is not None:
-            valid = F.pad(key_valid.unflatten(1, (n_groups, width)).any(-1), (1, 0), value=True)
-            bias = bias + torch.where(valid[:, index], 0.0, MASK_VALUE)
-        shape = coarse_k.shape[:2] + (len(own_group), groups.shape[-1] * p, coarse_k.shape[-1])
-        keys = F.pad(coarse_k, (0, 0, 0, 0, 1, 0)).index_select(2, index.flatten()).view(shape)
-        values = F.pad(coarse_v, (0, 0, 0, 0, 1, 0)).index_select(2, index.flatten()).view(shape)
-        return keys, values, bias.repeat_interleave(p, -1).unsqueeze(2)
+        batch, kv_heads, positions, heads, dim = queries.shape
+        blocks, slots = index.shape
+        rows = positions // blocks * heads  # the m positions x g heads of a block
+        keys = bank_k.index_select(2, index.flatten()).view(batch * kv_heads, blocks, slots, dim)
+        values = bank_v.index_select(2, index.flatten()).view(batch * kv_heads, blocks, slots, dim)
+        mask = bias[:, :, None, :].expand(-1, -1, heads, -1).reshape(1, blocks, rows, slots)
+        if bank_valid is not None:
+            padding = torch.where(bank_valid[:, index], 0.0, MASK_VALUE).to(mask.dtype)  # (B, blocks, S)
+            mask = mask + padding.repeat_interleave(kv_heads, 0)[:, :, None, :]
+        out = F.scaled_dot_product_attention(
+            queries.reshape(batch * kv_heads, blocks, rows, dim), keys, values, attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0, scale=dim ** -0.5)
+        return out.view(batch, kv_heads, positions, heads, dim)
 
-    # ------------------------------------------------------------------ the two query variants
+    def _attend_with_lse(self, queries, rows, bank_k, bank_v, index, bias, bank_valid):
+        """Softmax over each unit's key set, also returning the log-sum-exp, for merging partial results.
 
-    def _attend(self, queries, keys, values, bias, return_lse=False):
-        """One softmax per row over a shared key set.
-
-        queries (B, H_kv, q, R, g, d) -- R positions x g heads share the q-th key set keys/values
-        (B, H_kv, q, S, d); bias (B|1, q, R|1, S). Returns the output (B, H_kv, q*R, g, d) and, with
-        ``return_lse``, the log-sum-exp (B, H_kv, q*R, g) in float32.
+        ``queries`` (B, H_kv, units*rows, g, d), already scaled: each run of ``rows`` positions shares the key
+        set ``bank[index[unit]]``; ``bias`` (units, rows|1, S). Returns the normalised output
+        (B, H_kv, units*rows, g, d) and the log-sum-exp (B, H_kv, units*rows, g).
         """
-        batch, kv_heads, n_sets, rows, heads, dim = queries.shape
-        logits = queries.flatten(3, 4) @ keys.transpose(-1, -2)
-        # Softmax statistics in float32 at least (bf16/fp16 inputs), float64 stays float64.
-        logits = logits.unflatten(3, (rows, heads)).to(_softmax_dtype(logits.dtype)) + bias.unsqueeze(1).unsqueeze(4)
-        if return_lse:
-            lse = torch.logsumexp(logits, -1)
-            probs = torch.exp(logits - lse.unsqueeze(-1))
-        else:
-            probs = torch.softmax(logits, -1)
-        probs = F.dropout(probs, self.dropout, self.training)
-        out = probs.flatten(3, 4).to(values.dtype) @ values
-        out = out.view(batch, kv_heads, n_sets * rows, heads, dim)
-        return (out, lse.flatten(2, 3)) if return_lse else out
+        batch, kv_heads, positions, heads, dim = queries.shape
+        units, slots = index.shape
+        keys = bank_k.index_select(2, index.flatten()).view(batch, kv_heads, units, slots, dim)
+        values = bank_v.index_select(2, index.flatten()).view(batch, kv_heads, units, slots, dim)
+        logits = queries.reshape(batch, kv_heads, units, rows * heads, dim) @ keys.transpose(-1, -2)
+        logits = logits.view(batch, kv_heads, units, rows, heads, slots)
+        logits.add_(bias[:, :, None, :])  # in place: the matmul's output is not needed for its backward
+        if bank_valid is not None:
+            padding = torch.where(bank_valid[:, index], 0.0, MASK_VALUE).to(logits.dtype)  # (B, units, S)
+            logits.add_(padding[:, None, :, None, None, :])
+        lse = torch.logsumexp(logits, -1)
+        probs = torch.exp(logits - lse.unsqueeze(-1))
+        if self.training and self.dropout:
+            probs = F.dropout(probs, self.dropout)
+        out = probs.view(batch, kv_heads, units, rows * heads, slots) @ values
+        return out.view(batch, kv_heads, positions, heads, dim), lse.view(batch, kv_heads, positions, heads)
 
-    def _fine_queries(self, queries, fine, coarse_k, coarse_v, n, key_valid):
-        """O(n log n): every query attends the fine neighbourhood and 2p (3p) slots per level, one softmax.
-
-        All queries of a fine block share their coarse slots, so each block's whole key set is gathered once
-        and attended with a single batched matmul.
-        """
-        keys, values, bias = fine
-        n_blocks, m = keys.shape[2], self.block_size
-        blocks = torch.arange(n_blocks, device=keys.device)
-        key_parts, value_parts, bias_parts = [keys], [values], [bias]
-        for level, (ck, cv) in enumerate(zip(coarse_k, coarse_v), start=1):
-            k_l, v_l, b_l = self._coarse_level(level, blocks >> (level - 1), ck, cv, n, key_valid)
-            key_parts.append(k_l)
-            value_parts.append(v_l)
-            bias_parts.append(b_l.expand(-1, -1, m, -1))
-        out = self._attend(queries.unflatten(2, (n_blocks, m)), torch.cat(key_parts, 3), torch.cat(value_parts, 3),
-                           torch.cat(bias_parts, 3))
-        return out
-
-    def _coarse_queries(self, queries, fine, coarse_k, coarse_v, n, key_valid):
+    def _coarse_queries(self, queries, bank_k, bank_v, plans, bank_valid, n_fine):
         """O(n): at level l one query per sub-window of w_l/p_l tokens (§5).
 
         Causal uses the sub-window's first query (a mean would leak the future), bidirectional the mean.
         Partial softmax results are merged from the top level down, doubling the resolution at each step,
-        so no level's result is ever expanded to every token but the last.
+        so only the last merge touches every token.
         """
-        keys, values, bias = fine
-        n_blocks, m = keys.shape[2], self.block_size
-        merged = None  # (lse, out) at the resolution of the level last merged
-        resolution = None
-        for level in range(len(coarse_k), 0, -1):
-            ck, cv = coarse_k[level - 1], coarse_v[level - 1]
-            n_groups, p = ck.shape[2], ck.shape[3]
+        merged, resolution = None, None  # (lse, out) at the resolution of the level last merged
+        for level in range(len(plans) - 1, 0, -1):
+            index, bias = plans[level]
+            n_groups = index.shape[0]
+            p = index.shape[1] // (2 if self.causal else 3)
             sub_window = self.group_width(level) // p
             if self.causal:
                 level_queries = queries[:, :, ::sub_window]
             else:
                 level_queries = queries.unflatten(2, (-1, sub_window)).mean(3)
-            own_group = torch.arange(n_groups, device=queries.device)
-            k_l, v_l, b_l = self._coarse_level(level, own_group, ck, cv, n, key_valid)
-            out, lse = self._attend(level_queries.unflatten(2, (n_groups, p)), k_l, v_l, b_l, return_lse=True)
+            out, lse = self._attend_with_lse(level_queries, p, bank_k, bank_v, index, bias, bank_valid)
             if merged is not None:
                 factor = resolution // sub_window
                 merged = _merge(merged[0].repeat_interleave(factor, 2), merged[1].repeat_interleave(factor, 2),
-                                lse, out.to(lse.dtype))
+                                lse, out)
             else:
-                merged = (lse, out.to(lse.dtype))
+                merged = (lse, out)
             resolution = sub_window
-        out, lse = self._attend(queries[:, :, :n_blocks * m].unflatten(2, (n_blocks, m)), keys, values, bias,
-                                return_lse=True)
+        index, bias = plans[0]
+        out, lse = self._attend_with_lse(queries[:, :, :n_fine], self.block_size, bank_k, bank_v, index, bias,
+                                         bank_valid)
         if merged is None:
             return out
-        n_fine = n_blocks * m
         coarse_lse = merged[0].repeat_interleave(resolution, 2)[:, :, :n_fine]
         coarse_out = merged[1].repeat_interleave(resolution, 2)[:, :, :n_fine]
-        return _merge(lse, out.to(lse.dtype), coarse_lse, coarse_out)[1]
+        return _merge(lse, out, coarse_lse, coarse_out)[1]

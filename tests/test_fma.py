@@ -68,15 +68,15 @@ def test_matches_reference_for_every_option(causal, query_mode, downsample, scal
 @pytest.mark.parametrize("causal,query_mode", list(itertools.product([True, False], ["fine", "coarse"])))
 def test_key_padding_matches_reference(causal, query_mode):
     attn = make(causal=causal, query_mode=query_mode)
-    q, k, v = qkv(45, batch=3)
-    mask = torch.ones(3, 45, dtype=torch.bool)
+    q, k, v = qkv(50, batch=3)  # 13 blocks of 4, padded to 64 for the widest groups
+    mask = torch.ones(3, 50, dtype=torch.bool)
     mask[0, 30:] = False
     mask[1, :7] = False
     mask[2, 10:27] = False
     out = attn(q, k, v, key_padding_mask=mask)
     expected = reference_fma(attn, q, k, v, mask)
     # a query with no real key at all (causal row 1 before position 7) has no defined output; it must be finite
-    defined = torch.ones(3, 45, dtype=torch.bool)
+    defined = torch.ones(3, 50, dtype=torch.bool)
     if causal:
         defined[1, :7] = False
     torch.testing.assert_close(out.transpose(1, 2)[defined], expected.transpose(1, 2)[defined], rtol=0, atol=1e-12)
