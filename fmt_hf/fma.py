@@ -13,6 +13,7 @@ set, and grouped-query heads ride along as extra rows instead of repeated keys.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
@@ -80,6 +81,17 @@ class DepthwiseDownsample(nn.Module):
         return [c.view(channels.shape[:-1] + (-1, self.coarse_tokens)).movedim(0, -1) + b.t().to(x.dtype)
                 for c, b in zip(coarse, self.biases)]
 
+    def contributions(self, x: torch.Tensor, level: int, offsets: torch.Tensor) -> torch.Tensor:
+        """Bias-free share of each token ``x`` (..., c, d) in its level-``level`` summary, the token sitting at
+        ``offsets`` (c,) within its group -> (..., c, p, d). A summary is the sum of its tokens' shares plus
+        :meth:`bias`; the incremental-decoding state accumulates them token by token (§8)."""
+        weight = self.weights[level - 1][:, :, offsets].to(x.dtype)  # (d, p, c)
+        return x.unsqueeze(-2) * weight.permute(2, 1, 0)
+
+    def bias(self, level: int) -> torch.Tensor:
+        """(p, d) bias of the level-``level`` summaries."""
+        return self.biases[level - 1].t()
+
 
 class _DepthwiseLevels(torch.autograd.Function):
     """All levels of :class:`DepthwiseDownsample` on one channel-major tensor (d, ..., n).
@@ -139,6 +151,14 @@ class FullDownsample(nn.Module):
             out.append(coarse + bias.t().to(x.dtype))
         return out
 
+    def contributions(self, x: torch.Tensor, level: int, offsets: torch.Tensor) -> torch.Tensor:
+        """See :meth:`DepthwiseDownsample.contributions`."""
+        weight = self.weights[level - 1][..., offsets].to(x.dtype)  # (d_out, p, d_in, c)
+        return torch.einsum("...ck,orkc->...cro", x, weight)
+
+    def bias(self, level: int) -> torch.Tensor:
+        return self.biases[level - 1].t()
+
 
 class AvgPoolDownsample(nn.Module):
     """Parameter-free: the mean of each of the ``p`` consecutive sub-windows of a group (§2)."""
@@ -150,6 +170,15 @@ class AvgPoolDownsample(nn.Module):
     def forward(self, x: torch.Tensor, levels: int) -> list[torch.Tensor]:
         return [x.unflatten(-2, (-1, self.coarse_tokens, w // self.coarse_tokens)).mean(-2)
                 for w in self.widths[:levels]]
+
+    def contributions(self, x: torch.Tensor, level: int, offsets: torch.Tensor) -> torch.Tensor:
+        """See :meth:`DepthwiseDownsample.contributions`: 1/sub_window into the token's own sub-window."""
+        width = self.widths[level - 1]
+        share = F.one_hot(offsets // (width // self.coarse_tokens), self.coarse_tokens).to(x.dtype)
+        return x.unsqueeze(-2) * (share * (self.coarse_tokens / width)).unsqueeze(-1)
+
+    def bias(self, level: int) -> torch.Tensor:
+        return torch.zeros(self.coarse_tokens, 1)
 
 
 def coarse_groups(own_group: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,6 +214,38 @@ def _merge(lse_a, out_a, lse_b, out_b):
     """Combine two partial softmax results (log-sum-exp, normalised output) over disjoint key sets."""
     lse = torch.logaddexp(lse_a, lse_b)
     return lse, out_a * torch.exp(lse_a - lse).unsqueeze(-1) + out_b * torch.exp(lse_b - lse).unsqueeze(-1)
+
+
+@dataclass(frozen=True)
+class FMAState:
+    """What causal FMA keeps of one sequence's past in one layer for incremental decoding (§8).
+
+    With ``length`` tokens consumed, it holds the fine keys/values of the last ``2m`` positions (a ring: position
+    j at slot ``j % 2m``, so the window ``[(floor(t/m)-1)m, t)`` is always inside), and per level l the bias-free
+    partial sum of the group being filled and a ring of the last three complete groups (group g at slot
+    ``g % 3``) -- exactly the groups a present or future query can still need. ``4m + 8pL`` vectors per key/value
+    head, whatever the length. In ``query_mode="coarse"`` it also keeps, per level, the query that opened the
+    current sub-window (the coarse query of every token in it).
+
+    Frozen: updates build new tensors, so a state shared by several beams after reordering stays intact.
+    """
+
+    length: int
+    fine_k: torch.Tensor  # (H_kv, 2m, d)
+    fine_v: torch.Tensor
+    partial_k: torch.Tensor  # (L, H_kv, p, d)
+    partial_v: torch.Tensor
+    groups_k: torch.Tensor  # (L, H_kv, 3, p, d)
+    groups_v: torch.Tensor
+    level_queries: torch.Tensor | None = None  # (L, H, d), coarse query mode only
+
+    def tensors(self) -> list[torch.Tensor]:
+        kv = [self.fine_k, self.fine_v, self.partial_k, self.partial_v, self.groups_k, self.groups_v]
+        return kv + ([self.level_queries] if self.level_queries is not None else [])
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 class FastMultipoleAttention(nn.Module):
@@ -523,3 +584,152 @@ class FastMultipoleAttention(nn.Module):
         coarse_lse = merged[0].repeat_interleave(resolution, 2)[:, :, :n_fine]
         coarse_out = merged[1].repeat_interleave(resolution, 2)[:, :, :n_fine]
         return _merge(lse, out, coarse_lse, coarse_out)[1]
+
+    # ------------------------------------------------------------------ incremental decoding (§8)
+
+    def init_state(self, heads: int, kv_heads: int, dtype: torch.dtype, device=None) -> FMAState:
+        """The state of an empty sequence: nothing consumed, every buffer zero."""
+        if not self.causal:
+            raise ValueError("incremental decoding needs a causal FastMultipoleAttention (causal=True)")
+        m, p, d, levels = self.block_size, self.coarse_tokens, self.head_dim, self.num_levels
+
+        def zeros(*shape):
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
+        return FMAState(0, zeros(kv_heads, 2 * m, d), zeros(kv_heads, 2 * m, d), zeros(levels, kv_heads, p, d),
+                        zeros(levels, kv_heads, p, d), zeros(levels, kv_heads, 3, p, d),
+                        zeros(levels, kv_heads, 3, p, d),
+                        zeros(levels, heads, d) if self.query_mode == "coarse" else None)
+
+    def prefill(self, state: FMAState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> FMAState:
+        """Consume tokens whose attention output was computed elsewhere (e.g. by :meth:`forward` over a whole
+        prompt): ``q`` (H, c, d), ``k``/``v`` (H_kv, c, d) of one sequence. Only the tail the state keeps is
+        summarised."""
+        return self._advance(state, q, k, v, self._level_sums(state, k, v, tail_only=True))
+
+    def step(self, state: FMAState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+             ) -> tuple[torch.Tensor, FMAState]:
+        """Attend ``c`` new tokens of one sequence to its past and to each other, then consume them.
+
+        ``q`` (H, c, d), ``k``/``v`` (H_kv, c, d) at positions ``state.length + [0, c)``. Returns the output
+        (H, c, d) -- the same as rows ``length .. length+c-1`` of :meth:`forward` over the whole sequence (§8) --
+        and the new state. ``c = 1`` is a decoding step; larger ``c`` is one chunk of a chunked prefill, whose
+        cost grows like ``c * (c + 2m + 3pL)``.
+        """
+        if self.training and self.dropout:
+            raise ValueError("FastMultipoleAttention.step runs without dropout: call .eval() first")
+        dtype = _softmax_dtype(q.dtype)
+        sums = self._level_sums(state, k.to(dtype), v.to(dtype), tail_only=False)
+        out = self._attend_state(state, q.to(dtype), k.to(dtype), v.to(dtype), sums)
+        return out.to(q.dtype), self._advance(state, q, k, v, sums)
+
+    def _level_sums(self, state, k, v, tail_only):
+        """Per level: summaries of the groups the new tokens complete, and the new partial sums.
+
+        Returns ``[(first_group, complete_k, complete_v, partial_k, partial_v)]`` with complete (H_kv, n, p, d)
+        for groups ``first_group .. first_group+n-1``. With ``tail_only`` only the last three are built.
+        """
+        t, c = state.length, k.shape[1]
+        sums = []
+        for level in range(1, self.num_levels + 1):
+            width = self.group_width(level)
+            end_group = (t + c) // width  # groups before this one are complete after the chunk
+            start = max(t, (end_group - 3) * width) if tail_only else t
+            positions = torch.arange(start, t + c, device=k.device)
+            first = start // width
+            touched = (t + c - 1) // width - first + 1
+            result = [first]
+            for x, family, partial in ((k, self.k_downsample, state.partial_k), (v, self.v_downsample,
+                                                                                 state.partial_v)):
+                shares = family.contributions(x[:, start - t:], level, positions % width)  # (H_kv, c', p, d)
+                group_sums = x.new_zeros(x.shape[0], touched, shares.shape[-2], x.shape[-1])
+                group_sums.index_add_(1, positions // width - first, shares)
+                if first == t // width:  # the group being filled when the chunk began
+                    group_sums[:, 0] += partial[level - 1]
+                n_complete = end_group - first
+                complete = group_sums[:, :n_complete] + family.bias(level).to(x.dtype)
+                new_partial = group_sums[:, n_complete] if (t + c) % width else torch.zeros_like(partial[level - 1])
+                result += [complete, new_partial]
+            sums.append((result[0], result[1], result[3], result[2], result[4]))
+        return sums
+
+    def _advance(self, state, q, k, v, sums):
+        t, c, m = state.length, k.shape[1], self.block_size
+        keep = min(c, 2 * m)
+        slots = torch.arange(t + c - keep, t + c, device=k.device) % (2 * m)
+        fine_k = state.fine_k.index_copy(1, slots, k[:, c - keep:].to(state.fine_k.dtype))
+        fine_v = state.fine_v.index_copy(1, slots, v[:, c - keep:].to(state.fine_v.dtype))
+        partial_k, partial_v, groups_k, groups_v, level_queries = [], [], [], [], []
+        for level, (first, complete_k, complete_v, new_partial_k, new_partial_v) in enumerate(sums, start=1):
+            n_keep = min(complete_k.shape[1], 3)
+            group_slots = torch.arange(first + complete_k.shape[1] - n_keep, first + complete_k.shape[1],
+                                       device=k.device) % 3
+            groups_k.append(state.groups_k[level - 1].index_copy(1, group_slots, complete_k[:, complete_k.shape[1]
+                                                                                             - n_keep:]))
+            groups_v.append(state.groups_v[level - 1].index_copy(1, group_slots, complete_v[:, complete_v.shape[1]
+                                                                                             - n_keep:]))
+            partial_k.append(new_partial_k)
+            partial_v.append(new_partial_v)
+            if state.level_queries is not None:
+                sub_window = self.group_width(level) // self.coarse_tokens
+                opener = (t + c - 1) // sub_window * sub_window  # first position of the last sub-window touched
+                level_queries.append(q[:, opener - t] if opener >= t else state.level_queries[level - 1])
+
+        def stack(parts, like):
+            return torch.stack(parts).to(like.dtype) if parts else like
+
+        return replace(state, length=t + c, fine_k=fine_k, fine_v=fine_v,
+                       partial_k=stack(partial_k, state.partial_k), partial_v=stack(partial_v, state.partial_v),
+                       groups_k=stack(groups_k, state.groups_k), groups_v=stack(groups_v, state.groups_v),
+                       level_queries=stack(level_queries, state.level_queries) if level_queries else
+                       state.level_queries)
+
+    def _attend_state(self, state, q, k, v, sums):
+        """The §3/§4 partition for queries at ``t .. t+c-1`` over the state and the new tokens, one softmax."""
+        heads, c, d = q.shape
+        kv_heads, t, m = k.shape[0], state.length, self.block_size
+        device, dtype = q.device, q.dtype
+        zero_sink = self.boundary == "zero_sink"
+        i = torch.arange(t, t + c, device=device)  # query positions
+        queries = (q * d ** -0.5).view(kv_heads, heads // kv_heads, c, d)
+
+        # Level 0: the ring (last 2m positions) and the new tokens; query i sees [(floor(i/m)-1)m, i].
+        ring = torch.arange(2 * m, device=device)
+        fine_pos = torch.cat([(t - 1) - (t - 1 - ring) % (2 * m), i])
+        window_start = (i // m - 1) * m
+        use = (fine_pos >= window_start[:, None]) & (fine_pos <= i[:, None]) & (fine_pos >= 0)
+        keys = torch.cat([state.fine_k.to(dtype), k], 1)
+        values = torch.cat([state.fine_v.to(dtype), v], 1)
+        logits = [queries @ keys.transpose(-1, -2).unsqueeze(1) + _slot_bias(use, True, True, 0.0, False, dtype)]
+        value_parts = [values]
+        sinks = torch.where(i < m, float(m), 0.0).to(torch.float64)  # block -1 of the first block (zero_sink)
+
+        for level, (first, complete_k, complete_v, _, _) in enumerate(sums, start=1):
+            width, p = self.group_width(level), self.coarse_tokens
+            last = t // width - 1  # newest group complete before the chunk
+            group_ids = torch.cat([last - (last - torch.arange(3, device=device)) % 3,
+                                   first + torch.arange(complete_k.shape[1], device=device)])
+            parent, second_child = i // (2 * width), (i // width) % 2 == 1
+            member = (group_ids == 2 * parent[:, None] - 2) | ((group_ids == 2 * parent[:, None] - 1)
+                                                             & second_child[:, None])
+            offset = math.log(width / p) if self.scale_attn else 0.0
+            bias = _slot_bias(member, group_ids >= 0, True, offset, False, dtype).repeat_interleave(p, 1)
+            level_keys = torch.cat([state.groups_k[level - 1].to(dtype), complete_k], 1).flatten(1, 2)
+            value_parts.append(torch.cat([state.groups_v[level - 1].to(dtype), complete_v], 1).flatten(1, 2))
+            level_q = queries
+            if self.query_mode == "coarse":
+                sub_window = width // p
+                opener = i // sub_window * sub_window
+                fresh = q[:, (opener - t).clamp(min=0)]  # (H, c, d): the opener's query when it is new
+                stored = state.level_queries[level - 1].to(dtype)[:, None].expand_as(fresh)
+                level_q = (torch.where((opener >= t)[None, :, None], fresh, stored) * d ** -0.5).view_as(queries)
+            logits.append(level_q @ level_keys.transpose(-1, -2).unsqueeze(1) + bias)
+            sinks += p * ((2 * parent - 2 < 0).double() + (second_child & (2 * parent - 1 < 0)).double())
+
+        if zero_sink:
+            logits.append(torch.where(sinks > 0, sinks.clamp(min=1).log(), MASK_VALUE).to(dtype)
+                          .expand(kv_heads, heads // kv_heads, c)[..., None])
+            value_parts.append(values.new_zeros(kv_heads, 1, d))
+        probs = torch.softmax(torch.cat(logits, -1), -1)
+        out = probs @ torch.cat(value_parts, 1).unsqueeze(1)  # (H_kv, g, c, d)
+        return out.reshape(heads, c, d)

@@ -283,3 +283,59 @@ def test_bad_inputs():
         attn(q, k, v, key_padding_mask=torch.ones(2, 19, dtype=torch.bool))
     with pytest.raises(ValueError, match="key_padding_mask"):
         attn(q, k, v, key_padding_mask=torch.ones(2, 20))
+
+
+# ---------------------------------------------------------------- incremental decoding state (§8)
+
+
+def decode(attn, q, k, v, prompt, chunks):
+    """Outputs of rows prompt.. of one sequence: prefill ``prompt`` tokens, then steps of the given sizes."""
+    state = attn.init_state(q.shape[0], k.shape[0], q.dtype)
+    if prompt:
+        state = attn.prefill(state, q[:, :prompt], k[:, :prompt], v[:, :prompt])
+    outs, i = [], prompt
+    for c in itertools.cycle(chunks):
+        if i == q.shape[1]:
+            return torch.cat(outs, 1), state
+        c = min(c, q.shape[1] - i)
+        out, state = attn.step(state, q[:, i:i + c], k[:, i:i + c], v[:, i:i + c])
+        outs.append(out)
+        i += c
+
+
+STATE_OPTIONS = list(itertools.product(["fine", "coarse"], ["depthwise", "full", "avgpool"], ["mask", "zero_sink"]))
+
+
+@pytest.mark.parametrize("query_mode,downsample,boundary", STATE_OPTIONS)
+def test_decoding_equals_full_forward(query_mode, downsample, boundary):
+    attn = make(query_mode=query_mode, downsample=downsample, boundary=boundary, max_seq_len=96).eval()
+    q, k, v = qkv(77, batch=1)
+    full = attn(q, k, v)[0]
+    for prompt, chunks in ((0, [1]), (13, [1, 3]), (32, [7, 1, 16]), (50, [1])):
+        out, state = decode(attn, q[0], k[0], v[0], prompt, chunks)
+        torch.testing.assert_close(out, full[:, prompt:], rtol=0, atol=1e-12)
+        assert state.length == 77
+
+
+def test_chunked_prefill_state_equals_one_shot():
+    attn = make(max_seq_len=96).eval()
+    q, k, v = qkv(70, batch=1)
+    one_shot = attn.prefill(attn.init_state(4, 2, F64), q[0], k[0], v[0])
+    _, chunked = decode(attn, q[0], k[0], v[0], 0, [9, 16, 5])
+    for a, b in zip(one_shot.tensors(), chunked.tensors()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_state_size_is_the_section_8_bound():
+    """4m + 8pL vectors per key/value head, whatever the length (fine queries)."""
+    attn = FastMultipoleAttention(16, 8192, block_size=64, coarse_tokens=4).eval()
+    state = attn.init_state(4, 2, torch.float32)
+    bound = (4 * 64 + 8 * 4 * attn.num_levels) * 2 * 16 * 4  # vectors x kv heads x d x bytes
+    assert attn.num_levels == 6 and state.nbytes == bound
+    q, k, v = (torch.randn(h, 3000, 16) for h in (4, 2, 2))
+    assert attn.prefill(state, q, k, v).nbytes == bound
+
+
+def test_decoding_needs_causal_attention():
+    with pytest.raises(ValueError, match="causal"):
+        make(causal=False).init_state(4, 2, F64)
