@@ -47,7 +47,30 @@ def average_weights(width: int, coarse_tokens: int) -> torch.Tensor:
     return (torch.arange(width).unsqueeze(0) // sub_window == rows).float() * (coarse_tokens / width)
 
 
-class DepthwiseDownsample(nn.Module):
+def _register_levels(module: nn.Module, weight_shapes: list[tuple], bias_shape: tuple) -> None:
+    """Give ``module`` parameters ``weight_<l>`` and ``bias_<l>`` for levels l = 1..L, and list views of them.
+
+    Plain attributes of the module that runs ``forward`` (not a ParameterList child) so that hooks which
+    materialise a module's own parameters before its forward -- accelerate's offloading -- see them.
+    """
+    for level, shape in enumerate(weight_shapes, start=1):
+        module.register_parameter(f"weight_{level}", nn.Parameter(torch.empty(shape)))
+        module.register_parameter(f"bias_{level}", nn.Parameter(torch.empty(bias_shape)))
+
+
+class _LevelParameters:
+    """``weights`` and ``biases``: the per-level parameters registered by :func:`_register_levels`, in order."""
+
+    @property
+    def weights(self) -> list[nn.Parameter]:
+        return [getattr(self, f"weight_{level}") for level in range(1, len(self.widths) + 1)]
+
+    @property
+    def biases(self) -> list[nn.Parameter]:
+        return [getattr(self, f"bias_{level}") for level in range(1, len(self.widths) + 1)]
+
+
+class DepthwiseDownsample(_LevelParameters, nn.Module):
     """Learned per-channel summaries of every level (§2, the paper code's "groupedconv").
 
     Level l maps each group of ``w_l`` vectors to ``p``: ``K~[g, r, c] = sum_t W_l[c, r, t] K[g*w_l + t, c]
@@ -59,8 +82,7 @@ class DepthwiseDownsample(nn.Module):
     def __init__(self, head_dim: int, widths: list[int], coarse_tokens: int):
         super().__init__()
         self.widths, self.coarse_tokens = list(widths), coarse_tokens
-        self.weights = nn.ParameterList(nn.Parameter(torch.empty(head_dim, coarse_tokens, w)) for w in widths)
-        self.biases = nn.ParameterList(nn.Parameter(torch.empty(head_dim, coarse_tokens)) for _ in widths)
+        _register_levels(self, [(head_dim, coarse_tokens, w) for w in widths], (head_dim, coarse_tokens))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -120,7 +142,7 @@ class _DepthwiseLevels(torch.autograd.Function):
         return (grad_channels, *grad_weights)
 
 
-class FullDownsample(nn.Module):
+class FullDownsample(_LevelParameters, nn.Module):
     """Like :class:`DepthwiseDownsample` with full channel mixing, ``W_l[c_out, r, c_in, t]`` (§2).
 
     ``p * d * d * w_l`` weights per level: an option for small models and short contexts.
@@ -129,9 +151,7 @@ class FullDownsample(nn.Module):
     def __init__(self, head_dim: int, widths: list[int], coarse_tokens: int):
         super().__init__()
         self.widths, self.coarse_tokens = list(widths), coarse_tokens
-        self.weights = nn.ParameterList(
-            nn.Parameter(torch.empty(head_dim, coarse_tokens, head_dim, w)) for w in widths)
-        self.biases = nn.ParameterList(nn.Parameter(torch.empty(head_dim, coarse_tokens)) for _ in widths)
+        _register_levels(self, [(head_dim, coarse_tokens, head_dim, w) for w in widths], (head_dim, coarse_tokens))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -525,7 +545,7 @@ class FastMultipoleAttention(nn.Module):
         out = F.scaled_dot_product_attention(
             queries.reshape(batch * kv_heads, blocks, rows, dim), keys, values, attn_mask=mask,
             dropout_p=self.dropout if self.training else 0.0, scale=dim ** -0.5)
-        return out.view(batch, kv_heads, positions, heads, dim)
+        return out.reshape(batch, kv_heads, positions, heads, dim)
 
     def _attend_with_lse(self, queries, rows, bank_k, bank_v, index, bias, bank_valid):
         """Softmax over each unit's key set, also returning the log-sum-exp, for merging partial results.
@@ -549,7 +569,7 @@ class FastMultipoleAttention(nn.Module):
         if self.training and self.dropout:
             probs = F.dropout(probs, self.dropout)
         out = probs.view(batch, kv_heads, units, rows * heads, slots) @ values
-        return out.view(batch, kv_heads, positions, heads, dim), lse.view(batch, kv_heads, positions, heads)
+        return out.reshape(batch, kv_heads, positions, heads, dim), lse.reshape(batch, kv_heads, positions, heads)
 
     def _coarse_queries(self, queries, bank_k, bank_v, plans, bank_valid, n_fine):
         """O(n): at level l one query per sub-window of w_l/p_l tokens (§5).

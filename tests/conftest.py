@@ -1,5 +1,18 @@
 import sys
 from pathlib import Path
 
+import torch
+
 # tests/ holds shared test helpers (e.g. fma_reference.py) imported as plain modules
 sys.path.insert(0, str(Path(__file__).parent))
+
+# One intra-op thread per test process: the suite's models are tiny, and `make test` runs two xdist workers on
+# two cores, where extra threads only contend (a tiny training step measured 5 ms with one thread, 170 ms with two).
+torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    # Markers that transformers' common model tests (downloaded by tests/test_modeling_fmt.py) put on their tests.
+    for marker in ("accelerate_tests", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test",
+                   "is_training_test", "slow", "torch_compile_test"):
+        config.addinivalue_line("markers", f"{marker}: set by transformers' common model tests")

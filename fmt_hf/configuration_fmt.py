@@ -1,0 +1,189 @@
+"""Configuration of the Fast Multipole Transformer (FMT)."""
+
+from typing import Literal
+
+from huggingface_hub.dataclasses import strict
+from transformers.activations import ACT2FN
+from transformers.configuration_utils import PreTrainedConfig
+
+# Every FMT checkpoint names the code of all four Auto classes, whichever class saved it, so that any of them
+# can open it with `trust_remote_code=True` (`save_pretrained` alone records only the saved class). The module
+# names are those of the flat files `save_pretrained` copies next to the weights.
+FMT_AUTO_MAP = {
+    "AutoConfig": "configuration_fmt.FMTConfig",
+    "AutoModel": "modeling_fmt.FMTModel",
+    "AutoModelForCausalLM": "modeling_fmt.FMTForCausalLM",
+    "AutoModelForMaskedLM": "modeling_fmt.FMTForMaskedLM",
+}
+
+
+@strict
+class FMTConfig(PreTrainedConfig):
+    r"""
+    Configuration of a Fast Multipole Transformer: a Llama-style decoder stack (pre-norm RMSNorm, rotary position
+    embeddings, SwiGLU MLP, grouped-query attention) whose attention is Fast Multipole Attention (FMA,
+    `fmt_hf.fma.FastMultipoleAttention`). The field names follow `LlamaConfig` so that Llama-family weights map
+    onto FMT one to one.
+
+    Invalid values raise at construction (and again at `save_pretrained`) with a message naming the field.
+
+    Args:
+        vocab_size (`int`, *optional*, defaults to 32000):
+            Number of tokens in the vocabulary.
+        hidden_size (`int`, *optional*, defaults to 512):
+            Width of the residual stream.
+        intermediate_size (`int`, *optional*, defaults to 1408):
+            Width of the SwiGLU MLP.
+        num_hidden_layers (`int`, *optional*, defaults to 6):
+            Number of decoder layers.
+        num_attention_heads (`int`, *optional*, defaults to 8):
+            Number of query heads per layer.
+        num_key_value_heads (`int`, *optional*):
+            Number of key/value heads (grouped-query attention); must divide `num_attention_heads`. Defaults to
+            `num_attention_heads` (multi-head attention).
+        head_dim (`int`, *optional*):
+            Size of each head; must be even (rotary embeddings rotate pairs). Defaults to
+            `hidden_size // num_attention_heads` (`hidden_size` must be divisible by `num_attention_heads` in
+            any case, as in `LlamaConfig`).
+        max_position_embeddings (`int`, *optional*, defaults to 2048):
+            Longest sequence the model accepts; longer inputs raise a `ValueError`. Any value works: the FMA
+            hierarchy is built for it, rounded up to the next `fma_block_size * 2**(L+1)`.
+        rope_theta (`float`, *optional*, defaults to 10000.0):
+            Base period of the rotary position embeddings.
+        rms_norm_eps (`float`, *optional*, defaults to 1e-06):
+            Epsilon of the RMS normalisation layers.
+        hidden_act (`str`, *optional*, defaults to `"silu"`):
+            Activation of the gated MLP (any key of `transformers.activations.ACT2FN`).
+        attention_dropout (`float`, *optional*, defaults to 0.0):
+            Dropout probability on the attention probabilities, applied in training mode only.
+        initializer_range (`float`, *optional*, defaults to 0.02):
+            Standard deviation of the normal initialisation of linear and embedding weights. The FMA downsamplers
+            are not drawn from it: they start as sub-window averages.
+        tie_word_embeddings (`bool`, *optional*, defaults to `False`):
+            Whether the language-modelling head shares its weight with the input embeddings.
+        use_cache (`bool`, *optional*, defaults to `True`):
+            Whether the model returns a key/value cache for incremental decoding.
+        pad_token_id (`int`, *optional*):
+            Padding token id; its embedding row starts at zero.
+        bos_token_id (`int`, *optional*, defaults to 1):
+            Beginning-of-sequence token id.
+        eos_token_id (`int` or `list[int]`, *optional*, defaults to 2):
+            End-of-sequence token id(s).
+        is_causal (`bool`, *optional*, defaults to `True`):
+            Causal (autoregressive) or bidirectional attention, for FMA and for the dense implementations alike.
+            `FMTForCausalLM` always sets it to `True` and `FMTForMaskedLM` to `False` in the configuration it
+            keeps, so a saved checkpoint records the mode it was trained in and `AutoModel` reopens an MLM
+            checkpoint as a bidirectional `FMTModel`. The FMA partition is fixed when a model is built: a
+            per-call `is_causal` that disagrees with it is an error under FMA (the dense implementations honour it).
+        fma_block_size (`int`, *optional*, defaults to 64):
+            FMA's finest block `m`: each query attends the keys of its own and neighbouring blocks exactly. FMA
+            equals dense attention for sequences of at most `2 * fma_block_size` tokens.
+        fma_coarse_tokens (`int`, *optional*, defaults to 4):
+            FMA's `p`, the summaries each group is downsampled to at every coarse level; must divide (so be at
+            most) `fma_block_size`.
+        fma_downsample (`str`, *optional*, defaults to `"depthwise"`):
+            How groups are summarised: `"depthwise"` (learned per-channel convolution), `"full"` (learned, with
+            channel mixing) or `"avgpool"` (fixed averages, no parameters). The learned downsamplers hold weights
+            for every level, so their count grows linearly with `max_position_embeddings`: per layer, K and V
+            together, about `fma_coarse_tokens * head_dim * C` for `"depthwise"` and `head_dim` times that for
+            `"full"`, where `C` is `max_position_embeddings` rounded up to `fma_block_size * 2**k` -- e.g.
+            4 * 128 * 65536 = 33.5M weights per layer at 64K context with `"depthwise"`. They start as
+            sub-window averages. With a dense `attn_implementation` they are kept but unused.
+        fma_query_mode (`str`, *optional*, defaults to `"fine"`):
+            `"fine"`: every query attends its coarse slots, O(n log n). `"coarse"`: one query per coarse-key
+            resolution at each level, O(n).
+        fma_scale_attn (`bool`, *optional*, defaults to `True`):
+            Add `log(w / p)` to a coarse logit so that each summary weighs as the `w / p` tokens it stands for.
+        fma_boundary (`str`, *optional*, defaults to `"mask"`):
+            `"mask"` drops coarse slots outside the sequence; `"zero_sink"` gives them a zero key and value with
+            logit 0 like the authors' released kernels (to reproduce published numbers only).
+
+    Example:
+
+    ```python
+    >>> from fmt_hf import FMTConfig, FMTForCausalLM
+
+    >>> config = FMTConfig(hidden_size=256, num_hidden_layers=4, max_position_embeddings=4096)
+    >>> model = FMTForCausalLM(config)
+    ```"""
+
+    model_type = "fmt"
+
+    vocab_size: int = 32000
+    hidden_size: int = 512
+    intermediate_size: int = 1408
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 8
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    max_position_embeddings: int = 2048
+    rope_theta: float | int = 10000.0
+    rms_norm_eps: float | int = 1e-6
+    hidden_act: str = "silu"
+    attention_dropout: float | int = 0.0
+    initializer_range: float | int = 0.02
+    tie_word_embeddings: bool = False
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    is_causal: bool = True
+    fma_block_size: int = 64
+    fma_coarse_tokens: int = 4
+    fma_downsample: Literal["depthwise", "full", "avgpool"] = "depthwise"
+    fma_query_mode: Literal["fine", "coarse"] = "fine"
+    fma_scale_attn: bool = True
+    fma_boundary: Literal["mask", "zero_sink"] = "mask"
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None and self.num_attention_heads > 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        super().__post_init__(**kwargs)
+        self.auto_map = {**(getattr(self, "auto_map", None) or {}), **FMT_AUTO_MAP}
+
+    def validate_sizes(self):
+        """Part of `@strict` validation: sizes are positive and fit together."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
+        if self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
+                f"({self.num_attention_heads})."
+            )
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"`num_attention_heads` ({self.num_attention_heads}) must be divisible by `num_key_value_heads` "
+                f"({self.num_key_value_heads})."
+            )
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"`head_dim` must be even for rotary embeddings, got {self.head_dim}.")
+        if self.rope_theta <= 0:
+            raise ValueError(f"`rope_theta` must be positive, got {self.rope_theta}.")
+        if self.rms_norm_eps <= 0:
+            raise ValueError(f"`rms_norm_eps` must be positive, got {self.rms_norm_eps}.")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"`attention_dropout` must be in [0, 1), got {self.attention_dropout}.")
+        if self.hidden_act not in ACT2FN:
+            raise ValueError(f"`hidden_act` {self.hidden_act!r} is not a known activation; use one of {list(ACT2FN)}.")
+
+    def validate_fma(self):
+        """Part of `@strict` validation: the FMA hierarchy is well defined."""
+        if self.fma_block_size < 1:
+            raise ValueError(f"`fma_block_size` must be a positive integer, got {self.fma_block_size}.")
+        if self.fma_coarse_tokens < 1:
+            raise ValueError(f"`fma_coarse_tokens` must be a positive integer, got {self.fma_coarse_tokens}.")
+        if self.fma_coarse_tokens > self.fma_block_size or self.fma_block_size % self.fma_coarse_tokens != 0:
+            raise ValueError(
+                f"`fma_coarse_tokens` ({self.fma_coarse_tokens}) must be at most, and divide, `fma_block_size` "
+                f"({self.fma_block_size})."
+            )
+
+
+# Saving the config copies this file next to it (Hub custom code), as saving a model does with modeling_fmt.py.
+FMTConfig.register_for_auto_class()
+
+__all__ = ["FMTConfig"]

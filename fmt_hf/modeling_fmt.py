@@ -1,0 +1,641 @@
+"""The Fast Multipole Transformer (FMT): a Llama-style decoder whose attention is Fast Multipole Attention.
+
+Everything but the attention kernel follows `transformers.models.llama.modeling_llama` (pre-norm RMSNorm, rotary
+embeddings, SwiGLU MLP, grouped-query attention), so Llama-family weights map onto FMT one to one and the same
+weights run with dense attention for comparison.
+
+Attention implementations (`config._attn_implementation`, chosen with `attn_implementation=` in `from_pretrained`,
+`from_config` or `set_attn_implementation`):
+
+- `"fma"` (the default): `FastMultipoleAttention`, O(n log n), given the 2D padding mask as its key padding mask.
+- `"sdpa"`, `"eager"`: dense attention on the same projections and rotary embeddings, with the usual 4D masks;
+  the FMA downsamplers stay in the model (and in its checkpoints) but are not used.
+
+This file and its siblings are also the Hub code of every saved checkpoint, so they import each other only with
+single-dot relative imports (`save_pretrained` copies exactly those files into a flat folder).
+"""
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, MaskedLMOutput
+from transformers.modeling_utils import (
+    ALL_ATTENTION_FUNCTIONS,
+    AttentionInterface,
+    PreTrainedModel,
+    slice_logits_to_keep,
+)
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_fmt import FMTConfig
+from .fma import DepthwiseDownsample, FastMultipoleAttention, FullDownsample
+
+logger = logging.get_logger(__name__)
+
+FMA_ATTN_IMPLEMENTATION = "fma"
+
+
+class FMTRMSNorm(nn.Module):
+    """Root-mean-square layer normalisation, computed in float32 (as `LlamaRMSNorm`)."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class FMTRotaryEmbedding(nn.Module):
+    """Rotary position embeddings with base `config.rope_theta`: returns `(cos, sin)` for given positions."""
+
+    def __init__(self, config: FMTConfig):
+        super().__init__()
+        # Not persistent: recomputed from the config, also by `_init_weights` after a meta-device `from_pretrained`.
+        self.inv_freq = nn.Buffer(self.compute_inv_freq(config), persistent=False)
+
+    @staticmethod
+    def compute_inv_freq(config: FMTConfig) -> torch.Tensor:
+        """The inverse frequencies `1 / theta^(2i / head_dim)`, `i = 0 .. head_dim/2 - 1`."""
+        exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float) / config.head_dim
+        return 1.0 / (config.rope_theta**exponents)
+
+    def forward(self, x: torch.Tensor, position_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Angles in float32 whatever the model dtype: bf16 positions lose precision beyond a few hundred tokens.
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """Rotates half the hidden dims of the input."""
+    x1 = x[..., : x.shape[-1] // 2]
+    x2 = x[..., x.shape[-1] // 2 :]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotates `q`, `k` (batch, heads, seq_len, head_dim) by the angles in `cos`, `sin` (batch, seq_len, head_dim)."""
+    cos = cos.unsqueeze(unsqueeze_dim)
+    sin = sin.unsqueeze(unsqueeze_dim)
+    return (q * cos) + (rotate_half(q) * sin), (k * cos) + (rotate_half(k) * sin)
+
+
+class FMTMLP(nn.Module):
+    """SwiGLU feed-forward block: `down(act(gate(x)) * up(x))`."""
+
+    def __init__(self, config: FMTConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(batch, kv_heads, seq_len, head_dim) -> (batch, kv_heads * n_rep, seq_len, head_dim), each head repeated."""
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Unpack[TransformersKwargs],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention in plain PyTorch (`attn_implementation="eager"`); also returns the attention weights."""
+    key_states = repeat_kv(key, module.num_key_value_groups)
+    value_states = repeat_kv(value, module.num_key_value_groups)
+
+    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+
+    # At least float32 for the softmax (as Llama), without rounding float64 inputs down to it.
+    softmax_dtype = torch.promote_types(query.dtype, torch.float32)
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=softmax_dtype).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value_states)
+    attn_output = attn_output.transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+def fma_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Unpack[TransformersKwargs],
+) -> tuple[torch.Tensor, None]:
+    """Fast Multipole Attention (`attn_implementation="fma"`) through the calling layer's `module.fma`.
+
+    `attention_mask` is the 2D (batch, seq_len) boolean key padding mask (True = real token) or None. `scaling`
+    and `dropout` are not used: FMA applies `1/sqrt(head_dim)` itself and owns its dropout (active in training
+    mode only), both set from the same config as the dense path's.
+    """
+    is_causal = kwargs.get("is_causal")
+    if is_causal is not None and is_causal != module.fma.causal:
+        raise ValueError(
+            f"This FMA layer was built {'causal' if module.fma.causal else 'bidirectional'} (config.is_causal="
+            f"{module.fma.causal}) and cannot switch per call; got is_causal={is_causal}. Build the model with the "
+            "other mode, or use a dense attn_implementation (`sdpa`, `eager`)."
+        )
+    if kwargs.get("output_attentions", False):
+        logger.warning_once(
+            "FMA does not compute attention weights (it never forms the n x n matrix): `attentions` stays empty. "
+            'Load the model with attn_implementation="eager" to get them.'
+        )
+    attn_output = module.fma(query, key, value, key_padding_mask=attention_mask)
+    return attn_output.transpose(1, 2), None
+
+
+# Registered globally so that `attn_implementation="fma"` passes transformers' validity checks; the function only
+# runs inside FMT layers, the only modules with an `fma` attribute.
+AttentionInterface.register(FMA_ATTN_IMPLEMENTATION, fma_attention_forward)
+
+
+class FMTAttention(nn.Module):
+    """Multi-head (grouped-query) self-attention: projections and rotary embeddings as in Llama, then FMA or a
+    dense kernel according to `config._attn_implementation`.
+
+    The layer owns its `FastMultipoleAttention` (and so its learned downsamplers) whatever the implementation, so
+    every implementation runs on, and saves, the same weights.
+    """
+
+    def __init__(self, config: FMTConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        # Read by the dense kernels (sdpa's `is_causal` when no mask is materialised).
+        self.is_causal = config.is_causal
+
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
+        self.fma = FastMultipoleAttention(
+            self.head_dim,
+            config.max_position_embeddings,
+            block_size=config.fma_block_size,
+            coarse_tokens=config.fma_coarse_tokens,
+            causal=config.is_causal,
+            downsample=config.fma_downsample,
+            query_mode=config.fma_query_mode,
+            scale_attn=config.fma_scale_attn,
+            boundary=config.fma_boundary,
+            dropout=config.attention_dropout,
+        )
+
+    @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`attention_mask` is what `FMTModel` prepared for the implementation: the 2D key padding mask for FMA,
+        a 4D mask (or None) for the dense kernels. `cache` is part of the transformers layer signature; FMT has no
+        key/value cache yet and `FMTModel` only ever passes None."""
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        query_states = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        key_states = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        # Rotary embeddings go on the fine keys, before FMA downsamples them: coarse keys are learned mixtures of
+        # rotated keys, so relative positions survive into every level.
+        cos, sin = position_embeddings
+        query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+        # Incremental decoding slots in here: the multilevel cache (shared/design/fma.md §8) takes this step's
+        # rotated keys and values and hands back the fine window and coarse summaries to attend.
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            **kwargs,
+        )
+
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        attn_output = self.o_proj(attn_output)
+        return attn_output, attn_weights
+
+
+class FMTDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm transformer block: `x + attn(norm(x))`, then `x + mlp(norm(x))`."""
+
+    def __init__(self, config: FMTConfig, layer_idx: int):
+        super().__init__()
+        self.hidden_size = config.hidden_size
+        self.self_attn = FMTAttention(config=config, layer_idx=layer_idx)
+        self.mlp = FMTMLP(config)
+        self.input_layernorm = FMTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = FMTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        hidden_states, _ = self.self_attn(
+            hidden_states=hidden_states,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            **kwargs,
+        )
+        hidden_states = residual + hidden_states
+
+        residual = hidden_states
+        hidden_states = self.post_attention_layernorm(hidden_states)
+        hidden_states = self.mlp(hidden_states)
+        return residual + hidden_states
+
+
+class FMTPreTrainedModel(PreTrainedModel):
+    """Weight initialisation, attention-implementation defaults and loading hooks shared by all FMT models."""
+
+    config: FMTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["FMTDecoderLayer"]
+    _supports_sdpa = True
+    _can_record_outputs = {
+        "hidden_states": FMTDecoderLayer,
+        "attentions": FMTAttention,
+    }
+
+    def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
+        # FMA is this architecture's attention, so it is what "no preference" means; transformers' own default
+        # would be sdpa. The dense implementations stay available on request.
+        if requested_attention is None:
+            return FMA_ATTN_IMPLEMENTATION
+        return super().get_correct_attn_implementation(requested_attention, is_init_check)
+
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # The downsamplers keep their weights in ParameterLists and own no parameter directly, which the base
+        # class's custom-code shortcut would take as "all loaded" and skip: always hand them to `_init_weights`.
+        if isinstance(module, (DepthwiseDownsample, FullDownsample)):
+            is_custom_code = False
+        super()._initialize_weights(module, is_custom_code)
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, FMTRotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq(self.config))
+        elif isinstance(module, (DepthwiseDownsample, FullDownsample)):
+            # FMA's own average init (fma.md §2) rather than a random draw, so that an untrained level summarises
+            # its groups by sub-window means. Levels loaded from a checkpoint are kept: a model extended to a longer
+            # max_position_embeddings initialises only its new levels.
+            loaded = {
+                name: parameter.detach().clone()
+                for name, parameter in module.named_parameters()
+                if getattr(parameter, "_is_hf_initialized", False)
+            }
+            if len(loaded) < len(list(module.parameters())):
+                module.reset_parameters()
+                for name, value in loaded.items():
+                    module.get_parameter(name).copy_(value)
+
+
+def _config_with_causality(config: FMTConfig, is_causal: bool) -> FMTConfig:
+    """`config` itself when its `is_causal` already matches, else a copy with `is_causal` set (the caller's object
+    is left alone: it may be shared with models of the other kind)."""
+    if config.is_causal == is_causal:
+        return config
+    config = copy.deepcopy(config)
+    config.is_causal = is_causal
+    return config
+
+
+class FMTModel(FMTPreTrainedModel):
+    """The bare FMT decoder stack: embeddings, `num_hidden_layers` decoder layers, final RMSNorm. Causal or
+    bidirectional according to `config.is_causal`."""
+
+    def __init__(self, config: FMTConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [FMTDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = FMTRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = FMTRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+
+        self.post_init()
+
+    @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPast:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`):
+                Token ids; give either these or `inputs_embeds`. `seq_len` may not exceed
+                `config.max_position_embeddings`.
+            attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`, *optional*):
+                1 for real tokens, 0 for padding. Padding is never attended to; the outputs at padded positions
+                are meaningless. Under FMA, a padded row gives its real tokens the same outputs as the unpadded
+                sequence; only 2D masks are accepted (the dense implementations also take prepared 4D masks).
+            position_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*):
+                Positions for the rotary embeddings; default `0 .. seq_len - 1`.
+            cache (`Cache`, *optional*):
+                Not supported yet: FMT has no key/value cache, so a cache is rejected.
+            inputs_embeds (`torch.Tensor` of shape `(batch_size, seq_len, hidden_size)`, *optional*):
+                Input embeddings instead of `input_ids`.
+            use_cache (`bool`, *optional*):
+                Accepted for API compatibility; no cache is returned yet (`cache` of the output is None).
+            output_hidden_states (`bool`, *optional*):
+                Also return the input of every layer and the final (normed) output.
+            output_attentions (`bool`, *optional*):
+                Also return the attention weights; only the `eager` implementation computes them.
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if cache is not None:
+            raise ValueError(
+                "FMT has no key/value cache yet: pass the whole sequence without `cache` (generate() already does)."
+            )
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        seq_len = inputs_embeds.shape[1]
+        if seq_len > self.config.max_position_embeddings:
+            raise ValueError(
+                f"Input length {seq_len} exceeds max_position_embeddings ({self.config.max_position_embeddings}), "
+                "the longest sequence this model (and its FMA hierarchy) was built for."
+            )
+
+        if position_ids is None:
+            position_ids = torch.arange(seq_len, device=inputs_embeds.device).unsqueeze(0)
+
+        if self.config._attn_implementation == FMA_ATTN_IMPLEMENTATION:
+            attention_mask = self._fma_key_padding_mask(attention_mask, inputs_embeds)
+        else:
+            # Causal or bidirectional according to `config.is_causal` (transformers switches on that field).
+            attention_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                cache=None,
+                position_ids=position_ids,
+            )
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+
+        for decoder_layer in self.layers:
+            hidden_states = decoder_layer(
+                hidden_states,
+                attention_mask=attention_mask,
+                position_embeddings=position_embeddings,
+                position_ids=position_ids,
+                cache=None,
+                use_cache=use_cache,
+                **kwargs,
+            )
+
+        hidden_states = self.norm(hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=None)
+
+    @staticmethod
+    def _fma_key_padding_mask(
+        attention_mask: torch.Tensor | None, inputs_embeds: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The 2D boolean key padding mask FMA takes, or None when nothing is padded (FMA's faster path)."""
+        if attention_mask is None:
+            return None
+        if attention_mask.dim() != 2:
+            raise ValueError(
+                "FMA takes a 2D (batch_size, seq_len) attention_mask of 1s (tokens) and 0s (padding), got shape "
+                f"{tuple(attention_mask.shape)}; prepared 4D masks only work with a dense attn_implementation."
+            )
+        if tuple(attention_mask.shape) != tuple(inputs_embeds.shape[:2]):
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} does not match the inputs "
+                f"{tuple(inputs_embeds.shape[:2])}."
+            )
+        key_padding_mask = attention_mask.to(device=inputs_embeds.device, dtype=torch.bool)
+        return None if bool(key_padding_mask.all()) else key_padding_mask
+
+
+class FMTForCausalLM(FMTPreTrainedModel, GenerationMixin):
+    """FMT with a language-modelling head for next-token prediction; always causal (`config.is_causal=True`)."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: FMTConfig):
+        super().__init__(_config_with_causality(config, True))
+        self.model = FMTModel(self.config)
+        self.vocab_size = self.config.vocab_size
+        self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
+
+        self.post_init()
+
+    @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> CausalLMOutputWithPast:
+        r"""
+        Arguments as `FMTModel.forward`, plus:
+
+            labels (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*):
+                Next-token targets aligned with `input_ids` (shifted inside the loss); -100 is ignored.
+            logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
+                Compute logits only for the last `logits_to_keep` positions (0: all), or for the given indices.
+
+        Example:
+
+        ```python
+        >>> import torch
+        >>> from fmt_hf import FMTConfig, FMTForCausalLM
+
+        >>> config = FMTConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
+        >>> model = FMTForCausalLM(config)
+        >>> input_ids = torch.randint(0, 100, (1, 16))
+        >>> out = model(input_ids, labels=input_ids)
+        >>> out.logits.shape
+        torch.Size([1, 16, 100])
+        ```"""
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+        hidden_states = outputs.last_hidden_state
+        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
+    ) -> None:
+        # Without a key/value cache, every generation step must see the whole sequence: with `use_cache` on,
+        # generate() would feed only the newest token. This generate's own copy of the generation config is
+        # switched off; the user's stays as it is.
+        if model_kwargs.get("cache") is not None:
+            raise ValueError("FMT has no key/value cache yet: call generate() without `cache`.")
+        if model_kwargs.get("inputs_embeds") is not None:
+            raise ValueError(
+                "FMT cannot generate from `inputs_embeds` yet (that needs a key/value cache); pass `input_ids`."
+            )
+        generation_config.use_cache = False
+
+
+class FMTForMaskedLM(FMTPreTrainedModel):
+    """FMT with a language-modelling head for masked-token prediction; always bidirectional
+    (`config.is_causal=False`), padding masks honoured."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: FMTConfig):
+        super().__init__(_config_with_causality(config, False))
+        self.model = FMTModel(self.config)
+        self.vocab_size = self.config.vocab_size
+        self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
+
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MaskedLMOutput:
+        r"""
+        Arguments as `FMTModel.forward` (no cache), plus:
+
+            labels (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*):
+                Targets at the masked positions, -100 elsewhere (not shifted).
+        """
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            **kwargs,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        return MaskedLMOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+# Saving any of these classes copies this file and its relative imports next to the weights (Hub custom code).
+FMTModel.register_for_auto_class("AutoModel")
+FMTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+FMTForMaskedLM.register_for_auto_class("AutoModelForMaskedLM")
+
+__all__ = ["FMTPreTrainedModel", "FMTModel", "FMTForCausalLM", "FMTForMaskedLM"]
