@@ -91,8 +91,20 @@ class DepthwiseDownsample(_LevelParameters, nn.Module):
                 weight.copy_(average_weights(width, self.coarse_tokens).expand_as(weight))
                 bias.zero_()
 
-    def forward(self, x: torch.Tensor, levels: int) -> list[torch.Tensor]:
-        """``x`` (..., n, d), n a multiple of the widest group used -> per level (..., n // w_l, p, d)."""
+    def forward(self, x: torch.Tensor, levels: int | None = None, *, level: int | None = None,
+                offsets: torch.Tensor | None = None):
+        """Summaries of levels ``1..levels``: ``x`` (..., n, d), n a multiple of the widest group used -> per level
+        (..., n // w_l, p, d).
+
+        With ``level`` and ``offsets`` instead: each token's share in its level-``level`` summary, for the
+        incremental-decoding state -- ``x`` (..., c, d) sitting at ``offsets`` (c,) within their groups ->
+        ``(shares (..., c, p, d), bias (p, d))``; a summary is the sum of its tokens' shares plus the bias (§8).
+        Both go through ``forward`` so that module hooks (e.g. accelerate's offloading) see every use of the
+        weights.
+        """
+        if offsets is not None:
+            weight = getattr(self, f"weight_{level}")[:, :, offsets].to(x.dtype)  # (d, p, c)
+            return x.unsqueeze(-2) * weight.permute(2, 1, 0), getattr(self, f"bias_{level}").t().to(x.dtype)
         if levels == 0:
             return []
         # One channel-major copy serves every level: there each group is a contiguous run of w_l values, so a
@@ -103,16 +115,6 @@ class DepthwiseDownsample(_LevelParameters, nn.Module):
         return [c.view(channels.shape[:-1] + (-1, self.coarse_tokens)).movedim(0, -1) + b.t().to(x.dtype)
                 for c, b in zip(coarse, self.biases)]
 
-    def contributions(self, x: torch.Tensor, level: int, offsets: torch.Tensor) -> torch.Tensor:
-        """Bias-free share of each token ``x`` (..., c, d) in its level-``level`` summary, the token sitting at
-        ``offsets`` (c,) within its group -> (..., c, p, d). A summary is the sum of its tokens' shares plus
-        :meth:`bias`; the incremental-decoding state accumulates them token by token (§8)."""
-        weight = self.weights[level - 1][:, :, offsets].to(x.dtype)  # (d, p, c)
-        return x.unsqueeze(-2) * weight.permute(2, 1, 0)
-
-    def bias(self, level: int) -> torch.Tensor:
-        """(p, d) bias of the level-``level`` summaries."""
-        return self.biases[level - 1].t()
 
 
 class _DepthwiseLevels(torch.autograd.Function):
@@ -161,7 +163,12 @@ class FullDownsample(_LevelParameters, nn.Module):
                 weight.copy_(torch.einsum("ck,rt->crkt", torch.eye(weight.shape[0]), average))
                 bias.zero_()
 
-    def forward(self, x: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, levels: int | None = None, *, level: int | None = None,
+                offsets: torch.Tensor | None = None):
+        """As :meth:`DepthwiseDownsample.forward`."""
+        if offsets is not None:
+            weight = getattr(self, f"weight_{level}")[..., offsets].to(x.dtype)  # (d_out, p, d_in, c)
+            return torch.einsum("...ck,orkc->...cro", x, weight), getattr(self, f"bias_{level}").t().to(x.dtype)
         d = x.shape[-1]
         out = []
         for width, weight, bias in zip(self.widths[:levels], self.weights, self.biases):
@@ -171,13 +178,6 @@ class FullDownsample(_LevelParameters, nn.Module):
             out.append(coarse + bias.t().to(x.dtype))
         return out
 
-    def contributions(self, x: torch.Tensor, level: int, offsets: torch.Tensor) -> torch.Tensor:
-        """See :meth:`DepthwiseDownsample.contributions`."""
-        weight = self.weights[level - 1][..., offsets].to(x.dtype)  # (d_out, p, d_in, c)
-        return torch.einsum("...ck,orkc->...cro", x, weight)
-
-    def bias(self, level: int) -> torch.Tensor:
-        return self.biases[level - 1].t()
 
 
 class AvgPoolDownsample(nn.Module):
@@ -187,18 +187,15 @@ class AvgPoolDownsample(nn.Module):
         super().__init__()
         self.widths, self.coarse_tokens = list(widths), coarse_tokens
 
-    def forward(self, x: torch.Tensor, levels: int) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, levels: int | None = None, *, level: int | None = None,
+                offsets: torch.Tensor | None = None):
+        """As :meth:`DepthwiseDownsample.forward`; a token's share is 1/sub_window of it, in its own sub-window."""
+        if offsets is not None:
+            width = self.widths[level - 1]
+            share = F.one_hot(offsets // (width // self.coarse_tokens), self.coarse_tokens).to(x.dtype)
+            return x.unsqueeze(-2) * (share * (self.coarse_tokens / width)).unsqueeze(-1), x.new_zeros(1, 1)
         return [x.unflatten(-2, (-1, self.coarse_tokens, w // self.coarse_tokens)).mean(-2)
                 for w in self.widths[:levels]]
-
-    def contributions(self, x: torch.Tensor, level: int, offsets: torch.Tensor) -> torch.Tensor:
-        """See :meth:`DepthwiseDownsample.contributions`: 1/sub_window into the token's own sub-window."""
-        width = self.widths[level - 1]
-        share = F.one_hot(offsets // (width // self.coarse_tokens), self.coarse_tokens).to(x.dtype)
-        return x.unsqueeze(-2) * (share * (self.coarse_tokens / width)).unsqueeze(-1)
-
-    def bias(self, level: int) -> torch.Tensor:
-        return torch.zeros(self.coarse_tokens, 1)
 
 
 def coarse_groups(own_group: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -661,13 +658,13 @@ class FastMultipoleAttention(nn.Module):
             result = [first]
             for x, family, partial in ((k, self.k_downsample, state.partial_k), (v, self.v_downsample,
                                                                                  state.partial_v)):
-                shares = family.contributions(x[:, start - t:], level, positions % width)  # (H_kv, c', p, d)
+                shares, bias = family(x[:, start - t:], level=level, offsets=positions % width)  # (H_kv, c', p, d)
                 group_sums = x.new_zeros(x.shape[0], touched, shares.shape[-2], x.shape[-1])
                 group_sums.index_add_(1, positions // width - first, shares)
                 if first == t // width:  # the group being filled when the chunk began
                     group_sums[:, 0] += partial[level - 1]
                 n_complete = end_group - first
-                complete = group_sums[:, :n_complete] + family.bias(level).to(x.dtype)
+                complete = group_sums[:, :n_complete] + bias
                 new_partial = group_sums[:, n_complete] if (t + c) % width else torch.zeros_like(partial[level - 1])
                 result += [complete, new_partial]
             sums.append((result[0], result[1], result[3], result[2], result[4]))

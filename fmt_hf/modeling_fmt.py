@@ -7,9 +7,11 @@ weights run with dense attention for comparison.
 Attention implementations (`config._attn_implementation`, chosen with `attn_implementation=` in `from_pretrained`,
 `from_config` or `set_attn_implementation`):
 
-- `"fma"` (the default): `FastMultipoleAttention`, O(n log n), given the 2D padding mask as its key padding mask.
-- `"sdpa"`, `"eager"`: dense attention on the same projections and rotary embeddings, with the usual 4D masks;
-  the FMA downsamplers stay in the model (and in its checkpoints) but are not used.
+- `"fma"` (the default): `FastMultipoleAttention`, O(n log n). Each row's hierarchy starts at its first real token
+  (left padding is moved out of the way), other padding becomes FMA's key padding mask. With `use_cache` it keeps the
+  multilevel coarse `FMTCache` (shared/design/fma.md §8): O(m + p log n) memory per layer, exact decoding.
+- `"sdpa"`, `"eager"`: dense attention on the same projections and rotary embeddings, with the usual 4D masks and
+  transformers' `DynamicCache`; the FMA downsamplers stay in the model (and in its checkpoints) but are not used.
 
 This file and its siblings are also the Hub code of every saved checkpoint, so they import each other only with
 single-dot relative imports (`save_pretrained` copies exactly those files into a flat folder).
@@ -22,8 +24,8 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache
-from transformers.generation import GenerationMixin
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation import GenerationMixin, GenerationMode
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, MaskedLMOutput
@@ -39,6 +41,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
+from .cache_fmt import FMTCache
 from .configuration_fmt import FMTConfig
 from .fma import DepthwiseDownsample, FastMultipoleAttention, FullDownsample
 
@@ -235,9 +238,9 @@ class FMTAttention(nn.Module):
         cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """`attention_mask` is what `FMTModel` prepared for the implementation: the 2D key padding mask for FMA,
-        a 4D mask (or None) for the dense kernels. `cache` is part of the transformers layer signature; FMT has no
-        key/value cache yet and `FMTModel` only ever passes None."""
+        """`attention_mask` is what `FMTModel` prepared for the implementation: the 2D key padding mask for FMA
+        (rows already aligned to their first real token), a 4D mask (or None) for the dense kernels. `cache` is
+        an `FMTCache` under FMA, any transformers cache (e.g. `DynamicCache`) for the dense kernels."""
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
 
@@ -250,8 +253,11 @@ class FMTAttention(nn.Module):
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
-        # Incremental decoding slots in here: the multilevel cache (shared/design/fma.md §8) takes this step's
-        # rotated keys and values and hands back the fine window and coarse summaries to attend.
+        if isinstance(cache, FMTCache):
+            attn_output = self._fma_with_cache(query_states, key_states, value_states, attention_mask, cache)
+            return self.o_proj(attn_output.transpose(1, 2).reshape(*input_shape, -1)), None
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -270,6 +276,29 @@ class FMTAttention(nn.Module):
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         attn_output = self.o_proj(attn_output)
         return attn_output, attn_weights
+
+    def _fma_with_cache(self, query, key, value, key_padding_mask, cache: FMTCache) -> torch.Tensor:
+        """FMA over new tokens with the multilevel cache. Rows arrive aligned: each row's new real tokens are a
+        prefix of its columns (`key_padding_mask`, or all of them when None), the rest is padding.
+
+        A first chunk of every row runs the full O(n log n) forward and keeps the state (prefill); later chunks
+        and decoding steps attend each row's state (exact, see `FastMultipoleAttention.step`)."""
+        layer = cache.layers[self.layer_idx]
+        batch, heads, length, _ = query.shape
+        real = [length] * batch if key_padding_mask is None else key_padding_mask.sum(1).tolist()
+        states = layer.states or [self.fma.init_state(heads, key.shape[1], key.dtype, key.device)] * batch
+        if all(state.length == 0 for state in states):
+            output = self.fma(query, key, value, key_padding_mask=key_padding_mask)
+            states = [self.fma.prefill(state, q[:, :n], k[:, :n], v[:, :n]) if n else state
+                      for state, n, q, k, v in zip(states, real, query, key, value)]
+        else:
+            output = torch.zeros_like(query)
+            for row, (state, n) in enumerate(zip(states, real)):
+                if n:
+                    output[row, :, :n], states[row] = self.fma.step(
+                        state, query[row, :, :n], key[row, :, :n], value[row, :, :n])
+        layer.set_states(list(states), length)
+        return output
 
 
 class FMTDecoderLayer(GradientCheckpointingLayer):
@@ -414,11 +443,12 @@ class FMTModel(FMTPreTrainedModel):
             position_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*):
                 Positions for the rotary embeddings; default `0 .. seq_len - 1`.
             cache (`Cache`, *optional*):
-                Not supported yet: FMT has no key/value cache, so a cache is rejected.
+                Keys and values of earlier tokens: an `FMTCache` under FMA (built here when `use_cache` and none is
+                given), any transformers cache such as `DynamicCache` under `sdpa`/`eager`. Causal models only.
             inputs_embeds (`torch.Tensor` of shape `(batch_size, seq_len, hidden_size)`, *optional*):
                 Input embeddings instead of `input_ids`.
             use_cache (`bool`, *optional*):
-                Accepted for API compatibility; no cache is returned yet (`cache` of the output is None).
+                Return the cache (causal models; defaults to `config.use_cache`).
             output_hidden_states (`bool`, *optional*):
                 Also return the input of every layer and the final (normed) output.
             output_attentions (`bool`, *optional*):
@@ -426,32 +456,36 @@ class FMTModel(FMTPreTrainedModel):
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        if cache is not None:
-            raise ValueError(
-                "FMT has no key/value cache yet: pass the whole sequence without `cache` (generate() already does)."
-            )
+        fma = self.config._attn_implementation == FMA_ATTN_IMPLEMENTATION
+        cache = self._check_cache(cache, use_cache, fma, attention_mask)
 
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        past = cache.get_seq_length() if cache is not None else 0
         seq_len = inputs_embeds.shape[1]
-        if seq_len > self.config.max_position_embeddings:
+        if past + seq_len > self.config.max_position_embeddings:
             raise ValueError(
-                f"Input length {seq_len} exceeds max_position_embeddings ({self.config.max_position_embeddings}), "
-                "the longest sequence this model (and its FMA hierarchy) was built for."
+                f"Input length {past + seq_len} ({past} cached + {seq_len} new) exceeds max_position_embeddings "
+                f"({self.config.max_position_embeddings}), the longest sequence this model (and its FMA hierarchy) "
+                "was built for."
             )
 
+        shift = None
+        if fma:
+            attention_mask, shift = self._fma_key_padding_mask(attention_mask, inputs_embeds, cache)
+            if shift is not None:  # move each row's padding behind its real tokens
+                inputs_embeds = _shift_rows(inputs_embeds, shift)
+                if position_ids is not None:
+                    position_ids = _shift_rows(position_ids.expand(inputs_embeds.shape[0], -1), shift)
         if position_ids is None:
-            position_ids = torch.arange(seq_len, device=inputs_embeds.device).unsqueeze(0)
-
-        if self.config._attn_implementation == FMA_ATTN_IMPLEMENTATION:
-            attention_mask = self._fma_key_padding_mask(attention_mask, inputs_embeds)
-        else:
+            position_ids = torch.arange(past, past + seq_len, device=inputs_embeds.device).unsqueeze(0)
+        if not fma:
             # Causal or bidirectional according to `config.is_causal` (transformers switches on that field).
             attention_mask = create_causal_mask(
                 config=self.config,
                 inputs_embeds=inputs_embeds,
                 attention_mask=attention_mask,
-                cache=None,
+                cache=cache,
                 position_ids=position_ids,
             )
 
@@ -464,33 +498,105 @@ class FMTModel(FMTPreTrainedModel):
                 attention_mask=attention_mask,
                 position_embeddings=position_embeddings,
                 position_ids=position_ids,
-                cache=None,
+                cache=cache,
                 use_cache=use_cache,
                 **kwargs,
             )
 
         hidden_states = self.norm(hidden_states)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=None)
+        if shift is not None:
+            hidden_states = _shift_rows(hidden_states, -shift)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
+
+    def _check_cache(
+        self, cache: Cache | None, use_cache: bool | None, fma: bool, attention_mask: torch.Tensor | None
+    ) -> Cache | None:
+        """The cache this call reads and extends: the given one, a new one when `use_cache`, or None.
+
+        No new cache is built in training (nothing decodes then), nor under FMA when the padding is not left
+        padding (the multilevel states need each row's tokens in order)."""
+        if cache is None:
+            if not use_cache or not self.config.is_causal or self.training:
+                return None
+            if not fma:
+                return DynamicCache(config=self.config)
+            cache = FMTCache(self.config.num_hidden_layers)
+            if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+                key_padding_mask = attention_mask.bool()
+                if not _cacheable_padding(key_padding_mask, (key_padding_mask.cumsum(1) == 0).sum(1), cache):
+                    return None
+            return cache
+        if not self.config.is_causal:
+            raise ValueError("A key/value cache needs a causal model; this one is bidirectional (config.is_causal).")
+        # Compare by name: Hub code imports this class under transformers_modules.<...>.
+        is_fmt_cache = any(cls.__name__ == "FMTCache" for cls in type(cache).__mro__)
+        if fma and not is_fmt_cache:
+            raise ValueError(
+                f"FMA attention keeps its own multilevel cache (FMTCache); got {type(cache).__name__}. Pass no cache "
+                'to have one built, or load the model with attn_implementation="sdpa" to use transformers\' caches.'
+            )
+        if not fma and is_fmt_cache:
+            raise ValueError(f"FMTCache serves only FMA attention, not {self.config._attn_implementation!r}.")
+        return cache
 
     @staticmethod
     def _fma_key_padding_mask(
-        attention_mask: torch.Tensor | None, inputs_embeds: torch.Tensor
-    ) -> torch.Tensor | None:
-        """The 2D boolean key padding mask FMA takes, or None when nothing is padded (FMA's faster path)."""
+        attention_mask: torch.Tensor | None, inputs_embeds: torch.Tensor, cache: Cache | None
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """FMA's view of the padding: the 2D boolean key padding mask of the new columns (None when nothing is
+        padded: FMA's faster path), and how far each row must shift left so that its first real token sits at
+        index 0 (None when no row starts with padding).
+
+        FMA's hierarchy is positional, so a left-padded row is aligned to its own first real token: it then gives
+        exactly what it gives alone. With a cache, only leading padding (before a row's first token) is allowed."""
         if attention_mask is None:
-            return None
+            return None, None
         if attention_mask.dim() != 2:
             raise ValueError(
                 "FMA takes a 2D (batch_size, seq_len) attention_mask of 1s (tokens) and 0s (padding), got shape "
                 f"{tuple(attention_mask.shape)}; prepared 4D masks only work with a dense attn_implementation."
             )
-        if tuple(attention_mask.shape) != tuple(inputs_embeds.shape[:2]):
+        batch, seq_len = inputs_embeds.shape[:2]
+        past = cache.get_seq_length() if cache is not None else 0
+        if attention_mask.shape[0] != batch or attention_mask.shape[1] not in (seq_len, past + seq_len):
             raise ValueError(
-                f"attention_mask shape {tuple(attention_mask.shape)} does not match the inputs "
-                f"{tuple(inputs_embeds.shape[:2])}."
+                f"attention_mask shape {tuple(attention_mask.shape)} does not match the inputs ({batch}, {seq_len})"
+                + (f" after {past} cached tokens" if past else "") + "."
             )
-        key_padding_mask = attention_mask.to(device=inputs_embeds.device, dtype=torch.bool)
-        return None if bool(key_padding_mask.all()) else key_padding_mask
+        key_padding_mask = attention_mask[:, -seq_len:].to(device=inputs_embeds.device, dtype=torch.bool)
+        if bool(key_padding_mask.all()):
+            return None, None
+        shift = (key_padding_mask.cumsum(1) == 0).sum(1)  # leading padding of each row
+        if cache is not None and not _cacheable_padding(key_padding_mask, shift, cache):
+            raise ValueError(
+                "With a cache, FMA takes padding only before each row's first token (left padding, as "
+                "generate() uses); this attention_mask has padding after real tokens."
+            )
+        if bool(shift.any()):
+            key_padding_mask = _shift_rows(key_padding_mask, shift)
+        else:
+            shift = None
+        return (None if bool(key_padding_mask.all()) else key_padding_mask), shift
+
+
+def _cacheable_padding(key_padding_mask: torch.Tensor, shift: torch.Tensor, cache: Cache) -> bool:
+    """Whether `FMTCache` can take these new columns: each row's real tokens one run after its leading padding,
+    and no padding at all in rows that already hold tokens (their states continue in order)."""
+    columns = torch.arange(key_padding_mask.shape[1], device=shift.device)
+    one_run = (columns >= shift[:, None]) & (columns < (shift + key_padding_mask.sum(1))[:, None])
+    started = [state.length > 0 for state in cache.layers[0].states] or [False] * len(shift)
+    return bool((key_padding_mask == one_run).all()) and not any(s and int(n) for s, n in zip(started, shift))
+
+
+def _shift_rows(tensor: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Move row b of `tensor` (batch, seq_len, ...) `shift[b]` positions to the left (right when negative); what
+    enters at the other end is zero."""
+    seq_len = tensor.shape[1]
+    source = torch.arange(seq_len, device=tensor.device) + shift[:, None]
+    inside = (source >= 0) & (source < seq_len)
+    gathered = tensor.gather(1, source.clamp(0, seq_len - 1).view(*source.shape, *[1] * (tensor.dim() - 2))
+                             .expand_as(tensor))
+    return gathered * inside.view(*inside.shape, *[1] * (tensor.dim() - 2))
 
 
 class FMTForCausalLM(FMTPreTrainedModel, GenerationMixin):
@@ -569,16 +675,29 @@ class FMTForCausalLM(FMTPreTrainedModel, GenerationMixin):
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
     ) -> None:
-        # Without a key/value cache, every generation step must see the whole sequence: with `use_cache` on,
-        # generate() would feed only the newest token. This generate's own copy of the generation config is
-        # switched off; the user's stays as it is.
-        if model_kwargs.get("cache") is not None:
-            raise ValueError("FMT has no key/value cache yet: call generate() without `cache`.")
-        if model_kwargs.get("inputs_embeds") is not None:
-            raise ValueError(
-                "FMT cannot generate from `inputs_embeds` yet (that needs a key/value cache); pass `input_ids`."
+        """Under FMA, `generate` keeps an `FMTCache`; the dense implementations use transformers' caches."""
+        if self.config._attn_implementation != FMA_ATTN_IMPLEMENTATION:
+            return super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
             )
-        generation_config.use_cache = False
+        if generation_mode == GenerationMode.ASSISTED_GENERATION:
+            raise ValueError(
+                "Assisted and prompt-lookup decoding roll the cache back token by token, which FMT's multilevel "
+                "cache cannot do (it keeps coarse summaries); use greedy, sampling or beam search."
+            )
+        if generation_config.cache_implementation is not None:
+            raise ValueError(
+                f"cache_implementation={generation_config.cache_implementation!r} is not supported with FMA: FMT "
+                "builds its own multilevel FMTCache. Leave cache_implementation unset, or load the model with "
+                'attn_implementation="sdpa" to use transformers\' caches.'
+            )
+        user_cache = model_kwargs.get("cache")
+        if user_cache is not None:
+            if not any(cls.__name__ == "FMTCache" for cls in type(user_cache).__mro__):
+                raise ValueError(f"FMT under FMA needs an FMTCache to continue from, got {type(user_cache).__name__}.")
+            user_cache._is_user_defined = True
+        elif generation_config.use_cache:
+            model_kwargs["cache"] = FMTCache(self.config.num_hidden_layers)
 
 
 class FMTForMaskedLM(FMTPreTrainedModel):

@@ -1,0 +1,173 @@
+"""The multilevel coarse KV cache (shared/design/fma.md §8) through transformers' generate()."""
+
+import copy
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from fmt_hf import FMTCache, FMTConfig, FMTForCausalLM, FMTModel
+
+
+def tiny(layers=2, query_mode="fine", downsample="depthwise", dtype=torch.float64, **overrides):
+    options = dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                   fma_block_size=4, fma_coarse_tokens=2, fma_query_mode=query_mode, fma_downsample=downsample,
+                   pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    options.update(overrides)
+    torch.manual_seed(0)
+    model = FMTForCausalLM(FMTConfig(**options)).to(dtype).eval()
+    with torch.no_grad():  # move learned downsamplers off their average init so their weights matter
+        for name, param in model.named_parameters():
+            if "downsample" in name:
+                param.add_(0.2 * torch.randn_like(param))
+    return model
+
+
+def prompt(length, batch=1, seed=1):
+    return torch.randint(1, 40, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def recompute_greedy(model, ids, steps):
+    """Greedy continuation by full forward passes without any cache: the reference."""
+    for _ in range(steps):
+        logits = model(ids, use_cache=False).logits[:, -1]
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+    return ids
+
+
+@pytest.mark.parametrize("layers,query_mode,downsample", [
+    (1, "fine", "depthwise"), (2, "fine", "avgpool"), (2, "coarse", "depthwise"), (3, "coarse", "full")])
+def test_greedy_generate_equals_recomputation(layers, query_mode, downsample):
+    model = tiny(layers, query_mode, downsample)
+    for length in (1, 8, 13, 32, 45):  # block 4, group widths 4, 8, 16, 32
+        ids = prompt(length)
+        out = model.generate(ids, max_new_tokens=20, do_sample=False)
+        assert torch.equal(out, recompute_greedy(model, ids, 20))
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+@pytest.mark.parametrize("query_mode", ["fine", "coarse"])
+def test_decoding_logits_equal_full_forward(dtype, tolerance, query_mode):
+    model = tiny(query_mode=query_mode, dtype=dtype)
+    ids = prompt(90)
+    out = model(ids[:, :29], use_cache=True)
+    cache, logits = out.cache, [out.logits]
+    for t in range(29, 90):
+        out = model(ids[:, t:t + 1], cache=cache)
+        cache, logits = out.cache, logits + [out.logits]
+    assert isinstance(cache, FMTCache) and cache.get_seq_length() == 90
+    torch.testing.assert_close(torch.cat(logits, 1), model(ids, use_cache=False).logits, rtol=0, atol=tolerance)
+
+
+def test_chunked_prefill_equals_one_shot():
+    model = tiny()
+    ids = prompt(77)
+    one_shot = model.generate(ids, max_new_tokens=10, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True)
+    for chunk in (16, 25):
+        chunked = model.generate(ids, max_new_tokens=10, do_sample=False, prefill_chunk_size=chunk,
+                                 output_logits=True, return_dict_in_generate=True)
+        assert torch.equal(chunked.sequences, one_shot.sequences)
+        torch.testing.assert_close(torch.stack(chunked.logits), torch.stack(one_shot.logits), rtol=0, atol=1e-12)
+        for a, b in zip(chunked.cache.layers, one_shot.cache.layers):
+            for x, y in zip(a.states[0].tensors(), b.states[0].tensors()):
+                torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
+
+
+def test_cache_size_is_bounded_and_reaches_the_bound():
+    model = tiny(max_position_embeddings=1024, fma_block_size=8, fma_coarse_tokens=2)
+    config, fma = model.config, model.model.layers[0].self_attn.fma
+    vectors = 4 * 8 + 8 * 2 * fma.num_levels  # 4m + 8pL per key/value head (§8)
+    bound = vectors * config.num_key_value_heads * config.head_dim * 8 * config.num_hidden_layers  # float64
+    cache = model(prompt(3), use_cache=True).cache
+    sizes = [cache.nbytes]
+    for token in prompt(300, seed=2)[0]:
+        cache = model(token.view(1, 1), cache=cache).cache
+        sizes.append(cache.nbytes)
+    assert max(sizes) == bound == sizes[-1]
+    dense = 2 * 303 * config.num_key_value_heads * config.head_dim * 8 * config.num_hidden_layers
+    assert dense > 2 * bound  # already at 303 tokens; the bound does not grow with length
+
+
+def test_left_padded_batch_equals_rows_alone():
+    model = tiny()
+    rows = [prompt(37, seed=3)[0], prompt(21, seed=4)[0], prompt(8, seed=5)[0]]
+    ids = torch.zeros(3, 37, dtype=torch.long)
+    mask = torch.zeros(3, 37, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, 37 - len(row):] = row
+        mask[i, 37 - len(row):] = 1
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=15, do_sample=False)
+    for i, row in enumerate(rows):
+        alone = model.generate(row[None], max_new_tokens=15, do_sample=False)
+        assert torch.equal(batched[i, 37:], alone[0, len(row):])
+
+
+def test_beam_search_sampling_and_return_sequences_run():
+    model = tiny()
+    ids = prompt(30, batch=2)
+    beams = model.generate(ids, max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False)
+    assert beams.shape == (4, 38)
+    # Beam search with one beam is greedy search: the reordering must keep every beam's own state.
+    assert torch.equal(model.generate(ids, max_new_tokens=8, num_beams=1, do_sample=False),
+                       recompute_greedy(model, ids, 8))
+    torch.manual_seed(0)
+    samples = model.generate(ids, max_new_tokens=8, do_sample=True, num_return_sequences=3)
+    assert samples.shape == (6, 38)
+
+
+def test_beam_search_equals_beam_search_without_cache():
+    model = tiny()
+    ids = prompt(26)
+    with_cache = model.generate(ids, max_new_tokens=10, num_beams=4, do_sample=False)
+    without = model.generate(ids, max_new_tokens=10, num_beams=4, do_sample=False, use_cache=False)
+    assert torch.equal(with_cache, without)
+
+
+def test_continue_from_returned_cache_and_reset():
+    model = tiny()
+    ids = prompt(40)
+    first = model.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
+    more = model.generate(first.sequences, cache=first.cache, max_new_tokens=5, do_sample=False)
+    assert torch.equal(more, recompute_greedy(model, ids, 10))
+    first.cache.reset()
+    assert first.cache.get_seq_length() == 0 and first.cache.nbytes == 0
+
+
+def test_dense_baseline_uses_dynamic_cache():
+    model = tiny()
+    model.set_attn_implementation("sdpa")
+    ids = prompt(30)
+    out = model(ids, use_cache=True)
+    assert isinstance(out.cache, DynamicCache)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), recompute_greedy(model, ids, 8))
+
+
+def test_generate_from_inputs_embeds():
+    model = tiny()
+    ids = prompt(20)
+    from_embeds = model.generate(inputs_embeds=model.model.embed_tokens(ids), max_new_tokens=6, do_sample=False)
+    assert torch.equal(from_embeds, recompute_greedy(model, ids, 6)[:, 20:])
+
+
+def test_unsupported_uses_raise_clear_errors():
+    model = tiny()
+    ids = prompt(20)
+    with pytest.raises(ValueError, match="FMTCache"):
+        model.generate(ids, cache=DynamicCache(config=model.config), max_new_tokens=2)
+    with pytest.raises(ValueError, match="cache_implementation='static'"):
+        model.generate(ids, cache_implementation="static", max_new_tokens=2)
+    with pytest.raises(ValueError, match="Assisted and prompt-lookup"):
+        model.generate(ids, prompt_lookup_num_tokens=3, max_new_tokens=2)
+    cache = model(ids, use_cache=True).cache
+    with pytest.raises(NotImplementedError, match="cannot be cropped"):
+        cache.crop(-1)
+    with pytest.raises(ValueError, match="padding after real tokens"):
+        model(ids[:, :3], cache=cache, attention_mask=torch.tensor([[1] * 20 + [1, 0, 1]]))
+    bidirectional = copy.deepcopy(model.config)
+    bidirectional.is_causal = False
+    with pytest.raises(ValueError, match="bidirectional"):
+        FMTModel(bidirectional)(ids, cache=FMTCache(2))
+    with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
+        model(prompt(9), cache=model(prompt(120), use_cache=True).cache)
