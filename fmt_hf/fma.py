@@ -134,12 +134,15 @@ class _DepthwiseLevels(torch.autograd.Function):
     def backward(ctx, *grads):
         channels, *weights = ctx.saved_tensors
         d = channels.shape[0]
-        grad_channels = torch.zeros_like(channels) if ctx.needs_input_grad[0] else None
+        grad_channels = None
         grad_weights = []
         for grad, weight, needed in zip(grads, weights, ctx.needs_input_grad[1:]):
             width = weight.shape[-1]
-            if grad_channels is not None:
-                grad_channels.view(d, -1, width).baddbmm_(grad, weight)
+            if ctx.needs_input_grad[0]:
+                if grad_channels is None:
+                    grad_channels = torch.bmm(grad, weight).view_as(channels)
+                else:
+                    grad_channels.view(d, -1, width).baddbmm_(grad, weight)
             grad_weights.append(torch.bmm(grad.transpose(1, 2), channels.view(d, -1, width)) if needed else None)
         return (grad_channels, *grad_weights)
 
@@ -533,15 +536,19 @@ class FastMultipoleAttention(nn.Module):
         batch, kv_heads, positions, heads, dim = queries.shape
         blocks, slots = index.shape
         rows = positions // blocks * heads  # the m positions x g heads of a block
-        keys = bank_k.index_select(2, index.flatten()).view(batch * kv_heads, blocks, slots, dim)
-        values = bank_v.index_select(2, index.flatten()).view(batch * kv_heads, blocks, slots, dim)
+        # The fused CPU kernel works in a (batch, length, heads, dim) layout, here (batch, rows or slots, blocks,
+        # dim): build the operands in it and hand over transposed views, sparing the kernel its own copies.
+        slot_major = index.t().flatten()
+        keys = bank_k.index_select(2, slot_major).view(batch * kv_heads, slots, blocks, dim).transpose(1, 2)
+        values = bank_v.index_select(2, slot_major).view(batch * kv_heads, slots, blocks, dim).transpose(1, 2)
+        query_rows = (queries.unflatten(2, (blocks, -1)).permute(0, 1, 3, 4, 2, 5)
+                      .reshape(batch * kv_heads, rows, blocks, dim).transpose(1, 2))
         mask = bias[:, :, None, :].expand(-1, -1, heads, -1).reshape(1, blocks, rows, slots)
         if bank_valid is not None:
             padding = torch.where(bank_valid[:, index], 0.0, MASK_VALUE).to(mask.dtype)  # (B, blocks, S)
             mask = mask + padding.repeat_interleave(kv_heads, 0)[:, :, None, :]
-        out = F.scaled_dot_product_attention(
-            queries.reshape(batch * kv_heads, blocks, rows, dim), keys, values, attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0, scale=dim ** -0.5)
+        out = F.scaled_dot_product_attention(query_rows, keys, values, attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0, scale=dim ** -0.5)
         return out.reshape(batch, kv_heads, positions, heads, dim)
 
     def _attend_with_lse(self, queries, rows, bank_k, bank_v, index, bias, bank_valid):
