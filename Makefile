@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 --durations=15 tests
 
 demo: $(STAMP)
-	$(PY) scripts/demo.py
+	$(PY) scripts/demo_attention.py
 
 bench: $(STAMP)
 	$(PY) scripts/bench_attention.py

@@ -215,7 +215,9 @@ def coarse_groups(own_group: torch.Tensor, causal: bool) -> tuple[torch.Tensor, 
         member = torch.cat([torch.ones_like(g, dtype=torch.bool), (g & 1) == 1], -1)
         return groups, member
     odd = (g & 1) == 1
-    groups = torch.cat([torch.where(odd, g - 3, g - 2), torch.where(odd, g - 2, g + 2), torch.where(odd, g + 2, g + 3)], -1)
+    # even G: G-2, G+2, G+3; odd G: G-3, G-2, G+2 (the 1D fast-multipole interaction list)
+    groups = torch.cat([torch.where(odd, g - 3, g - 2), torch.where(odd, g - 2, g + 2),
+                        torch.where(odd, g + 2, g + 3)], -1)
     return groups, torch.ones_like(groups, dtype=torch.bool)
 
 
@@ -643,6 +645,8 @@ class FastMultipoleAttention(nn.Module):
         if self.training and self.dropout:
             raise ValueError("FastMultipoleAttention.step runs without dropout: call .eval() first")
         dtype = _softmax_dtype(q.dtype)
+        if q.shape[1] == 1:
+            return self._decode_token(state, q.to(dtype), k.to(dtype), v.to(dtype), q.dtype)
         sums = self._level_sums(state, k.to(dtype), v.to(dtype), tail_only=False)
         out = self._attend_state(state, q.to(dtype), k.to(dtype), v.to(dtype), sums)
         return out.to(q.dtype), self._advance(state, q, k, v, sums)
@@ -715,7 +719,7 @@ class FastMultipoleAttention(nn.Module):
         device, dtype = q.device, q.dtype
         zero_sink = self.boundary == "zero_sink"
         i = torch.arange(t, t + c, device=device)  # query positions
-        queries = (q * d ** -0.5).view(kv_heads, heads // kv_heads, c, d)
+        queries = (q * d ** -0.5).reshape(kv_heads, heads // kv_heads * c, d)  # rows: (g heads, c positions)
 
         # Level 0: the ring (last 2m positions) and the new tokens; query i sees [(floor(i/m)-1)m, i].
         ring = torch.arange(2 * m, device=device)
@@ -724,7 +728,8 @@ class FastMultipoleAttention(nn.Module):
         use = (fine_pos >= window_start[:, None]) & (fine_pos <= i[:, None]) & (fine_pos >= 0)
         keys = torch.cat([state.fine_k.to(dtype), k], 1)
         values = torch.cat([state.fine_v.to(dtype), v], 1)
-        logits = [queries @ keys.transpose(-1, -2).unsqueeze(1) + _slot_bias(use, True, True, 0.0, False, dtype)]
+        logits = [(queries @ keys.transpose(-1, -2)).view(kv_heads, -1, c, keys.shape[1])
+                  + _slot_bias(use, True, True, 0.0, False, dtype)]
         value_parts = [values]
         sinks = torch.where(i < m, float(m), 0.0).to(torch.float64)  # block -1 of the first block (zero_sink)
 
@@ -746,14 +751,88 @@ class FastMultipoleAttention(nn.Module):
                 opener = i // sub_window * sub_window
                 fresh = q[:, (opener - t).clamp(min=0)]  # (H, c, d): the opener's query when it is new
                 stored = state.level_queries[level - 1].to(dtype)[:, None].expand_as(fresh)
-                level_q = (torch.where((opener >= t)[None, :, None], fresh, stored) * d ** -0.5).view_as(queries)
-            logits.append(level_q @ level_keys.transpose(-1, -2).unsqueeze(1) + bias)
+                level_q = torch.where((opener >= t)[None, :, None], fresh, stored) * d ** -0.5
+                level_q = level_q.reshape(queries.shape)
+            logits.append((level_q @ level_keys.transpose(-1, -2)).view(kv_heads, -1, c, level_keys.shape[1]) + bias)
             sinks += p * ((2 * parent - 2 < 0).double() + (second_child & (2 * parent - 1 < 0)).double())
 
         if zero_sink:
             logits.append(torch.where(sinks > 0, sinks.clamp(min=1).log(), MASK_VALUE).to(dtype)
                           .expand(kv_heads, heads // kv_heads, c)[..., None])
             value_parts.append(values.new_zeros(kv_heads, 1, d))
-        probs = torch.softmax(torch.cat(logits, -1), -1)
-        out = probs @ torch.cat(value_parts, 1).unsqueeze(1)  # (H_kv, g, c, d)
-        return out.reshape(heads, c, d)
+        probs = torch.softmax(torch.cat(logits, -1), -1).flatten(1, 2)  # (H_kv, g*c, S)
+        return (probs @ torch.cat(value_parts, 1)).reshape(heads, c, d)
+
+    def _decode_token(self, state, q, k, v, out_dtype):
+        """:meth:`step` for one token, every level at once: a decoding step is a few dozen small tensor ops.
+
+        The new token's own group is never complete, so it reads only the ring of complete groups (§8)."""
+        heads, _, d = q.shape
+        kv_heads, t, m, p = k.shape[0], state.length, self.block_size, self.coarse_tokens
+        levels, dtype, device = self.num_levels, q.dtype, q.device
+        widths = torch.tensor([self.group_width(level) for level in range(1, levels + 1)], dtype=torch.long,
+                              device=device)
+
+        # Level 0: the ring and the token itself; the window starts one block before the token's block.
+        ring = torch.arange(2 * m, device=device)
+        ring_pos = (t - 1) - (t - 1 - ring) % (2 * m)
+        fine_use = torch.cat([ring_pos >= max(0, (t // m - 1) * m), ring_pos.new_ones(1, dtype=torch.bool)])
+        bias = [_slot_bias(fine_use, True, True, 0.0, False, dtype)]
+        # Coarse levels: ring slot u of level l holds group (G-1) - ((G-1-u) mod 3), G = t // w_l.
+        last = t // widths - 1
+        group_ids = last[:, None] - (last[:, None] - torch.arange(3, device=device)) % 3  # (L, 3)
+        parent, second_child = t // (2 * widths), (t // widths) % 2 == 1
+        member = (group_ids == 2 * parent[:, None] - 2) | ((group_ids == 2 * parent[:, None] - 1)
+                                                         & second_child[:, None])
+        offsets = torch.log(widths.to(dtype) / p) if self.scale_attn else torch.zeros(levels, dtype=dtype)
+        level_bias = torch.where(member & (group_ids >= 0), offsets[:, None], MASK_VALUE)
+        bias.append(level_bias.to(dtype).repeat_interleave(p, 1).flatten())
+        values = [state.fine_v.to(dtype), v, state.groups_v.to(dtype).transpose(0, 1).reshape(kv_heads, -1, d)]
+        keys = [state.fine_k.to(dtype), k, state.groups_k.to(dtype).transpose(0, 1).reshape(kv_heads, -1, d)]
+        if self.boundary == "zero_sink":
+            sinks = float(m * (t < m)) + p * float(((2 * parent - 2 < 0).sum() + (second_child & (2 * parent - 1 < 0))
+                                                    .sum()))
+            bias.append(torch.tensor([math.log(sinks) if sinks else MASK_VALUE], dtype=dtype, device=device))
+            keys.append(k.new_zeros(kv_heads, 1, d))
+            values.append(v.new_zeros(kv_heads, 1, d))
+
+        queries = (q * d ** -0.5).reshape(kv_heads, heads // kv_heads, d)
+        keys, values = torch.cat(keys, 1), torch.cat(values, 1)
+        logits = queries @ keys.transpose(-1, -2)  # (H_kv, g, S): the g heads of a key/value head are rows
+        if self.query_mode == "coarse" and levels:
+            # Level l uses the query that opened the token's sub-window: this token's if it opens one.
+            sub_windows = widths // p
+            opens = (t % sub_windows == 0)[:, None, None]
+            level_queries = torch.where(opens, q[:, 0], state.level_queries.to(dtype)) * d ** -0.5  # (L, H, d)
+            coarse_keys = state.groups_k.to(dtype).flatten(2, 3)  # (L, H_kv, 3p, d)
+            coarse_logits = torch.einsum("lkgd,lksd->kgls", level_queries.view(levels, kv_heads, -1, d),
+                                         coarse_keys).flatten(2)
+            fine_slots = 2 * m + 1
+            logits = torch.cat([logits[..., :fine_slots], coarse_logits, logits[..., fine_slots + levels * 3 * p:]],
+                               -1)
+        probs = torch.softmax(logits + torch.cat(bias), -1)
+        out = (probs @ values).reshape(heads, 1, d)
+
+        # Consume the token: ring slot t mod 2m, partial sums, and the groups it completes.
+        slot = torch.tensor([t % (2 * m)], device=device)
+        fine_k = state.fine_k.index_copy(1, slot, k.to(state.fine_k.dtype))
+        fine_v = state.fine_v.index_copy(1, slot, v.to(state.fine_v.dtype))
+        completes = ((t + 1) % widths == 0)[:, None, None, None]  # (L, 1, 1, 1)
+        ring_slot = torch.nn.functional.one_hot(((t + 1) // widths - 1) % 3, 3).bool()  # (L, 3)
+        write = completes[..., None] & ring_slot[:, None, :, None, None]  # (L, 1, 3, 1, 1)
+        updated = {}
+        for name, x, family in (("k", k, self.k_downsample), ("v", v, self.v_downsample)) if levels else ():
+            shares, biases = zip(*(family(x, level=level, offsets=torch.tensor([t % self.group_width(level)],
+                                                                               device=device))
+                                   for level in range(1, levels + 1)))
+            partial = getattr(state, f"partial_{name}") + torch.stack(shares)[:, :, 0].to(dtype)  # (L, H_kv, p, d)
+            complete = partial + torch.stack(biases).to(dtype)[:, None].expand_as(partial)
+            groups = torch.where(write, complete[:, :, None], getattr(state, f"groups_{name}").to(dtype))
+            updated[f"partial_{name}"] = torch.where(completes, 0.0, partial).to(state.partial_k.dtype)
+            updated[f"groups_{name}"] = groups.to(state.groups_k.dtype)
+        level_queries = state.level_queries
+        if level_queries is not None:
+            opens = ((t % (widths // p)) == 0)[:, None, None]
+            level_queries = torch.where(opens, q[:, 0].to(level_queries.dtype), level_queries)
+        return out.to(out_dtype), replace(state, length=t + 1, fine_k=fine_k, fine_v=fine_v,
+                                          level_queries=level_queries, **updated)
