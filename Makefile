@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo demo-attention bench bench-generate clean
 
 install: $(STAMP)
 
@@ -18,10 +18,16 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 --durations=15 tests
 
 demo: $(STAMP)
+	$(PY) scripts/main_demo.py
+
+demo-attention: $(STAMP)
 	$(PY) scripts/demo_attention.py
 
 bench: $(STAMP)
 	$(PY) scripts/bench_attention.py
+
+bench-generate: $(STAMP)
+	$(PY) scripts/bench_generate.py
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

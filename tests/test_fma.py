@@ -317,6 +317,14 @@ def test_decoding_equals_full_forward(query_mode, downsample, boundary):
         assert state.length == 77
 
 
+@pytest.mark.parametrize("query_mode", ["fine", "coarse"])
+def test_decoding_without_coarse_levels(query_mode):
+    attn = make(query_mode=query_mode, max_seq_len=8).eval()  # n_max = 2m: level 0 only
+    q, k, v = qkv(8, batch=1)
+    out, _ = decode(attn, q[0], k[0], v[0], 3, [1])
+    torch.testing.assert_close(out, attn(q, k, v)[0, :, 3:], rtol=0, atol=1e-12)
+
+
 def test_chunked_prefill_state_equals_one_shot():
     attn = make(max_seq_len=96).eval()
     q, k, v = qkv(70, batch=1)

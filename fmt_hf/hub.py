@@ -1,0 +1,239 @@
+"""Model cards and Hub publishing for FMT checkpoints: the engine of ``scripts/push_to_hub.py``.
+
+:func:`save_for_hub` turns a checkpoint folder written by ``scripts/train.py`` into a Hub model repository:
+weights, config, tokenizer, the modelling code (so the model loads with ``trust_remote_code=True`` without
+``fmt_hf``) and a ``README.md`` model card rendered through ``huggingface_hub``'s ``ModelCard``/``ModelCardData``
+from a Jinja template (``model_cards/fmt_model_card.md`` of the repository). The card takes the architecture and
+FMA settings from the config, the training data and procedure from the run's ``training_setup.json`` and
+``Trainer`` files, and the evaluation results from ``eval_results.json`` (``train.py --do_eval``) and
+``eval_lm_*.json`` (``scripts/eval_lm.py``). :func:`push_to_hub` uploads that same folder in one commit.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import CommitInfo, EvalResult, HfApi, ModelCard, ModelCardData
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, PreTrainedConfig
+
+from .data import _CORPORA
+from .fma import num_levels
+from .tokenizer import BYTE_TOKENIZER, load_tokenizer
+from .training import TRAINING_SETUP_NAME, DataArguments
+
+DEFAULT_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "fmt_model_card.md"
+"""The model-card template of the ``fmt_hf`` repository (present in a clone or an editable install)."""
+
+TAGS = ["fmt", "fast-multipole-attention", "long-context", "custom_code"]
+
+
+@dataclass
+class PushArguments:
+    """What to publish, where, and how."""
+
+    model_dir: str = field(metadata={"help": "Checkpoint folder written by scripts/train.py (its --output_dir)."})
+    repo_id: str | None = field(
+        default=None,
+        metadata={"help": "Hub repository (`user/name`) to create or update. Without it, only --local_dir is "
+                          "written."},
+    )
+    local_dir: str | None = field(
+        default=None,
+        metadata={"help": "Write the repository folder here (no network needed); with --repo_id this folder is "
+                          "what gets uploaded."},
+    )
+    template: str = field(default=str(DEFAULT_TEMPLATE), metadata={"help": "Jinja template of the model card."})
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer to publish if the checkpoint has none (e.g. `bytes`)."}
+    )
+    private: bool | None = field(default=None, metadata={"help": "Create the repository as private."})
+    revision: str | None = field(default=None, metadata={"help": "Branch to push to (created if needed)."})
+    create_pr: bool = field(default=False, metadata={"help": "Open a pull request instead of committing."})
+    commit_message: str = field(default="Upload FMT model", metadata={"help": "Commit message."})
+    token: str | None = field(default=None, metadata={"help": "Hub token; default: the `hf auth login` one."})
+
+    def __post_init__(self) -> None:
+        if self.repo_id is None and self.local_dir is None:
+            raise ValueError("nothing to do: give --repo_id (push to the Hub) and/or --local_dir (write a folder)")
+
+
+def _read_json(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _training_summary(model_dir: str) -> dict[str, Any] | None:
+    """The run's recorded setup (``training_setup.json``) with descriptions and results for the card, if any."""
+    setup = _read_json(os.path.join(model_dir, TRAINING_SETUP_NAME))
+    if setup is None:
+        return None
+    data = setup["data"]
+    if data["dataset_name"] is not None:
+        config_name = f" (configuration `{data['dataset_config_name']}`)" if data["dataset_config_name"] else ""
+        data_description = f"The dataset `{data['dataset_name']}`{config_name}"
+    else:
+        data_description = (
+            f"The `{data['corpus']}` corpus of `fmt_hf.data`, read from the registry package "
+            f"`{_CORPORA[data['corpus']].package}`"
+        )
+    tokenizer = setup["model"]["tokenizer_name"] or setup["model"]["model_name_or_path"] or BYTE_TOKENIZER
+    tokenizer_description = (
+        "UTF-8 bytes (`fmt_hf`'s byte-level tokenizer, one token per byte)" if tokenizer == BYTE_TOKENIZER
+        else f"tokenized with `{tokenizer}`"
+    )
+    train_results = _read_json(os.path.join(model_dir, "train_results.json")) or {}
+    state = _read_json(os.path.join(model_dir, "trainer_state.json")) or {}
+    return {
+        **setup,
+        "data_id": DataArguments(**data).data_id,
+        "data_description": data_description,
+        "tokenizer_description": tokenizer_description,
+        "steps": state.get("global_step"),
+        "train_loss": train_results.get("train_loss"),
+        "train_runtime": train_results.get("train_runtime"),
+    }
+
+
+def _evaluations(model_dir: str, training: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Evaluation rows for the card: the Trainer's validation blocks, then every ``eval_lm_*.json``."""
+    rows = []
+    trainer_eval = _read_json(os.path.join(model_dir, "eval_results.json"))
+    if trainer_eval is not None and "eval_perplexity" in trainer_eval:
+        seq_len = training["data"]["seq_len"] if training else None
+        rows.append({
+            "data": training["data_id"] if training else "unknown",
+            "split": "validation",
+            "protocol": "packed blocks" if seq_len is None else f"packed {seq_len}-token blocks",
+            "context_length": seq_len if seq_len is not None else "–",
+            "bits_per_byte": trainer_eval.get("eval_bits_per_byte"),
+            "bits_per_token": trainer_eval["eval_bits_per_token"],
+            "perplexity": trainer_eval["eval_perplexity"],
+        })
+    for path in sorted(glob.glob(os.path.join(glob.escape(model_dir), "eval_lm_*.json"))):
+        result = _read_json(path)
+        rows.append({
+            "data": result["data"],
+            "split": result["split"],
+            "protocol": f"whole documents, strided windows (stride {result['stride']})",
+            "context_length": result["context_length"],
+            "bits_per_byte": result["bits_per_byte"],
+            "bits_per_token": result["bits_per_token"],
+            "perplexity": result["perplexity"],
+        })
+    return rows
+
+
+def build_model_card(
+    model_dir: str,
+    config: PreTrainedConfig,
+    num_parameters: int,
+    repo_id: str,
+    template_path: str | os.PathLike[str] = DEFAULT_TEMPLATE,
+) -> ModelCard:
+    """The model card of the FMT checkpoint in ``model_dir`` (with ``config`` and ``num_parameters``), published
+    as ``repo_id``, rendered from the Jinja template at ``template_path``."""
+    if not os.path.isfile(template_path):
+        raise FileNotFoundError(f"model card template {template_path} not found: pass --template")
+    training = _training_summary(model_dir)
+    evaluations = _evaluations(model_dir, training)
+    task = "text-generation" if config.is_causal else "fill-mask"
+    model_name = repo_id.split("/")[-1]
+    dataset_name = training["data"]["dataset_name"] if training else None
+    # A Hub dataset goes in the card's metadata; a local folder is none.
+    hub_dataset = dataset_name if dataset_name is not None and not os.path.exists(dataset_name) else None
+    eval_results = [
+        EvalResult(
+            task_type=task,
+            dataset_type=row["data"],
+            dataset_name=row["data"],
+            dataset_split=row["split"],
+            metric_type=metric,
+            metric_name=f"{metric.replace('_', ' ').capitalize()} ({row['protocol']}, context {row['context_length']})",
+            metric_value=round(row[metric], 4),
+        )
+        for row in evaluations
+        for metric in ("bits_per_byte", "perplexity")
+        if row[metric] is not None
+    ]
+    card_data = ModelCardData(
+        model_name=model_name,
+        license="apache-2.0",
+        library_name="transformers",
+        pipeline_tag=task,
+        tags=TAGS,
+        datasets=[hub_dataset] if hub_dataset else None,
+        eval_results=eval_results or None,
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path),
+        repo_id=repo_id,
+        model_name=model_name,
+        config=config,
+        is_causal=config.is_causal,
+        auto_class="AutoModelForCausalLM" if config.is_causal else "AutoModelForMaskedLM",
+        num_parameters=f"{num_parameters / 1e6:.2f}M ({num_parameters:,})",
+        fma_levels=num_levels(config.max_position_embeddings, config.fma_block_size),
+        training=training,
+        evaluations=evaluations,
+    )
+
+
+def save_for_hub(
+    model_dir: str,
+    out_dir: str,
+    repo_id: str | None = None,
+    template_path: str | os.PathLike[str] = DEFAULT_TEMPLATE,
+    tokenizer_name: str | None = None,
+) -> str:
+    """Write the Hub repository of the FMT checkpoint in ``model_dir`` to ``out_dir``; return ``out_dir``.
+
+    The folder holds what ``save_pretrained`` writes for the model (weights, config with the full ``auto_map``,
+    modelling code) and its tokenizer, and the model card as ``README.md``; training checkpoints and logs stay
+    behind. ``repo_id`` names the model in the card's loading examples (default: the folder name of ``out_dir``).
+    """
+    config = AutoConfig.from_pretrained(model_dir)
+    if config.model_type != "fmt":
+        raise ValueError(f"{model_dir} holds a {config.model_type!r} model; push_to_hub.py publishes FMT models")
+    auto_class = AutoModelForCausalLM if config.is_causal else AutoModelForMaskedLM
+    model = auto_class.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(tokenizer_name or model_dir)
+    card = build_model_card(
+        model_dir, model.config, model.num_parameters(), repo_id or Path(out_dir).resolve().name, template_path
+    )
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    card.save(os.path.join(out_dir, "README.md"))
+    return out_dir
+
+
+def push_to_hub(args: PushArguments) -> CommitInfo | None:
+    """Write the repository folder (:func:`save_for_hub`) to ``args.local_dir`` and/or upload it as
+    ``args.repo_id`` in one commit; return the commit (``None`` without ``repo_id``)."""
+    if args.repo_id is None:
+        save_for_hub(args.model_dir, args.local_dir, None, args.template, args.tokenizer_name)
+        return None
+    api = HfApi(token=args.token)
+    repo_id = api.create_repo(args.repo_id, private=args.private, exist_ok=True).repo_id
+    if args.revision is not None:
+        api.create_branch(repo_id, branch=args.revision, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_for_hub(args.model_dir, args.local_dir or tmp, repo_id, args.template, args.tokenizer_name)
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            commit_message=args.commit_message,
+            revision=args.revision,
+            create_pr=args.create_pr,
+        )
+
+
+__all__ = ["DEFAULT_TEMPLATE", "PushArguments", "build_model_card", "push_to_hub", "save_for_hub"]

@@ -1,0 +1,54 @@
+"""Shared pieces of the training, evaluation and Hub tests: tiny real documents, a tiny FMT, the scripts' `main`."""
+
+import functools
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+
+from fmt_hf.data import load_corpus
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_FMT = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=2,fma_block_size=16"
+"""`--config_overrides` of a model that trains a step in milliseconds (FMA with a coarse level at 64 tokens)."""
+
+
+@functools.cache
+def script(name: str) -> ModuleType:
+    """The module of `scripts/<name>.py`, imported once (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"fmt_hf_script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.cache
+def play_excerpts(count: int = 8, chars: int = 6000) -> tuple[str, ...]:
+    """The openings of `count` Shakespeare plays: real documents, small enough to pack in a blink."""
+    return tuple(text[:chars] for text in load_corpus("shakespeare").select(range(count))["text"])
+
+
+def write_documents(folder: Path, texts) -> str:
+    """A local `datasets` folder (one JSON line per document) for `--dataset_name`; returns its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "documents.jsonl", "w", encoding="utf-8") as f:
+        for text in texts:
+            f.write(json.dumps({"text": text}) + "\n")
+    return str(folder)
+
+
+def train_argv(output_dir: Path, dataset: str | None, *extra: str, model_name_or_path: str | None = None) -> list[str]:
+    """Command line of a few-step `scripts/train.py` run on 64-token blocks of the local dataset `dataset` (or the
+    default corpus when None), from `model_name_or_path` or else from scratch with the tiny FMT."""
+    data = [] if dataset is None else ["--dataset_name", dataset]
+    if model_name_or_path is None:
+        model = ["--config_overrides", TINY_FMT]
+    else:
+        model = ["--model_name_or_path", model_name_or_path]
+    return [
+        "--output_dir", str(output_dir), *data, "--seq_len", "64", *model,
+        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--max_eval_samples", "16",
+        "--logging_steps", "1", "--learning_rate", "3e-3", "--dataloader_pin_memory", "False", "--disable_tqdm", "True",
+        *extra,
+    ]

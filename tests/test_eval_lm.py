@@ -1,0 +1,115 @@
+"""scripts/eval_lm.py and fmt_hf.evaluation: strided windows over whole documents, on FMT and dense checkpoints."""
+
+import json
+import math
+
+import pytest
+import torch
+from lm_helpers import play_excerpts, script, write_documents
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from fmt_hf import FMTConfig, FMTForCausalLM
+from fmt_hf.evaluation import EvalArguments, score_documents, strided_windows
+from fmt_hf.tokenizer import byte_tokenizer
+
+BYTE_IDS = {"vocab_size": 259, "pad_token_id": 256, "bos_token_id": 257, "eos_token_id": 257}
+
+
+def tiny_fmt(max_positions=128):
+    torch.manual_seed(0)
+    config = FMTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       max_position_embeddings=max_positions, fma_block_size=16, **BYTE_IDS)
+    return FMTForCausalLM(config).eval()
+
+
+def tiny_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         max_position_embeddings=256, **BYTE_IDS)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("num_tokens", [1, 2, 50, 64, 65, 200, 257])
+@pytest.mark.parametrize("context_length, stride", [(64, 32), (64, 63), (64, 1), (64, 48)])
+def test_strided_windows_score_every_token_once(num_tokens, context_length, stride):
+    windows = strided_windows(3, num_tokens, context_length, stride)
+    scored = [t for w in windows for t in range(w.first_target, w.end)]
+    assert scored == list(range(1, num_tokens))
+    for i, w in enumerate(windows):
+        assert w.document == 3 and w.end - w.begin <= context_length and w.begin < w.first_target < w.end
+        if i > 0:  # past the first window, every target sees at least context_length - stride tokens
+            assert w.first_target - w.begin >= context_length - stride
+    assert windows == [] or windows[-1].end == num_tokens
+
+
+def reference_nll(model, ids, context_length, stride):
+    """The Hugging Face perplexity guide's loop: labels -100 except the new targets, mean loss x target count."""
+    total, count, prev_end = 0.0, 0, 0
+    for begin in range(0, ids.numel(), stride):
+        end = min(begin + context_length, ids.numel())
+        window = ids[begin:end].unsqueeze(0)
+        labels = window.clone()
+        labels[:, : -(end - prev_end)] = -100
+        targets = int((labels[:, 1:] != -100).sum())
+        with torch.no_grad():
+            total += float(model(window, labels=labels).loss) * targets
+        count += targets
+        prev_end = end
+        if end == ids.numel():
+            break
+    return total, count
+
+
+@pytest.mark.parametrize("make_model", [tiny_fmt, tiny_llama], ids=["fmt", "llama"])
+def test_scores_match_the_perplexity_guide_loop(make_model):
+    model, tokenizer = make_model(), byte_tokenizer()
+    texts = [play_excerpts()[0][:300], "Short één.", play_excerpts()[1][:130]]
+    scores = score_documents(model, tokenizer, texts, context_length=64, stride=24, batch_size=3, progress=False)
+    for i, text in enumerate(texts):
+        ids = torch.tensor([tokenizer.bos_token_id] + list(text.encode("utf-8")))
+        nll, count = reference_nll(model, ids, 64, 24)
+        assert scores["num_tokens"][i] == count == len(text.encode("utf-8"))  # the BOS makes every byte a target
+        assert scores["num_bytes"][i] == len(text.encode("utf-8"))
+        assert scores["nll"][i] == pytest.approx(nll, rel=1e-5)
+    # Batching is only a grouping of the same windows.
+    one_by_one = score_documents(model, tokenizer, texts, context_length=64, stride=24, batch_size=1, progress=False)
+    assert one_by_one["nll"] == pytest.approx(scores["nll"], rel=1e-5)
+
+
+def run_eval(tmp_path, model, *extra, context_length=128, stride=64):
+    """scripts/eval_lm.py on `model` (saved with the byte tokenizer) over eight 1500-byte documents, split 6/1/1."""
+    model.save_pretrained(tmp_path / "model")
+    byte_tokenizer().save_pretrained(tmp_path / "model")
+    documents = write_documents(tmp_path / "documents", play_excerpts(count=8, chars=1500))
+    argv = ["--model_name_or_path", str(tmp_path / "model"), "--dataset_name", documents,
+            "--context_length", str(context_length), "--stride", str(stride), *extra]
+    return script("eval_lm").main(argv)
+
+
+@pytest.mark.parametrize("make_model", [tiny_fmt, tiny_llama], ids=["fmt", "llama"])
+def test_eval_lm_on_a_tiny_checkpoint(tmp_path, make_model):
+    results = run_eval(tmp_path, make_model())
+    assert results["split"] == "test" and results["documents"] == 1
+    assert results["num_bytes"] == results["num_tokens"] == 1500  # one held-out excerpt, every byte scored
+    assert results["perplexity"] == pytest.approx(math.exp(results["nll_per_token"]))
+    assert results["bits_per_byte"] == pytest.approx(results["nll_per_token"] / math.log(2))
+    assert 7 < results["bits_per_byte"] < 9  # an untrained model over 259 tokens: about log2(259)
+    saved = json.loads((tmp_path / "model" / "eval_lm_test_128.json").read_text())
+    assert saved == results
+
+
+def test_fma_and_dense_attention_score_the_same_model(tmp_path):
+    """FMA equals dense attention up to 2 * fma_block_size tokens: at context 32 the two agree."""
+    fma = run_eval(tmp_path, tiny_fmt(), context_length=32, stride=16)
+    sdpa = run_eval(tmp_path, tiny_fmt(), "--attn_implementation", "sdpa", context_length=32, stride=16)
+    assert fma["bits_per_byte"] == pytest.approx(sdpa["bits_per_byte"], rel=1e-5)
+
+
+def test_bad_eval_input_fails_clearly(tmp_path):
+    with pytest.raises(ValueError, match="context_length=256 exceeds the model's max_position_embeddings=128"):
+        run_eval(tmp_path, tiny_fmt(), context_length=256)
+    with pytest.raises(ValueError, match="no split 'dev'"):
+        run_eval(tmp_path, tiny_fmt(), "--split", "dev")
+    for stride in (0, 64):
+        with pytest.raises(ValueError, match="--stride must be at least 1 and less than --context_length=64"):
+            EvalArguments(model_name_or_path="m", context_length=64, stride=stride)
