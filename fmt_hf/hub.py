@@ -22,7 +22,7 @@ from typing import Any
 from huggingface_hub import CommitInfo, EvalResult, HfApi, ModelCard, ModelCardData
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, PreTrainedConfig
 
-from .data import _CORPORA
+from .data import corpus_package
 from .fma import num_levels
 from .tokenizer import BYTE_TOKENIZER, load_tokenizer
 from .training import TRAINING_SETUP_NAME, DataArguments
@@ -82,7 +82,7 @@ def _training_summary(model_dir: str) -> dict[str, Any] | None:
     else:
         data_description = (
             f"The `{data['corpus']}` corpus of `fmt_hf.data`, read from the registry package "
-            f"`{_CORPORA[data['corpus']].package}`"
+            f"`{corpus_package(data['corpus'])}`"
         )
     tokenizer = setup["model"]["tokenizer_name"] or setup["model"]["model_name_or_path"] or BYTE_TOKENIZER
     tokenizer_description = (
