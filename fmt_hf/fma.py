@@ -92,16 +92,24 @@ class DepthwiseDownsample(_LevelParameters, nn.Module):
                 bias.zero_()
 
     def forward(self, x: torch.Tensor, levels: int | None = None, *, level: int | None = None,
-                offsets: torch.Tensor | None = None):
+                offsets: torch.Tensor | None = None, token_offsets: list[int] | None = None):
         """Summaries of levels ``1..levels``: ``x`` (..., n, d), n a multiple of the widest group used -> per level
         (..., n // w_l, p, d).
 
-        With ``level`` and ``offsets`` instead: each token's share in its level-``level`` summary, for the
-        incremental-decoding state -- ``x`` (..., c, d) sitting at ``offsets`` (c,) within their groups ->
-        ``(shares (..., c, p, d), bias (p, d))``; a summary is the sum of its tokens' shares plus the bias (§8).
-        Both go through ``forward`` so that module hooks (e.g. accelerate's offloading) see every use of the
-        weights.
+        The incremental-decoding state (§8) sums summaries token by token instead -- a summary is the sum of its
+        tokens' shares plus a bias -- through two more modes:
+
+        - ``level`` and ``offsets``: the level-``level`` shares of tokens ``x`` (..., c, d) sitting at ``offsets``
+          (c,) within their groups -> ``(shares (..., c, p, d), bias (p, d))``;
+        - ``token_offsets``: one token ``x`` (..., d) at ``token_offsets[l-1]`` within its group at every level
+          l -> ``(shares (L, ..., p, d), biases (L, p, d))``.
+
+        All go through ``forward`` so that module hooks (e.g. accelerate's offloading) see every use of the weights.
         """
+        if token_offsets is not None:
+            weight = torch.stack([w[:, :, o] for w, o in zip(self.weights, token_offsets)]).to(x.dtype)  # (L, d, p)
+            shares = x.unsqueeze(-2) * weight.transpose(1, 2).view(-1, *[1] * (x.dim() - 1), *weight.shape[-1:-3:-1])
+            return shares, torch.stack(self.biases).transpose(1, 2).to(x.dtype)
         if offsets is not None:
             weight = getattr(self, f"weight_{level}")[:, :, offsets].to(x.dtype)  # (d, p, c)
             return x.unsqueeze(-2) * weight.permute(2, 1, 0), getattr(self, f"bias_{level}").t().to(x.dtype)
@@ -167,8 +175,12 @@ class FullDownsample(_LevelParameters, nn.Module):
                 bias.zero_()
 
     def forward(self, x: torch.Tensor, levels: int | None = None, *, level: int | None = None,
-                offsets: torch.Tensor | None = None):
+                offsets: torch.Tensor | None = None, token_offsets: list[int] | None = None):
         """As :meth:`DepthwiseDownsample.forward`."""
+        if token_offsets is not None:
+            weight = torch.stack([w[..., o] for w, o in zip(self.weights, token_offsets)]).to(x.dtype)
+            shares = torch.einsum("...c,lorc->l...ro", x, weight)  # weight (L, d_out, p, d_in)
+            return shares, torch.stack(self.biases).transpose(1, 2).to(x.dtype)
         if offsets is not None:
             weight = getattr(self, f"weight_{level}")[..., offsets].to(x.dtype)  # (d_out, p, d_in, c)
             return torch.einsum("...ck,orkc->...cro", x, weight), getattr(self, f"bias_{level}").t().to(x.dtype)
@@ -191,8 +203,14 @@ class AvgPoolDownsample(nn.Module):
         self.widths, self.coarse_tokens = list(widths), coarse_tokens
 
     def forward(self, x: torch.Tensor, levels: int | None = None, *, level: int | None = None,
-                offsets: torch.Tensor | None = None):
+                offsets: torch.Tensor | None = None, token_offsets: list[int] | None = None):
         """As :meth:`DepthwiseDownsample.forward`; a token's share is 1/sub_window of it, in its own sub-window."""
+        if token_offsets is not None:
+            share = torch.zeros(len(token_offsets), self.coarse_tokens, dtype=x.dtype, device=x.device)
+            for index, (width, offset) in enumerate(zip(self.widths, token_offsets)):
+                share[index, offset // (width // self.coarse_tokens)] = self.coarse_tokens / width
+            shares = x.unsqueeze(-2) * share.view(-1, *[1] * (x.dim() - 1), self.coarse_tokens, 1)
+            return shares, x.new_zeros(1, 1, 1)
         if offsets is not None:
             width = self.widths[level - 1]
             share = F.one_hot(offsets // (width // self.coarse_tokens), self.coarse_tokens).to(x.dtype)
@@ -764,75 +782,70 @@ class FastMultipoleAttention(nn.Module):
         return (probs @ torch.cat(value_parts, 1)).reshape(heads, c, d)
 
     def _decode_token(self, state, q, k, v, out_dtype):
-        """:meth:`step` for one token, every level at once: a decoding step is a few dozen small tensor ops.
+        """:meth:`step` for one token, every level at once, in a few dozen tensor operations.
 
-        The new token's own group is never complete, so it reads only the ring of complete groups (§8)."""
+        The token's own group is never complete, so it reads only the ring of complete groups (§8); the slot masks
+        depend on the position alone and are worked out in Python."""
         heads, _, d = q.shape
         kv_heads, t, m, p = k.shape[0], state.length, self.block_size, self.coarse_tokens
         levels, dtype, device = self.num_levels, q.dtype, q.device
-        widths = torch.tensor([self.group_width(level) for level in range(1, levels + 1)], dtype=torch.long,
-                              device=device)
+        widths = [self.group_width(level) for level in range(1, levels + 1)]
 
-        # Level 0: the ring and the token itself; the window starts one block before the token's block.
-        ring = torch.arange(2 * m, device=device)
-        ring_pos = (t - 1) - (t - 1 - ring) % (2 * m)
-        fine_use = torch.cat([ring_pos >= max(0, (t // m - 1) * m), ring_pos.new_ones(1, dtype=torch.bool)])
-        bias = [_slot_bias(fine_use, True, True, 0.0, False, dtype)]
-        # Coarse levels: ring slot u of level l holds group (G-1) - ((G-1-u) mod 3), G = t // w_l.
-        last = t // widths - 1
-        group_ids = last[:, None] - (last[:, None] - torch.arange(3, device=device)) % 3  # (L, 3)
-        parent, second_child = t // (2 * widths), (t // widths) % 2 == 1
-        member = (group_ids == 2 * parent[:, None] - 2) | ((group_ids == 2 * parent[:, None] - 1)
-                                                         & second_child[:, None])
-        offsets = torch.log(widths.to(dtype) / p) if self.scale_attn else torch.zeros(levels, dtype=dtype)
-        level_bias = torch.where(member & (group_ids >= 0), offsets[:, None], MASK_VALUE)
-        bias.append(level_bias.to(dtype).repeat_interleave(p, 1).flatten())
-        values = [state.fine_v.to(dtype), v, state.groups_v.to(dtype).transpose(0, 1).reshape(kv_heads, -1, d)]
+        # Level 0: ring slot s holds position (t-1) - ((t-1-s) mod 2m); the window starts a block before t's block.
+        window_start = max(0, (t // m - 1) * m)
+        fine_bias = [0.0 if (t - 1) - (t - 1 - s) % (2 * m) >= window_start else MASK_VALUE for s in range(2 * m)]
+        # Level l: ring slot u holds group (G-1) - ((G-1-u) mod 3), G = t // w_l; t reads 2P-2 (and 2P-1 if odd).
+        coarse_bias, sinks = [], m * (t < m)
+        for width in widths:
+            own, parent = t // width, t // (2 * width)
+            wanted = [2 * parent - 2] + ([2 * parent - 1] if own % 2 else [])
+            offset = math.log(width / p) if self.scale_attn else 0.0
+            for u in range(3):
+                group = (own - 1) - (own - 1 - u) % 3
+                coarse_bias.append(offset if group in wanted and group >= 0 else MASK_VALUE)
+            sinks += p * sum(group < 0 for group in wanted)
+        bias = fine_bias + [0.0] + [b for b in coarse_bias for _ in range(p)]
         keys = [state.fine_k.to(dtype), k, state.groups_k.to(dtype).transpose(0, 1).reshape(kv_heads, -1, d)]
+        values = [state.fine_v.to(dtype), v, state.groups_v.to(dtype).transpose(0, 1).reshape(kv_heads, -1, d)]
         if self.boundary == "zero_sink":
-            sinks = float(m * (t < m)) + p * float(((2 * parent - 2 < 0).sum() + (second_child & (2 * parent - 1 < 0))
-                                                    .sum()))
-            bias.append(torch.tensor([math.log(sinks) if sinks else MASK_VALUE], dtype=dtype, device=device))
+            bias.append(math.log(sinks) if sinks else MASK_VALUE)
             keys.append(k.new_zeros(kv_heads, 1, d))
             values.append(v.new_zeros(kv_heads, 1, d))
 
         queries = (q * d ** -0.5).reshape(kv_heads, heads // kv_heads, d)
         keys, values = torch.cat(keys, 1), torch.cat(values, 1)
         logits = queries @ keys.transpose(-1, -2)  # (H_kv, g, S): the g heads of a key/value head are rows
+        opens = [t % (width // p) == 0 for width in widths]  # the token opens its level-l sub-window
         if self.query_mode == "coarse" and levels:
-            # Level l uses the query that opened the token's sub-window: this token's if it opens one.
-            sub_windows = widths // p
-            opens = (t % sub_windows == 0)[:, None, None]
-            level_queries = torch.where(opens, q[:, 0], state.level_queries.to(dtype)) * d ** -0.5  # (L, H, d)
+            # Level l uses the query that opened the token's sub-window: this token's, or the stored one.
+            level_queries = torch.stack([q[:, 0] if o else stored for o, stored in
+                                         zip(opens, state.level_queries.to(dtype))]) * d ** -0.5  # (L, H, d)
             coarse_keys = state.groups_k.to(dtype).flatten(2, 3)  # (L, H_kv, 3p, d)
             coarse_logits = torch.einsum("lkgd,lksd->kgls", level_queries.view(levels, kv_heads, -1, d),
                                          coarse_keys).flatten(2)
             fine_slots = 2 * m + 1
             logits = torch.cat([logits[..., :fine_slots], coarse_logits, logits[..., fine_slots + levels * 3 * p:]],
                                -1)
-        probs = torch.softmax(logits + torch.cat(bias), -1)
+        probs = torch.softmax(logits + torch.tensor(bias, dtype=dtype, device=device), -1)
         out = (probs @ values).reshape(heads, 1, d)
 
         # Consume the token: ring slot t mod 2m, partial sums, and the groups it completes.
         slot = torch.tensor([t % (2 * m)], device=device)
-        fine_k = state.fine_k.index_copy(1, slot, k.to(state.fine_k.dtype))
-        fine_v = state.fine_v.index_copy(1, slot, v.to(state.fine_v.dtype))
-        completes = ((t + 1) % widths == 0)[:, None, None, None]  # (L, 1, 1, 1)
-        ring_slot = torch.nn.functional.one_hot(((t + 1) // widths - 1) % 3, 3).bool()  # (L, 3)
-        write = completes[..., None] & ring_slot[:, None, :, None, None]  # (L, 1, 3, 1, 1)
-        updated = {}
+        updated = {"fine_k": state.fine_k.index_copy(1, slot, k.to(state.fine_k.dtype)),
+                   "fine_v": state.fine_v.index_copy(1, slot, v.to(state.fine_v.dtype))}
+        completed = [level for level, width in enumerate(widths) if (t + 1) % width == 0]
         for name, x, family in (("k", k, self.k_downsample), ("v", v, self.v_downsample)) if levels else ():
-            shares, biases = zip(*(family(x, level=level, offsets=torch.tensor([t % self.group_width(level)],
-                                                                               device=device))
-                                   for level in range(1, levels + 1)))
-            partial = getattr(state, f"partial_{name}") + torch.stack(shares)[:, :, 0].to(dtype)  # (L, H_kv, p, d)
-            complete = partial + torch.stack(biases).to(dtype)[:, None].expand_as(partial)
-            groups = torch.where(write, complete[:, :, None], getattr(state, f"groups_{name}").to(dtype))
-            updated[f"partial_{name}"] = torch.where(completes, 0.0, partial).to(state.partial_k.dtype)
-            updated[f"groups_{name}"] = groups.to(state.groups_k.dtype)
+            shares, biases = family(x[:, 0], token_offsets=[t % width for width in widths])  # (L, H_kv, p, d)
+            partial = getattr(state, f"partial_{name}") + shares.to(state.partial_k.dtype)
+            groups = getattr(state, f"groups_{name}")
+            if completed:
+                groups, complete = groups.clone(), partial + biases[:, None].to(partial.dtype)
+                for level in completed:
+                    groups[level, :, ((t + 1) // widths[level] - 1) % 3] = complete[level]
+                    partial[level] = 0.0
+            updated[f"partial_{name}"], updated[f"groups_{name}"] = partial, groups
         level_queries = state.level_queries
-        if level_queries is not None:
-            opens = ((t % (widths // p)) == 0)[:, None, None]
-            level_queries = torch.where(opens, q[:, 0].to(level_queries.dtype), level_queries)
-        return out.to(out_dtype), replace(state, length=t + 1, fine_k=fine_k, fine_v=fine_v,
-                                          level_queries=level_queries, **updated)
+        if level_queries is not None and any(opens):
+            level_queries = level_queries.clone()
+            level_queries[torch.tensor(opens, device=device)] = q[:, 0].to(level_queries.dtype)
+        return out.to(out_dtype), replace(state, length=t + 1, level_queries=level_queries, **updated)
