@@ -63,11 +63,11 @@ class _LevelParameters:
 
     @property
     def weights(self) -> list[nn.Parameter]:
-        return [getattr(self, f"weight_{level}") for level in range(1, len(self.widths) + 1)]
+        return [self._parameters[f"weight_{level}"] for level in range(1, len(self.widths) + 1)]
 
     @property
     def biases(self) -> list[nn.Parameter]:
-        return [getattr(self, f"bias_{level}") for level in range(1, len(self.widths) + 1)]
+        return [self._parameters[f"bias_{level}"] for level in range(1, len(self.widths) + 1)]
 
 
 class DepthwiseDownsample(_LevelParameters, nn.Module):

@@ -286,18 +286,24 @@ class FMTAttention(nn.Module):
         layer = cache.layers[self.layer_idx]
         batch, heads, length, _ = query.shape
         real = [length] * batch if key_padding_mask is None else key_padding_mask.sum(1).tolist()
-        states = layer.states or [self.fma.init_state(heads, key.shape[1], key.dtype, key.device)] * batch
+        states = list(layer.states) or [self.fma.init_state(heads, key.shape[1], key.dtype, key.device)] * batch
         if all(state.length == 0 for state in states):
             output = self.fma(query, key, value, key_padding_mask=key_padding_mask)
             states = [self.fma.prefill(state, q[:, :n], k[:, :n], v[:, :n]) if n else state
                       for state, n, q, k, v in zip(states, real, query, key, value)]
+        elif all(n == length for n in real):  # every row takes every new token: decoding, or a full chunk
+            outputs = []
+            for row, state in enumerate(states):
+                out, states[row] = self.fma.step(state, query[row], key[row], value[row])
+                outputs.append(out)
+            output = torch.stack(outputs)
         else:
             output = torch.zeros_like(query)
             for row, (state, n) in enumerate(zip(states, real)):
                 if n:
                     output[row, :, :n], states[row] = self.fma.step(
                         state, query[row, :, :n], key[row, :, :n], value[row, :, :n])
-        layer.set_states(list(states), length)
+        layer.set_states(states, length)
         return output
 
 
