@@ -499,37 +499,38 @@ class FastMultipoleAttention(nn.Module):
             fine_bias = torch.cat([fine_bias, sink_bias[:, None, None].expand(-1, m, 1)], 2)
             fine_index = torch.cat([fine_index, torch.zeros_like(fine_index[:, :1])], 1)
 
-        base = 1 + n_fine
-        level_plans = []
-        for level, p in enumerate(coarse_tokens, start=1):
-            width = self.group_width(level)
-            n_groups = -(-n // self.group_width(levels)) * self.group_width(levels) // width
-            def level_slots(own_group, base=base, width=width, p=p, n_groups=n_groups):
-                groups, member = coarse_groups(own_group, self.causal)
-                in_range = (groups >= 0) & (groups < self.capacity // width)
-                offset = math.log(width / p) if self.scale_attn else 0.0
-                bias = _slot_bias(member, in_range, groups * width < n, offset, zero_sink, dtype)
-                available = member & (groups >= 0) & (groups < n_groups)
-                index = torch.where(available, base + groups * p, 0)
-                slots = torch.arange(p, device=device)
-                index = torch.where(available[..., None], index[..., None] + slots, 0).flatten(-2)
-                return index, bias.repeat_interleave(p, -1)
-            level_plans.append((level_slots, n_groups))
-            base += n_groups * p
-
+        # Level l's summaries sit in the bank after the fine tokens and the levels before it.
+        n_coarse = -(-n // self.group_width(levels)) * self.group_width(levels)
+        bases = [1 + n_fine]
+        for level, p in enumerate(coarse_tokens[:-1], start=1):
+            bases.append(bases[-1] + n_coarse // self.group_width(level) * p)
         if self.query_mode == "fine":
             # All queries of a fine block share their coarse slots: one key set per block.
             index, bias = [fine_index], [fine_bias]
-            for level, (level_slots, _) in enumerate(level_plans, start=1):
-                level_index, level_bias = level_slots(blocks >> (level - 1))
+            for level, (p, base) in enumerate(zip(coarse_tokens, bases), start=1):
+                level_index, level_bias = self._level_slots(level, p, blocks >> (level - 1), n, n_coarse, base,
+                                                            dtype)
                 index.append(level_index)
                 bias.append(level_bias[:, None, :].expand(-1, m, -1))
             return [(torch.cat(index, 1), torch.cat(bias, 2))]
         plans = [(fine_index, fine_bias)]
-        for level_slots, n_groups in level_plans:
-            index, bias = level_slots(torch.arange(n_groups, device=device))
+        for level, (p, base) in enumerate(zip(coarse_tokens, bases), start=1):
+            own_group = torch.arange(n_coarse // self.group_width(level), device=device)
+            index, bias = self._level_slots(level, p, own_group, n, n_coarse, base, dtype)
             plans.append((index, bias[:, None, :]))
         return plans
+
+    def _level_slots(self, level, p, own_group, n, n_coarse, base, dtype):
+        """Bank index (q, k*p) and bias (q, k*p) of the level-l slots of queries in level-l groups ``own_group``."""
+        width = self.group_width(level)
+        groups, member = coarse_groups(own_group, self.causal)
+        in_range = (groups >= 0) & (groups < self.capacity // width)
+        offset = math.log(width / p) if self.scale_attn else 0.0
+        bias = _slot_bias(member, in_range, groups * width < n, offset, self.boundary == "zero_sink", dtype)
+        available = member & (groups >= 0) & (groups < n_coarse // width)
+        slots = torch.arange(p, device=own_group.device)
+        index = torch.where(available[..., None], (base + groups * p)[..., None] + slots, 0).flatten(-2)
+        return index, bias.repeat_interleave(p, -1)
 
     def _missing_level_sinks(self, blocks, levels):
         """Zero-sink slots that levels ``levels+1 .. L`` would give each fine block at the full hierarchy.
