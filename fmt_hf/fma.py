@@ -92,7 +92,8 @@ class DepthwiseDownsample(_LevelParameters, nn.Module):
                 bias.zero_()
 
     def forward(self, x: torch.Tensor, levels: int | None = None, *, level: int | None = None,
-                offsets: torch.Tensor | None = None, token_offsets: list[int] | None = None):
+                offsets: torch.Tensor | None = None, token_offsets: list[int] | None = None,
+                with_biases: bool = True):
         """Summaries of levels ``1..levels``: ``x`` (..., n, d), n a multiple of the widest group used -> per level
         (..., n // w_l, p, d).
 
@@ -102,14 +103,14 @@ class DepthwiseDownsample(_LevelParameters, nn.Module):
         - ``level`` and ``offsets``: the level-``level`` shares of tokens ``x`` (..., c, d) sitting at ``offsets``
           (c,) within their groups -> ``(shares (..., c, p, d), bias (p, d))``;
         - ``token_offsets``: one token ``x`` (..., d) at ``token_offsets[l-1]`` within its group at every level
-          l -> ``(shares (L, ..., p, d), biases (L, p, d))``.
+          l -> ``(shares (L, ..., p, d), biases (L, p, d))`` (biases None unless ``with_biases``).
 
         All go through ``forward`` so that module hooks (e.g. accelerate's offloading) see every use of the weights.
         """
         if token_offsets is not None:
             weight = torch.stack([w[:, :, o] for w, o in zip(self.weights, token_offsets)]).to(x.dtype)  # (L, d, p)
             shares = x.unsqueeze(-2) * weight.transpose(1, 2).view(-1, *[1] * (x.dim() - 1), *weight.shape[-1:-3:-1])
-            return shares, torch.stack(self.biases).transpose(1, 2).to(x.dtype)
+            return shares, (torch.stack(self.biases).transpose(1, 2).to(x.dtype) if with_biases else None)
         if offsets is not None:
             weight = getattr(self, f"weight_{level}")[:, :, offsets].to(x.dtype)  # (d, p, c)
             return x.unsqueeze(-2) * weight.permute(2, 1, 0), getattr(self, f"bias_{level}").t().to(x.dtype)
@@ -175,12 +176,13 @@ class FullDownsample(_LevelParameters, nn.Module):
                 bias.zero_()
 
     def forward(self, x: torch.Tensor, levels: int | None = None, *, level: int | None = None,
-                offsets: torch.Tensor | None = None, token_offsets: list[int] | None = None):
+                offsets: torch.Tensor | None = None, token_offsets: list[int] | None = None,
+                with_biases: bool = True):
         """As :meth:`DepthwiseDownsample.forward`."""
         if token_offsets is not None:
             weight = torch.stack([w[..., o] for w, o in zip(self.weights, token_offsets)]).to(x.dtype)
             shares = torch.einsum("...c,lorc->l...ro", x, weight)  # weight (L, d_out, p, d_in)
-            return shares, torch.stack(self.biases).transpose(1, 2).to(x.dtype)
+            return shares, (torch.stack(self.biases).transpose(1, 2).to(x.dtype) if with_biases else None)
         if offsets is not None:
             weight = getattr(self, f"weight_{level}")[..., offsets].to(x.dtype)  # (d_out, p, d_in, c)
             return torch.einsum("...ck,orkc->...cro", x, weight), getattr(self, f"bias_{level}").t().to(x.dtype)
@@ -203,14 +205,15 @@ class AvgPoolDownsample(nn.Module):
         self.widths, self.coarse_tokens = list(widths), coarse_tokens
 
     def forward(self, x: torch.Tensor, levels: int | None = None, *, level: int | None = None,
-                offsets: torch.Tensor | None = None, token_offsets: list[int] | None = None):
+                offsets: torch.Tensor | None = None, token_offsets: list[int] | None = None,
+                with_biases: bool = True):
         """As :meth:`DepthwiseDownsample.forward`; a token's share is 1/sub_window of it, in its own sub-window."""
         if token_offsets is not None:
             share = torch.zeros(len(token_offsets), self.coarse_tokens, dtype=x.dtype, device=x.device)
             for index, (width, offset) in enumerate(zip(self.widths, token_offsets)):
                 share[index, offset // (width // self.coarse_tokens)] = self.coarse_tokens / width
             shares = x.unsqueeze(-2) * share.view(-1, *[1] * (x.dim() - 1), self.coarse_tokens, 1)
-            return shares, x.new_zeros(1, 1, 1)
+            return shares, (x.new_zeros(1, 1, 1) if with_biases else None)
         if offsets is not None:
             width = self.widths[level - 1]
             share = F.one_hot(offsets // (width // self.coarse_tokens), self.coarse_tokens).to(x.dtype)
@@ -354,6 +357,7 @@ class FastMultipoleAttention(nn.Module):
         # One downsampler for keys and one for values, each holding every level; shared by all heads.
         self.k_downsample, self.v_downsample = make(), make()
         self._plan_cache: dict = {}  # static slot plans per sequence shape, see _plans
+        self._decode_bias_cache: dict = {}  # level-0 decoding biases, see _decode_fine_bias
 
     def group_width(self, level: int) -> int:
         """``w_l = m * 2**(l-1)``; level 0 is the fine level with blocks of ``m``."""
@@ -782,6 +786,19 @@ class FastMultipoleAttention(nn.Module):
         probs = torch.softmax(torch.cat(logits, -1), -1).flatten(1, 2)  # (H_kv, g*c, S)
         return (probs @ torch.cat(value_parts, 1)).reshape(heads, c, d)
 
+    def _decode_fine_bias(self, t, dtype, device):
+        """Level-0 bias of a decoding step at position t over [ring (2m) | the token]: ring slot s holds position
+        (t-1) - ((t-1-s) mod 2m), used when inside the window that starts a block before t's block. It repeats
+        with period 2m once t >= 2m, so it is cached."""
+        m = self.block_size
+        key = (t % (2 * m), min(t // m, 2), dtype, str(device))
+        if key not in self._decode_bias_cache:
+            window_start = max(0, (t // m - 1) * m)
+            ring_pos = (t - 1) - (t - 1 - torch.arange(2 * m)) % (2 * m)
+            bias = torch.where(ring_pos >= window_start, 0.0, MASK_VALUE)
+            self._decode_bias_cache[key] = torch.cat([bias, torch.zeros(1)]).to(dtype=dtype, device=device)
+        return self._decode_bias_cache[key]
+
     def _decode_token(self, state, q, k, v, out_dtype):
         """:meth:`step` for one token, every level at once, in a few dozen tensor operations.
 
@@ -792,9 +809,7 @@ class FastMultipoleAttention(nn.Module):
         levels, dtype, device = self.num_levels, q.dtype, q.device
         widths = [self.group_width(level) for level in range(1, levels + 1)]
 
-        # Level 0: ring slot s holds position (t-1) - ((t-1-s) mod 2m); the window starts a block before t's block.
-        window_start = max(0, (t // m - 1) * m)
-        fine_bias = [0.0 if (t - 1) - (t - 1 - s) % (2 * m) >= window_start else MASK_VALUE for s in range(2 * m)]
+        fine_bias = self._decode_fine_bias(t, dtype, device)
         # Level l: ring slot u holds group (G-1) - ((G-1-u) mod 3), G = t // w_l; t reads 2P-2 (and 2P-1 if odd).
         coarse_bias, sinks = [], m * (t < m)
         for width in widths:
@@ -805,11 +820,11 @@ class FastMultipoleAttention(nn.Module):
                 group = (own - 1) - (own - 1 - u) % 3
                 coarse_bias.append(offset if group in wanted and group >= 0 else MASK_VALUE)
             sinks += p * sum(group < 0 for group in wanted)
-        bias = fine_bias + [0.0] + [b for b in coarse_bias for _ in range(p)]
+        bias = [fine_bias, torch.tensor(coarse_bias, dtype=dtype, device=device).repeat_interleave(p)]
         keys = [state.fine_k.to(dtype), k, state.groups_k.to(dtype).transpose(0, 1).reshape(kv_heads, -1, d)]
         values = [state.fine_v.to(dtype), v, state.groups_v.to(dtype).transpose(0, 1).reshape(kv_heads, -1, d)]
         if self.boundary == "zero_sink":
-            bias.append(math.log(sinks) if sinks else MASK_VALUE)
+            bias.append(torch.tensor([math.log(sinks) if sinks else MASK_VALUE], dtype=dtype, device=device))
             keys.append(k.new_zeros(kv_heads, 1, d))
             values.append(v.new_zeros(kv_heads, 1, d))
 
@@ -827,7 +842,7 @@ class FastMultipoleAttention(nn.Module):
             fine_slots = 2 * m + 1
             logits = torch.cat([logits[..., :fine_slots], coarse_logits, logits[..., fine_slots + levels * 3 * p:]],
                                -1)
-        probs = torch.softmax(logits + torch.tensor(bias, dtype=dtype, device=device), -1)
+        probs = torch.softmax(logits + torch.cat(bias), -1)
         out = (probs @ values).reshape(heads, 1, d)
 
         # Consume the token: ring slot t mod 2m, partial sums, and the groups it completes.
@@ -836,7 +851,8 @@ class FastMultipoleAttention(nn.Module):
                    "fine_v": state.fine_v.index_copy(1, slot, v.to(state.fine_v.dtype))}
         completed = [level for level, width in enumerate(widths) if (t + 1) % width == 0]
         for name, x, family in (("k", k, self.k_downsample), ("v", v, self.v_downsample)) if levels else ():
-            shares, biases = family(x[:, 0], token_offsets=[t % width for width in widths])  # (L, H_kv, p, d)
+            shares, biases = family(x[:, 0], token_offsets=[t % width for width in widths],
+                                    with_biases=bool(completed))  # shares (L, H_kv, p, d)
             partial = getattr(state, f"partial_{name}") + shares.to(state.partial_k.dtype)
             groups = getattr(state, f"groups_{name}")
             if completed:
