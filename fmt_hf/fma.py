@@ -92,25 +92,15 @@ class DepthwiseDownsample(_LevelParameters, nn.Module):
                 bias.zero_()
 
     def forward(self, x: torch.Tensor, levels: int | None = None, *, level: int | None = None,
-                offsets: torch.Tensor | None = None, token_offsets: list[int] | None = None,
-                with_biases: bool = True):
+                offsets: torch.Tensor | None = None):
         """Summaries of levels ``1..levels``: ``x`` (..., n, d), n a multiple of the widest group used -> per level
         (..., n // w_l, p, d).
 
-        The incremental-decoding state (§8) sums summaries token by token instead -- a summary is the sum of its
-        tokens' shares plus a bias -- through two more modes:
-
-        - ``level`` and ``offsets``: the level-``level`` shares of tokens ``x`` (..., c, d) sitting at ``offsets``
-          (c,) within their groups -> ``(shares (..., c, p, d), bias (p, d))``;
-        - ``token_offsets``: one token ``x`` (..., d) at ``token_offsets[l-1]`` within its group at every level
-          l -> ``(shares (L, ..., p, d), biases (L, p, d))`` (biases None unless ``with_biases``).
-
-        All go through ``forward`` so that module hooks (e.g. accelerate's offloading) see every use of the weights.
+        The incremental-decoding state (§8) sums summaries block by block instead -- a summary is the sum of its
+        tokens' shares plus a bias: with ``level`` and ``offsets``, the level-``level`` shares of tokens ``x``
+        (..., c, d) sitting at ``offsets`` (c,) within their groups -> ``(shares (..., c, p, d), bias (p, d))``.
+        Both go through ``forward`` so that module hooks (e.g. accelerate's offloading) see every use of the weights.
         """
-        if token_offsets is not None:
-            weight = torch.stack([w[:, :, o] for w, o in zip(self.weights, token_offsets)]).to(x.dtype)  # (L, d, p)
-            shares = x.unsqueeze(-2) * weight.transpose(1, 2).view(-1, *[1] * (x.dim() - 1), *weight.shape[-1:-3:-1])
-            return shares, (torch.stack(self.biases).transpose(1, 2).to(x.dtype) if with_biases else None)
         if offsets is not None:
             weight = getattr(self, f"weight_{level}")[:, :, offsets].to(x.dtype)  # (d, p, c)
             return x.unsqueeze(-2) * weight.permute(2, 1, 0), getattr(self, f"bias_{level}").t().to(x.dtype)
@@ -176,13 +166,8 @@ class FullDownsample(_LevelParameters, nn.Module):
                 bias.zero_()
 
     def forward(self, x: torch.Tensor, levels: int | None = None, *, level: int | None = None,
-                offsets: torch.Tensor | None = None, token_offsets: list[int] | None = None,
-                with_biases: bool = True):
+                offsets: torch.Tensor | None = None):
         """As :meth:`DepthwiseDownsample.forward`."""
-        if token_offsets is not None:
-            weight = torch.stack([w[..., o] for w, o in zip(self.weights, token_offsets)]).to(x.dtype)
-            shares = torch.einsum("...c,lorc->l...ro", x, weight)  # weight (L, d_out, p, d_in)
-            return shares, (torch.stack(self.biases).transpose(1, 2).to(x.dtype) if with_biases else None)
         if offsets is not None:
             weight = getattr(self, f"weight_{level}")[..., offsets].to(x.dtype)  # (d_out, p, d_in, c)
             return torch.einsum("...ck,orkc->...cro", x, weight), getattr(self, f"bias_{level}").t().to(x.dtype)
@@ -205,15 +190,8 @@ class AvgPoolDownsample(nn.Module):
         self.widths, self.coarse_tokens = list(widths), coarse_tokens
 
     def forward(self, x: torch.Tensor, levels: int | None = None, *, level: int | None = None,
-                offsets: torch.Tensor | None = None, token_offsets: list[int] | None = None,
-                with_biases: bool = True):
+                offsets: torch.Tensor | None = None):
         """As :meth:`DepthwiseDownsample.forward`; a token's share is 1/sub_window of it, in its own sub-window."""
-        if token_offsets is not None:
-            share = torch.zeros(len(token_offsets), self.coarse_tokens, dtype=x.dtype, device=x.device)
-            for index, (width, offset) in enumerate(zip(self.widths, token_offsets)):
-                share[index, offset // (width // self.coarse_tokens)] = self.coarse_tokens / width
-            shares = x.unsqueeze(-2) * share.view(-1, *[1] * (x.dim() - 1), self.coarse_tokens, 1)
-            return shares, (x.new_zeros(1, 1, 1) if with_biases else None)
         if offsets is not None:
             width = self.widths[level - 1]
             share = F.one_hot(offsets // (width // self.coarse_tokens), self.coarse_tokens).to(x.dtype)
@@ -357,7 +335,7 @@ class FastMultipoleAttention(nn.Module):
         # One downsampler for keys and one for values, each holding every level; shared by all heads.
         self.k_downsample, self.v_downsample = make(), make()
         self._plan_cache: dict = {}  # static slot plans per sequence shape, see _plans
-        self._decode_bias_cache: dict = {}  # level-0 decoding biases, see _decode_fine_bias
+        self._decode_bias_cache: dict = {}  # decoding-step biases, see _decode_bias
 
     def group_width(self, level: int) -> int:
         """``w_l = m * 2**(l-1)``; level 0 is the fine level with blocks of ``m``."""
@@ -677,29 +655,39 @@ class FastMultipoleAttention(nn.Module):
     def _level_sums(self, state, k, v, tail_only):
         """Per level: summaries of the groups the new tokens complete, and the new partial sums.
 
+        Partial sums take whole fine blocks only: the tokens of the block being filled wait in the fine ring until
+        it completes (group widths are multiples of m, so no group can complete before its last block does). A
+        decoding step thus touches the levels once every m tokens.
+
         Returns ``[(first_group, complete_k, complete_v, partial_k, partial_v)]`` with complete (H_kv, n, p, d)
-        for groups ``first_group .. first_group+n-1``. With ``tail_only`` only the last three are built.
+        for groups ``first_group .. first_group+n-1`` (with ``tail_only`` at most the last three), or None when
+        no fine block completes.
         """
-        t, c = state.length, k.shape[1]
+        t, c, m = state.length, k.shape[1], self.block_size
+        block_start, end = t // m * m, (t + c) // m * m  # shares are summed over positions [block_start, end)
+        if end == block_start or not self.num_levels:
+            return None
+        waiting = torch.arange(block_start, t, device=k.device) % (2 * m)  # the block's earlier tokens, in the ring
+        tokens = {"k": torch.cat([state.fine_k[:, waiting].to(k.dtype), k], 1)[:, :end - block_start],
+                  "v": torch.cat([state.fine_v[:, waiting].to(v.dtype), v], 1)[:, :end - block_start]}
         sums = []
         for level in range(1, self.num_levels + 1):
             width = self.group_width(level)
             end_group = (t + c) // width  # groups before this one are complete after the chunk
-            start = max(t, (end_group - 3) * width) if tail_only else t
-            positions = torch.arange(start, t + c, device=k.device)
+            start = max(block_start, (end_group - 3) * width) if tail_only else block_start
+            positions = torch.arange(start, end, device=k.device)
             first = start // width
-            touched = (t + c - 1) // width - first + 1
             result = [first]
-            for x, family, partial in ((k, self.k_downsample, state.partial_k), (v, self.v_downsample,
-                                                                                 state.partial_v)):
-                shares, bias = family(x[:, start - t:], level=level, offsets=positions % width)  # (H_kv, c', p, d)
-                group_sums = x.new_zeros(x.shape[0], touched, shares.shape[-2], x.shape[-1])
+            for name, family in (("k", self.k_downsample), ("v", self.v_downsample)):
+                x, partial = tokens[name][:, start - block_start:], getattr(state, f"partial_{name}")[level - 1]
+                shares, bias = family(x, level=level, offsets=positions % width)  # (H_kv, c', p, d)
+                group_sums = x.new_zeros(x.shape[0], (end - 1) // width - first + 1, shares.shape[-2], x.shape[-1])
                 group_sums.index_add_(1, positions // width - first, shares)
                 if first == t // width:  # the group being filled when the chunk began
-                    group_sums[:, 0] += partial[level - 1]
+                    group_sums[:, 0] += partial
                 n_complete = end_group - first
                 complete = group_sums[:, :n_complete] + bias
-                new_partial = group_sums[:, n_complete] if (t + c) % width else torch.zeros_like(partial[level - 1])
+                new_partial = group_sums[:, n_complete] if end > end_group * width else torch.zeros_like(partial)
                 result += [complete, new_partial]
             sums.append((result[0], result[1], result[3], result[2], result[4]))
         return sums
@@ -708,32 +696,29 @@ class FastMultipoleAttention(nn.Module):
         t, c, m = state.length, k.shape[1], self.block_size
         keep = min(c, 2 * m)
         slots = torch.arange(t + c - keep, t + c, device=k.device) % (2 * m)
-        fine_k = state.fine_k.index_copy(1, slots, k[:, c - keep:].to(state.fine_k.dtype))
-        fine_v = state.fine_v.index_copy(1, slots, v[:, c - keep:].to(state.fine_v.dtype))
-        partial_k, partial_v, groups_k, groups_v, level_queries = [], [], [], [], []
-        for level, (first, complete_k, complete_v, new_partial_k, new_partial_v) in enumerate(sums, start=1):
-            n_keep = min(complete_k.shape[1], 3)
-            group_slots = torch.arange(first + complete_k.shape[1] - n_keep, first + complete_k.shape[1],
-                                       device=k.device) % 3
-            groups_k.append(state.groups_k[level - 1].index_copy(1, group_slots, complete_k[:, complete_k.shape[1]
-                                                                                             - n_keep:]))
-            groups_v.append(state.groups_v[level - 1].index_copy(1, group_slots, complete_v[:, complete_v.shape[1]
-                                                                                             - n_keep:]))
-            partial_k.append(new_partial_k)
-            partial_v.append(new_partial_v)
-            if state.level_queries is not None:
+        updated = {"fine_k": state.fine_k.index_copy(1, slots, k[:, c - keep:].to(state.fine_k.dtype)),
+                   "fine_v": state.fine_v.index_copy(1, slots, v[:, c - keep:].to(state.fine_v.dtype))}
+        if sums is not None:
+            parts = {name: [] for name in ("partial_k", "partial_v", "groups_k", "groups_v")}
+            for level, (first, complete_k, complete_v, partial_k, partial_v) in enumerate(sums, start=1):
+                n_complete = complete_k.shape[1]
+                n_keep = min(n_complete, 3)
+                ring = torch.arange(first + n_complete - n_keep, first + n_complete, device=k.device) % 3
+                parts["groups_k"].append(state.groups_k[level - 1].index_copy(1, ring, complete_k[:, n_complete
+                                                                                                  - n_keep:]))
+                parts["groups_v"].append(state.groups_v[level - 1].index_copy(1, ring, complete_v[:, n_complete
+                                                                                                  - n_keep:]))
+                parts["partial_k"].append(partial_k)
+                parts["partial_v"].append(partial_v)
+            updated.update({name: torch.stack(values).to(getattr(state, name).dtype) for name, values in parts.items()})
+        if state.level_queries is not None and self.num_levels:
+            level_queries = []
+            for level in range(1, self.num_levels + 1):
                 sub_window = self.group_width(level) // self.coarse_tokens
                 opener = (t + c - 1) // sub_window * sub_window  # first position of the last sub-window touched
                 level_queries.append(q[:, opener - t] if opener >= t else state.level_queries[level - 1])
-
-        def stack(parts, like):
-            return torch.stack(parts).to(like.dtype) if parts else like
-
-        return replace(state, length=t + c, fine_k=fine_k, fine_v=fine_v,
-                       partial_k=stack(partial_k, state.partial_k), partial_v=stack(partial_v, state.partial_v),
-                       groups_k=stack(groups_k, state.groups_k), groups_v=stack(groups_v, state.groups_v),
-                       level_queries=stack(level_queries, state.level_queries) if level_queries else
-                       state.level_queries)
+            updated["level_queries"] = torch.stack(level_queries).to(state.level_queries.dtype)
+        return replace(state, length=t + c, **updated)
 
     def _attend_state(self, state, q, k, v, sums):
         """The §3/§4 partition for queries at ``t .. t+c-1`` over the state and the new tokens, one softmax."""
@@ -756,8 +741,12 @@ class FastMultipoleAttention(nn.Module):
         value_parts = [values]
         sinks = torch.where(i < m, float(m), 0.0).to(torch.float64)  # block -1 of the first block (zero_sink)
 
-        for level, (first, complete_k, complete_v, _, _) in enumerate(sums, start=1):
+        for level in range(1, self.num_levels + 1):
             width, p = self.group_width(level), self.coarse_tokens
+            if sums is None:  # no group completes within the chunk
+                first, complete_k, complete_v = t // width, k.new_zeros(kv_heads, 0, p, d), v.new_zeros(kv_heads, 0, p, d)
+            else:
+                first, complete_k, complete_v = sums[level - 1][:3]
             last = t // width - 1  # newest group complete before the chunk
             group_ids = torch.cat([last - (last - torch.arange(3, device=device)) % 3,
                                    first + torch.arange(complete_k.shape[1], device=device)])
@@ -786,53 +775,60 @@ class FastMultipoleAttention(nn.Module):
         probs = torch.softmax(torch.cat(logits, -1), -1).flatten(1, 2)  # (H_kv, g*c, S)
         return (probs @ torch.cat(value_parts, 1)).reshape(heads, c, d)
 
-    def _decode_fine_bias(self, t, dtype, device):
-        """Level-0 bias of a decoding step at position t over [ring (2m) | the token]: ring slot s holds position
-        (t-1) - ((t-1-s) mod 2m), used when inside the window that starts a block before t's block. It repeats
-        with period 2m once t >= 2m, so it is cached."""
-        m = self.block_size
-        key = (t % (2 * m), min(t // m, 2), dtype, str(device))
-        if key not in self._decode_bias_cache:
+    def _decode_bias(self, t, dtype, device):
+        """Logit bias of a decoding step at position t over [fine ring (2m) | the token | ring of complete groups
+        (L x 3 x p) | zero sink (zero_sink only)] -- §3 worked out for one position.
+
+        Ring slot s holds position (t-1) - ((t-1-s) mod 2m), used inside the window that starts a block before
+        t's block; level-l ring slot u holds group (G-1) - ((G-1-u) mod 3), G = t // w_l, used if it is 2P-2 (or
+        2P-1 when G is odd). The fine part repeats with period 2m once t >= 2m and the coarse part is constant
+        within a fine block, so both are cached."""
+        m, p, cache = self.block_size, self.coarse_tokens, self._decode_bias_cache
+        if len(cache) > 4096:  # one coarse entry per fine block of a long generation
+            cache.clear()
+        fine_key, coarse_key = ("fine", t % (2 * m), min(t // m, 2), dtype, device), ("coarse", t // m, dtype, device)
+        fine, coarse = cache.get(fine_key), cache.get(coarse_key)
+        if fine is None:
             window_start = max(0, (t // m - 1) * m)
             ring_pos = (t - 1) - (t - 1 - torch.arange(2 * m)) % (2 * m)
-            bias = torch.where(ring_pos >= window_start, 0.0, MASK_VALUE)
-            self._decode_bias_cache[key] = torch.cat([bias, torch.zeros(1)]).to(dtype=dtype, device=device)
-        return self._decode_bias_cache[key]
+            fine = torch.where(ring_pos >= window_start, 0.0, MASK_VALUE)
+            fine = cache[fine_key] = torch.cat([fine, torch.zeros(1)]).to(dtype=dtype, device=device)
+        if coarse is None:
+            coarse, sinks = [], m * (t < m)
+            for width in (self.group_width(level) for level in range(1, self.num_levels + 1)):
+                own, parent = t // width, t // (2 * width)
+                wanted = [2 * parent - 2] + ([2 * parent - 1] if own % 2 else [])
+                offset = math.log(width / p) if self.scale_attn else 0.0
+                for u in range(3):
+                    group = (own - 1) - (own - 1 - u) % 3
+                    coarse += [offset if group in wanted and group >= 0 else MASK_VALUE] * p
+                sinks += p * sum(group < 0 for group in wanted)
+            if self.boundary == "zero_sink":
+                coarse.append(math.log(sinks) if sinks else MASK_VALUE)
+            coarse = cache[coarse_key] = torch.tensor(coarse, dtype=dtype, device=device)
+        return torch.cat([fine, coarse])
 
     def _decode_token(self, state, q, k, v, out_dtype):
-        """:meth:`step` for one token, every level at once, in a few dozen tensor operations.
-
-        The token's own group is never complete, so it reads only the ring of complete groups (§8); the slot masks
-        depend on the position alone and are worked out in Python."""
+        """:meth:`step` for one token in about a dozen tensor operations: the token's own group is never
+        complete, so it reads the fine ring, itself and the ring of complete groups (§8), with the cached slot
+        bias of its position; the levels take new tokens once every m steps."""
         heads, _, d = q.shape
         kv_heads, t, m, p = k.shape[0], state.length, self.block_size, self.coarse_tokens
         levels, dtype, device = self.num_levels, q.dtype, q.device
-        widths = [self.group_width(level) for level in range(1, levels + 1)]
 
-        fine_bias = self._decode_fine_bias(t, dtype, device)
-        # Level l: ring slot u holds group (G-1) - ((G-1-u) mod 3), G = t // w_l; t reads 2P-2 (and 2P-1 if odd).
-        coarse_bias, sinks = [], m * (t < m)
-        for width in widths:
-            own, parent = t // width, t // (2 * width)
-            wanted = [2 * parent - 2] + ([2 * parent - 1] if own % 2 else [])
-            offset = math.log(width / p) if self.scale_attn else 0.0
-            for u in range(3):
-                group = (own - 1) - (own - 1 - u) % 3
-                coarse_bias.append(offset if group in wanted and group >= 0 else MASK_VALUE)
-            sinks += p * sum(group < 0 for group in wanted)
-        bias = [fine_bias, torch.tensor(coarse_bias, dtype=dtype, device=device).repeat_interleave(p)]
+        bias = self._decode_bias(t, dtype, device)
         keys = [state.fine_k.to(dtype), k, state.groups_k.to(dtype).transpose(0, 1).reshape(kv_heads, -1, d)]
         values = [state.fine_v.to(dtype), v, state.groups_v.to(dtype).transpose(0, 1).reshape(kv_heads, -1, d)]
         if self.boundary == "zero_sink":
-            bias.append(torch.tensor([math.log(sinks) if sinks else MASK_VALUE], dtype=dtype, device=device))
             keys.append(k.new_zeros(kv_heads, 1, d))
             values.append(v.new_zeros(kv_heads, 1, d))
 
         queries = (q * d ** -0.5).reshape(kv_heads, heads // kv_heads, d)
         keys, values = torch.cat(keys, 1), torch.cat(values, 1)
         logits = queries @ keys.transpose(-1, -2)  # (H_kv, g, S): the g heads of a key/value head are rows
-        opens = [t % (width // p) == 0 for width in widths]  # the token opens its level-l sub-window
         if self.query_mode == "coarse" and levels:
+            # the token opens its level-l sub-window of w_l / p tokens
+            opens = [t % (self.group_width(level) // p) == 0 for level in range(1, levels + 1)]
             # Level l uses the query that opened the token's sub-window: this token's, or the stored one.
             level_queries = torch.stack([q[:, 0] if o else stored for o, stored in
                                          zip(opens, state.level_queries.to(dtype))]) * d ** -0.5  # (L, H, d)
@@ -842,27 +838,8 @@ class FastMultipoleAttention(nn.Module):
             fine_slots = 2 * m + 1
             logits = torch.cat([logits[..., :fine_slots], coarse_logits, logits[..., fine_slots + levels * 3 * p:]],
                                -1)
-        probs = torch.softmax(logits + torch.cat(bias), -1)
+        probs = torch.softmax(logits + bias, -1)
         out = (probs @ values).reshape(heads, 1, d)
 
-        # Consume the token: ring slot t mod 2m, partial sums, and the groups it completes.
-        slot = torch.tensor([t % (2 * m)], device=device)
-        updated = {"fine_k": state.fine_k.index_copy(1, slot, k.to(state.fine_k.dtype)),
-                   "fine_v": state.fine_v.index_copy(1, slot, v.to(state.fine_v.dtype))}
-        completed = [level for level, width in enumerate(widths) if (t + 1) % width == 0]
-        for name, x, family in (("k", k, self.k_downsample), ("v", v, self.v_downsample)) if levels else ():
-            shares, biases = family(x[:, 0], token_offsets=[t % width for width in widths],
-                                    with_biases=bool(completed))  # shares (L, H_kv, p, d)
-            partial = getattr(state, f"partial_{name}") + shares.to(state.partial_k.dtype)
-            groups = getattr(state, f"groups_{name}")
-            if completed:
-                groups, complete = groups.clone(), partial + biases[:, None].to(partial.dtype)
-                for level in completed:
-                    groups[level, :, ((t + 1) // widths[level] - 1) % 3] = complete[level]
-                    partial[level] = 0.0
-            updated[f"partial_{name}"], updated[f"groups_{name}"] = partial, groups
-        level_queries = state.level_queries
-        if level_queries is not None and any(opens):
-            level_queries = level_queries.clone()
-            level_queries[torch.tensor(opens, device=device)] = q[:, 0].to(level_queries.dtype)
-        return out.to(out_dtype), replace(state, length=t + 1, level_queries=level_queries, **updated)
+        # Consume the token: the ring, and once every m tokens the levels (see _level_sums).
+        return out.to(out_dtype), self._advance(state, q, k, v, self._level_sums(state, k, v, tail_only=True))
