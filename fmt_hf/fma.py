@@ -243,8 +243,9 @@ class FMAState:
 
     With ``length`` tokens consumed, it holds the fine keys/values of the last ``2m`` positions (a ring: position
     j at slot ``j % 2m``, so the window ``[(floor(t/m)-1)m, t)`` is always inside), and per level l the bias-free
-    partial sum of the group being filled and a ring of the last three complete groups (group g at slot
-    ``g % 3``) -- exactly the groups a present or future query can still need. ``4m + 8pL`` vectors per key/value
+    partial sum of the group being filled -- over its complete fine blocks; the tokens of the block being filled
+    wait in the ring -- and a ring of the last three complete groups (group g at slot ``g % 3``): exactly the
+    groups a present or future query can still need. ``4m + 8pL`` vectors per key/value
     head, whatever the length. In ``query_mode="coarse"`` it also keeps, per level, the query that opened the
     current sub-window (the coarse query of every token in it).
 
