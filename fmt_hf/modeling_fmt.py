@@ -605,18 +605,32 @@ def _shift_rows(tensor: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return gathered * inside.view(*inside.shape, *[1] * (tensor.dim() - 2))
 
 
-class FMTForCausalLM(FMTPreTrainedModel, GenerationMixin):
-    """FMT with a language-modelling head for next-token prediction; always causal (`config.is_causal=True`)."""
+class FMTLanguageModel(FMTPreTrainedModel):
+    """The FMT stack with a language-modelling head (tied to the input embeddings when configured): the shared
+    part of `FMTForCausalLM` and `FMTForMaskedLM`, which differ in causality and their forward."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _causal: bool  # the attention this head needs, forced onto (a copy of) the config
 
     def __init__(self, config: FMTConfig):
-        super().__init__(_config_with_causality(config, True))
+        super().__init__(_config_with_causality(config, self._causal))
         self.model = FMTModel(self.config)
         self.vocab_size = self.config.vocab_size
         self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
 
         self.post_init()
+
+    def _loss(self, logits: torch.Tensor, labels: torch.LongTensor | None, **kwargs) -> torch.Tensor | None:
+        # kwargs carry the Trainer's num_items_in_batch: gradient accumulation normalises by it
+        if labels is None:
+            return None
+        return self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+
+class FMTForCausalLM(FMTLanguageModel, GenerationMixin):
+    """FMT with a language-modelling head for next-token prediction; always causal (`config.is_causal=True`)."""
+
+    _causal = True
 
     @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")
     @can_return_tuple
@@ -663,15 +677,9 @@ class FMTForCausalLM(FMTPreTrainedModel, GenerationMixin):
             **kwargs,
         )
 
-        hidden_states = outputs.last_hidden_state
-        logits = self.lm_head(slice_logits_to_keep(hidden_states, logits_to_keep))
-
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         return CausalLMOutputWithPast(
-            loss=loss,
+            loss=self._loss(logits, labels, **kwargs),
             logits=logits,
             cache=outputs.cache,
             hidden_states=outputs.hidden_states,
@@ -706,19 +714,11 @@ class FMTForCausalLM(FMTPreTrainedModel, GenerationMixin):
             model_kwargs["cache"] = FMTCache(self.config.num_hidden_layers)
 
 
-class FMTForMaskedLM(FMTPreTrainedModel):
+class FMTForMaskedLM(FMTLanguageModel):
     """FMT with a language-modelling head for masked-token prediction; always bidirectional
     (`config.is_causal=False`), padding masks honoured."""
 
-    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
-
-    def __init__(self, config: FMTConfig):
-        super().__init__(_config_with_causality(config, False))
-        self.model = FMTModel(self.config)
-        self.vocab_size = self.config.vocab_size
-        self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
-
-        self.post_init()
+    _causal = False
 
     @can_return_tuple
     def forward(
@@ -745,13 +745,8 @@ class FMTForMaskedLM(FMTPreTrainedModel):
             **kwargs,
         )
         logits = self.lm_head(outputs.last_hidden_state)
-
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-
         return MaskedLMOutput(
-            loss=loss,
+            loss=self._loss(logits, labels, **kwargs),
             logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
