@@ -447,7 +447,8 @@ class FMTModel(FMTPreTrainedModel):
                 are meaningless. Under FMA, a padded row gives its real tokens the same outputs as the unpadded
                 sequence; only 2D masks are accepted (the dense implementations also take prepared 4D masks).
             position_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*):
-                Positions for the rotary embeddings; default `0 .. seq_len - 1`.
+                Positions for the rotary embeddings; default `past .. past + seq_len - 1` with `past` the cached
+                length (padding included: with left padding and a cache, pass them, as `generate` does).
             cache (`Cache`, *optional*):
                 Keys and values of earlier tokens: an `FMTCache` under FMA (built here when `use_cache` and none is
                 given), any transformers cache such as `DynamicCache` under `sdpa`/`eager`. Causal models only.
@@ -456,7 +457,9 @@ class FMTModel(FMTPreTrainedModel):
             use_cache (`bool`, *optional*):
                 Return the cache (causal models; defaults to `config.use_cache`).
             output_hidden_states (`bool`, *optional*):
-                Also return the input of every layer and the final (normed) output.
+                Also return the input of every layer and the final (normed) output. Under FMA, with left padding,
+                the per-layer states are in the aligned layout (each row's first real token at index 0); only
+                `last_hidden_state` and the logits are shifted back to the input's layout.
             output_attentions (`bool`, *optional*):
                 Also return the attention weights; only the `eager` implementation computes them.
         """
