@@ -1,0 +1,55 @@
+"""The benchmark engines behind scripts/bench_attention.py and scripts/bench_generate.py, on tiny sizes: they must
+run end to end and count what they claim (the timings themselves are the scripts' business, not the tests')."""
+
+import json
+
+import torch
+
+from fmt_hf.benchmark_generate import (dense_cache_bytes, filled_dense_cache, format_decode_table, plot_decode,
+                                       run_decode_benchmark, smollm2_shaped_config)
+from fmt_hf.benchmarking import (BenchConfig, fma_pairs, format_table, plot_results, run_benchmark,
+                                 write_results)
+from fmt_hf.modeling_fmt import FMTForCausalLM
+
+
+def test_fma_pairs_count_the_slots_of_section_3():
+    assert fma_pairs(128, 64, 4, causal=True) == 128 * 2 * 64  # n = 2m: the fine level alone
+    assert fma_pairs(1024, 64, 4, causal=True) == 1024 * (2 * 64 + 2 * 4 * 3)  # L = 3 coarse levels
+    assert fma_pairs(1024, 64, 4, causal=False) == 1024 * (3 * 64 + 3 * 4 * 3)
+    # coarse queries: one per sub-window of w_l / p tokens at level l
+    assert fma_pairs(1024, 64, 4, causal=True, query_mode="coarse") == 1024 * 2 * 64 + sum(
+        1024 * 4 // (64 << (level - 1)) * 2 * 4 for level in (1, 2, 3))
+
+
+def test_attention_benchmark_runs_end_to_end(tmp_path):
+    cfg = BenchConfig(heads=2, head_dim=16, block_size=32, coarse_tokens=4, repeats=2, budget_s=0.0)
+    rows, meta = run_benchmark([256, 300], ("causal", "bidir"), ("fwd", "fwd+bwd"), cfg, matmul_size=64,
+                               matmul_repeats=1, progress=False)
+    assert len(rows) == 8
+    for row in rows:
+        assert row["fma_median_s"] > 0 and row["sdpa_median_s"] > 0 and row["fma_peak_bytes"] > 0
+        assert row["ratio_sdpa_over_fma"] == row["sdpa_median_s"] / row["fma_median_s"]
+    table = format_table(rows, meta)
+    assert "256" in table and "bidir" in table
+    png = plot_results(rows, str(tmp_path / "attention.png"))
+    csv_path, json_path = write_results(rows, meta, png)
+    assert all((tmp_path / name).exists() for name in ("attention.png", "attention.csv", "attention.json"))
+    assert len(json.loads(open(json_path).read())["rows"]) == 8
+
+
+def test_decode_benchmark_counts_both_caches(tmp_path):
+    config = smollm2_shaped_config(512, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, fma_block_size=8,
+                                   fma_coarse_tokens=2)
+    rows, meta = run_decode_benchmark([64, 300], steps=2, config=config, progress=False)
+    levels = FMTForCausalLM(config).model.layers[0].self_attn.fma.num_levels
+    fmt_bound = (4 * 8 + 8 * 2 * levels) * 2 * 8 * 4 * 2  # 4m + 8pL vectors x kv heads x d x fp32 x layers
+    for row, context in zip(rows, (64, 300)):
+        assert row["context"] == context and row["fmt_ms"] > 0 and row["dense_ms"] > 0
+        assert row["fmt_cache_bytes"] == fmt_bound
+        assert row["dense_cache_bytes"] == 2 * context * 2 * 8 * 4 * 2
+    assert "300" in format_decode_table(rows)
+    plot_decode(rows, str(tmp_path / "decode.png"))
+    assert (tmp_path / "decode.png").exists()
+    cache = filled_dense_cache(FMTForCausalLM(config), 10, torch.Generator().manual_seed(0))
+    assert dense_cache_bytes(cache) == 2 * 10 * 2 * 8 * 4 * 2
