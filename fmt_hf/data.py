@@ -90,8 +90,13 @@ def _fetch_npm(corpus: str, spec: str, into: Path) -> None:
 
 def _fetch_apt(corpus: str, package: str, into: Path) -> None:
     # `apt-get download` fetches the .deb without installing it (no root needed); `dpkg -x`
-    # unpacks its files under `into/root`.
-    _run(corpus, ["apt-get", "download", package], into)
+    # unpacks its files under `into/root`. A machine's package lists can be missing or older than the mirror:
+    # refresh them once (needs root) and retry before giving up.
+    try:
+        _run(corpus, ["apt-get", "download", package], into)
+    except CorpusFetchError:
+        _run(corpus, ["apt-get", "update", "-q"], into)
+        _run(corpus, ["apt-get", "download", package], into)
     (deb,) = into.glob("*.deb")
     _run(corpus, ["dpkg", "-x", str(deb), str(into / "root")], into)
 
