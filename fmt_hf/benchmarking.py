@@ -235,7 +235,7 @@ def _measure_cell(n: int, mode: str, pass_: str, cfg: BenchConfig, status: Calla
             times[impl].append(elapsed)
             spent[impl] += elapsed
         round_ += 1
-    del cell
+    cell = None  # drop this cell's tensors before the next one is allocated
     gc.collect()
 
     row = {"n": n, "mode": mode, "pass": pass_, "levels": num_levels(n, cfg.block_size),

@@ -589,7 +589,6 @@ class FastMultipoleAttention(nn.Module):
         merged, resolution = None, None  # (lse, out) at the resolution of the level last merged
         for level in range(len(plans) - 1, 0, -1):
             index, bias = plans[level]
-            n_groups = index.shape[0]
             p = index.shape[1] // (2 if self.causal else 3)
             sub_window = self.group_width(level) // p
             if self.causal:
