@@ -615,9 +615,11 @@ class FastMultipoleAttention(nn.Module):
     # ------------------------------------------------------------------ incremental decoding (§8)
 
     def init_state(self, heads: int, kv_heads: int, dtype: torch.dtype, device=None) -> FMAState:
-        """The state of an empty sequence: nothing consumed, every buffer zero."""
+        """The state of an empty sequence: nothing consumed, every buffer zero. Half-precision inputs get a
+        float32 state: partial sums add up thousands of shares."""
         if not self.causal:
             raise ValueError("incremental decoding needs a causal FastMultipoleAttention (causal=True)")
+        dtype = _softmax_dtype(dtype)
         m, p, d, levels = self.block_size, self.coarse_tokens, self.head_dim, self.num_levels
 
         def zeros(*shape):
@@ -704,10 +706,9 @@ class FastMultipoleAttention(nn.Module):
                 n_complete = complete_k.shape[1]
                 n_keep = min(n_complete, 3)
                 ring = torch.arange(first + n_complete - n_keep, first + n_complete, device=k.device) % 3
-                parts["groups_k"].append(state.groups_k[level - 1].index_copy(1, ring, complete_k[:, n_complete
-                                                                                                  - n_keep:]))
-                parts["groups_v"].append(state.groups_v[level - 1].index_copy(1, ring, complete_v[:, n_complete
-                                                                                                  - n_keep:]))
+                for name, complete in (("groups_k", complete_k), ("groups_v", complete_v)):
+                    groups = getattr(state, name)[level - 1]
+                    parts[name].append(groups.index_copy(1, ring, complete[:, n_complete - n_keep:].to(groups.dtype)))
                 parts["partial_k"].append(partial_k)
                 parts["partial_v"].append(partial_v)
             updated.update({name: torch.stack(values).to(getattr(state, name).dtype) for name, values in parts.items()})

@@ -60,6 +60,20 @@ def test_decoding_logits_equal_full_forward(dtype, tolerance, query_mode):
     torch.testing.assert_close(torch.cat(logits, 1), model(ids, use_cache=False).logits, rtol=0, atol=tolerance)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_decoding_follows_the_full_forward(dtype):
+    model = tiny(dtype=dtype)
+    ids = prompt(70)
+    out = model(ids[:, :20], use_cache=True)
+    cache, logits = out.cache, [out.logits]
+    for t in range(20, 70):  # crosses block (4) and group (8, 16, 32) boundaries: partial sums and completions
+        out = model(ids[:, t:t + 1], cache=cache)
+        cache, logits = out.cache, logits + [out.logits]
+    assert cache.layers[0].states[0].partial_k.dtype == torch.float32  # sums of shares kept in float32
+    full = model(ids, use_cache=False).logits
+    torch.testing.assert_close(torch.cat(logits, 1).float(), full.float(), rtol=0, atol=0.05)
+
+
 def test_chunked_prefill_equals_one_shot():
     model = tiny()
     ids = prompt(77)
