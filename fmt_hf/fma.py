@@ -724,90 +724,80 @@ class FastMultipoleAttention(nn.Module):
     def _attend_state(self, state, q, k, v, sums):
         """The §3/§4 partition for queries at ``t .. t+c-1`` over the state and the new tokens, one softmax."""
         heads, c, d = q.shape
-        kv_heads, t, m = k.shape[0], state.length, self.block_size
-        device, dtype = q.device, q.dtype
-        zero_sink = self.boundary == "zero_sink"
-        i = torch.arange(t, t + c, device=device)  # query positions
+        kv_heads, t, p = k.shape[0], state.length, self.coarse_tokens
+        dtype = q.dtype
+        i = torch.arange(t, t + c, device=q.device)  # query positions
         queries = (q * d ** -0.5).reshape(kv_heads, heads // kv_heads * c, d)  # rows: (g heads, c positions)
 
-        # Level 0: the ring (last 2m positions) and the new tokens; query i sees [(floor(i/m)-1)m, i].
-        ring = torch.arange(2 * m, device=device)
-        fine_pos = torch.cat([(t - 1) - (t - 1 - ring) % (2 * m), i])
-        window_start = (i // m - 1) * m
-        use = (fine_pos >= window_start[:, None]) & (fine_pos <= i[:, None]) & (fine_pos >= 0)
-        keys = torch.cat([state.fine_k.to(dtype), k], 1)
-        values = torch.cat([state.fine_v.to(dtype), v], 1)
-        logits = [(queries @ keys.transpose(-1, -2)).view(kv_heads, -1, c, keys.shape[1])
-                  + _slot_bias(use, True, True, 0.0, False, dtype)]
-        value_parts = [values]
-        sinks = torch.where(i < m, float(m), 0.0).to(torch.float64)  # block -1 of the first block (zero_sink)
-
-        for level in range(1, self.num_levels + 1):
-            width, p = self.group_width(level), self.coarse_tokens
-            if sums is None:  # no group completes within the chunk
-                first, complete_k, complete_v = t // width, k.new_zeros(kv_heads, 0, p, d), v.new_zeros(kv_heads, 0, p, d)
-            else:
-                first, complete_k, complete_v = sums[level - 1][:3]
-            last = t // width - 1  # newest group complete before the chunk
-            group_ids = torch.cat([last - (last - torch.arange(3, device=device)) % 3,
-                                   first + torch.arange(complete_k.shape[1], device=device)])
-            parent, second_child = i // (2 * width), (i // width) % 2 == 1
-            member = (group_ids == 2 * parent[:, None] - 2) | ((group_ids == 2 * parent[:, None] - 1)
-                                                             & second_child[:, None])
-            offset = math.log(width / p) if self.scale_attn else 0.0
-            bias = _slot_bias(member, group_ids >= 0, True, offset, False, dtype).repeat_interleave(p, 1)
+        new = [(k.new_zeros(kv_heads, 0, p, d), v.new_zeros(kv_heads, 0, p, d))] * self.num_levels \
+            if sums is None else [level_sums[1:3] for level_sums in sums]  # groups the chunk completes
+        keys, value_parts = [torch.cat([state.fine_k.to(dtype), k], 1)], [torch.cat([state.fine_v.to(dtype), v], 1)]
+        logits = [queries @ keys[0].transpose(-1, -2)]
+        for level, (complete_k, complete_v) in enumerate(new, start=1):
             level_keys = torch.cat([state.groups_k[level - 1].to(dtype), complete_k], 1).flatten(1, 2)
             value_parts.append(torch.cat([state.groups_v[level - 1].to(dtype), complete_v], 1).flatten(1, 2))
             level_q = queries
             if self.query_mode == "coarse":
-                sub_window = width // p
+                sub_window = self.group_width(level) // p
                 opener = i // sub_window * sub_window
                 fresh = q[:, (opener - t).clamp(min=0)]  # (H, c, d): the opener's query when it is new
                 stored = state.level_queries[level - 1].to(dtype)[:, None].expand_as(fresh)
                 level_q = torch.where((opener >= t)[None, :, None], fresh, stored) * d ** -0.5
                 level_q = level_q.reshape(queries.shape)
-            logits.append((level_q @ level_keys.transpose(-1, -2)).view(kv_heads, -1, c, level_keys.shape[1]) + bias)
-            sinks += p * ((2 * parent - 2 < 0).double() + (second_child & (2 * parent - 1 < 0)).double())
-
-        if zero_sink:
-            logits.append(torch.where(sinks > 0, sinks.clamp(min=1).log(), MASK_VALUE).to(dtype)
-                          .expand(kv_heads, heads // kv_heads, c)[..., None])
-            value_parts.append(values.new_zeros(kv_heads, 1, d))
-        probs = torch.softmax(torch.cat(logits, -1), -1).flatten(1, 2)  # (H_kv, g*c, S)
+            logits.append(level_q @ level_keys.transpose(-1, -2))
+        if self.boundary == "zero_sink":
+            logits.append(queries.new_zeros(kv_heads, queries.shape[1], 1))
+            value_parts.append(v.new_zeros(kv_heads, 1, d))
+        bias = torch.cat([self._fine_state_bias(t, c, dtype, q.device),
+                          self._coarse_state_bias(t, c, [n.shape[1] for n, _ in new], dtype, q.device)], 1)
+        logits = torch.cat(logits, -1).view(kv_heads, -1, c, bias.shape[-1]) + bias
+        probs = torch.softmax(logits, -1).flatten(1, 2)  # (H_kv, g*c, S)
         return (probs @ torch.cat(value_parts, 1)).reshape(heads, c, d)
 
-    def _decode_bias(self, t, dtype, device):
-        """Logit bias of a decoding step at position t over [fine ring (2m) | the token | ring of complete groups
-        (L x 3 x p) | zero sink (zero_sink only)] -- §3 worked out for one position.
+    def _fine_state_bias(self, t, c, dtype, device):
+        """Level-0 bias (c, 2m + c) of queries at ``t .. t+c-1`` over [fine ring | the c new tokens]: ring slot s
+        holds position (t-1) - ((t-1-s) mod 2m); query i sees [(floor(i/m)-1)m, i] (§3)."""
+        m = self.block_size
+        i = torch.arange(t, t + c, device=device)
+        ring = torch.arange(2 * m, device=device)
+        positions = torch.cat([(t - 1) - (t - 1 - ring) % (2 * m), i])
+        use = (positions >= (i // m - 1)[:, None] * m) & (positions <= i[:, None]) & (positions >= 0)
+        return _slot_bias(use, True, True, 0.0, False, dtype)
 
-        Ring slot s holds position (t-1) - ((t-1-s) mod 2m), used inside the window that starts a block before
-        t's block; level-l ring slot u holds group (G-1) - ((G-1-u) mod 3), G = t // w_l, used if it is 2P-2 (or
-        2P-1 when G is odd). The fine part repeats with period 2m once t >= 2m and the coarse part is constant
-        within a fine block, so both are cached."""
-        m, p, cache = self.block_size, self.coarse_tokens, self._decode_bias_cache
+    def _coarse_state_bias(self, t, c, new_groups, dtype, device):
+        """Coarse bias (c, S) of queries at ``t .. t+c-1`` over, per level l, its ring of three complete groups
+        (slot u holds group (G-1) - ((G-1-u) mod 3), G = t // w_l) and the ``new_groups[l-1]`` groups the chunk
+        completes, p slots each -- then, with ``boundary="zero_sink"``, one slot carrying the sinks (§3, §4)."""
+        p = self.coarse_tokens
+        i = torch.arange(t, t + c, device=device)
+        parts = []
+        sinks = (i < self.block_size).double() * self.block_size  # block -1 of the first block
+        for level, n_new in enumerate(new_groups, start=1):
+            width = self.group_width(level)
+            last = t // width - 1  # newest group complete before the chunk
+            ids = torch.cat([last - (last - torch.arange(3, device=device)) % 3,
+                             t // width + torch.arange(n_new, device=device)])
+            wanted, member = coarse_groups(i // width, causal=True)  # (c, 2)
+            use = ((ids[None, :, None] == wanted[:, None, :]) & member[:, None, :]).any(-1)  # (c, slots)
+            offset = math.log(width / p) if self.scale_attn else 0.0
+            parts.append(_slot_bias(use, ids >= 0, True, offset, False, dtype).repeat_interleave(p, 1))
+            sinks += p * (member & (wanted < 0)).sum(-1)
+        if self.boundary == "zero_sink":
+            parts.append(torch.where(sinks > 0, sinks.clamp(min=1).log(), MASK_VALUE).to(dtype)[:, None])
+        return torch.cat(parts, 1) if parts else torch.zeros(c, 0, dtype=dtype, device=device)
+
+    def _decode_bias(self, t, dtype, device):
+        """The step bias of one token at position t (see :meth:`_attend_state`), cached: its fine part repeats
+        with period 2m once t >= 2m, its coarse part is constant within a fine block."""
+        m, cache = self.block_size, self._decode_bias_cache
         if len(cache) > 4096:  # one coarse entry per fine block of a long generation
             cache.clear()
         fine_key, coarse_key = ("fine", t % (2 * m), min(t // m, 2), dtype, device), ("coarse", t // m, dtype, device)
-        fine, coarse = cache.get(fine_key), cache.get(coarse_key)
-        if fine is None:
-            window_start = max(0, (t // m - 1) * m)
-            ring_pos = (t - 1) - (t - 1 - torch.arange(2 * m)) % (2 * m)
-            fine = torch.where(ring_pos >= window_start, 0.0, MASK_VALUE)
-            fine = cache[fine_key] = torch.cat([fine, torch.zeros(1)]).to(dtype=dtype, device=device)
-        if coarse is None:
-            coarse, sinks = [], m * (t < m)
-            for width in (self.group_width(level) for level in range(1, self.num_levels + 1)):
-                own, parent = t // width, t // (2 * width)
-                wanted = [2 * parent - 2] + ([2 * parent - 1] if own % 2 else [])
-                offset = math.log(width / p) if self.scale_attn else 0.0
-                for u in range(3):
-                    group = (own - 1) - (own - 1 - u) % 3
-                    coarse += [offset if group in wanted and group >= 0 else MASK_VALUE] * p
-                sinks += p * sum(group < 0 for group in wanted)
-            if self.boundary == "zero_sink":
-                coarse.append(math.log(sinks) if sinks else MASK_VALUE)
-            coarse = cache[coarse_key] = torch.tensor(coarse, dtype=dtype, device=device)
-        return torch.cat([fine, coarse])
+        if fine_key not in cache:
+            cache[fine_key] = self._fine_state_bias(t, 1, dtype, device)[0]
+        if coarse_key not in cache:
+            cache[coarse_key] = self._coarse_state_bias(t, 1, [0] * self.num_levels, dtype, device)[0]
+        return torch.cat([cache[fine_key], cache[coarse_key]])
 
     def _decode_token(self, state, q, k, v, out_dtype):
         """:meth:`step` for one token in about a dozen tensor operations: the token's own group is never

@@ -311,7 +311,7 @@ def test_decoding_equals_full_forward(query_mode, downsample, boundary):
     attn = make(query_mode=query_mode, downsample=downsample, boundary=boundary, max_seq_len=96).eval()
     q, k, v = qkv(77, batch=1)
     full = attn(q, k, v)[0]
-    for prompt, chunks in ((0, [1]), (13, [1, 3]), (32, [7, 1, 16]), (50, [1])):
+    for prompt, chunks in ((0, [1]), (13, [1, 3]), (32, [7, 1, 16]), (50, [1]), (16, [2])):
         out, state = decode(attn, q[0], k[0], v[0], prompt, chunks)
         torch.testing.assert_close(out, full[:, prompt:], rtol=0, atol=1e-12)
         assert state.length == 77
