@@ -15,6 +15,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(PY) tests/transformers_common.py
 	$(PY) -m pytest -n 2 --durations=15 tests
 
 demo: $(STAMP)

@@ -1,27 +1,51 @@
 """fmt_hf: the Fast Multipole Transformer for Hugging Face.
 
 Importing the package registers FMT with transformers' Auto classes (`AutoConfig`, `AutoModel`,
-`AutoModelForCausalLM`, `AutoModelForMaskedLM`) under the model type ``"fmt"``.
+`AutoModelForCausalLM`, `AutoModelForMaskedLM`) under the model type ``"fmt"``. It loads only the model code
+(`fmt_hf.model`: torch + transformers); the toolkit names below (`build_corpus`, `byte_tokenizer`, `LM_BITS`, ...)
+import `fmt_hf.toolkit` -- and with it `datasets` and `evaluate` -- on first use.
 """
+
+import importlib
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
-from .cache_fmt import FMTCache
-from .configuration_fmt import FMTConfig
-from .data import CORPORA, build_corpus, load_corpus, pack_documents
-from .fma import FastMultipoleAttention
-from .metrics import LM_BITS
-from .modeling_fmt import FMTForCausalLM, FMTForMaskedLM, FMTModel, FMTPreTrainedModel
-from .tokenizer import byte_tokenizer, load_tokenizer
+from .model import (
+    FMAState,
+    FastMultipoleAttention,
+    FMTCache,
+    FMTConfig,
+    FMTForCausalLM,
+    FMTForMaskedLM,
+    FMTModel,
+    FMTPreTrainedModel,
+)
 
 AutoConfig.register(FMTConfig.model_type, FMTConfig)
 AutoModel.register(FMTConfig, FMTModel)
 AutoModelForCausalLM.register(FMTConfig, FMTForCausalLM)
 AutoModelForMaskedLM.register(FMTConfig, FMTForMaskedLM)
 
+# Toolkit names, imported lazily (PEP 562): name -> module under fmt_hf.toolkit.
+_TOOLKIT = {
+    "CORPORA": "data",
+    "build_corpus": "data",
+    "load_corpus": "data",
+    "pack_documents": "data",
+    "LM_BITS": "metrics",
+    "byte_tokenizer": "tokenizer",
+    "load_tokenizer": "tokenizer",
+}
+
+
+def __getattr__(name):
+    if name in _TOOLKIT:
+        return getattr(importlib.import_module(f".toolkit.{_TOOLKIT[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
-    "CORPORA",
-    "LM_BITS",
+    "FMAState",
     "FastMultipoleAttention",
     "FMTCache",
     "FMTConfig",
@@ -29,10 +53,6 @@ __all__ = [
     "FMTForCausalLM",
     "FMTForMaskedLM",
     "FMTPreTrainedModel",
-    "build_corpus",
-    "byte_tokenizer",
-    "load_corpus",
-    "load_tokenizer",
-    "pack_documents",
+    *_TOOLKIT,
 ]
 __version__ = "0.1.0"

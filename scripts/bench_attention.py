@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from fmt_hf.benchmarking import DTYPES, MODES, PASSES, BenchConfig, format_table, plot_results, run_benchmark, \
+from benchmarks.attention import DTYPES, MODES, PASSES, BenchConfig, format_table, plot_results, run_benchmark, \
     write_results
 
 DEFAULT_LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fmt_hf.benchmark_generate import format_decode_table, plot_decode, run_decode_benchmark, smollm2_shaped_config
+from benchmarks.generate import format_decode_table, plot_decode, run_decode_benchmark, smollm2_shaped_config
 
 DEFAULT_LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536 - 64]
 

@@ -16,7 +16,7 @@ import sys
 import torch
 from tqdm.auto import tqdm
 
-from fmt_hf.benchmarking import BenchConfig, dense_agreement, format_table, plot_results, run_benchmark, \
+from benchmarks.attention import BenchConfig, dense_agreement, format_table, plot_results, run_benchmark, \
     write_results
 
 M = 64  # block size used throughout

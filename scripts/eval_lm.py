@@ -15,12 +15,12 @@ import sys
 
 from transformers import HfArgumentParser
 
-from fmt_hf.evaluation import EvalArguments, evaluate_lm
-from fmt_hf.training import CorpusArguments
+from fmt_hf.toolkit.evaluation import EvalArguments, evaluate_lm
+from fmt_hf.toolkit.training import CorpusArguments
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """Parse the command line (or `argv`), run `fmt_hf.evaluation.evaluate_lm` and print its results."""
+    """Parse the command line (or `argv`), run `fmt_hf.toolkit.evaluation.evaluate_lm` and print its results."""
     parser = HfArgumentParser((EvalArguments, CorpusArguments))
     eval_args, corpus_args = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
     results = evaluate_lm(eval_args, corpus_args)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Publish an FMT checkpoint from scripts/train.py to the Hugging Face Hub with a model card.
 
-The card is rendered from model_cards/fmt_model_card.md (architecture and FMA settings, training data and
+The card is rendered from fmt_hf/toolkit/model_card_template.md (architecture and FMA settings, training data and
 procedure, evaluation results from train.py --do_eval and scripts/eval_lm.py, intended use and limitations, how to
 load with and without fmt_hf). Examples:
 
@@ -16,11 +16,11 @@ import sys
 
 from transformers import HfArgumentParser
 
-from fmt_hf.hub import PushArguments, push_to_hub
+from fmt_hf.toolkit.hub import PushArguments, push_to_hub
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Parse the command line (or `argv`) and run `fmt_hf.hub.push_to_hub`."""
+    """Parse the command line (or `argv`) and run `fmt_hf.toolkit.hub.push_to_hub`."""
     (args,) = HfArgumentParser(PushArguments).parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
     commit = push_to_hub(args)
     if args.local_dir is not None:

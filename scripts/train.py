@@ -2,7 +2,7 @@
 """Train or evaluate a causal (`--task clm`) or masked (`--task mlm`) FMT language model with the `Trainer`.
 
 In the style of transformers' `run_clm.py`/`run_mlm.py`: every `TrainingArguments` flag works, plus the model and
-data arguments of `fmt_hf.training`. Examples:
+data arguments of `fmt_hf.toolkit.training`. Examples:
 
     # a small byte-level FMT from scratch on Shakespeare's plays, evaluated in bits per byte
     python scripts/train.py --output_dir outputs/fmt-shakespeare --do_train --do_eval \\
@@ -26,11 +26,11 @@ import sys
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from fmt_hf.training import DataArguments, ModelArguments, train
+from fmt_hf.toolkit.training import DataArguments, ModelArguments, train
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Parse the command line (or `argv`) and run `fmt_hf.training.train`; return its metrics."""
+    """Parse the command line (or `argv`) and run `fmt_hf.toolkit.training.train`; return its metrics."""
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):

@@ -3,8 +3,10 @@ from pathlib import Path
 
 import torch
 
-# tests/ holds shared test helpers (e.g. fma_reference.py) imported as plain modules
+# tests/ holds shared test helpers (e.g. fma_reference.py) imported as plain modules; scripts/ holds the benchmark
+# engines (`benchmarks`), imported as the scripts beside them import them.
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 # One intra-op thread per test process: the suite's models are tiny, and `make test` runs two xdist workers on
 # two cores, where extra threads only contend (a tiny training step measured 5 ms with one thread, 170 ms with two).
@@ -12,6 +14,8 @@ torch.set_num_threads(1)
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "download: needs files from the package index (registry corpora, the transformers "
+                            "sdist); deselect with -m 'not download'")
     # Markers that transformers' common model tests (downloaded by tests/test_modeling_fmt.py) put on their tests.
     for marker in ("accelerate_tests", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test",
                    "is_training_test", "slow", "torch_compile_test"):

@@ -1,6 +1,6 @@
-"""A plain, loop-based Fast Multipole Attention written straight from shared/design/fma.md, for tests only.
+"""A plain, loop-based Fast Multipole Attention written straight from docs/fma.md, for tests only.
 
-It shares no code with fmt_hf.fma: the partition is enumerated per query from the §3 formulas, coarse keys come
+It shares no code with fmt_hf.model: the partition is enumerated per query from the §3 formulas, coarse keys come
 from torch's own conv1d / avg_pool1d, and the joint softmax is taken over an explicit list of logits.
 """
 
@@ -9,7 +9,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fmt_hf.fma import AvgPoolDownsample, DepthwiseDownsample
+from fmt_hf.model.fma_downsample import AvgPoolDownsample, DepthwiseDownsample
 
 
 def downsample(module, level, x):

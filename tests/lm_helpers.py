@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from types import ModuleType
 
-from fmt_hf.data import load_corpus
+from fmt_hf.toolkit.data import load_corpus
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,24 +1,31 @@
 """The multilevel coarse key/value cache of FMT: a transformers `Cache` whose layers keep, per sequence, only what
 Fast Multipole Attention can still read -- the last two fine blocks, and per level the group being filled plus the
-last three complete coarse groups (shared/design/fma.md §8). Memory per layer and key/value head is
+last three complete coarse groups (docs/fma.md §8). Memory per layer and key/value head is
 ``4m + 8pL`` vectors, O(m + p log n), instead of the ``2n`` of a dense cache; decoding is exact.
 """
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
-
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from .fma import FMAState
+from .fma_attention import FastMultipoleAttention
+from .fma_state import FMAState
+
+
+def is_fmt_cache(cache) -> bool:
+    """Whether ``cache`` is an :class:`FMTCache` -- also one from another copy of this module (Hub code is imported
+    under ``transformers_modules...`` next to an installed ``fmt_hf``), so the check is by marker, not identity."""
+    return bool(getattr(cache, "is_multilevel_fma_cache", False))
 
 
 class FMTCacheLayer(CacheLayerMixin):
-    """One decoder layer's cache: an :class:`~fmt_hf.fma.FMAState` per sequence of the batch.
+    """One decoder layer's cache: an :class:`FMAState` per sequence of the batch.
 
     Sequences are kept apart because each one's hierarchy starts at its own first real token (left padding), so
-    their positions differ. States are immutable, which makes beam reordering a plain re-indexing.
+    their positions differ. States are immutable, which makes beam reordering a plain re-indexing. The layer
+    owns its updates: :meth:`attend` takes a layer's new queries, keys and values, attends them to the past and
+    stores what FMA can still read.
     """
 
     is_sliding = False
@@ -35,13 +42,36 @@ class FMTCacheLayer(CacheLayerMixin):
 
     def update(self, key_states, value_states, *args, **kwargs):
         raise NotImplementedError(
-            "FMTCacheLayer holds multilevel coarse states, not full key/value tensors: FMT attention reads and "
-            "writes `states` itself (see FMTAttention).")
+            "FMTCacheLayer holds multilevel coarse states, not full key/value tensors, so it cannot hand back the "
+            "past keys and values: use `attend`, which attends the new tokens to the past and stores them.")
 
-    def set_states(self, states: list[FMAState], new_tokens: int) -> None:
+    def attend(self, fma: FastMultipoleAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        """FMA output of new tokens over everything this layer has seen, then consume them (the FMT counterpart
+        of a transformers cache layer's ``update``).
+
+        ``query`` (B, H, c, d), ``key``/``value`` (B, H_kv, c, d). Rows arrive aligned: each row's new real tokens
+        are a prefix of its columns (``key_padding_mask``, or all of them when None), the rest is padding. A first
+        chunk of every row runs the full O(n log n) forward and prefills the states; later chunks and decoding
+        steps attend each row's state (exact, see ``FastMultipoleAttention.step``).
+        """
+        batch, heads, length, _ = query.shape
+        real = [length] * batch if key_padding_mask is None else key_padding_mask.sum(1).tolist()
+        states = list(self.states) or [fma.init_state(heads, key.shape[1], key.dtype, key.device)] * batch
+        if all(state.length == 0 for state in states):
+            output = fma(query, key, value, key_padding_mask=key_padding_mask)
+            states = [fma.prefill(state, q[:, :n], k[:, :n], v[:, :n]) if n else state
+                      for state, n, q, k, v in zip(states, real, query, key, value)]
+        else:
+            output = torch.zeros_like(query)
+            for row, (state, n) in enumerate(zip(states, real)):
+                if n:
+                    output[row, :, :n], states[row] = fma.step(
+                        state, query[row, :, :n], key[row, :, :n], value[row, :, :n])
         self.states = states
-        self.seen_tokens += new_tokens
+        self.seen_tokens += length
         self.is_initialized = True
+        return output
 
     def get_seq_length(self) -> int:
         return self.seen_tokens
@@ -78,17 +108,12 @@ class FMTCacheLayer(CacheLayerMixin):
             "assisted and prompt-lookup decoding are not supported with FMT.")
 
     def offload(self):
-        self.states = [_map_tensors(state, lambda t: t.to("cpu", non_blocking=True)) for state in self.states]
+        self.states = [state.map_tensors(lambda t: t.to("cpu", non_blocking=True)) for state in self.states]
 
     def prefetch(self):
         if self.states:
             device = self.states[0].fine_k.device
-            self.states = [_map_tensors(state, lambda t: t.to(device, non_blocking=True)) for state in self.states]
-
-
-def _map_tensors(state: FMAState, fn) -> FMAState:
-    return replace(state, **{f.name: fn(getattr(state, f.name)) for f in fields(state)
-                             if isinstance(getattr(state, f.name), torch.Tensor)})
+            self.states = [state.map_tensors(lambda t: t.to(device, non_blocking=True)) for state in self.states]
 
 
 class FMTCache(Cache):
@@ -102,8 +127,15 @@ class FMTCache(Cache):
     prompt-lookup decoding -- raises, since the summaries cannot be rolled back token by token.
     """
 
+    is_multilevel_fma_cache = True  # see is_fmt_cache
+
     def __init__(self, num_hidden_layers: int):
         super().__init__(layers=[FMTCacheLayer() for _ in range(num_hidden_layers)])
+
+    def attend(self, layer_idx: int, fma: FastMultipoleAttention, query: torch.Tensor, key: torch.Tensor,
+               value: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`FMTCacheLayer.attend` of layer ``layer_idx``."""
+        return self.layers[layer_idx].attend(fma, query, key, value, key_padding_mask)
 
     @property
     def nbytes(self) -> int:

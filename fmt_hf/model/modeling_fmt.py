@@ -9,7 +9,7 @@ Attention implementations (`config._attn_implementation`, chosen with `attn_impl
 
 - `"fma"` (the default): `FastMultipoleAttention`, O(n log n). Each row's hierarchy starts at its first real token
   (left padding is moved out of the way), other padding becomes FMA's key padding mask. With `use_cache` it keeps the
-  multilevel coarse `FMTCache` (shared/design/fma.md §8): O(m + p log n) memory per layer, exact decoding.
+  multilevel coarse `FMTCache` (docs/fma.md §8): O(m + p log n) memory per layer, exact decoding.
 - `"sdpa"`, `"eager"`: dense attention on the same projections and rotary embeddings, with the usual 4D masks and
   transformers' `DynamicCache`; the FMA downsamplers stay in the model (and in its checkpoints) but are not used.
 
@@ -41,9 +41,10 @@ from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .cache_fmt import FMTCache
+from .cache_fmt import FMTCache, is_fmt_cache
 from .configuration_fmt import FMTConfig
-from .fma import DepthwiseDownsample, FastMultipoleAttention, FullDownsample
+from .fma_attention import FastMultipoleAttention
+from .fma_downsample import DepthwiseDownsample, FullDownsample
 
 logger = logging.get_logger(__name__)
 
@@ -253,8 +254,9 @@ class FMTAttention(nn.Module):
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
-        if isinstance(cache, FMTCache):
-            attn_output = self._fma_with_cache(query_states, key_states, value_states, attention_mask, cache)
+        if is_fmt_cache(cache):
+            attn_output = cache.attend(self.layer_idx, self.fma, query_states, key_states, value_states,
+                                       attention_mask)
             return self.o_proj(attn_output.transpose(1, 2).reshape(*input_shape, -1)), None
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
@@ -276,35 +278,6 @@ class FMTAttention(nn.Module):
         attn_output = attn_output.reshape(*input_shape, -1).contiguous()
         attn_output = self.o_proj(attn_output)
         return attn_output, attn_weights
-
-    def _fma_with_cache(self, query, key, value, key_padding_mask, cache: FMTCache) -> torch.Tensor:
-        """FMA over new tokens with the multilevel cache. Rows arrive aligned: each row's new real tokens are a
-        prefix of its columns (`key_padding_mask`, or all of them when None), the rest is padding.
-
-        A first chunk of every row runs the full O(n log n) forward and keeps the state (prefill); later chunks
-        and decoding steps attend each row's state (exact, see `FastMultipoleAttention.step`)."""
-        layer = cache.layers[self.layer_idx]
-        batch, heads, length, _ = query.shape
-        real = [length] * batch if key_padding_mask is None else key_padding_mask.sum(1).tolist()
-        states = list(layer.states) or [self.fma.init_state(heads, key.shape[1], key.dtype, key.device)] * batch
-        if all(state.length == 0 for state in states):
-            output = self.fma(query, key, value, key_padding_mask=key_padding_mask)
-            states = [self.fma.prefill(state, q[:, :n], k[:, :n], v[:, :n]) if n else state
-                      for state, n, q, k, v in zip(states, real, query, key, value)]
-        elif all(n == length for n in real):  # every row takes every new token: decoding, or a full chunk
-            outputs = []
-            for row, state in enumerate(states):
-                out, states[row] = self.fma.step(state, query[row], key[row], value[row])
-                outputs.append(out)
-            output = torch.stack(outputs)
-        else:
-            output = torch.zeros_like(query)
-            for row, (state, n) in enumerate(zip(states, real)):
-                if n:
-                    output[row, :, :n], states[row] = self.fma.step(
-                        state, query[row, :, :n], key[row, :, :n], value[row, :, :n])
-        layer.set_states(states, length)
-        return output
 
 
 class FMTDecoderLayer(GradientCheckpointingLayer):
@@ -367,13 +340,6 @@ class FMTPreTrainedModel(PreTrainedModel):
         if requested_attention is None:
             return FMA_ATTN_IMPLEMENTATION
         return super().get_correct_attn_implementation(requested_attention, is_init_check)
-
-    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
-        # The downsamplers keep their weights in ParameterLists and own no parameter directly, which the base
-        # class's custom-code shortcut would take as "all loaded" and skip: always hand them to `_init_weights`.
-        if isinstance(module, (DepthwiseDownsample, FullDownsample)):
-            is_custom_code = False
-        super()._initialize_weights(module, is_custom_code)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -537,14 +503,12 @@ class FMTModel(FMTPreTrainedModel):
             return cache
         if not self.config.is_causal:
             raise ValueError("A key/value cache needs a causal model; this one is bidirectional (config.is_causal).")
-        # Compare by name: Hub code imports this class under transformers_modules.<...>.
-        is_fmt_cache = any(cls.__name__ == "FMTCache" for cls in type(cache).__mro__)
-        if fma and not is_fmt_cache:
+        if fma and not is_fmt_cache(cache):
             raise ValueError(
                 f"FMA attention keeps its own multilevel cache (FMTCache); got {type(cache).__name__}. Pass no cache "
                 'to have one built, or load the model with attn_implementation="sdpa" to use transformers\' caches.'
             )
-        if not fma and is_fmt_cache:
+        if not fma and is_fmt_cache(cache):
             raise ValueError(f"FMTCache serves only FMA attention, not {self.config._attn_implementation!r}.")
         return cache
 
@@ -710,7 +674,7 @@ class FMTForCausalLM(FMTLanguageModel, GenerationMixin):
             )
         user_cache = model_kwargs.get("cache")
         if user_cache is not None:
-            if not any(cls.__name__ == "FMTCache" for cls in type(user_cache).__mro__):
+            if not is_fmt_cache(user_cache):
                 raise ValueError(f"FMT under FMA needs an FMTCache to continue from, got {type(user_cache).__name__}.")
             user_cache._is_user_defined = True
         elif generation_config.use_cache:

@@ -15,8 +15,10 @@ import pytest
 import torch
 from transformers import DataCollatorForLanguageModeling
 
-from fmt_hf import data
-from fmt_hf.tokenizer import byte_tokenizer
+from fmt_hf.toolkit import data
+from fmt_hf.toolkit.tokenizer import byte_tokenizer
+
+pytestmark = pytest.mark.download  # registry corpora
 
 # Per corpus: documents, a title, and a passage that document must contain.
 EXPECTED = {

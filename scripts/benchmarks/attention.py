@@ -47,7 +47,8 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from .fma import FastMultipoleAttention, num_levels
+from fmt_hf.model.fma_attention import FastMultipoleAttention
+from fmt_hf.model.fma_partition import num_levels
 
 MODES = ("causal", "bidir")
 PASSES = ("fwd", "fwd+bwd")

@@ -1,4 +1,4 @@
-"""scripts/push_to_hub.py and fmt_hf.hub: the model card, the local repository folder, the push (Hub mocked)."""
+"""scripts/push_to_hub.py and fmt_hf.toolkit.hub: the model card, the local repository folder, the push (Hub mocked)."""
 
 import os
 import subprocess
@@ -14,7 +14,9 @@ from lm_helpers import play_excerpts, script, train_argv, write_documents
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from fmt_hf import FMTConfig, FMTForMaskedLM
-from fmt_hf.hub import PushArguments, push_to_hub
+from fmt_hf.toolkit.hub import PushArguments, push_to_hub
+
+pytestmark = pytest.mark.download  # registry corpora
 
 REPOSITORY_DATA = {"README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                    "tokenizer_config.json"}
@@ -23,7 +25,7 @@ REPOSITORY_DATA = {"README.md", "config.json", "generation_config.json", "model.
 def assert_repository_files(names):
     """The files of a Hub repository: model, tokenizer, card and FMT code; no checkpoints, logs or training state."""
     assert {n for n in names if not n.endswith(".py")} == REPOSITORY_DATA
-    assert {"configuration_fmt.py", "modeling_fmt.py", "fma.py"} <= {n for n in names if n.endswith(".py")}
+    assert {"configuration_fmt.py", "modeling_fmt.py", "cache_fmt.py", "fma_attention.py"} <= {n for n in names if n.endswith(".py")}
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The multilevel coarse KV cache (shared/design/fma.md §8) through transformers' generate()."""
+"""The multilevel coarse KV cache (docs/fma.md §8) through transformers' generate()."""
 
 import copy
 

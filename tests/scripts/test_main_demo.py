@@ -3,7 +3,10 @@
 import json
 import math
 
+import pytest
 from lm_helpers import script
+
+pytestmark = pytest.mark.download  # registry corpora
 
 
 def test_main_demo_runs_every_stage(tmp_path, capsys):

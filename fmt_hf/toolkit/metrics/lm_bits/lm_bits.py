@@ -26,7 +26,7 @@ Returns:
     num_tokens (`int`), num_bytes (`int`): the totals.
 Examples:
     >>> import evaluate
-    >>> from fmt_hf.metrics import LM_BITS
+    >>> from fmt_hf.toolkit.metrics import LM_BITS
     >>> metric = evaluate.load(LM_BITS)
     >>> result = metric.compute(nll=[693.147], num_tokens=[1000], num_bytes=[500])
     >>> round(result["bits_per_token"], 3), round(result["bits_per_byte"], 3), round(result["perplexity"], 3)

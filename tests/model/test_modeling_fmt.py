@@ -15,15 +15,26 @@ import textwrap
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+)
 
-from fmt_hf import FMTConfig, FMTForCausalLM, FMTForMaskedLM, FMTModel
-from fmt_hf.configuration_fmt import FMT_AUTO_MAP
-from fmt_hf.fma import FastMultipoleAttention
+from fmt_hf import (
+    FastMultipoleAttention,
+    FMTConfig,
+    FMTForCausalLM,
+    FMTForMaskedLM,
+    FMTModel,
+)
+from fmt_hf.model.configuration_fmt import FMT_AUTO_MAP
 
 BLOCK = 8  # FMA block size of the tiny models: sequences longer than 2 * BLOCK = 16 use coarse levels
 MAX_LEN = 128  # 3 coarse levels at BLOCK = 8
-CODE_FILES = ("configuration_fmt.py", "modeling_fmt.py", "fma.py")
+CODE_FILES = ("configuration_fmt.py", "modeling_fmt.py", "cache_fmt.py", "fma_attention.py", "fma_partition.py",
+              "fma_downsample.py", "fma_state.py")
 
 
 def tiny_config(**overrides) -> FMTConfig:
@@ -556,173 +567,3 @@ def test_inputs_embeds_equal_input_ids():
     model = make(FMTForCausalLM)
     ids = random_ids(2, 40)
     assert torch.equal(model(inputs_embeds=model.model.embed_tokens(ids)).logits, model(ids).logits)
-
-
-# ----------------------------------------------------------------------------- transformers' common model tests
-#
-# `ModelTesterMixin`, `ConfigTester` and `TrainingTesterMixin` ship in the transformers sdist (tests/*.py), not in
-# the wheel. They are downloaded for the installed version at test time into a cache outside the repository
-# (TRANSFORMERS_COMMON_TESTS_CACHE, default ~/.cache/fmt_hf/transformers-tests) and never committed. The sdist
-# lacks three helper modules they import; minimal stand-ins are written next to them (see `_STANDINS`).
-
-_COMMON_PACKAGE = "transformers_common_tests"
-_STANDINS = {
-    # Generation and torch.export suites are separate test modules absent from the sdist: their mixins are empty,
-    # so those tests are not collected (this file checks FMT's generate() itself).
-    "generation/test_utils.py": "class GenerationTesterMixin:\n    pass\n",
-    "exporters/test_export.py": "class ExportTesterMixin:\n    pass\n",
-    # `ConfigTester.check_config_arguments_init` sets these base-config arguments to non-default values and
-    # checks they stick: the list of transformers 5.x's tests/utils/test_configuration_utils.py.
-    "utils/test_configuration_utils.py": (
-        "config_common_kwargs = {\n"
-        "    'return_dict': False, 'output_hidden_states': True, 'output_attentions': True, 'dtype': 'float16',\n"
-        "    'chunk_size_feed_forward': 5, 'architectures': ['BertModel'], 'id2label': {0: 'label'},\n"
-        "    'label2id': {'label': '0'}, 'problem_type': 'regression',\n"
-        "}\n"
-    ),
-}
-
-
-def _load_transformers_common_tests():
-    """The sdist's common test modules as a namespace, or the reason they are unavailable."""
-    import importlib
-    import tarfile
-    import types
-
-    import transformers
-    from filelock import FileLock
-
-    version = transformers.__version__
-    default_cache = os.path.join(os.path.expanduser("~"), ".cache", "fmt_hf", "transformers-tests")
-    root = os.path.join(os.environ.get("TRANSFORMERS_COMMON_TESTS_CACHE", default_cache), version)
-    package_dir = os.path.join(root, _COMMON_PACKAGE)
-    os.makedirs(root, exist_ok=True)
-    with FileLock(os.path.join(root, ".lock")):  # pytest-xdist workers collect concurrently
-        if not os.path.isfile(os.path.join(package_dir, "__init__.py")):
-            sdist = os.path.join(root, f"transformers-{version}.tar.gz")
-            if not os.path.isfile(sdist):
-                download = subprocess.run(
-                    [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-                     f"transformers=={version}", "-d", root],
-                    capture_output=True, text=True, timeout=600,
-                )
-                if download.returncode != 0 or not os.path.isfile(sdist):
-                    return f"could not download the transformers {version} sdist: {download.stderr[-500:]}"
-            staging = package_dir + ".partial"
-            shutil.rmtree(staging, ignore_errors=True)
-            with tarfile.open(sdist) as archive:
-                prefix = f"transformers-{version}/tests/"
-                members = [m for m in archive.getmembers()
-                           if m.name.startswith(prefix) and m.name.count("/") == 2 and m.name.endswith(".py")]
-                for member in members:
-                    with archive.extractfile(member) as source:
-                        target = os.path.join(staging, os.path.basename(member.name))
-                        os.makedirs(staging, exist_ok=True)
-                        with open(target, "wb") as out:
-                            out.write(source.read())
-            for relative, content in _STANDINS.items():
-                path = os.path.join(staging, relative)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "w") as out:
-                    out.write(content)
-                open(os.path.join(os.path.dirname(path), "__init__.py"), "w").close()
-            open(os.path.join(staging, "__init__.py"), "w").close()
-            os.replace(staging, package_dir)
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    namespace = types.SimpleNamespace()
-    for name in ("test_modeling_common", "test_configuration_common", "test_training_mixin"):
-        module = importlib.import_module(f"{_COMMON_PACKAGE}.{name}")
-        namespace.__dict__.update(vars(module))
-    return namespace
-
-
-try:
-    _common = _load_transformers_common_tests()
-except Exception as error:  # a broken download or an incompatible sdist must not hide the tests above
-    _common = f"{type(error).__name__}: {error}"
-
-
-if isinstance(_common, str):
-
-    @pytest.mark.skip(reason=f"transformers' common model tests unavailable: {_common}")
-    def test_transformers_common_tests():
-        pass
-
-else:
-    import unittest
-
-    from transformers.models.auto import modeling_auto
-
-    class FMTModelTester:
-        """Tiny FMT models and inputs in the shape transformers' common tests expect.
-
-        `seq_length` (20) exceeds two FMA blocks (2 * 4), so FMA runs with coarse levels, not as dense attention;
-        it also needs every level built for `max_position_embeddings` (32), so every downsampler gets a gradient.
-        """
-
-        causal_lm_class = FMTForCausalLM
-        base_model_class = FMTModel
-
-        def __init__(self, parent, batch_size=4, seq_length=20, is_training=True, vocab_size=99, hidden_size=32,
-                     intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                     max_position_embeddings=32, fma_block_size=4, fma_coarse_tokens=2, pad_token_id=0):
-            self.parent = parent
-            self.batch_size, self.seq_length, self.is_training = batch_size, seq_length, is_training
-            self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
-            self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
-            self.num_key_value_heads, self.max_position_embeddings = num_key_value_heads, max_position_embeddings
-            self.fma_block_size, self.fma_coarse_tokens = fma_block_size, fma_coarse_tokens
-            self.pad_token_id = pad_token_id
-
-        def get_config(self) -> FMTConfig:
-            return FMTConfig(
-                vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-                num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
-                num_key_value_heads=self.num_key_value_heads, max_position_embeddings=self.max_position_embeddings,
-                fma_block_size=self.fma_block_size, fma_coarse_tokens=self.fma_coarse_tokens,
-                pad_token_id=self.pad_token_id,
-            )
-
-        def prepare_config_and_inputs_for_common(self):
-            input_ids = _common.ids_tensor([self.batch_size, self.seq_length], self.vocab_size)
-            attention_mask = _common.random_attention_mask([self.batch_size, self.seq_length])
-            return self.get_config(), {"input_ids": input_ids, "attention_mask": attention_mask}
-
-    class FMTCommonModelTest(_common.ModelTesterMixin, _common.TrainingTesterMixin, unittest.TestCase):
-        all_model_classes = (FMTModel, FMTForCausalLM, FMTForMaskedLM)
-        # The generation suite (tests/generation/test_utils.py) is not in the sdist, and FMT has no KV cache yet:
-        # `test_generate_recomputes_whole_sequence` above checks FMT's generate() instead.
-        all_generative_model_classes = ()
-        # The mixin dates models by a copyright line; FMT is new and its `_init_weights` covers every weight.
-        test_can_init_all_missing_weights_before_2023 = True
-        # The overfit batch must fit the tiny models' max_position_embeddings (the mixin's default is 64).
-        training_overfit_seq_length = 32
-
-        @classmethod
-        def setUpClass(cls):
-            # The mixins pick labels and expectations by looking model classes up in these name tables.
-            cls._registered_names = [
-                (modeling_auto.MODEL_MAPPING_NAMES, "FMTModel"),
-                (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "FMTForCausalLM"),
-                (modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES, "FMTForMaskedLM"),
-            ]
-            for table, name in cls._registered_names:
-                table["fmt"] = name
-
-        @classmethod
-        def tearDownClass(cls):
-            for table, _ in cls._registered_names:
-                table.pop("fmt", None)
-
-        def setUp(self):
-            self.model_tester = FMTModelTester(self)
-            self.config_tester = _common.ConfigTester(self, config_class=FMTConfig, hidden_size=48,
-                                                      num_attention_heads=4)
-
-        def test_config(self):
-            self.config_tester.run_common_tests()
-
-        @unittest.skip("FMA, not sdpa, is FMT's default; test_fma_is_the_default_and_dense_is_opt_in checks dispatch")
-        def test_sdpa_can_dispatch_non_composite_models(self):
-            pass

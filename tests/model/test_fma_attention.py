@@ -1,55 +1,14 @@
-"""Fast Multipole Attention against its definition (shared/design/fma.md) and against dense attention."""
+"""Fast Multipole Attention's forward pass against its definition (docs/fma.md) and against dense attention."""
 
 import itertools
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from fma_reference import multiplicity, reference_fma
-from fmt_hf.fma import FastMultipoleAttention, num_levels
-
-D = 8  # head dim of the small test layers
-F64 = torch.float64
-
-
-def make(seed=0, perturb=True, **kwargs):
-    """A float64 layer; learned downsamplers moved away from their average init so weights matter."""
-    torch.manual_seed(seed)
-    options = dict(head_dim=D, max_seq_len=64, block_size=4, coarse_tokens=2)
-    options.update(kwargs)
-    attn = FastMultipoleAttention(**options).double()
-    if perturb:
-        with torch.no_grad():
-            for param in attn.parameters():
-                param.add_(0.3 * torch.randn_like(param))
-    return attn
-
-
-def qkv(n, batch=2, heads=4, kv_heads=2, dtype=F64, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, heads, n, D, generator=gen, dtype=dtype)
-    k = torch.randn(batch, kv_heads, n, D, generator=gen, dtype=dtype)
-    v = torch.randn(batch, kv_heads, n, D, generator=gen, dtype=dtype)
-    return q, k, v
-
-
-class Identity(nn.Module):
-    """Identity pooling (§6): at every level each coarse token is one fine token (p_l = w_l)."""
-
-    def __init__(self, widths):
-        super().__init__()
-        self.widths = widths
-
-    def forward(self, x, levels):
-        return [x.unflatten(-2, (-1, w)) for w in self.widths[:levels]]
-
-
-def with_identity_pooling(attn):
-    widths = [attn.group_width(level) for level in range(1, attn.num_levels + 1)]
-    attn.k_downsample, attn.v_downsample = Identity(widths), Identity(widths)
-    return attn
+from fma_helpers import D, make, qkv, with_identity_pooling
+from fma_reference import reference_fma
+from fmt_hf.model.fma_attention import FastMultipoleAttention
 
 
 OPTIONS = list(itertools.product([True, False], ["fine", "coarse"], ["depthwise", "full", "avgpool"],
@@ -117,28 +76,6 @@ def test_identity_pooling_is_dense_attention(causal, query_mode):
         torch.testing.assert_close(attn(q, k, v), dense, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_coverage_multiplicity_is_one(causal):
-    for n, m in ((64, 4), (37, 4), (96, 8)):
-        counts = multiplicity(n, m, num_levels(n, m), causal)
-        legal = torch.ones(n, n, dtype=torch.long)
-        assert torch.equal(counts, legal.tril() if causal else legal)
-
-
-@pytest.mark.parametrize("causal", [True, False])
-def test_kernel_coverage_through_one_hot_values(causal):
-    """The optimised kernel's own partition: uniform logits and one-hot values expose each key's weight."""
-    n = 37 if causal else 48  # bidirectional: whole widest groups, so no zero-padded slot joins a softmax
-    attn = with_identity_pooling(make(perturb=False, causal=causal, head_dim=n, max_seq_len=64))
-    q = torch.zeros(1, 1, n, n, dtype=F64)
-    v = torch.eye(n, dtype=F64)[None, None]
-    weights = attn(q, torch.zeros_like(v), v)[0, 0]  # row i: the weight of each key j
-    legal = torch.ones(n, n, dtype=F64)
-    legal = legal.tril() if causal else legal
-    # multiplicity exactly 1 on legal pairs, 0 elsewhere: every legal key weighs 1 / (number of legal keys)
-    torch.testing.assert_close(weights, legal / legal.sum(1, keepdim=True), rtol=0, atol=1e-14)
-
-
 @pytest.mark.parametrize("query_mode", ["fine", "coarse"])
 def test_causality_by_perturbation_and_gradient(query_mode):
     attn = make(query_mode=query_mode)
@@ -194,32 +131,6 @@ def test_gradients_match_reference():
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-11)
 
 
-@pytest.mark.parametrize("downsample", ["depthwise", "full", "avgpool"])
-def test_downsampler_gradcheck(downsample):
-    attn = make(downsample=downsample, max_seq_len=16, block_size=2, coarse_tokens=1, head_dim=2)
-    x = torch.randn(1, 1, 16, 2, dtype=F64, requires_grad=True)
-    params = list(attn.k_downsample.parameters())
-    assert torch.autograd.gradcheck(lambda x, *ps: torch.cat([c.flatten() for c in attn.k_downsample(x, 2)]),
-                                    (x, *params))
-
-
-def test_average_init_equals_avgpool():
-    """Learned downsamplers start as sub-window means (§2)."""
-    avg = make(perturb=False, downsample="avgpool")
-    for family in ("depthwise", "full"):
-        learned = make(perturb=False, downsample=family)
-        q, k, v = qkv(64)
-        torch.testing.assert_close(learned(q, k, v), avg(q, k, v), rtol=0, atol=1e-13)
-
-
-def test_depthwise_parameter_count_grows_with_max_seq_len():
-    for max_seq_len in (256, 1024):
-        attn = FastMultipoleAttention(16, max_seq_len, block_size=16, coarse_tokens=4)
-        widths = [attn.group_width(level) for level in range(1, attn.num_levels + 1)]
-        expected = 2 * (4 * 16 * sum(widths) + 4 * 16 * len(widths))  # K and V
-        assert sum(p.numel() for p in attn.parameters()) == expected
-
-
 def test_dropout_only_in_training():
     attn = make(dropout=0.5)
     q, k, v = qkv(30)
@@ -227,11 +138,6 @@ def test_dropout_only_in_training():
     torch.testing.assert_close(attn(q, k, v), attn(q, k, v), rtol=0, atol=0)
     attn.train()
     assert not torch.allclose(attn(q, k, v), attn(q, k, v))
-
-
-@pytest.mark.parametrize("n,expected", [(1, 0), (128, 0), (129, 1), (256, 1), (257, 2), (8192, 6)])
-def test_num_levels(n, expected):
-    assert num_levels(n, 64) == expected
 
 
 def test_memory_is_not_quadratic():
@@ -283,67 +189,3 @@ def test_bad_inputs():
         attn(q, k, v, key_padding_mask=torch.ones(2, 19, dtype=torch.bool))
     with pytest.raises(ValueError, match="key_padding_mask"):
         attn(q, k, v, key_padding_mask=torch.ones(2, 20))
-
-
-# ---------------------------------------------------------------- incremental decoding state (§8)
-
-
-def decode(attn, q, k, v, prompt, chunks):
-    """Outputs of rows prompt.. of one sequence: prefill ``prompt`` tokens, then steps of the given sizes."""
-    state = attn.init_state(q.shape[0], k.shape[0], q.dtype)
-    if prompt:
-        state = attn.prefill(state, q[:, :prompt], k[:, :prompt], v[:, :prompt])
-    outs, i = [], prompt
-    for c in itertools.cycle(chunks):
-        if i == q.shape[1]:
-            return torch.cat(outs, 1), state
-        c = min(c, q.shape[1] - i)
-        out, state = attn.step(state, q[:, i:i + c], k[:, i:i + c], v[:, i:i + c])
-        outs.append(out)
-        i += c
-
-
-STATE_OPTIONS = list(itertools.product(["fine", "coarse"], ["depthwise", "full", "avgpool"], ["mask", "zero_sink"]))
-
-
-@pytest.mark.parametrize("query_mode,downsample,boundary", STATE_OPTIONS)
-def test_decoding_equals_full_forward(query_mode, downsample, boundary):
-    attn = make(query_mode=query_mode, downsample=downsample, boundary=boundary, max_seq_len=96).eval()
-    q, k, v = qkv(77, batch=1)
-    full = attn(q, k, v)[0]
-    for prompt, chunks in ((0, [1]), (13, [1, 3]), (32, [7, 1, 16]), (50, [1]), (16, [2])):
-        out, state = decode(attn, q[0], k[0], v[0], prompt, chunks)
-        torch.testing.assert_close(out, full[:, prompt:], rtol=0, atol=1e-12)
-        assert state.length == 77
-
-
-@pytest.mark.parametrize("query_mode", ["fine", "coarse"])
-def test_decoding_without_coarse_levels(query_mode):
-    attn = make(query_mode=query_mode, max_seq_len=8).eval()  # n_max = 2m: level 0 only
-    q, k, v = qkv(8, batch=1)
-    out, _ = decode(attn, q[0], k[0], v[0], 3, [1])
-    torch.testing.assert_close(out, attn(q, k, v)[0, :, 3:], rtol=0, atol=1e-12)
-
-
-def test_chunked_prefill_state_equals_one_shot():
-    attn = make(max_seq_len=96).eval()
-    q, k, v = qkv(70, batch=1)
-    one_shot = attn.prefill(attn.init_state(4, 2, F64), q[0], k[0], v[0])
-    _, chunked = decode(attn, q[0], k[0], v[0], 0, [9, 16, 5])
-    for a, b in zip(one_shot.tensors(), chunked.tensors()):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-
-
-def test_state_size_is_the_section_8_bound():
-    """4m + 8pL vectors per key/value head, whatever the length (fine queries)."""
-    attn = FastMultipoleAttention(16, 8192, block_size=64, coarse_tokens=4).eval()
-    state = attn.init_state(4, 2, torch.float32)
-    bound = (4 * 64 + 8 * 4 * attn.num_levels) * 2 * 16 * 4  # vectors x kv heads x d x bytes
-    assert attn.num_levels == 6 and state.nbytes == bound
-    q, k, v = (torch.randn(h, 3000, 16) for h in (4, 2, 2))
-    assert attn.prefill(state, q, k, v).nbytes == bound
-
-
-def test_decoding_needs_causal_attention():
-    with pytest.raises(ValueError, match="causal"):
-        make(causal=False).init_state(4, 2, F64)

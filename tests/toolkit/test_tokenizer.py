@@ -6,7 +6,12 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from fmt_hf.tokenizer import BYTE_TOKENIZER, byte_tokenizer, load_tokenizer, token_byte_lengths
+from fmt_hf.toolkit.tokenizer import (
+    BYTE_TOKENIZER,
+    byte_tokenizer,
+    load_tokenizer,
+    token_byte_lengths,
+)
 
 TEXTS = [
     "",

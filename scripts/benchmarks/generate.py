@@ -26,10 +26,9 @@ import time
 import torch
 from transformers import DynamicCache
 
-from .benchmarking import CpuNeighbours, system_info
-from .cache_fmt import FMTCache
-from .configuration_fmt import FMTConfig
-from .modeling_fmt import FMTForCausalLM
+from fmt_hf import FMTCache, FMTConfig, FMTForCausalLM
+
+from .attention import CpuNeighbours, system_info
 
 METHODS = {
     "caches": "random tensors of the right shape: dense DynamicCache (1, kv_heads, n, head_dim) per layer; FMT "
@@ -56,9 +55,10 @@ def filled_fmt_cache(model: FMTForCausalLM, length: int, generator: torch.Genera
     for layer, cache_layer in zip(model.model.layers, cache.layers):
         fma = layer.self_attn.fma
         state = fma.init_state(config.num_attention_heads, config.num_key_value_heads, model.dtype)
-        random = {f.name: torch.randn(getattr(state, f.name).shape, generator=generator, dtype=model.dtype)
-                  for f in dataclasses.fields(state) if isinstance(getattr(state, f.name), torch.Tensor)}
-        cache_layer.set_states([dataclasses.replace(state, length=length, **random)], length)
+        state = state.map_tensors(lambda t: torch.randn(t.shape, generator=generator, dtype=t.dtype))
+        # What `FMTCacheLayer.attend` would have left after `length` tokens of a batch of one.
+        cache_layer.states = [dataclasses.replace(state, length=length)]
+        cache_layer.seen_tokens, cache_layer.is_initialized = length, True
     return cache
 
 

@@ -1,4 +1,4 @@
-"""scripts/train.py and fmt_hf.training: CLM and MLM runs, evaluation metrics, resume, 2-process DDP, bad input."""
+"""scripts/train.py and fmt_hf.toolkit.training: CLM and MLM runs, evaluation metrics, resume, 2-process DDP, bad input."""
 
 import json
 import math
@@ -7,10 +7,19 @@ import subprocess
 import sys
 
 import pytest
-from lm_helpers import REPO, TINY_FMT, play_excerpts, script, train_argv, write_documents
+from lm_helpers import (
+    REPO,
+    TINY_FMT,
+    play_excerpts,
+    script,
+    train_argv,
+    write_documents,
+)
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, Trainer
 
-from fmt_hf.training import ModelArguments, parse_config_overrides
+from fmt_hf.toolkit.training import ModelArguments, parse_config_overrides
+
+pytestmark = pytest.mark.download  # registry corpora
 
 
 @pytest.fixture(scope="module")

@@ -5,11 +5,11 @@ import json
 
 import torch
 
-from fmt_hf.benchmark_generate import (dense_cache_bytes, filled_dense_cache, format_decode_table, plot_decode,
+from benchmarks.generate import (dense_cache_bytes, filled_dense_cache, format_decode_table, plot_decode,
                                        run_decode_benchmark, smollm2_shaped_config)
-from fmt_hf.benchmarking import (BenchConfig, fma_pairs, format_table, plot_results, run_benchmark,
+from benchmarks.attention import (BenchConfig, fma_pairs, format_table, plot_results, run_benchmark,
                                  write_results)
-from fmt_hf.modeling_fmt import FMTForCausalLM
+from fmt_hf import FMTForCausalLM
 
 
 def test_fma_pairs_count_the_slots_of_section_3():

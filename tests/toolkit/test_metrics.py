@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import fmt_hf
-from fmt_hf.metrics import LM_BITS
+from fmt_hf.toolkit.metrics import LM_BITS
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def metric() -> evaluate.EvaluationModule:
 
 def test_metric_module_ships_in_the_package():
     folder = Path(LM_BITS)
-    assert folder.parent.parent == Path(fmt_hf.__file__).parent
+    assert folder.parent.parent == Path(fmt_hf.__file__).parent / "toolkit"
     assert (folder / "lm_bits.py").is_file()  # what evaluate.load(folder) imports
 
 

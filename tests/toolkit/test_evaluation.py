@@ -1,4 +1,4 @@
-"""scripts/eval_lm.py and fmt_hf.evaluation: strided windows over whole documents, on FMT and dense checkpoints."""
+"""scripts/eval_lm.py and fmt_hf.toolkit.evaluation: strided windows over whole documents, on FMT and dense checkpoints."""
 
 import json
 import math
@@ -9,8 +9,8 @@ from lm_helpers import play_excerpts, script, write_documents
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fmt_hf import FMTConfig, FMTForCausalLM
-from fmt_hf.evaluation import EvalArguments, score_documents, strided_windows
-from fmt_hf.tokenizer import byte_tokenizer
+from fmt_hf.toolkit.evaluation import EvalArguments, score_documents, strided_windows
+from fmt_hf.toolkit.tokenizer import byte_tokenizer
 
 BYTE_IDS = {"vocab_size": 259, "pad_token_id": 256, "bos_token_id": 257, "eos_token_id": 257}
 
@@ -60,6 +60,7 @@ def reference_nll(model, ids, context_length, stride):
     return total, count
 
 
+@pytest.mark.download  # registry corpora
 @pytest.mark.parametrize("make_model", [tiny_fmt, tiny_llama], ids=["fmt", "llama"])
 def test_scores_match_the_perplexity_guide_loop(make_model):
     model, tokenizer = make_model(), byte_tokenizer()
@@ -86,6 +87,7 @@ def run_eval(tmp_path, model, *extra, context_length=128, stride=64):
     return script("eval_lm").main(argv)
 
 
+@pytest.mark.download  # registry corpora
 @pytest.mark.parametrize("make_model", [tiny_fmt, tiny_llama], ids=["fmt", "llama"])
 def test_eval_lm_on_a_tiny_checkpoint(tmp_path, make_model):
     results = run_eval(tmp_path, make_model())
@@ -98,6 +100,7 @@ def test_eval_lm_on_a_tiny_checkpoint(tmp_path, make_model):
     assert saved == results
 
 
+@pytest.mark.download  # registry corpora
 def test_fma_and_dense_attention_score_the_same_model(tmp_path):
     """FMA equals dense attention up to 2 * fma_block_size tokens: at context 32 the two agree."""
     fma = run_eval(tmp_path, tiny_fmt(), context_length=32, stride=16)
@@ -105,6 +108,7 @@ def test_fma_and_dense_attention_score_the_same_model(tmp_path):
     assert fma["bits_per_byte"] == pytest.approx(sdpa["bits_per_byte"], rel=1e-5)
 
 
+@pytest.mark.download  # registry corpora
 def test_bad_eval_input_fails_clearly(tmp_path):
     with pytest.raises(ValueError, match="context_length=256 exceeds the model's max_position_embeddings=128"):
         run_eval(tmp_path, tiny_fmt(), context_length=256)

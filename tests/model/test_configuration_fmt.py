@@ -9,7 +9,7 @@ from transformers import AutoConfig
 
 import fmt_hf
 from fmt_hf import FMTConfig
-from fmt_hf.configuration_fmt import FMT_AUTO_MAP
+from fmt_hf.model.configuration_fmt import FMT_AUTO_MAP
 
 # Field names are an interface (other issues and users rely on them): exactly these, in this spelling.
 ISSUE_FIELDS = (
@@ -35,7 +35,7 @@ def test_fields_and_defaults():
 
 def test_docstring_documents_every_field():
     own_fields = {f.name for f in dataclasses.fields(FMTConfig)} - {
-        f.name for f in dataclasses.fields(fmt_hf.configuration_fmt.PreTrainedConfig)
+        f.name for f in dataclasses.fields(fmt_hf.model.configuration_fmt.PreTrainedConfig)
     }
     assert set(ISSUE_FIELDS) <= own_fields
     for name in own_fields:

@@ -3,7 +3,7 @@
 :func:`save_for_hub` turns a checkpoint folder written by ``scripts/train.py`` into a Hub model repository:
 weights, config, tokenizer, the modelling code (so the model loads with ``trust_remote_code=True`` without
 ``fmt_hf``) and a ``README.md`` model card rendered through ``huggingface_hub``'s ``ModelCard``/``ModelCardData``
-from a Jinja template (``model_cards/fmt_model_card.md`` of the repository). The card takes the architecture and
+from a Jinja template (``model_card_template.md``, package data beside this module). The card takes the architecture and
 FMA settings from the config, the training data and procedure from the run's ``training_setup.json`` and
 ``Trainer`` files, and the evaluation results from ``eval_results.json`` (``train.py --do_eval``) and
 ``eval_lm_*.json`` (``scripts/eval_lm.py``). :func:`push_to_hub` uploads that same folder in one commit.
@@ -23,11 +23,11 @@ from huggingface_hub import CommitInfo, EvalResult, HfApi, ModelCard, ModelCardD
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, PreTrainedConfig
 
 from .data import corpus_package
-from .fma import num_levels
+from ..model.fma_partition import num_levels
 from .tokenizer import BYTE_TOKENIZER, load_tokenizer
 from .training import TRAINING_SETUP_NAME, DataArguments
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "fmt_model_card.md"
+DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
 """The model-card template of the ``fmt_hf`` repository (present in a clone or an editable install)."""
 
 TAGS = ["fmt", "fast-multipole-attention", "long-context", "custom_code"]
@@ -81,7 +81,7 @@ def _training_summary(model_dir: str) -> dict[str, Any] | None:
         data_description = f"The dataset `{data['dataset_name']}`{config_name}"
     else:
         data_description = (
-            f"The `{data['corpus']}` corpus of `fmt_hf.data`, read from the registry package "
+            f"The `{data['corpus']}` corpus of `fmt_hf.toolkit.data`, read from the registry package "
             f"`{corpus_package(data['corpus'])}`"
         )
     tokenizer = setup["model"]["tokenizer_name"] or setup["model"]["model_name_or_path"] or BYTE_TOKENIZER

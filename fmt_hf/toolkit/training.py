@@ -42,7 +42,7 @@ from transformers import (
     set_seed,
 )
 
-from .configuration_fmt import FMTConfig
+from ..model import FMTConfig
 from .data import CORPORA, DEFAULT_CORPUS, build_corpus, pack_documents
 from .metrics import LM_BITS
 from .tokenizer import BYTE_TOKENIZER, load_tokenizer
@@ -56,7 +56,7 @@ AUTO_MODEL_CLASSES = {"clm": AutoModelForCausalLM, "mlm": AutoModelForMaskedLM}
 
 TRAINING_SETUP_NAME = "training_setup.json"
 """File that :func:`train` writes next to the trained model: the model, data and main training arguments of the
-run, read back by the model card (:mod:`fmt_hf.hub`)."""
+run, read back by the model card (:mod:`fmt_hf.toolkit.hub`)."""
 
 # TrainingArguments recorded in TRAINING_SETUP_NAME (with the number of processes) for the model card.
 _RECORDED_TRAINING_ARGUMENTS = (
@@ -150,7 +150,7 @@ class CorpusArguments:
         return self.dataset_name or f"fmt_hf/{self.corpus}"
 
     def load_documents(self) -> datasets.DatasetDict:
-        """The ``train``/``validation``/``test`` splits of whole documents (see :func:`fmt_hf.data.build_corpus`)."""
+        """The ``train``/``validation``/``test`` splits of whole documents (see :func:`fmt_hf.toolkit.data.build_corpus`)."""
         return build_corpus(
             self.corpus,
             dataset_name=self.dataset_name,
@@ -257,7 +257,7 @@ class LanguageModelingMetrics:
     through the ``lm_bits`` metric: bits per byte, bits per token and perplexity of the whole evaluation set.
 
     For causal LM, ``num_bytes`` holds the UTF-8 bytes that each evaluation block's predicted tokens cover (the
-    ``num_bytes`` column of :func:`fmt_hf.data.pack_documents`), in dataset order, as the evaluation loop gathers
+    ``num_bytes`` column of :func:`fmt_hf.toolkit.data.pack_documents`), in dataset order, as the evaluation loop gathers
     the blocks. Masked LM (``num_bytes=None``) scores randomly masked tokens whose byte spans are not recorded, so
     it reports the per-token results only (with the byte tokenizer a token is a byte).
     """

@@ -1,0 +1,283 @@
+"""Fast Multipole Attention (FMA; Kang, Tran, De Sterck, arXiv:2310.11960) in plain PyTorch: the forward pass.
+
+Each query attends to the keys of its own and neighbouring fine blocks at full resolution (level 0) and to
+coarse summaries of farther groups whose width doubles with every level l = 1..L, all in one softmax.
+Every (query, key) pair is covered exactly once. The definition this module implements, including each
+choice the paper leaves open, is `docs/fma.md`; section numbers (§) below refer to it. The partition itself
+lives in `fma_partition.py`, the downsamplers in `fma_downsample.py`, incremental decoding in `fma_state.py`.
+
+Layout trick used throughout: queries are kept as (batch, kv_head, position, group_head, dim), so any run of
+consecutive positions -- a fine block, a level-l group -- is one contiguous row block that shares a single key
+set, and grouped-query heads ride along as extra rows instead of repeated keys.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .fma_downsample import DOWNSAMPLE_MODES, make_downsampler
+from .fma_partition import MASK_VALUE, Partition, num_levels
+from .fma_state import FMAState, IncrementalDecoding, _softmax_dtype
+
+QUERY_MODES = ("fine", "coarse")
+BOUNDARY_MODES = ("mask", "zero_sink")
+
+
+def _merge(lse_a, out_a, lse_b, out_b):
+    """Combine two partial softmax results (log-sum-exp, normalised output) over disjoint key sets."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    return lse, out_a * torch.exp(lse_a - lse).unsqueeze(-1) + out_b * torch.exp(lse_b - lse).unsqueeze(-1)
+
+
+class FastMultipoleAttention(IncrementalDecoding, nn.Module):
+    """Fast Multipole Attention over ``(batch, heads, seq_len, head_dim)`` tensors.
+
+    Args:
+        head_dim: ``d``, size of each query/key/value vector.
+        max_seq_len: longest sequence the layer accepts; the hierarchy is built for it (rounded up to
+            ``block_size * 2**(L+1)``). Learned downsamplers hold parameters for every level it needs.
+        block_size: ``m``, the finest block; keys within one block of a query are attended exactly.
+        coarse_tokens: ``p``, summaries per group at every coarse level; must divide ``block_size``.
+        causal: autoregressive partition (a query sees only its past) or bidirectional.
+        downsample: ``"depthwise"`` (learned per-channel conv, default), ``"full"`` (learned, channel mixing)
+            or ``"avgpool"`` (fixed averages).
+        query_mode: ``"fine"`` -- every query attends its coarse slots, O(n log n); ``"coarse"`` -- one query
+            per coarse-key resolution at each level, O(n) (§5).
+        scale_attn: add ``log(w_l / p)`` to coarse logits so each summary weighs as the tokens it stands for.
+        boundary: ``"mask"`` drops slots outside the sequence; ``"zero_sink"`` gives them a zero key and value
+            with logit 0, as the authors' released kernels do (reproduction only).
+        dropout: dropout probability on the joint attention probabilities (training mode only).
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        max_seq_len: int,
+        block_size: int = 64,
+        coarse_tokens: int = 4,
+        causal: bool = True,
+        downsample: str = "depthwise",
+        query_mode: str = "fine",
+        scale_attn: bool = True,
+        boundary: str = "mask",
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        for name, value in (("head_dim", head_dim), ("max_seq_len", max_seq_len), ("block_size", block_size),
+                            ("coarse_tokens", coarse_tokens)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if coarse_tokens > block_size or block_size % coarse_tokens:
+            raise ValueError(f"coarse_tokens ({coarse_tokens}) must divide block_size ({block_size})")
+        for name, value, allowed in (("downsample", downsample, DOWNSAMPLE_MODES),
+                                     ("query_mode", query_mode, QUERY_MODES), ("boundary", boundary, BOUNDARY_MODES)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.head_dim, self.max_seq_len = head_dim, max_seq_len
+        self.block_size, self.coarse_tokens = block_size, coarse_tokens
+        self.causal, self.query_mode, self.scale_attn, self.boundary = causal, query_mode, scale_attn, boundary
+        self.dropout = dropout
+        self.num_levels = num_levels(max_seq_len, block_size)
+        # Slots beyond the hierarchy built for max_seq_len are "outside the sequence" (zero sinks); slots between
+        # the actual length and that capacity are padding (always masked).
+        self.partition = Partition(block_size, coarse_tokens, causal, self.num_levels, query_mode == "fine",
+                                   scale_attn, boundary == "zero_sink")
+        self.capacity = self.partition.capacity
+        widths = [self.group_width(level) for level in range(1, self.num_levels + 1)]
+        # One downsampler for keys and one for values, each holding every level; shared by all heads.
+        self.k_downsample = make_downsampler(downsample, head_dim, widths, coarse_tokens)
+        self.v_downsample = make_downsampler(downsample, head_dim, widths, coarse_tokens)
+
+    def group_width(self, level: int) -> int:
+        """``w_l = m * 2**(l-1)``; level 0 is the fine level with blocks of ``m``."""
+        return self.partition.group_width(level)
+
+    def extra_repr(self) -> str:
+        return (f"head_dim={self.head_dim}, max_seq_len={self.max_seq_len}, block_size={self.block_size}, "
+                f"coarse_tokens={self.coarse_tokens}, levels={self.num_levels}, causal={self.causal}, "
+                f"query_mode={self.query_mode!r}, scale_attn={self.scale_attn}, boundary={self.boundary!r}")
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_inputs(self, q, k, v, key_padding_mask):
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                raise ValueError(f"{name} must be a 4-d tensor (batch, heads, seq_len, head_dim), got "
+                                 f"{getattr(t, 'shape', type(t))}")
+            if not t.is_floating_point():
+                raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
+        if not (q.dtype == k.dtype == v.dtype):
+            raise ValueError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        if k.shape != v.shape:
+            raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+        batch, heads, seq_len, dim = q.shape
+        if dim != self.head_dim or k.shape[-1] != self.head_dim:
+            raise ValueError(f"head_dim is {self.head_dim}, got q {dim} and k/v {k.shape[-1]}")
+        if k.shape[0] != batch or k.shape[2] != seq_len:
+            raise ValueError(f"q {tuple(q.shape)} and k/v {tuple(k.shape)} disagree on batch or seq_len")
+        if heads % k.shape[1]:
+            raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({k.shape[1]})")
+        if seq_len < 1:
+            raise ValueError("seq_len must be at least 1")
+        if seq_len > self.max_seq_len:
+            raise ValueError(f"seq_len {seq_len} exceeds max_seq_len {self.max_seq_len} this layer was built for")
+        if key_padding_mask is not None:
+            if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, seq_len):
+                raise ValueError(f"key_padding_mask must be a bool tensor of shape {(batch, seq_len)}, got "
+                                 f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend ``q`` (B, H, n, d) to ``k``, ``v`` (B, H_kv, n, d); returns (B, H, n, d).
+
+        ``q`` is not pre-scaled. ``key_padding_mask`` (B, n), True for real tokens, excludes the others as keys
+        and treats them like the internal zero padding of a shorter sequence.
+        """
+        self._check_inputs(q, k, v, key_padding_mask)
+        batch, heads, n, d = q.shape
+        input_dtype = q.dtype
+        kv_heads = k.shape[1]
+        m = self.block_size
+        levels = num_levels(n, m)
+        n_fine = -(-n // m) * m  # queries and fine keys: whole blocks
+        n_coarse = -(-n // self.group_width(levels)) * self.group_width(levels)  # whole groups at every level
+
+        # Softmax statistics need float32 at least: bf16/fp16 inputs are computed in float32 throughout.
+        dtype = _softmax_dtype(q.dtype)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        key_valid = None  # (B, n_coarse) True for real keys; None when the user gave no padding
+        if key_padding_mask is not None:
+            # Masked tokens behave exactly like the internal zero padding of a shorter sequence.
+            keep = key_padding_mask[:, None, :, None].to(dtype)
+            q, k, v = q * keep, k * keep, v * keep
+            key_valid = F.pad(key_padding_mask, (0, n_coarse - n), value=False)
+        if n_coarse > n:
+            q, k, v = (F.pad(t, (0, 0, 0, n_coarse - n)) for t in (q, k, v))
+        # (B, H_kv, positions, group_heads, d): see the module docstring.
+        queries = q.unflatten(1, (kv_heads, -1)).transpose(2, 3)
+        coarse_k, coarse_v = self.k_downsample(k, levels), self.v_downsample(v, levels)
+        bank_k, bank_v = self._bank(k[:, :, :n_fine], coarse_k), self._bank(v[:, :, :n_fine], coarse_v)
+        bank_valid = None
+        if key_valid is not None:
+            bank_valid = self._bank_valid(key_valid, n_fine, coarse_k)
+        plans = self.partition.plans(n, tuple(c.shape[3] for c in coarse_k), k.device, dtype)
+        if self.query_mode == "fine":
+            out = self._fine_queries(queries[:, :, :n_fine], bank_k, bank_v, *plans[0], bank_valid)
+        else:
+            out = self._coarse_queries(queries * d ** -0.5, bank_k, bank_v, plans, bank_valid, n_fine)
+        # (B, H_kv, n_fine, g, d) -> (B, H, n, d)
+        return out.transpose(2, 3).flatten(1, 2)[:, :, :n].to(input_dtype)
+
+    # ------------------------------------------------------------------ key sets
+
+    @staticmethod
+    def _bank(fine, coarse):
+        """Every key (or value) any query can read, in one tensor: [zero slot | fine tokens | level 1 | ...].
+
+        Each query unit's key set is then a single ``index_select`` from it; the zero slot serves zero sinks
+        and masked slots.
+        """
+        parts = [fine.new_zeros(fine.shape[:2] + (1, fine.shape[-1])), fine]
+        return torch.cat(parts + [c.flatten(2, 3) for c in coarse], 2)
+
+    def _bank_valid(self, key_valid, n_fine, coarse):
+        """Which bank slots hold real keys: fine tokens by the padding mask, summaries if any token of the
+        group is real."""
+        parts = [key_valid.new_ones(key_valid.shape[0], 1), key_valid[:, :n_fine]]
+        for level, c in enumerate(coarse, start=1):
+            groups = key_valid.unflatten(1, (-1, self.group_width(level)))[:, :c.shape[2]].any(-1)
+            parts.append(groups.repeat_interleave(c.shape[3], 1))
+        return torch.cat(parts, 1)
+
+    # ------------------------------------------------------------------ attention
+
+    def _fine_queries(self, queries, bank_k, bank_v, index, bias, bank_valid):
+        """O(n log n): each fine block's m queries share one key set -- the fine band plus 2p (3p) slots per
+        level -- so the whole layer is one fused attention call with a block-batched additive mask.
+
+        ``queries`` (B, H_kv, n_fine, g, d) unscaled; ``index`` (blocks, S) into the banks; ``bias``
+        (blocks, m, S). Returns (B, H_kv, n_fine, g, d).
+        """
+        batch, kv_heads, positions, heads, dim = queries.shape
+        blocks, slots = index.shape
+        rows = positions // blocks * heads  # the m positions x g heads of a block
+        # The fused CPU kernel works in a (batch, length, heads, dim) layout, here (batch, rows or slots, blocks,
+        # dim): build the operands in it and hand over transposed views, sparing the kernel its own copies.
+        slot_major = index.t().flatten()
+        keys = bank_k.index_select(2, slot_major).view(batch * kv_heads, slots, blocks, dim).transpose(1, 2)
+        values = bank_v.index_select(2, slot_major).view(batch * kv_heads, slots, blocks, dim).transpose(1, 2)
+        query_rows = (queries.unflatten(2, (blocks, -1)).permute(0, 1, 3, 4, 2, 5)
+                      .reshape(batch * kv_heads, rows, blocks, dim).transpose(1, 2))
+        mask = bias[:, :, None, :].expand(-1, -1, heads, -1).reshape(1, blocks, rows, slots)
+        if bank_valid is not None:
+            padding = torch.where(bank_valid[:, index], 0.0, MASK_VALUE).to(mask.dtype)  # (B, blocks, S)
+            mask = mask + padding.repeat_interleave(kv_heads, 0)[:, :, None, :]
+        out = F.scaled_dot_product_attention(query_rows, keys, values, attn_mask=mask,
+                                             dropout_p=self.dropout if self.training else 0.0, scale=dim ** -0.5)
+        return out.reshape(batch, kv_heads, positions, heads, dim)
+
+    def _attend_with_lse(self, queries, rows, bank_k, bank_v, index, bias, bank_valid):
+        """Softmax over each unit's key set, also returning the log-sum-exp, for merging partial results.
+
+        ``queries`` (B, H_kv, units*rows, g, d), already scaled: each run of ``rows`` positions shares the key
+        set ``bank[index[unit]]``; ``bias`` (units, rows|1, S). Returns the normalised output
+        (B, H_kv, units*rows, g, d) and the log-sum-exp (B, H_kv, units*rows, g).
+        """
+        batch, kv_heads, positions, heads, dim = queries.shape
+        units, slots = index.shape
+        keys = bank_k.index_select(2, index.flatten()).view(batch, kv_heads, units, slots, dim)
+        values = bank_v.index_select(2, index.flatten()).view(batch, kv_heads, units, slots, dim)
+        logits = queries.reshape(batch, kv_heads, units, rows * heads, dim) @ keys.transpose(-1, -2)
+        logits = logits.view(batch, kv_heads, units, rows, heads, slots)
+        logits.add_(bias[:, :, None, :])  # in place: the matmul's output is not needed for its backward
+        if bank_valid is not None:
+            padding = torch.where(bank_valid[:, index], 0.0, MASK_VALUE).to(logits.dtype)  # (B, units, S)
+            logits.add_(padding[:, None, :, None, None, :])
+        lse = torch.logsumexp(logits, -1)
+        probs = torch.exp(logits - lse.unsqueeze(-1))
+        if self.training and self.dropout:
+            probs = F.dropout(probs, self.dropout)
+        out = probs.view(batch, kv_heads, units, rows * heads, slots) @ values
+        return out.reshape(batch, kv_heads, positions, heads, dim), lse.reshape(batch, kv_heads, positions, heads)
+
+    def _coarse_queries(self, queries, bank_k, bank_v, plans, bank_valid, n_fine):
+        """O(n): at level l one query per sub-window of w_l/p_l tokens (§5).
+
+        Causal uses the sub-window's first query (a mean would leak the future), bidirectional the mean.
+        Partial softmax results are merged from the top level down, doubling the resolution at each step,
+        so only the last merge touches every token.
+        """
+        merged, resolution = None, None  # (lse, out) at the resolution of the level last merged
+        for level in range(len(plans) - 1, 0, -1):
+            index, bias = plans[level]
+            p = index.shape[1] // (2 if self.causal else 3)
+            sub_window = self.group_width(level) // p
+            if self.causal:
+                level_queries = queries[:, :, ::sub_window]
+            else:
+                level_queries = queries.unflatten(2, (-1, sub_window)).mean(3)
+            out, lse = self._attend_with_lse(level_queries, p, bank_k, bank_v, index, bias, bank_valid)
+            if merged is not None:
+                factor = resolution // sub_window
+                merged = _merge(merged[0].repeat_interleave(factor, 2), merged[1].repeat_interleave(factor, 2),
+                                lse, out)
+            else:
+                merged = (lse, out)
+            resolution = sub_window
+        index, bias = plans[0]
+        out, lse = self._attend_with_lse(queries[:, :, :n_fine], self.block_size, bank_k, bank_v, index, bias,
+                                         bank_valid)
+        if merged is None:
+            return out
+        coarse_lse = merged[0].repeat_interleave(resolution, 2)[:, :, :n_fine]
+        coarse_out = merged[1].repeat_interleave(resolution, 2)[:, :, :n_fine]
+        return _merge(lse, out, coarse_lse, coarse_out)[1]
+
+
+__all__ = ["FMAState", "FastMultipoleAttention", "num_levels"]

@@ -1,0 +1,284 @@
+"""Who attends to what in Fast Multipole Attention: the §3 partition, stated once (docs/fma.md §1, §3, §4, §7).
+
+Everything here depends only on the hyperparameters and on positions, never on data. The forward pass reads it as
+*slot plans* (per query unit: which bank entries form its key set, and their additive logit bias); incremental
+decoding reads it as *state biases* (per new query: the bias over the fine ring and the rings of complete groups).
+Both are built from :func:`coarse_groups` and :func:`slot_bias`.
+
+Plans and state biases are cached in one process-wide, byte-bounded, thread-safe cache shared by every layer and
+model (:data:`PLANS`): they are keyed by the partition, the shape, the device and the dtype.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+# Finite rather than -inf: a row whose every slot is masked (a padding query) stays finite instead of NaN,
+# and exp(MASK_VALUE - max) is exactly 0 in float32, so real rows are unaffected.
+MASK_VALUE = -1e30
+
+
+def num_levels(seq_len: int, block_size: int) -> int:
+    """Number of coarse levels L a sequence of ``seq_len`` tokens needs (§1, §7).
+
+    Level l (group width ``block_size * 2**(l-1)``) is used only by queries at ``i >= 2 * width``, so it exists
+    when ``seq_len > block_size * 2**l``.
+    """
+    levels = 0
+    while block_size * 2 ** (levels + 1) < seq_len:
+        levels += 1
+    return levels
+
+
+def coarse_groups(own_group: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The level-l groups a query in level-l group ``own_group`` attends to (§3).
+
+    Returns ``(groups, member)``, each ``own_group.shape + (k,)`` with k = 2 (causal) or 3 (bidirectional).
+    ``member`` is False for a slot that is not part of the partition (the causal second group of an even
+    child); a member group may still lie outside the sequence -- the caller decides what that means.
+    """
+    g = own_group.unsqueeze(-1)
+    if causal:
+        first = (g >> 1) * 2 - 2  # group 2P - 2, P the parent pair; 2P - 1 only when the query is an odd child
+        groups = torch.cat([first, first + 1], -1)
+        member = torch.cat([torch.ones_like(g, dtype=torch.bool), (g & 1) == 1], -1)
+        return groups, member
+    odd = (g & 1) == 1
+    # even G: G-2, G+2, G+3; odd G: G-3, G-2, G+2 (the 1D fast-multipole interaction list)
+    groups = torch.cat([torch.where(odd, g - 3, g - 2), torch.where(odd, g - 2, g + 2),
+                        torch.where(odd, g + 2, g + 3)], -1)
+    return groups, torch.ones_like(groups, dtype=torch.bool)
+
+
+def slot_bias(member, in_range, real, offset: float, zero_sink: bool, dtype: torch.dtype) -> torch.Tensor:
+    """Additive logit bias: ``offset`` for real slots, 0 for zero sinks, MASK_VALUE for everything else."""
+    use = member & in_range & real
+    bias = torch.full(use.shape, MASK_VALUE, dtype=dtype, device=use.device).masked_fill(use, offset)
+    return bias.masked_fill(member & ~in_range, 0.0) if zero_sink else bias
+
+
+def ring_positions(newest: int, size: int, device=None) -> torch.Tensor:
+    """What a ring buffer of ``size`` slots holds once item ``newest`` was written to slot ``newest % size``:
+    slot s holds item ``newest - ((newest - s) mod size)`` (negative: never written)."""
+    slots = torch.arange(size, device=device)
+    return newest - (newest - slots) % size
+
+
+class PlanCache:
+    """A process-wide LRU cache of partition tensors, bounded in bytes and safe to use from several threads.
+
+    One instance (:data:`PLANS`) serves every FMA layer: plans depend only on the partition and the shape, so a
+    30-layer model holds one copy, not thirty.
+    """
+
+    def __init__(self, max_bytes: int = 256 * 2**20):
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict = OrderedDict()
+        self._nbytes = 0
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _size(value) -> int:
+        if isinstance(value, torch.Tensor):
+            return value.numel() * value.element_size()
+        if isinstance(value, (list, tuple)):
+            return sum(PlanCache._size(v) for v in value)
+        return 0
+
+    def get(self, key, build):
+        """The value cached under ``key``, built by ``build()`` on a miss (under the lock: built once)."""
+        with self._lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+            value = build()
+            size = self._size(value)
+            self._entries[key] = value
+            self._nbytes += size
+            while self._nbytes > self.max_bytes and len(self._entries) > 1:
+                _, evicted = self._entries.popitem(last=False)
+                self._nbytes -= self._size(evicted)
+            return value
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._nbytes = 0
+
+
+PLANS = PlanCache()
+
+
+@dataclass(frozen=True)
+class Partition:
+    """The §3 partition of one FMA configuration (hashable: it keys the shared plan cache).
+
+    ``num_levels`` is the number of coarse levels of the hierarchy the layer was built for; ``capacity`` the
+    length that hierarchy covers (slots beyond it are "outside the sequence", zero sinks under ``zero_sink``).
+    """
+
+    block_size: int
+    coarse_tokens: int
+    causal: bool
+    num_levels: int
+    fine_queries: bool
+    scale_attn: bool
+    zero_sink: bool
+
+    @property
+    def capacity(self) -> int:
+        return self.block_size * 2 ** (self.num_levels + 1)
+
+    def group_width(self, level: int) -> int:
+        """``w_l = m * 2**(l-1)``; level 0 is the fine level with blocks of ``m``."""
+        return self.block_size if level == 0 else self.block_size << (level - 1)
+
+    def offset(self, level: int, coarse_tokens: int | None = None) -> float:
+        """The coarse logit offset ``log(w_l / p)`` of §4 (0 without ``scale_attn``)."""
+        p = coarse_tokens or self.coarse_tokens
+        return math.log(self.group_width(level) / p) if self.scale_attn else 0.0
+
+    # ------------------------------------------------------------------ forward: slot plans
+
+    def plans(self, n: int, coarse_tokens: tuple[int, ...], device, dtype) -> list:
+        """Static slot plans of a length-n sequence whose levels ``1..len(coarse_tokens)`` hold
+        ``coarse_tokens[l-1]`` summaries per group (``p`` for every family; the §6 identity check uses ``w_l``),
+        from the shared cache.
+
+        Returns ``[fine_plan, level_1_plan, ...]``; each plan is ``(index (units, S), bias (units, R, S))`` with
+        index into the key bank ``[zero slot | fine tokens | level 1 | level 2 | ...]`` and R the rows sharing a
+        unit's key set (m for a fine block, 1 for a coarse query group). With fine queries the first plan
+        already includes every level's slots.
+        """
+        return PLANS.get(("plans", self, n, coarse_tokens, str(device), dtype),
+                         lambda: self._build_plans(n, coarse_tokens, device, dtype))
+
+    def _build_plans(self, n, coarse_tokens, device, dtype):
+        m, levels = self.block_size, len(coarse_tokens)
+        n_fine = -(-n // m) * m
+        n_blocks = n_fine // m
+        blocks = torch.arange(n_blocks, device=device)
+
+        # Level 0 (§3): the previous and own block (causal, own up to the query), or the three-block band.
+        offsets = torch.tensor((-1, 0) if self.causal else (-1, 0, 1), device=device)
+        slot = torch.arange(len(offsets) * m, device=device)
+        neighbour = blocks[:, None] + offsets[slot // m]  # (blocks, K0)
+        key_pos = neighbour * m + slot % m
+        in_range = (neighbour >= 0) & (neighbour < self.capacity // m)
+        if self.causal:
+            member = key_pos[:, None, :] <= (blocks[:, None] * m + torch.arange(m, device=device))[:, :, None]
+        else:
+            member = torch.ones(n_blocks, m, len(slot), dtype=torch.bool, device=device)
+        fine_bias = slot_bias(member, in_range[:, None], (key_pos < n)[:, None], 0.0, self.zero_sink, dtype)
+        fine_index = torch.where(in_range & (key_pos < n_fine), key_pos + 1, 0)
+        if self.zero_sink and levels < self.num_levels:
+            # Levels this length does not need hold only out-of-range groups; their logit-0 zero slots are
+            # counted into one extra slot with logit log(count) (see _missing_level_sinks).
+            sinks = self._missing_level_sinks(blocks, levels)
+            sinks = sinks.to(dtype)
+            sink_bias = torch.where(sinks > 0, sinks.clamp(min=1).log(), MASK_VALUE)
+            fine_bias = torch.cat([fine_bias, sink_bias[:, None, None].expand(-1, m, 1)], 2)
+            fine_index = torch.cat([fine_index, torch.zeros_like(fine_index[:, :1])], 1)
+
+        # Level l's summaries sit in the bank after the fine tokens and the levels before it.
+        n_coarse = -(-n // self.group_width(levels)) * self.group_width(levels)
+        bases = [1 + n_fine]
+        for level, p in enumerate(coarse_tokens[:-1], start=1):
+            bases.append(bases[-1] + n_coarse // self.group_width(level) * p)
+        if self.fine_queries:
+            # All queries of a fine block share their coarse slots: one key set per block.
+            index, bias = [fine_index], [fine_bias]
+            for level, (p, base) in enumerate(zip(coarse_tokens, bases), start=1):
+                level_index, level_bias = self._level_slots(level, p, blocks >> (level - 1), n, n_coarse, base,
+                                                            dtype)
+                index.append(level_index)
+                bias.append(level_bias[:, None, :].expand(-1, m, -1))
+            return [(torch.cat(index, 1), torch.cat(bias, 2))]
+        plans = [(fine_index, fine_bias)]
+        for level, (p, base) in enumerate(zip(coarse_tokens, bases), start=1):
+            own_group = torch.arange(n_coarse // self.group_width(level), device=device)
+            index, bias = self._level_slots(level, p, own_group, n, n_coarse, base, dtype)
+            plans.append((index, bias[:, None, :]))
+        return plans
+
+    def _level_slots(self, level, p, own_group, n, n_coarse, base, dtype):
+        """Bank index (q, k*p) and bias (q, k*p) of the level-l slots of queries in level-l groups ``own_group``."""
+        width = self.group_width(level)
+        groups, member = coarse_groups(own_group, self.causal)
+        in_range = (groups >= 0) & (groups < self.capacity // width)
+        bias = slot_bias(member, in_range, groups * width < n, self.offset(level, p), self.zero_sink, dtype)
+        available = member & (groups >= 0) & (groups < n_coarse // width)
+        slots = torch.arange(p, device=own_group.device)
+        index = torch.where(available[..., None], (base + groups * p)[..., None] + slots, 0).flatten(-2)
+        return index, bias.repeat_interleave(p, -1)
+
+    def _missing_level_sinks(self, blocks, levels):
+        """Zero-sink slots that levels ``levels+1 .. L`` would give each fine block at the full hierarchy.
+
+        With the released kernels every query sees every level of ``max_seq_len``; a level a short sequence
+        does not need holds only out-of-range groups there, each of which adds ``p`` logit-0 zero slots.
+        """
+        count = torch.zeros(len(blocks), dtype=torch.float32, device=blocks.device)
+        for level in range(levels + 1, self.num_levels + 1):
+            groups, member = coarse_groups(blocks >> (level - 1), self.causal)
+            outside = member & ((groups < 0) | (groups >= self.capacity // self.group_width(level)))
+            count += self.coarse_tokens * outside.sum(-1)
+        return count
+
+    # ------------------------------------------------------------------ decoding: state biases (§8)
+
+    def state_bias(self, t: int, c: int, levels: int, new_groups: list[int], dtype, device) -> torch.Tensor:
+        """Bias (c, S) of queries at ``t .. t+c-1`` over ``[fine ring (2m) | the c new tokens | per level: its
+        ring of three complete groups and the new_groups[l-1] groups the chunk completes, p slots each |
+        the zero-sink slot (boundary="zero_sink")]``: the §3 partition seen from the decoding state."""
+        return torch.cat([self._fine_state_bias(t, c, dtype, device),
+                          self._coarse_state_bias(t, c, levels, new_groups, dtype, device)], 1)
+
+    def step_bias(self, t: int, levels: int, dtype, device) -> torch.Tensor:
+        """:meth:`state_bias` of a single token at position t (no group completes), cached: its fine part repeats
+        with period 2m once t >= 2m, its coarse part is constant within a fine block."""
+        m = self.block_size
+        fine = PLANS.get(("fine_step", self, t % (2 * m), min(t // m, 2), str(device), dtype),
+                         lambda: self._fine_state_bias(t, 1, dtype, device)[0])
+        coarse = PLANS.get(("coarse_step", self, t // m, levels, str(device), dtype),
+                           lambda: self._coarse_state_bias(t, 1, levels, [0] * levels, dtype, device)[0])
+        return torch.cat([fine, coarse])
+
+    def _fine_state_bias(self, t, c, dtype, device):
+        """Level-0 part (c, 2m + c): ring slot s holds position ``ring_positions(t-1, 2m)[s]``; query i sees
+        [(floor(i/m)-1)m, i] (§3)."""
+        m = self.block_size
+        i = torch.arange(t, t + c, device=device)
+        positions = torch.cat([ring_positions(t - 1, 2 * m, device), i])
+        use = (positions >= (i // m - 1)[:, None] * m) & (positions <= i[:, None]) & (positions >= 0)
+        return slot_bias(use, True, True, 0.0, False, dtype)
+
+    def _coarse_state_bias(self, t, c, levels, new_groups, dtype, device):
+        """Coarse part (c, S'): per level, its ring of three complete groups (slot u holds group
+        ``ring_positions(G-1, 3)[u]``, G = t // w_l) and the groups the chunk completes, p slots each; then,
+        with ``zero_sink``, one slot carrying the sinks (§3, §4)."""
+        p = self.coarse_tokens
+        i = torch.arange(t, t + c, device=device)
+        parts = []
+        sinks = (i < self.block_size).float() * self.block_size  # block -1 of the first block
+        for level, n_new in zip(range(1, levels + 1), new_groups):
+            width = self.group_width(level)
+            ids = torch.cat([ring_positions(t // width - 1, 3, device),
+                             t // width + torch.arange(n_new, device=device)])
+            wanted, member = coarse_groups(i // width, causal=True)  # (c, 2)
+            use = ((ids[None, :, None] == wanted[:, None, :]) & member[:, None, :]).any(-1)  # (c, slots)
+            parts.append(slot_bias(use, ids >= 0, True, self.offset(level), False, dtype).repeat_interleave(p, 1))
+            sinks += p * (member & (wanted < 0)).sum(-1)
+        if self.zero_sink:
+            sinks = sinks.to(dtype)
+            parts.append(torch.where(sinks > 0, sinks.clamp(min=1).log(), MASK_VALUE)[:, None])
+        return torch.cat(parts, 1) if parts else torch.zeros(c, 0, dtype=dtype, device=device)
