@@ -46,28 +46,31 @@ class FMTCacheLayer(CacheLayerMixin):
             "past keys and values: use `attend`, which attends the new tokens to the past and stores them.")
 
     def attend(self, fma: FastMultipoleAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+               key_padding_mask: torch.Tensor | None, lengths: list[int] | None = None) -> torch.Tensor:
         """FMA output of new tokens over everything this layer has seen, then consume them (the FMT counterpart
         of a transformers cache layer's ``update``).
 
-        ``query`` (B, H, c, d), ``key``/``value`` (B, H_kv, c, d). Rows arrive aligned: each row's new real tokens
-        are a prefix of its columns (``key_padding_mask``, or all of them when None), the rest is padding. A first
-        chunk of every row runs the full O(n log n) forward and prefills the states; later chunks and decoding
-        steps attend each row's state (exact, see ``FastMultipoleAttention.step``).
+        ``query`` (B, H, c, d), ``key``/``value`` (B, H_kv, c, d). Rows arrive aligned (see ``FMTModel``): row b's
+        first ``lengths[b]`` columns (default: all) are its next positions, the rest is alignment padding;
+        ``key_padding_mask`` (B, c) marks real tokens, so masked columns among a row's positions are holes (zero
+        keys and values, never attended, as in the full forward pass). A first chunk of every row runs the full
+        O(n log n) forward and prefills the states; later chunks and decoding steps attend each row's state
+        (exact, see ``FastMultipoleAttention.step``).
         """
         batch, heads, length, _ = query.shape
-        real = [length] * batch if key_padding_mask is None else key_padding_mask.sum(1).tolist()
+        lengths = [length] * batch if lengths is None else lengths
+        valid = [None] * batch if key_padding_mask is None else [row[:n] for row, n in zip(key_padding_mask, lengths)]
         states = list(self.states) or [fma.init_state(heads, key.shape[1], key.dtype, key.device)] * batch
         if all(state.length == 0 for state in states):
             output = fma(query, key, value, key_padding_mask=key_padding_mask)
-            states = [fma.prefill(state, q[:, :n], k[:, :n], v[:, :n]) if n else state
-                      for state, n, q, k, v in zip(states, real, query, key, value)]
+            states = [fma.prefill(state, q[:, :n], k[:, :n], v[:, :n], row_valid) if n else state
+                      for state, n, q, k, v, row_valid in zip(states, lengths, query, key, value, valid)]
         else:
             output = torch.zeros_like(query)
-            for row, (state, n) in enumerate(zip(states, real)):
+            for row, (state, n) in enumerate(zip(states, lengths)):
                 if n:
                     output[row, :, :n], states[row] = fma.step(
-                        state, query[row, :, :n], key[row, :, :n], value[row, :, :n])
+                        state, query[row, :, :n], key[row, :, :n], value[row, :, :n], valid[row])
         self.states = states
         self.seen_tokens += length
         self.is_initialized = True
@@ -133,9 +136,14 @@ class FMTCache(Cache):
         super().__init__(layers=[FMTCacheLayer() for _ in range(num_hidden_layers)])
 
     def attend(self, layer_idx: int, fma: FastMultipoleAttention, query: torch.Tensor, key: torch.Tensor,
-               value: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+               value: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
+               lengths: list[int] | None = None) -> torch.Tensor:
         """:meth:`FMTCacheLayer.attend` of layer ``layer_idx``."""
-        return self.layers[layer_idx].attend(fma, query, key, value, key_padding_mask)
+        return self.layers[layer_idx].attend(fma, query, key, value, key_padding_mask, lengths)
+
+    def started_rows(self) -> list[bool]:
+        """Per row, whether its sequence has begun (some real token consumed); empty before the first call."""
+        return [state.length > 0 for state in self.layers[0].states] if self.layers else []
 
     @property
     def nbytes(self) -> int:

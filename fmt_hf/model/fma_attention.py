@@ -199,27 +199,35 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
 
     def _fine_queries(self, queries, bank_k, bank_v, index, bias, bank_valid):
         """O(n log n): each fine block's m queries share one key set -- the fine band plus 2p (3p) slots per
-        level -- so the whole layer is one fused attention call with a block-batched additive mask.
+        level -- so the whole layer is one fused attention call with a block-batched additive mask (one call per
+        sequence when sequences carry padding).
 
         ``queries`` (B, H_kv, n_fine, g, d) unscaled; ``index`` (blocks, S) into the banks; ``bias``
         (blocks, m, S). Returns (B, H_kv, n_fine, g, d).
         """
         batch, kv_heads, positions, heads, dim = queries.shape
         blocks, slots = index.shape
-        rows = positions // blocks * heads  # the m positions x g heads of a block
+        block_rows = positions // blocks * heads  # the m positions x g heads of a block
         # The fused CPU kernel works in a (batch, length, heads, dim) layout, here (batch, rows or slots, blocks,
         # dim): build the operands in it and hand over transposed views, sparing the kernel its own copies.
         slot_major = index.t().flatten()
         keys = bank_k.index_select(2, slot_major).view(batch * kv_heads, slots, blocks, dim).transpose(1, 2)
         values = bank_v.index_select(2, slot_major).view(batch * kv_heads, slots, blocks, dim).transpose(1, 2)
         query_rows = (queries.unflatten(2, (blocks, -1)).permute(0, 1, 3, 4, 2, 5)
-                      .reshape(batch * kv_heads, rows, blocks, dim).transpose(1, 2))
-        mask = bias[:, :, None, :].expand(-1, -1, heads, -1).reshape(1, blocks, rows, slots)
-        if bank_valid is not None:
+                      .reshape(batch * kv_heads, block_rows, blocks, dim).transpose(1, 2))
+        mask = bias[:, :, None, :].expand(-1, -1, heads, -1).reshape(1, blocks, block_rows, slots)
+        dropout = self.dropout if self.training else 0.0
+        if bank_valid is None:
+            out = F.scaled_dot_product_attention(query_rows, keys, values, attn_mask=mask, dropout_p=dropout,
+                                                 scale=dim ** -0.5)
+        else:
+            # Padding differs per sequence: one call per sequence, its key/value heads sharing one mask, so the
+            # mask is never materialised for every sequence and key/value head at once.
             padding = torch.where(bank_valid[:, index], 0.0, MASK_VALUE).to(mask.dtype)  # (B, blocks, S)
-            mask = mask + padding.repeat_interleave(kv_heads, 0)[:, :, None, :]
-        out = F.scaled_dot_product_attention(query_rows, keys, values, attn_mask=mask,
-                                             dropout_p=self.dropout if self.training else 0.0, scale=dim ** -0.5)
+            out = torch.cat([
+                F.scaled_dot_product_attention(query_rows[rows], keys[rows], values[rows], dropout_p=dropout,
+                                               attn_mask=mask + padding[b, :, None, :], scale=dim ** -0.5)
+                for b, rows in enumerate(slice(b * kv_heads, (b + 1) * kv_heads) for b in range(batch))])
         return out.reshape(batch, kv_heads, positions, heads, dim)
 
     def _attend_with_lse(self, queries, rows, bank_k, bank_v, index, bias, bank_valid):

@@ -12,21 +12,23 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
+from .fma_partition import MASK_VALUE
 
 
-def ring_write(ring: torch.Tensor, first: int, items: torch.Tensor) -> torch.Tensor:
-    """``ring`` (H, size, ...) after writing ``items`` (H, c, ...) of consecutive positions ``first ..
-    first+c-1``, position j at slot ``j % size`` (only the last ``size`` survive). What a slot then holds is
-    :func:`~fma_partition.ring_positions`."""
-    size, c = ring.shape[1], items.shape[1]
+
+def ring_write(ring: torch.Tensor, first: int, items: torch.Tensor, dim: int = 1) -> torch.Tensor:
+    """``ring`` (..., size, ...) after writing ``items`` (..., c, ...) of consecutive positions ``first ..
+    first+c-1`` along ``dim``, position j at slot ``j % size`` (only the last ``size`` survive). What a slot then
+    holds is :func:`~fma_partition.ring_positions`."""
+    size, c = ring.shape[dim], items.shape[dim]
     keep = min(c, size)
     slots = torch.arange(first + c - keep, first + c, device=ring.device) % size
-    return ring.index_copy(1, slots, items[:, c - keep:])
+    return ring.index_copy(dim, slots, items.narrow(dim, c - keep, keep))
 
 
-def ring_read(ring: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-    """Positions ``start .. stop-1`` of ``ring`` (H, size, ...), all among the last ``size`` written."""
-    return ring[:, torch.arange(start, stop, device=ring.device) % ring.shape[1]]
+def ring_read(ring: torch.Tensor, start: int, stop: int, dim: int = 1) -> torch.Tensor:
+    """Positions ``start .. stop-1`` of ``ring`` along ``dim``, all among the last ``size`` written."""
+    return ring.index_select(dim, torch.arange(start, stop, device=ring.device) % ring.shape[dim])
 
 
 @dataclass(frozen=True)
@@ -41,9 +43,13 @@ class FMAState:
       at slot ``g % 3``) -- exactly the groups a present or future query can still need.
     - ``level_queries`` (L, H, d), coarse query mode only: per level, the query that opened the current
       sub-window (the coarse query of every token in it).
+    - ``fine_valid`` (2m,), ``partial_valid`` (L,), ``groups_valid`` (L, 3): which fine slots hold real tokens
+      and which groups hold at least one (masked tokens -- holes in an attention mask -- are positions whose
+      keys and values are zero and never attended, as in the forward pass); ``holes`` says whether any consumed
+      token was masked (without holes the validity masks are all True and attending skips them).
 
-    ``4m + 8pL`` key/value vectors per key/value head, whatever the length. Frozen: updates build new tensors,
-    so a state shared by several beams after reordering stays intact.
+    ``4m + 8pL`` key/value vectors per key/value head, whatever the length (:attr:`num_vectors`). Frozen: updates
+    build new tensors, so a state shared by several beams after reordering stays intact.
     """
 
     length: int
@@ -53,7 +59,11 @@ class FMAState:
     partial_v: torch.Tensor
     groups_k: torch.Tensor
     groups_v: torch.Tensor
+    fine_valid: torch.Tensor
+    partial_valid: torch.Tensor
+    groups_valid: torch.Tensor
     level_queries: torch.Tensor | None = None
+    holes: bool = False
 
     def tensors(self) -> list[torch.Tensor]:
         return [getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
@@ -61,6 +71,12 @@ class FMAState:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    @property
+    def num_vectors(self) -> int:
+        """Key/value vectors of size d held per key/value head: ``4m + 8pL``."""
+        kv = (self.fine_k, self.fine_v, self.partial_k, self.partial_v, self.groups_k, self.groups_v)
+        return sum(t.numel() // t.shape[-1] for t in kv) // self.fine_k.shape[0]
 
     def map_tensors(self, fn) -> FMAState:
         """A copy with ``fn`` applied to every tensor (e.g. a device move)."""
@@ -78,6 +94,8 @@ class LevelUpdate:
     complete_v: torch.Tensor
     partial_k: torch.Tensor  # (H_kv, p, d)
     partial_v: torch.Tensor
+    complete_valid: torch.Tensor  # (groups,): the group holds a real token
+    partial_valid: torch.Tensor  # ()
 
 
 def _softmax_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -103,43 +121,58 @@ class IncrementalDecoding:
         def zeros(*shape):
             return torch.zeros(*shape, dtype=dtype, device=device)
 
+        def real(*shape):
+            return torch.ones(*shape, dtype=torch.bool, device=device)
+
         return FMAState(0, zeros(kv_heads, 2 * m, d), zeros(kv_heads, 2 * m, d), zeros(levels, kv_heads, p, d),
                         zeros(levels, kv_heads, p, d), zeros(levels, kv_heads, 3, p, d),
-                        zeros(levels, kv_heads, 3, p, d),
+                        zeros(levels, kv_heads, 3, p, d), real(2 * m), ~real(levels), real(levels, 3),
                         zeros(levels, heads, d) if self.query_mode == "coarse" else None)
 
-    def prefill(self, state: FMAState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> FMAState:
+    def prefill(self, state: FMAState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                valid: torch.Tensor | None = None) -> FMAState:
         """Consume tokens whose attention output was computed elsewhere (e.g. by ``forward`` over a whole prompt):
-        ``q`` (H, c, d), ``k``/``v`` (H_kv, c, d) of one sequence. Only the tail the state keeps is summarised,
-        in the state's precision (float32 at least)."""
-        dtype = state.fine_k.dtype
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        return self._advance(state, q, k, v, self._level_updates(state, k, v, tail_only=True))
+        ``q`` (H, c, d), ``k``/``v`` (H_kv, c, d) of one sequence; ``valid`` (c,) bool marks real tokens (None:
+        all), the others are holes, as ``forward``'s ``key_padding_mask``. Only the tail the state keeps is
+        summarised, in the state's precision (float32 at least)."""
+        state, q, k, v, valid = self._new_tokens(state, q, k, v, valid)
+        return self._advance(state, q, k, v, valid, self._level_updates(state, k, v, valid, tail_only=True))
 
-    def step(self, state: FMAState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-             ) -> tuple[torch.Tensor, FMAState]:
+    def step(self, state: FMAState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             valid: torch.Tensor | None = None) -> tuple[torch.Tensor, FMAState]:
         """Attend ``c`` new tokens of one sequence to its past and to each other, then consume them.
 
-        ``q`` (H, c, d), ``k``/``v`` (H_kv, c, d) at positions ``state.length + [0, c)``. Returns the output
-        (H, c, d) -- the same as rows ``length .. length+c-1`` of ``forward`` over the whole sequence (§8) --
-        and the new state. ``c = 1`` is a decoding step; larger ``c`` is one chunk of a chunked prefill, whose
-        cost grows like ``c * (c + 2m + 3pL)``.
+        ``q`` (H, c, d), ``k``/``v`` (H_kv, c, d) at positions ``state.length + [0, c)``; ``valid`` as in
+        :meth:`prefill`. Returns the output (H, c, d) -- the same as rows ``length .. length+c-1`` of ``forward``
+        over the whole sequence (§8) -- and the new state. ``c = 1`` is a decoding step; larger ``c`` is one chunk
+        of a chunked prefill, whose cost grows like ``c * (c + 2m + 3pL)``.
         """
         if self.training and self.dropout:
             raise ValueError("FastMultipoleAttention.step runs without dropout: call .eval() first")
-        out_dtype, dtype = q.dtype, state.fine_k.dtype
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        out_dtype = q.dtype
+        state, q, k, v, valid = self._new_tokens(state, q, k, v, valid)
         if q.shape[1] == 1:
-            out = self._attend_token(state, q, k, v)
-            updates = self._level_updates(state, k, v, tail_only=True)
+            out = self._attend_token(state, q, k, v, valid)
+            updates = self._level_updates(state, k, v, valid, tail_only=True)
         else:
-            updates = self._level_updates(state, k, v, tail_only=False)
-            out = self._attend_chunk(state, q, k, v, updates)
-        return out.to(out_dtype), self._advance(state, q, k, v, updates)
+            updates = self._level_updates(state, k, v, valid, tail_only=False)
+            out = self._attend_chunk(state, q, k, v, valid, updates)
+        return out.to(out_dtype), self._advance(state, q, k, v, valid, updates)
+
+    @staticmethod
+    def _new_tokens(state, q, k, v, valid):
+        """New tokens in the state's precision; masked ones zeroed (as ``forward`` does), and the state marked
+        as holding holes once one arrives."""
+        dtype = state.fine_k.dtype
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+        if valid is None or bool(valid.all()):
+            return state, q, k, v, torch.ones(k.shape[1], dtype=torch.bool, device=k.device)
+        keep = valid.to(dtype)[:, None]
+        return replace(state, holes=True), q * keep, k * keep, v * keep, valid
 
     # ------------------------------------------------------------------ consuming tokens
 
-    def _level_updates(self, state, k, v, tail_only) -> list[LevelUpdate] | None:
+    def _level_updates(self, state, k, v, valid, tail_only) -> list[LevelUpdate] | None:
         """Per level, the :class:`LevelUpdate` of consuming ``k``/``v`` (H_kv, c, d); None when no fine block
         completes (the levels take new tokens once per fine block: group widths are multiples of m, so no group
         can complete before its last block does). With ``tail_only``, at most the last three complete groups."""
@@ -150,6 +183,7 @@ class IncrementalDecoding:
         # the block's earlier tokens wait in the fine ring
         tokens_k = torch.cat([ring_read(state.fine_k, block_start, t), k], 1)[:, :end - block_start]
         tokens_v = torch.cat([ring_read(state.fine_v, block_start, t), v], 1)[:, :end - block_start]
+        tokens_valid = torch.cat([ring_read(state.fine_valid, block_start, t, dim=0), valid])[:end - block_start]
         updates = []
         for level in range(1, self.num_levels + 1):
             width = self.partition.group_width(level)
@@ -157,6 +191,12 @@ class IncrementalDecoding:
             start = max(block_start, (end_group - 3) * width) if tail_only else block_start
             positions = torch.arange(start, end, device=k.device)
             first = start // width
+            n_complete = end_group - first
+            # a group is valid when it holds a real token: count them like the sums below
+            real = positions.new_zeros((end - 1) // width - first + 1)
+            real.index_add_(0, positions // width - first, tokens_valid[start - block_start:].long())
+            if first == t // width:
+                real[0] += state.partial_valid[level - 1]
             summed = {}
             for name, family, tokens, partial in (("k", self.k_downsample, tokens_k, state.partial_k[level - 1]),
                                                   ("v", self.v_downsample, tokens_v, state.partial_v[level - 1])):
@@ -166,17 +206,22 @@ class IncrementalDecoding:
                 group_sums.index_add_(1, positions // width - first, shares)
                 if first == t // width:  # the group being filled when the chunk began
                     group_sums[:, 0] += partial
-                n_complete = end_group - first
                 new_partial = group_sums[:, n_complete] if end > end_group * width else torch.zeros_like(partial)
                 summed[name] = (group_sums[:, :n_complete] + bias, new_partial)
-            updates.append(LevelUpdate(first, summed["k"][0], summed["v"][0], summed["k"][1], summed["v"][1]))
+            partial_valid = real[n_complete] > 0 if end > end_group * width else real.new_zeros((), dtype=torch.bool)
+            updates.append(LevelUpdate(first, summed["k"][0], summed["v"][0], summed["k"][1], summed["v"][1],
+                                       real[:n_complete] > 0, partial_valid))
         return updates
 
-    def _advance(self, state, q, k, v, updates) -> FMAState:
+    def _advance(self, state, q, k, v, valid, updates) -> FMAState:
         """The state after consuming ``q``/``k``/``v`` (c tokens) with the given level updates."""
         t, c = state.length, k.shape[1]
-        changed = {"fine_k": ring_write(state.fine_k, t, k), "fine_v": ring_write(state.fine_v, t, v)}
+        changed = {"fine_k": ring_write(state.fine_k, t, k), "fine_v": ring_write(state.fine_v, t, v),
+                   "fine_valid": ring_write(state.fine_valid, t, valid, dim=0)}
         if updates is not None:
+            changed["groups_valid"] = torch.stack([ring_write(ring, u.first_group, u.complete_valid, dim=0)
+                                                   for ring, u in zip(state.groups_valid, updates)])
+            changed["partial_valid"] = torch.stack([u.partial_valid for u in updates])
             changed["groups_k"] = torch.stack([ring_write(ring, u.first_group, u.complete_k)
                                                for ring, u in zip(state.groups_k, updates)])
             changed["groups_v"] = torch.stack([ring_write(ring, u.first_group, u.complete_v)
@@ -204,7 +249,7 @@ class IncrementalDecoding:
         stored = state.level_queries[level - 1][:, None].expand_as(fresh)
         return torch.where((opener >= t)[None, :, None], fresh, stored)
 
-    def _attend_chunk(self, state, q, k, v, updates):
+    def _attend_chunk(self, state, q, k, v, valid, updates):
         """The §3/§4 partition for queries at ``t .. t+c-1`` over the state and the new tokens, one softmax."""
         heads, c, d = q.shape
         kv_heads, t, p = k.shape[0], state.length, self.coarse_tokens
@@ -212,16 +257,20 @@ class IncrementalDecoding:
         queries = (q * d ** -0.5).reshape(kv_heads, rows, d)
 
         keys, values = [torch.cat([state.fine_k, k], 1)], [torch.cat([state.fine_v, v], 1)]
+        slots_valid = [state.fine_valid, valid]
         logits = [queries @ keys[0].transpose(-1, -2)]
         new_groups = []
         for level in range(1, self.num_levels + 1):
             if updates is None:
                 new_k = new_v = k.new_zeros(kv_heads, 0, p, d)
+                new_valid = valid.new_zeros(0)
             else:
-                new_k, new_v = updates[level - 1].complete_k, updates[level - 1].complete_v
+                update = updates[level - 1]
+                new_k, new_v, new_valid = update.complete_k, update.complete_v, update.complete_valid
             new_groups.append(new_k.shape[1])
             level_keys = torch.cat([state.groups_k[level - 1], new_k], 1).flatten(1, 2)
             values.append(torch.cat([state.groups_v[level - 1], new_v], 1).flatten(1, 2))
+            slots_valid.append(torch.cat([state.groups_valid[level - 1], new_valid]).repeat_interleave(p))
             level_q = queries
             if self.query_mode == "coarse":
                 level_q = (self._level_query_rows(state, q, level) * d ** -0.5).reshape(kv_heads, rows, d)
@@ -229,12 +278,15 @@ class IncrementalDecoding:
         if self.boundary == "zero_sink":
             logits.append(queries.new_zeros(kv_heads, rows, 1))
             values.append(v.new_zeros(kv_heads, 1, d))
+            slots_valid.append(valid.new_ones(1))
         bias = self.partition.state_bias(t, c, self.num_levels, new_groups, q.dtype, q.device)
+        if state.holes:
+            bias = bias.masked_fill(~torch.cat(slots_valid), MASK_VALUE)
         logits = torch.cat(logits, -1).view(kv_heads, -1, c, bias.shape[-1]) + bias
         probs = torch.softmax(logits, -1).flatten(1, 2)  # (H_kv, g*c, S)
         return (probs @ torch.cat(values, 1)).reshape(heads, c, d)
 
-    def _attend_token(self, state, q, k, v):
+    def _attend_token(self, state, q, k, v, valid):
         """:meth:`_attend_chunk` for one token in about a dozen tensor operations: the token's own group is never
         complete, so it reads the fine ring, itself and the rings of complete groups, with the cached slot bias
         of its position."""
@@ -259,5 +311,11 @@ class IncrementalDecoding:
             fine_slots = 2 * m + 1
             logits = torch.cat([logits[..., :fine_slots], coarse_logits, logits[..., fine_slots + levels * 3 * p:]],
                                -1)
-        probs = torch.softmax(logits + self.partition.step_bias(t, levels, q.dtype, q.device), -1)
+        bias = self.partition.step_bias(t, levels, q.dtype, q.device)
+        if state.holes:
+            slots_valid = [state.fine_valid, valid, state.groups_valid.repeat_interleave(p, 1).flatten()]
+            if self.boundary == "zero_sink":
+                slots_valid.append(valid.new_ones(1))
+            bias = bias.masked_fill(~torch.cat(slots_valid), MASK_VALUE)
+        probs = torch.softmax(logits + bias, -1)
         return (probs @ torch.cat(values, 1)).reshape(heads, 1, d)

@@ -256,7 +256,7 @@ class FMTAttention(nn.Module):
 
         if is_fmt_cache(cache):
             attn_output = cache.attend(self.layer_idx, self.fma, query_states, key_states, value_states,
-                                       attention_mask)
+                                       attention_mask, kwargs.get("fma_lengths"))
             return self.o_proj(attn_output.transpose(1, 2).reshape(*input_shape, -1)), None
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
@@ -448,6 +448,9 @@ class FMTModel(FMTPreTrainedModel):
         shift = None
         if fma:
             attention_mask, shift = self._fma_key_padding_mask(attention_mask, inputs_embeds, cache)
+            if cache is not None:  # each row's new positions: its columns but those the shift moved in at the end
+                lengths = [seq_len] * inputs_embeds.shape[0] if shift is None else (seq_len - shift).tolist()
+                kwargs["fma_lengths"] = lengths
             if shift is not None:  # move each row's padding behind its real tokens
                 inputs_embeds = _shift_rows(inputs_embeds, shift)
                 if position_ids is not None:
@@ -486,21 +489,12 @@ class FMTModel(FMTPreTrainedModel):
     def _check_cache(
         self, cache: Cache | None, use_cache: bool | None, fma: bool, attention_mask: torch.Tensor | None
     ) -> Cache | None:
-        """The cache this call reads and extends: the given one, a new one when `use_cache`, or None.
-
-        No new cache is built in training (nothing decodes then), nor under FMA when the padding is not left
-        padding (the multilevel states need each row's tokens in order)."""
+        """The cache this call reads and extends: the given one, a new one when `use_cache`, or None (no new cache
+        is built in training: nothing decodes then)."""
         if cache is None:
             if not use_cache or not self.config.is_causal or self.training:
                 return None
-            if not fma:
-                return DynamicCache(config=self.config)
-            cache = FMTCache(self.config.num_hidden_layers)
-            if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
-                key_padding_mask = attention_mask.bool()
-                if not _cacheable_padding(key_padding_mask, (key_padding_mask.cumsum(1) == 0).sum(1), cache):
-                    return None
-            return cache
+            return FMTCache(self.config.num_hidden_layers) if fma else DynamicCache(config=self.config)
         if not self.config.is_causal:
             raise ValueError("A key/value cache needs a causal model; this one is bidirectional (config.is_causal).")
         if fma and not is_fmt_cache(cache):
@@ -521,7 +515,9 @@ class FMTModel(FMTPreTrainedModel):
         index 0 (None when no row starts with padding).
 
         FMA's hierarchy is positional, so a left-padded row is aligned to its own first real token: it then gives
-        exactly what it gives alone. With a cache, only leading padding (before a row's first token) is allowed."""
+        exactly what it gives alone. Masked columns after a row's first real token (holes, e.g. a pad id inside a
+        prompt) are positions whose keys are left out, with or without a cache; a row the cache has already
+        started takes every new column as a position (no shift)."""
         if attention_mask is None:
             return None, None
         if attention_mask.dim() != 2:
@@ -540,25 +536,13 @@ class FMTModel(FMTPreTrainedModel):
         if bool(key_padding_mask.all()):
             return None, None
         shift = (key_padding_mask.cumsum(1) == 0).sum(1)  # leading padding of each row
-        if cache is not None and not _cacheable_padding(key_padding_mask, shift, cache):
-            raise ValueError(
-                "With a cache, FMA takes padding only before each row's first token (left padding, as "
-                "generate() uses); this attention_mask has padding after real tokens."
-            )
+        if cache is not None and any(cache.started_rows()):
+            shift = shift.masked_fill(torch.tensor(cache.started_rows(), device=shift.device), 0)
         if bool(shift.any()):
             key_padding_mask = _shift_rows(key_padding_mask, shift)
         else:
             shift = None
         return (None if bool(key_padding_mask.all()) else key_padding_mask), shift
-
-
-def _cacheable_padding(key_padding_mask: torch.Tensor, shift: torch.Tensor, cache: Cache) -> bool:
-    """Whether `FMTCache` can take these new columns: each row's real tokens one run after its leading padding,
-    and no padding at all in rows that already hold tokens (their states continue in order)."""
-    columns = torch.arange(key_padding_mask.shape[1], device=shift.device)
-    one_run = (columns >= shift[:, None]) & (columns < (shift + key_padding_mask.sum(1))[:, None])
-    started = [state.length > 0 for state in cache.layers[0].states] or [False] * len(shift)
-    return bool((key_padding_mask == one_run).all()) and not any(s and int(n) for s, n in zip(started, shift))
 
 
 def _shift_rows(tensor: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -656,7 +640,20 @@ class FMTForCausalLM(FMTLanguageModel, GenerationMixin):
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
     ) -> None:
-        """Under FMA, `generate` keeps an `FMTCache`; the dense implementations use transformers' caches."""
+        """Under FMA, `generate` keeps an `FMTCache`; the dense implementations use transformers' caches.
+
+        Before any work, checks that the prompt and the new tokens fit the model (`max_cache_length` is every
+        position `generate` will run through it)."""
+        limit = self.config.max_position_embeddings
+        if max_cache_length > limit:
+            new_tokens = generation_config.max_new_tokens
+            asked = (f"a prompt of {max_cache_length + 1 - new_tokens} tokens plus max_new_tokens={new_tokens}"
+                     if new_tokens is not None else f"max_length={generation_config.max_length}")
+            raise ValueError(
+                f"generate() would run {max_cache_length} positions through the model ({asked}), but it holds at "
+                f"most max_position_embeddings={limit}: its FMA downsamplers ({self.config.fma_downsample!r}) have "
+                "weights for that length only. Lower max_new_tokens (or max_length), or shorten the prompt."
+            )
         if self.config._attn_implementation != FMA_ATTN_IMPLEMENTATION:
             return super()._prepare_cache_for_generation(
                 generation_config, model_kwargs, generation_mode, batch_size, max_cache_length

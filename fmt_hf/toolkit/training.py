@@ -150,7 +150,8 @@ class CorpusArguments:
         return self.dataset_name or f"fmt_hf/{self.corpus}"
 
     def load_documents(self) -> datasets.DatasetDict:
-        """The ``train``/``validation``/``test`` splits of whole documents (see :func:`fmt_hf.toolkit.data.build_corpus`)."""
+        """The ``train``/``validation``/``test`` splits of whole documents (see
+        :func:`fmt_hf.toolkit.data.build_corpus`)."""
         return build_corpus(
             self.corpus,
             dataset_name=self.dataset_name,
@@ -257,8 +258,8 @@ class LanguageModelingMetrics:
     through the ``lm_bits`` metric: bits per byte, bits per token and perplexity of the whole evaluation set.
 
     For causal LM, ``num_bytes`` holds the UTF-8 bytes that each evaluation block's predicted tokens cover (the
-    ``num_bytes`` column of :func:`fmt_hf.toolkit.data.pack_documents`), in dataset order, as the evaluation loop gathers
-    the blocks. Masked LM (``num_bytes=None``) scores randomly masked tokens whose byte spans are not recorded, so
+    ``num_bytes`` column of :func:`fmt_hf.toolkit.data.pack_documents`), in dataset order, as the evaluation loop
+    gathers the blocks. Masked LM (``num_bytes=None``) scores randomly masked tokens whose byte spans are not recorded, so
     it reports the per-token results only (with the byte tokenizer a token is a byte).
     """
 

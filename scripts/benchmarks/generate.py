@@ -55,7 +55,8 @@ def filled_fmt_cache(model: FMTForCausalLM, length: int, generator: torch.Genera
     for layer, cache_layer in zip(model.model.layers, cache.layers):
         fma = layer.self_attn.fma
         state = fma.init_state(config.num_attention_heads, config.num_key_value_heads, model.dtype)
-        state = state.map_tensors(lambda t: torch.randn(t.shape, generator=generator, dtype=t.dtype))
+        state = state.map_tensors(lambda t: t if t.dtype == torch.bool else  # validity flags stay "all real"
+                                  torch.randn(t.shape, generator=generator, dtype=t.dtype))
         # What `FMTCacheLayer.attend` would have left after `length` tokens of a batch of one.
         cache_layer.states = [dataclasses.replace(state, length=length)]
         cache_layer.seen_tokens, cache_layer.is_initialized = length, True

@@ -93,7 +93,8 @@ def test_cache_size_is_bounded_and_reaches_the_bound():
     model = tiny(max_position_embeddings=1024, fma_block_size=8, fma_coarse_tokens=2)
     config, fma = model.config, model.model.layers[0].self_attn.fma
     vectors = 4 * 8 + 8 * 2 * fma.num_levels  # 4m + 8pL per key/value head (§8)
-    bound = vectors * config.num_key_value_heads * config.head_dim * 8 * config.num_hidden_layers  # float64
+    flags = 2 * 8 + 4 * fma.num_levels  # one validity byte per fine slot, partial sum and stored group
+    bound = (vectors * config.num_key_value_heads * config.head_dim * 8 + flags) * config.num_hidden_layers  # float64
     cache = model(prompt(3), use_cache=True).cache
     sizes = [cache.nbytes]
     for token in prompt(300, seed=2)[0]:
@@ -177,11 +178,88 @@ def test_unsupported_uses_raise_clear_errors():
     cache = model(ids, use_cache=True).cache
     with pytest.raises(NotImplementedError, match="cannot be cropped"):
         cache.crop(-1)
-    with pytest.raises(ValueError, match="padding after real tokens"):
-        model(ids[:, :3], cache=cache, attention_mask=torch.tensor([[1] * 20 + [1, 0, 1]]))
     bidirectional = copy.deepcopy(model.config)
     bidirectional.is_causal = False
     with pytest.raises(ValueError, match="bidirectional"):
         FMTModel(bidirectional)(ids, cache=FMTCache(2))
     with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
         model(prompt(9), cache=model(prompt(120), use_cache=True).cache)
+
+
+def test_generate_checks_the_length_before_any_work(monkeypatch):
+    model = tiny(max_position_embeddings=64)
+    calls = []
+    monkeypatch.setattr(model, "forward", lambda *args, **kwargs: calls.append(1))
+    with pytest.raises(ValueError, match=r"a prompt of 50 tokens plus max_new_tokens=20.*max_position_embeddings=64"):
+        model.generate(prompt(50), max_new_tokens=20)
+    assert not calls  # refused before the prompt went through the model
+    model = tiny(max_position_embeddings=64)
+    assert model.generate(prompt(50), max_new_tokens=15, do_sample=False).shape[1] == 65  # 64 positions run
+
+
+@pytest.mark.parametrize("query_mode", ["fine", "coarse"])
+def test_holes_in_the_mask_under_a_cache_equal_recomputation(query_mode):
+    """Pad ids inside prompts (holes after a row's first token), with left padding too: cached greedy decoding
+    equals recomputation with the same mask, and cached logits equal the full forward's."""
+    model = tiny(query_mode=query_mode)
+    ids = prompt(41, batch=3)
+    mask = torch.ones_like(ids)
+    mask[0, [3, 4, 17, 40]] = 0  # holes, one at the end
+    mask[1, :6] = 0  # left padding ...
+    mask[1, [9, 30]] = 0  # ... and holes
+    mask[2, 8:24] = 0  # a hole as wide as two level-1 groups
+    ids = ids.masked_fill(mask == 0, 0)  # the pad id, as a tokenizer would put it
+    cached = model.generate(ids, attention_mask=mask, max_new_tokens=25, do_sample=False)
+    recomputed = model.generate(ids, attention_mask=mask, max_new_tokens=25, do_sample=False, use_cache=False)
+    assert torch.equal(cached, recomputed)
+
+    # logits, step by step with a cache against one full forward pass, holes in the new tokens too
+    full_mask = torch.cat([mask, torch.ones(3, 25, dtype=mask.dtype)], 1)
+    full_mask[0, 50] = 0
+    positions = (full_mask.cumsum(1) - 1).clamp(min=0)  # as generate() derives them
+    out = model(cached[:, :41], attention_mask=full_mask[:, :41], position_ids=positions[:, :41], use_cache=True)
+    cache, logits = out.cache, [out.logits]
+    for t in range(41, 66):
+        out = model(cached[:, t:t + 1], attention_mask=full_mask[:, :t + 1], position_ids=positions[:, t:t + 1],
+                    cache=cache)
+        cache, logits = out.cache, logits + [out.logits]
+    reference = model(cached, attention_mask=full_mask, position_ids=positions, use_cache=False).logits
+    real = full_mask.bool()
+    real[1, :6] = False  # left padding gives no meaningful output
+    torch.testing.assert_close(torch.cat(logits, 1)[real], reference[real], rtol=0, atol=1e-10)
+
+
+def test_bf16_decoding_after_a_long_prompt_follows_the_full_forward():
+    """Prompt of 2600 tokens: the widest groups span 1024 tokens, whose float32 partial sums a bf16 state would
+    round away. Cached bf16 logits stay as close to the float64 model as the bf16 full forward is."""
+    model = tiny(layers=1, fma_block_size=64, fma_coarse_tokens=4, max_position_embeddings=4096)
+    ids = prompt(2640)
+    reference = model(ids, use_cache=False).logits[:, 2600:]  # float64
+    bf16 = model.to(torch.bfloat16)
+    out = bf16(ids[:, :2600], use_cache=True)
+    cache, logits = out.cache, []
+    for t in range(2600, 2640):
+        out = bf16(ids[:, t:t + 1], cache=cache)
+        cache, logits = out.cache, logits + [out.logits]
+    full_error = (bf16(ids, use_cache=False).logits[:, 2600:].double() - reference).abs().max()
+    cached_error = (torch.cat(logits, 1).double() - reference).abs().max()
+    assert cached_error <= 2 * full_error, (cached_error, full_error)
+
+
+def test_decoding_runs_without_float64():
+    """Half- and single-precision decoding never creates a float64 tensor (Apple MPS has none)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class NoFloat64(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in torch.utils._pytree.tree_leaves(out):
+                if isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float64:
+                    raise AssertionError(f"{func} made a float64 tensor")
+            return out
+
+    for query_mode, boundary in (("fine", "mask"), ("coarse", "zero_sink")):
+        model = tiny(query_mode=query_mode, fma_boundary=boundary, dtype=torch.bfloat16)
+        with NoFloat64():
+            model.generate(prompt(45), attention_mask=torch.ones(1, 45, dtype=torch.long), max_new_tokens=12,
+                           do_sample=False)

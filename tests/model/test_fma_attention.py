@@ -189,3 +189,22 @@ def test_bad_inputs():
         attn(q, k, v, key_padding_mask=torch.ones(2, 19, dtype=torch.bool))
     with pytest.raises(ValueError, match="key_padding_mask"):
         attn(q, k, v, key_padding_mask=torch.ones(2, 20))
+
+
+def test_padding_mask_is_not_materialised_per_sequence_and_head(monkeypatch):
+    """With padding, the fused kernel gets one mask per sequence, shared by its key/value heads."""
+    attn = make()
+    q, k, v = qkv(50, batch=3)
+    mask = torch.ones(3, 50, dtype=torch.bool)
+    mask[1, 40:] = False
+    expected = attn(q, k, v, key_padding_mask=mask)
+    shapes = []
+    sdpa = F.scaled_dot_product_attention
+
+    def recording(*args, attn_mask=None, **kwargs):
+        shapes.append(tuple(attn_mask.shape))
+        return sdpa(*args, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    torch.testing.assert_close(attn(q, k, v, key_padding_mask=mask), expected, rtol=0, atol=0)
+    assert shapes and all(shape[0] == 1 for shape in shapes)

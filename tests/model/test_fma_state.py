@@ -44,12 +44,38 @@ def test_state_size_is_the_section_8_bound():
     """4m + 8pL vectors per key/value head, whatever the length (fine queries)."""
     attn = FastMultipoleAttention(16, 8192, block_size=64, coarse_tokens=4).eval()
     state = attn.init_state(4, 2, torch.float32)
-    bound = (4 * 64 + 8 * 4 * attn.num_levels) * 2 * 16 * 4  # vectors x kv heads x d x bytes
-    assert attn.num_levels == 6 and state.nbytes == bound
+    bound = 4 * 64 + 8 * 4 * attn.num_levels  # vectors of size d per key/value head
+    assert attn.num_levels == 6 and state.num_vectors == bound
     q, k, v = (torch.randn(h, 3000, 16) for h in (4, 2, 2))
-    assert attn.prefill(state, q, k, v).nbytes == bound
+    filled = attn.prefill(state, q, k, v)
+    assert filled.num_vectors == bound and filled.nbytes == state.nbytes
 
 
 def test_decoding_needs_causal_attention():
     with pytest.raises(ValueError, match="causal"):
         make(causal=False).init_state(4, 2, F64)
+
+
+@pytest.mark.parametrize("query_mode,boundary", [("fine", "mask"), ("coarse", "mask"), ("fine", "zero_sink")])
+def test_decoding_with_holes_equals_the_masked_forward(query_mode, boundary):
+    """Masked tokens (holes) are positions left out of every level: the state gives what ``forward`` gives with
+    the same ``key_padding_mask``, through prefill, chunks and single steps."""
+    attn = make(query_mode=query_mode, boundary=boundary, max_seq_len=96).eval()
+    q, k, v = qkv(77, batch=1)
+    valid = torch.ones(77, dtype=torch.bool)
+    valid[[2, 5, 6, 30, 76]] = False
+    valid[40:57] = False  # a hole wider than a level-2 group: that group holds no real token
+    full = attn(q, k, v, key_padding_mask=valid[None])[0]
+    for prompt, chunks in ((0, [1]), (13, [1, 3]), (32, [7, 1, 16]), (50, [1])):
+        state = attn.init_state(4, 2, F64)
+        if prompt:
+            state = attn.prefill(state, q[0, :, :prompt], k[0, :, :prompt], v[0, :, :prompt], valid[:prompt])
+        outs, i = [], prompt
+        for c in itertools.cycle(chunks):
+            if i == 77:
+                break
+            c = min(c, 77 - i)
+            out, state = attn.step(state, q[0, :, i:i + c], k[0, :, i:i + c], v[0, :, i:i + c], valid[i:i + c])
+            outs.append(out)
+            i += c
+        torch.testing.assert_close(torch.cat(outs, 1), full[:, prompt:], rtol=0, atol=1e-12)

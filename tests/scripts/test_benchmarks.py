@@ -43,7 +43,8 @@ def test_decode_benchmark_counts_both_caches(tmp_path):
                                    fma_coarse_tokens=2)
     rows, meta = run_decode_benchmark([64, 300], steps=2, config=config, progress=False)
     levels = FMTForCausalLM(config).model.layers[0].self_attn.fma.num_levels
-    fmt_bound = (4 * 8 + 8 * 2 * levels) * 2 * 8 * 4 * 2  # 4m + 8pL vectors x kv heads x d x fp32 x layers
+    # 4m + 8pL vectors x kv heads x d x fp32, plus one validity byte per fine slot, partial sum and stored group
+    fmt_bound = ((4 * 8 + 8 * 2 * levels) * 2 * 8 * 4 + 2 * 8 + 4 * levels) * 2  # x layers
     for row, context in zip(rows, (64, 300)):
         assert row["context"] == context and row["fmt_ms"] > 0 and row["dense_ms"] > 0
         assert row["fmt_cache_bytes"] == fmt_bound
