@@ -157,7 +157,14 @@ class FullDownsample(_LevelParameters, nn.Module):
 
 
 class AvgPoolDownsample(nn.Module):
-    """Parameter-free: the mean of each of the ``p`` consecutive sub-windows of a group (§2)."""
+    """Parameter-free: the mean of each of the ``p`` consecutive sub-windows of a group (§2).
+
+    A level-(l+1) summary is also the mean of two level-l summaries (its sub-window is theirs, side by side), so
+    decoding builds the levels above the first from each other (:meth:`combine`, ``derives_levels``) as for the
+    recursive family (§7a).
+    """
+
+    derives_levels = True
 
     def __init__(self, widths: list[int], coarse_tokens: int):
         super().__init__()
@@ -173,6 +180,10 @@ class AvgPoolDownsample(nn.Module):
         return [x.unflatten(-2, (-1, self.coarse_tokens, w // self.coarse_tokens)).mean(-2)
                 for w in self.widths[:levels]]
 
+    def combine(self, children: torch.Tensor) -> torch.Tensor:
+        """A parent's ``p`` summaries from the ``2p`` of its two children, (..., 2p, d) -> (..., p, d): summary r
+        is the mean of children's summaries 2r and 2r + 1."""
+        return children.unflatten(-2, (self.coarse_tokens, 2)).mean(-2)
 
 
 def make_downsampler(family: str, head_dim: int, widths: list[int], coarse_tokens: int) -> nn.Module:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -70,15 +69,17 @@ def ring_positions(newest: int, size: int, device=None) -> torch.Tensor:
 
 
 class PlanCache:
-    """A process-wide LRU cache of partition tensors, bounded in bytes and safe to use from several threads.
+    """A process-wide cache of partition tensors, bounded in bytes (oldest entries go first) and safe to use from
+    several threads.
 
     One instance (:data:`PLANS`) serves every FMA layer: plans depend only on the partition and the shape, so a
-    30-layer model holds one copy, not thirty.
+    30-layer model holds one copy, not thirty. Hits are a plain dict lookup (atomic in CPython, and on every
+    decoding step); misses build under a lock, so each entry is built once.
     """
 
     def __init__(self, max_bytes: int = 256 * 2**20):
         self.max_bytes = max_bytes
-        self._entries: OrderedDict = OrderedDict()
+        self._entries: dict = {}
         self._nbytes = 0
         self._lock = threading.Lock()
 
@@ -91,19 +92,19 @@ class PlanCache:
         return 0
 
     def get(self, key, build):
-        """The value cached under ``key``, built by ``build()`` on a miss (under the lock: built once)."""
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                return self._entries[key]
-            value = build()
-            size = self._size(value)
-            self._entries[key] = value
-            self._nbytes += size
-            while self._nbytes > self.max_bytes and len(self._entries) > 1:
-                _, evicted = self._entries.popitem(last=False)
-                self._nbytes -= self._size(evicted)
+        """The value cached under ``key``, built by ``build()`` on a miss."""
+        value = self._entries.get(key)
+        if value is not None:
             return value
+        with self._lock:
+            if key not in self._entries:
+                value = build()
+                self._entries[key] = value
+                self._nbytes += self._size(value)
+                while self._nbytes > self.max_bytes and len(self._entries) > 1:
+                    oldest = next(iter(self._entries))
+                    self._nbytes -= self._size(self._entries.pop(oldest))
+            return self._entries[key]
 
     @property
     def nbytes(self) -> int:
@@ -236,10 +237,12 @@ class Partition:
 
     # ------------------------------------------------------------------ decoding: state biases (§8)
 
-    def state_bias(self, t: int, c: int, levels: int, new_groups: list[int], dtype, device) -> torch.Tensor:
+    def state_bias(self, t: int, c: int, levels: int, new_groups: list[tuple[int, int]], dtype, device
+                   ) -> torch.Tensor:
         """Bias (c, S) of queries at ``t .. t+c-1`` over ``[fine ring (2m) | the c new tokens | per level: its
-        ring of three complete groups and the new_groups[l-1] groups the chunk completes, p slots each |
-        the zero-sink slot (boundary="zero_sink")]``: the §3 partition seen from the decoding state."""
+        ring of three complete groups and the groups ``first .. first+count-1`` the chunk adds (``new_groups[l-1]
+        = (first, count)``), p slots each | the zero-sink slot (boundary="zero_sink")]``: the §3 partition seen
+        from the decoding state. Ring slots at or past ``first`` are empty (a level added by this chunk)."""
         return torch.cat([self._fine_state_bias(t, c, dtype, device),
                           self._coarse_state_bias(t, c, levels, new_groups, dtype, device)], 1)
 
@@ -250,7 +253,9 @@ class Partition:
         fine = PLANS.get(("fine_step", self, t % (2 * m), min(t // m, 2), str(device), dtype),
                          lambda: self._fine_state_bias(t, 1, dtype, device)[0])
         coarse = PLANS.get(("coarse_step", self, t // m, levels, str(device), dtype),
-                           lambda: self._coarse_state_bias(t, 1, levels, [0] * levels, dtype, device)[0])
+                           lambda: self._coarse_state_bias(t, 1, levels, [(t // self.group_width(level), 0)
+                                                                          for level in range(1, levels + 1)],
+                                                           dtype, device)[0])
         return torch.cat([fine, coarse])
 
     def _fine_state_bias(self, t, c, dtype, device):
@@ -270,14 +275,20 @@ class Partition:
         i = torch.arange(t, t + c, device=device)
         parts = []
         sinks = (i < self.block_size).float() * self.block_size  # block -1 of the first block
-        for level, n_new in zip(range(1, levels + 1), new_groups):
+        # Sinks count every level of the built hierarchy, also those the state does not hold yet (derived levels
+        # are added when first needed; until then all their groups lie before position 0).
+        for level in range(1, max(levels, self.num_levels if self.zero_sink else 0) + 1):
             width = self.group_width(level)
-            ids = torch.cat([ring_positions(t // width - 1, 3, device),
-                             t // width + torch.arange(n_new, device=device)])
             wanted, member = coarse_groups(i // width, causal=True)  # (c, 2)
-            use = ((ids[None, :, None] == wanted[:, None, :]) & member[:, None, :]).any(-1)  # (c, slots)
-            parts.append(slot_bias(use, ids >= 0, True, self.offset(level), False, dtype).repeat_interleave(p, 1))
             sinks += p * (member & (wanted < 0)).sum(-1)
+            if level > levels:
+                continue
+            first, count = new_groups[level - 1]
+            ring = ring_positions(t // width - 1, 3, device)
+            ids = torch.cat([ring, first + torch.arange(count, device=device)])
+            stored = torch.cat([(ring >= 0) & (ring < first), torch.ones(count, dtype=torch.bool, device=device)])
+            use = ((ids[None, :, None] == wanted[:, None, :]) & member[:, None, :]).any(-1)  # (c, slots)
+            parts.append(slot_bias(use, stored, True, self.offset(level), False, dtype).repeat_interleave(p, 1))
         if self.zero_sink:
             sinks = sinks.to(dtype)
             parts.append(torch.where(sinks > 0, sinks.clamp(min=1).log(), MASK_VALUE)[:, None])

@@ -259,7 +259,8 @@ class LanguageModelingMetrics:
 
     For causal LM, ``num_bytes`` holds the UTF-8 bytes that each evaluation block's predicted tokens cover (the
     ``num_bytes`` column of :func:`fmt_hf.toolkit.data.pack_documents`), in dataset order, as the evaluation loop
-    gathers the blocks. Masked LM (``num_bytes=None``) scores randomly masked tokens whose byte spans are not recorded, so
+    gathers the blocks. Masked LM (``num_bytes=None``) scores randomly masked tokens whose byte spans are not
+    recorded, so
     it reports the per-token results only (with the byte tokenizer a token is a byte).
     """
 

@@ -52,7 +52,7 @@ def test_plan_cache_is_bounded_in_bytes():
     for key in range(10):
         cache.get(key, lambda: torch.zeros(500))  # 2000 bytes each
     assert cache.nbytes <= 10_000
-    assert cache.get(9, lambda: None) is not None and cache.get(0, lambda: "rebuilt") == "rebuilt"  # LRU order
+    assert cache.get(9, lambda: None) is not None and cache.get(0, lambda: "rebuilt") == "rebuilt"  # oldest went
 
 
 def test_one_model_from_several_threads():

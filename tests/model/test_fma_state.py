@@ -7,6 +7,7 @@ import torch
 
 from fma_helpers import F64, decode, make, qkv
 from fmt_hf.model.fma_attention import FastMultipoleAttention
+from fmt_hf.model.fma_partition import num_levels
 
 
 STATE_OPTIONS = list(itertools.product(["fine", "coarse"], ["depthwise", "full", "avgpool"], ["mask", "zero_sink"]))
@@ -79,3 +80,17 @@ def test_decoding_with_holes_equals_the_masked_forward(query_mode, boundary):
             outs.append(out)
             i += c
         torch.testing.assert_close(torch.cat(outs, 1), full[:, prompt:], rtol=0, atol=1e-12)
+
+
+def test_derived_levels_grow_with_the_length():
+    """Families whose levels derive from each other (§7a) hold the levels the next query reads, L(t+1), and
+    gain one each time the length doubles: 4m + 6pL vectors, within the 4m + 8pL bound."""
+    attn = make(downsample="avgpool", max_seq_len=4096, block_size=4, coarse_tokens=2).eval()
+    q, k, v = qkv(300, batch=1)
+    state = attn.init_state(4, 2, F64)
+    assert state.num_levels == 0
+    for t in range(300):
+        _, state = attn.step(state, q[0, :, t:t + 1], k[0, :, t:t + 1], v[0, :, t:t + 1])
+        levels = num_levels(t + 2, 4)
+        assert state.num_levels == levels
+        assert state.num_vectors == 4 * 4 + 6 * 2 * levels <= 4 * 4 + 8 * 2 * levels

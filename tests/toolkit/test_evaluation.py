@@ -1,4 +1,5 @@
-"""scripts/eval_lm.py and fmt_hf.toolkit.evaluation: strided windows over whole documents, on FMT and dense checkpoints."""
+"""scripts/eval_lm.py and fmt_hf.toolkit.evaluation: strided windows over whole documents, on FMT and dense
+checkpoints."""
 
 import json
 import math

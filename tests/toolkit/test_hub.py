@@ -25,7 +25,8 @@ REPOSITORY_DATA = {"README.md", "config.json", "generation_config.json", "model.
 def assert_repository_files(names):
     """The files of a Hub repository: model, tokenizer, card and FMT code; no checkpoints, logs or training state."""
     assert {n for n in names if not n.endswith(".py")} == REPOSITORY_DATA
-    assert {"configuration_fmt.py", "modeling_fmt.py", "cache_fmt.py", "fma_attention.py"} <= {n for n in names if n.endswith(".py")}
+    code = {n for n in names if n.endswith(".py")}
+    assert {"configuration_fmt.py", "modeling_fmt.py", "cache_fmt.py", "fma_attention.py"} <= code
 
 
 @pytest.fixture(scope="module")

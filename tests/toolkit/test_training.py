@@ -1,4 +1,5 @@
-"""scripts/train.py and fmt_hf.toolkit.training: CLM and MLM runs, evaluation metrics, resume, 2-process DDP, bad input."""
+"""scripts/train.py and fmt_hf.toolkit.training: CLM and MLM runs, evaluation metrics, resume, 2-process DDP, bad
+input."""
 
 import json
 import math
