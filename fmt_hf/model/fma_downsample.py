@@ -5,6 +5,9 @@ Every family serves two callers: the forward pass (all levels of a whole sequenc
 decoding (one level's *shares* of a few tokens at known offsets in their groups: a summary is the sum of its
 tokens' shares plus a bias). Both go through ``forward`` so that module hooks (e.g. accelerate's offloading) see
 every use of the weights.
+
+``depthwise`` and ``full`` hold weights per level, so they are built for a fixed number of levels (a longest
+sequence); ``recursive`` and ``avgpool`` are *length-free* (§7a): any number of levels from the same parameters.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-DOWNSAMPLE_MODES = ("depthwise", "full", "avgpool")
+DOWNSAMPLE_MODES = ("depthwise", "full", "avgpool", "recursive")
+# Families whose parameters do not depend on the number of levels: they serve any sequence length (§7a).
+LENGTH_FREE_MODES = ("recursive", "avgpool")
 
 
 def average_weights(width: int, coarse_tokens: int) -> torch.Tensor:
@@ -156,29 +161,117 @@ class FullDownsample(_LevelParameters, nn.Module):
         return out
 
 
-class AvgPoolDownsample(nn.Module):
+class _LengthFree(nn.Module):
+    """A length-free family (§7a): level l groups ``w_l = m * 2**(l-1)`` tokens for any l, and a level-(l+1) group
+    is a function of its two level-l children alone, so a state can build a new level from stored children."""
+
+    def __init__(self, block_size: int, coarse_tokens: int):
+        super().__init__()
+        self.block_size, self.coarse_tokens = block_size, coarse_tokens
+
+    def combine(self, children: torch.Tensor) -> torch.Tensor:
+        """The level-(l+1) summaries (..., p, d) of a group from the ``2p`` level-l summaries of its two children,
+        ``children`` (..., 2p, d), the first child's ``p`` first (bias included). Through ``forward``, so that
+        module hooks see the weights."""
+        return self(children, combine=True)
+
+
+class AvgPoolDownsample(_LengthFree):
     """Parameter-free: the mean of each of the ``p`` consecutive sub-windows of a group (§2)."""
 
-    def __init__(self, widths: list[int], coarse_tokens: int):
-        super().__init__()
-        self.widths, self.coarse_tokens = list(widths), coarse_tokens
+    def forward(self, x: torch.Tensor, levels: int | None = None, *, level: int | None = None,
+                offsets: torch.Tensor | None = None, combine: bool = False):
+        """As :meth:`DepthwiseDownsample.forward` (``levels`` required); a token's share is 1/sub_window of it, in
+        its own sub-window. With ``combine``, as :meth:`combine`."""
+        p = self.coarse_tokens
+        if combine:
+            # A parent's sub-window r is its children's (equal-sized) sub-windows 2r and 2r + 1.
+            return x.unflatten(-2, (p, 2)).mean(-2)
+        if offsets is not None:
+            width = self.block_size << (level - 1)
+            share = F.one_hot(offsets // (width // p), p).to(x.dtype)
+            return x.unsqueeze(-2) * (share * (p / width)).unsqueeze(-1), x.new_zeros(1, 1)
+        widths = [self.block_size << shift for shift in range(levels)]  # w_1 .. w_levels
+        return [x.unflatten(-2, (-1, p, width // p)).mean(-2) for width in widths]
+
+
+class RecursiveDownsample(_LengthFree):
+    """Learned and length-free (§7a): level 1 as :class:`DepthwiseDownsample`, every higher level from the one below.
+
+    ``K~_1[g, r, c] = sum_{t<m} W[c, r, t] K[g*m + t, c] + b[c, r]`` and, for l >= 1,
+    ``K~_{l+1}[g, r, c] = sum_{t<2p} U[c, r, t] K~_l[2g + t//p, t%p, c] + b'[c, r]``: one depthwise map of the two
+    children's ``2p`` summaries to ``p``, shared by all levels >= 2. Parameters ``weight`` W (d, p, m), ``bias`` b
+    (d, p), ``combine_weight`` U (d, p, 2p) and ``combine_bias`` b' (d, p): ``p * d * (m + 2p + 2)`` whatever the
+    length. Average init (W sub-window means, U the mean of children summaries 2r and 2r + 1, biases 0) makes an
+    untrained module equal :class:`AvgPoolDownsample` at every level.
+    """
+
+    def __init__(self, head_dim: int, block_size: int, coarse_tokens: int):
+        super().__init__(block_size, coarse_tokens)
+        self.weight = nn.Parameter(torch.empty(head_dim, coarse_tokens, block_size))
+        self.bias = nn.Parameter(torch.empty(head_dim, coarse_tokens))
+        self.combine_weight = nn.Parameter(torch.empty(head_dim, coarse_tokens, 2 * coarse_tokens))
+        self.combine_bias = nn.Parameter(torch.empty(head_dim, coarse_tokens))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.copy_(average_weights(self.block_size, self.coarse_tokens).expand_as(self.weight))
+            # pairs of children summaries (2r, 2r + 1) are averaged: the sub-window means of the parent
+            self.combine_weight.copy_(average_weights(2 * self.coarse_tokens, self.coarse_tokens)
+                                      .expand_as(self.combine_weight))
+            self.bias.zero_()
+            self.combine_bias.zero_()
 
     def forward(self, x: torch.Tensor, levels: int | None = None, *, level: int | None = None,
-                offsets: torch.Tensor | None = None):
-        """As :meth:`DepthwiseDownsample.forward`; a token's share is 1/sub_window of it, in its own sub-window."""
+                offsets: torch.Tensor | None = None, combine: bool = False):
+        """As :meth:`DepthwiseDownsample.forward` (``levels`` required), any level; with ``combine``, as
+        :meth:`combine`."""
+        if combine:
+            return self._combine(x)
         if offsets is not None:
-            width = self.widths[level - 1]
-            share = F.one_hot(offsets // (width // self.coarse_tokens), self.coarse_tokens).to(x.dtype)
-            return x.unsqueeze(-2) * (share * (self.coarse_tokens / width)).unsqueeze(-1), x.new_zeros(1, 1)
-        return [x.unflatten(-2, (-1, self.coarse_tokens, w // self.coarse_tokens)).mean(-2)
-                for w in self.widths[:levels]]
+            return self._shares(x, level, offsets)
+        if not levels:
+            return []
+        # Level 1 is the depthwise path (one pass over the fine tokens, channel-major); each higher level is a
+        # small batched matmul over channels on the level below, (groups / 2, 2p) @ (2p, p). It stays in the
+        # channel-major layout of level 1 (the einsum's operands are views), so no level copies its input.
+        channels = x.movedim(-1, 0).contiguous()  # (d, ..., n)
+        (coarse,) = _DepthwiseLevels.apply(channels, self.weight.to(x.dtype))
+        level_1 = coarse.view(channels.shape[:-1] + (-1, self.coarse_tokens)).movedim(0, -1)
+        out = [level_1 + self.bias.t().to(x.dtype)]
+        for _ in range(1, levels):
+            out.append(self._combine(out[-1].unflatten(-3, (-1, 2)).flatten(-3, -2)))  # (..., groups / 2, 2p, d)
+        return out
+
+    def _combine(self, children):
+        weight, bias = self.combine_weight.to(children.dtype), self.combine_bias.to(children.dtype)
+        return torch.einsum("...tc,crt->...rc", children, weight) + bias.t()
+
+    def _shares(self, x, level, offsets):
+        """Level-``level`` shares ``(..., c, p, d)`` and bias ``(p, d)`` of tokens ``x`` (..., c, d) at ``offsets``
+        in their groups. The recursion is linear: a token's share of a level-(l+1) summary is the half of U that
+        reads its child applied to its level-l share, so per-token weights follow level by level."""
+        p = self.coarse_tokens
+        weight = self.weight[:, :, offsets % self.block_size].to(x.dtype)  # (d, p, c): level-1 shares
+        bias = self.bias.to(x.dtype)
+        halves = self.combine_weight.to(x.dtype).unflatten(-1, (2, p))  # (d, p, child, p)
+        for lower in range(1, level):
+            child = offsets // (self.block_size << (lower - 1)) % 2  # which level-`lower` child holds the token
+            weight = torch.einsum("drcs,dsc->drc", halves[:, :, child], weight)
+            bias = torch.einsum("drjs,ds->dr", halves, bias) + self.combine_bias.to(x.dtype)
+        return x.unsqueeze(-2) * weight.permute(2, 1, 0), bias.t()
 
 
-
-def make_downsampler(family: str, head_dim: int, widths: list[int], coarse_tokens: int) -> nn.Module:
-    """A downsampler of the given family (one of :data:`DOWNSAMPLE_MODES`) for groups of the given widths."""
+def make_downsampler(family: str, head_dim: int, block_size: int, levels: int | None,
+                     coarse_tokens: int) -> nn.Module:
+    """A downsampler of the given family (one of :data:`DOWNSAMPLE_MODES`) for groups of ``block_size * 2**(l-1)``
+    tokens at levels ``l = 1..levels``; ``levels`` is ignored (may be None) for the length-free families."""
     if family == "avgpool":
-        return AvgPoolDownsample(widths, coarse_tokens)
+        return AvgPoolDownsample(block_size, coarse_tokens)
+    if family == "recursive":
+        return RecursiveDownsample(head_dim, block_size, coarse_tokens)
+    widths = [block_size << (level - 1) for level in range(1, levels + 1)]
     if family == "depthwise":
         return DepthwiseDownsample(head_dim, widths, coarse_tokens)
     if family == "full":
