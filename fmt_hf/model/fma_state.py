@@ -97,6 +97,10 @@ class IncrementalDecoding:
         float32 state: partial sums add up thousands of shares."""
         if not self.causal:
             raise ValueError("incremental decoding needs a causal FastMultipoleAttention (causal=True)")
+        if self.num_levels is None:  # its levels would have to grow with the sequence (§7a)
+            raise ValueError("incremental decoding of a FastMultipoleAttention without a length cap (max_seq_len=None) "
+                             "is not supported yet: build it with a max_seq_len, or run without a cache "
+                             "(use_cache=False)")
         dtype = _softmax_dtype(dtype)
         m, p, d, levels = self.block_size, self.coarse_tokens, self.head_dim, self.num_levels
 

@@ -9,7 +9,8 @@ from fma_helpers import F64, decode, make, qkv
 from fmt_hf.model.fma_attention import FastMultipoleAttention
 
 
-STATE_OPTIONS = list(itertools.product(["fine", "coarse"], ["depthwise", "full", "avgpool"], ["mask", "zero_sink"]))
+STATE_OPTIONS = list(itertools.product(["fine", "coarse"], ["depthwise", "full", "avgpool", "recursive"],
+                                      ["mask", "zero_sink"]))
 
 
 @pytest.mark.parametrize("query_mode,downsample,boundary", STATE_OPTIONS)
@@ -53,3 +54,8 @@ def test_state_size_is_the_section_8_bound():
 def test_decoding_needs_causal_attention():
     with pytest.raises(ValueError, match="causal"):
         make(causal=False).init_state(4, 2, F64)
+
+
+def test_decoding_without_a_length_cap_is_refused_clearly():
+    with pytest.raises(ValueError, match="max_seq_len=None"):
+        make(downsample="recursive", max_seq_len=None).init_state(4, 2, F64)
