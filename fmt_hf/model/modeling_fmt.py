@@ -342,9 +342,10 @@ class FMTPreTrainedModel(PreTrainedModel):
     def max_sequence_length(self) -> int | None:
         """The longest sequence (cached tokens included) this model accepts, or None when nothing caps it.
 
-        FMA with per-level downsamplers (`fma_downsample` `"depthwise"`, `"full"`, `"avgpool"`) has a hierarchy built
-        for `max_position_embeddings`; the recursive downsampler and the dense implementations (rotary embeddings,
-        as in Llama) have no hard limit -- quality beyond the training length is another matter (see `FMTConfig`).
+        FMA with `fma_downsample` `"depthwise"`, `"full"` or `"avgpool"` has a hierarchy built for
+        `max_position_embeddings` (see `UNCAPPED_DOWNSAMPLE`); `"recursive"` and the dense implementations (rotary
+        embeddings, as in Llama) have no hard limit -- quality beyond the training length is another matter (see
+        `FMTConfig`).
         """
         if self.config._attn_implementation != FMA_ATTN_IMPLEMENTATION:
             return None
