@@ -227,26 +227,34 @@ class RecursiveDownsample(_LengthFree):
                 offsets: torch.Tensor | None = None, combine: bool = False):
         """As :meth:`DepthwiseDownsample.forward` (``levels`` required), any level; with ``combine``, as
         :meth:`combine`."""
+        p, d = self.coarse_tokens, x.shape[-1]
         if combine:
-            return self._combine(x)
+            channels = x.movedim(-1, 0)  # (d, ..., 2p)
+            parents = self._combine(channels.reshape(d, -1, 2 * p))
+            return parents.view(channels.shape[:-1] + (p,)).movedim(0, -1)
         if offsets is not None:
             return self._shares(x, level, offsets)
         if not levels:
             return []
-        # Level 1 is the depthwise path (one pass over the fine tokens, channel-major); each higher level is a
-        # small batched matmul over channels on the level below, (groups / 2, 2p) @ (2p, p). It stays in the
-        # channel-major layout of level 1 (the einsum's operands are views), so no level copies its input.
+        # Level 1 is the depthwise path (one pass over the fine tokens). Every level is then kept channel-major and
+        # contiguous, (d, groups over the batch, p): there a group's two children are one row of 2p, so each higher
+        # level is a single batched matmul over channels, (groups / 2, 2p) @ (2p, p), on a view. Returning views
+        # of these tensors makes the gradients that come back contiguous too (the view's backward reshapes), so
+        # every backward matmul is a plain strided-batched GEMM rather than a loop over channels.
         channels = x.movedim(-1, 0).contiguous()  # (d, ..., n)
         (coarse,) = _DepthwiseLevels.apply(channels, self.weight.to(x.dtype))
-        level_1 = coarse.view(channels.shape[:-1] + (-1, self.coarse_tokens)).movedim(0, -1)
-        out = [level_1 + self.bias.t().to(x.dtype)]
+        level = coarse + self.bias.to(x.dtype).unsqueeze(1)  # (d, groups, p)
+        out = [level.view(channels.shape[:-1] + (-1, p)).movedim(0, -1)]
         for _ in range(1, levels):
-            out.append(self._combine(out[-1].unflatten(-3, (-1, 2)).flatten(-3, -2)))  # (..., groups / 2, 2p, d)
+            level = self._combine(level.view(d, -1, 2 * p))
+            out.append(level.view(channels.shape[:-1] + (-1, p)).movedim(0, -1))
         return out
 
     def _combine(self, children):
+        """Parents (d, groups, p) of children summaries (d, groups, 2p), channel-major: the first child's p, then
+        the second's, in each row."""
         weight, bias = self.combine_weight.to(children.dtype), self.combine_bias.to(children.dtype)
-        return torch.einsum("...tc,crt->...rc", children, weight) + bias.t()
+        return torch.baddbmm(bias.unsqueeze(1), children, weight.transpose(1, 2))
 
     def _shares(self, x, level, offsets):
         """Level-``level`` shares ``(..., c, p, d)`` and bias ``(p, d)`` of tokens ``x`` (..., c, d) at ``offsets``
