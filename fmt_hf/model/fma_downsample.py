@@ -97,7 +97,8 @@ class DepthwiseDownsample(_LevelParameters, nn.Module):
 
 
 class _DepthwiseLevels(torch.autograd.Function):
-    """All levels of :class:`DepthwiseDownsample` on one channel-major tensor (d, ..., n).
+    """All levels of :class:`DepthwiseDownsample` (level 1 of :class:`RecursiveDownsample`) on one channel-major
+    tensor (d, ..., n).
 
     Autograd would give every level's input gradient its own full-size buffer and add them up; here they
     accumulate in place into a single buffer with ``baddbmm_``.
@@ -243,11 +244,11 @@ class RecursiveDownsample(_LengthFree):
         # every backward matmul is a plain strided-batched GEMM rather than a loop over channels.
         channels = x.movedim(-1, 0).contiguous()  # (d, ..., n)
         (coarse,) = _DepthwiseLevels.apply(channels, self.weight.to(x.dtype))
-        level = coarse + self.bias.to(x.dtype).unsqueeze(1)  # (d, groups, p)
-        out = [level.view(channels.shape[:-1] + (-1, p)).movedim(0, -1)]
+        summaries = coarse + self.bias.to(x.dtype).unsqueeze(1)  # (d, groups, p)
+        out = [summaries.view(channels.shape[:-1] + (-1, p)).movedim(0, -1)]
         for _ in range(1, levels):
-            level = self._combine(level.view(d, -1, 2 * p))
-            out.append(level.view(channels.shape[:-1] + (-1, p)).movedim(0, -1))
+            summaries = self._combine(summaries.view(d, -1, 2 * p))
+            out.append(summaries.view(channels.shape[:-1] + (-1, p)).movedim(0, -1))
         return out
 
     def _combine(self, children):

@@ -425,9 +425,9 @@ class FMTModel(FMTPreTrainedModel):
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`):
-                Token ids; give either these or `inputs_embeds`. Under FMA with a per-level downsampler, cached plus
-                new tokens may not exceed `config.max_position_embeddings` (`max_sequence_length`); the recursive
-                downsampler and the dense implementations take any length.
+                Token ids; give either these or `inputs_embeds`. Under FMA with `fma_downsample` `"depthwise"`,
+                `"full"` or `"avgpool"`, cached plus new tokens may not exceed `config.max_position_embeddings`
+                (`max_sequence_length`); `"recursive"` and the dense implementations take any length.
             attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`, *optional*):
                 1 for real tokens, 0 for padding. Padding is never attended to; the outputs at padded positions
                 are meaningless. Under FMA, a padded row gives its real tokens the same outputs as the unpadded
