@@ -8,6 +8,9 @@ a log-log plot of time and memory against n plus the raw numbers (CSV and JSON b
 number is measured is printed under the table (see fmt_hf/benchmarking.py).
 
 Quick run:  python scripts/bench_attention.py --lengths 1024 2048 --repeats 2
+Downsamplers against each other (no dense run):
+            python scripts/bench_attention.py --lengths 16384 --modes causal --passes fwd+bwd \
+                --downsample depthwise --compare-downsample recursive --sdpa-max-n 0
 Full run (default lengths, SDPA included) takes tens of minutes on 2 cores; --sdpa-max-n 16384 cuts it short.
 """
 
@@ -18,6 +21,7 @@ import torch
 
 from benchmarks.attention import DTYPES, MODES, PASSES, BenchConfig, format_table, plot_results, run_benchmark, \
     write_results
+from fmt_hf.model.fma_downsample import DOWNSAMPLE_MODES
 
 DEFAULT_LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536]
 
@@ -41,8 +45,12 @@ def parse_args(argv=None):
     p.add_argument("--block-size", type=int, default=64, help="FMA m")
     p.add_argument("--coarse-tokens", type=int, default=4, help="FMA p")
     p.add_argument("--query-mode", choices=["fine", "coarse"], default="fine", help="FMA query_mode")
-    p.add_argument("--downsample", choices=["depthwise", "full", "avgpool"], default="depthwise",
+    p.add_argument("--downsample", choices=DOWNSAMPLE_MODES, default="depthwise",
                    help="FMA downsample (learned ones at their average init)")
+    p.add_argument("--compare-downsample", nargs="+", choices=DOWNSAMPLE_MODES, default=[],
+                   help="also time FMA with these downsamplers, interleaved with --downsample in every cell, and "
+                        "report their time relative to it (e.g. --downsample depthwise --compare-downsample "
+                        "recursive); --sdpa-max-n 0 leaves dense attention out")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; unset: torch's default")
     p.add_argument("--matmul-size", type=int, default=2048, help="square matmul timed for the machine's rate")
     p.add_argument("--seed", type=int, default=0, help="seed for inputs")
@@ -58,7 +66,8 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     cfg = BenchConfig(batch=args.batch, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
                       block_size=args.block_size, coarse_tokens=args.coarse_tokens, query_mode=args.query_mode,
-                      downsample=args.downsample, repeats=args.repeats, min_repeats=args.min_repeats,
+                      downsample=args.downsample, compare_downsample=tuple(args.compare_downsample),
+                      repeats=args.repeats, min_repeats=args.min_repeats,
                       budget_s=args.budget, sdpa_max_n=args.sdpa_max_n, seed=args.seed)
     rows, meta = run_benchmark(args.lengths, args.modes, args.passes, cfg, matmul_size=args.matmul_size,
                                progress=not args.no_progress, desc="bench_attention")

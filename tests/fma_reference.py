@@ -1,7 +1,8 @@
 """A plain, loop-based Fast Multipole Attention written straight from docs/fma.md, for tests only.
 
 It shares no code with fmt_hf.model: the partition is enumerated per query from the §3 formulas, coarse keys come
-from torch's own conv1d / avg_pool1d, and the joint softmax is taken over an explicit list of logits.
+from torch's own conv1d / avg_pool1d (recursive levels from an explicit einsum over pairs of children), and the
+joint softmax is taken over an explicit list of logits.
 """
 
 import math
@@ -9,33 +10,48 @@ import math
 import torch
 import torch.nn.functional as F
 
-from fmt_hf.model.fma_downsample import AvgPoolDownsample, DepthwiseDownsample
+from fmt_hf.model.fma_downsample import AvgPoolDownsample, DepthwiseDownsample, RecursiveDownsample
 
 
-def downsample(module, level, x):
+def _conv_levels(weight, bias, flat, width, groups):
+    """conv1d of ``flat`` (N, d, n) with kernel = stride = ``width``: (N, n // width, p, d); ``weight`` (d, p, ...,
+    width) as the package stores it (output channel c*p + r of the conv is coarse token r of channel c)."""
+    d, p = weight.shape[:2]
+    out = F.conv1d(flat, weight.reshape(d * p, d // groups, width).to(flat.dtype), bias.reshape(-1).to(flat.dtype),
+                   stride=width, groups=groups)
+    return out.unflatten(1, (d, p)).permute(0, 3, 2, 1)
+
+
+def downsample(module, level, x, block_size):
     """Level-``level`` coarse tokens (B, H, groups, p, d) of ``x`` (B, H, n, d) with torch's conv ops."""
     batch, heads, n, d = x.shape
-    width, p = module.widths[level - 1], module.coarse_tokens
+    width, p = block_size * 2 ** (level - 1), module.coarse_tokens
     flat = x.reshape(batch * heads, n, d).transpose(1, 2)  # (N, d, n)
     if isinstance(module, AvgPoolDownsample):
-        out = F.avg_pool1d(flat, width // p).unflatten(2, (-1, p))  # (N, d, groups, p)
+        out = F.avg_pool1d(flat, width // p).unflatten(2, (-1, p)).permute(0, 2, 3, 1)  # (N, groups, p, d)
+    elif isinstance(module, RecursiveDownsample):
+        # §7a: level 1 is a depthwise conv of the fine tokens; level l+1 maps each pair of level-l children
+        # (groups 2g, 2g+1: 2p summaries) to p summaries with the one shared U.
+        out = _conv_levels(module.weight, module.bias, flat, block_size, d)
+        pair_weight = module.combine_weight.to(x.dtype).unflatten(-1, (2, p))  # (d, r, child, s)
+        for _ in range(1, level):
+            children = out.unflatten(1, (-1, 2))  # (N, groups / 2, child, s, d)
+            out = torch.einsum("ngjsc,crjs->ngrc", children, pair_weight) + module.combine_bias.t().to(x.dtype)
     else:
-        # conv1d output channel c*p + r holds coarse token r of channel c
         groups = d if isinstance(module, DepthwiseDownsample) else 1
-        weight = module.weights[level - 1].reshape(d * p, d // groups, width).to(x.dtype)
-        out = F.conv1d(flat, weight, module.biases[level - 1].reshape(-1).to(x.dtype), stride=width, groups=groups)
-        out = out.unflatten(1, (d, p)).transpose(2, 3)  # (N, d, groups, p)
-    return out.permute(0, 2, 3, 1).reshape(batch, heads, n // width, p, d)
+        out = _conv_levels(module.weights[level - 1], module.biases[level - 1], flat, width, groups)
+    return out.reshape(batch, heads, n // width, p, d)
 
 
 def fine_keys(i, n, m, capacity, causal):
-    """Level-0 key positions of query i, split into positions inside [0, capacity) and the count outside."""
+    """Level-0 key positions of query i, split into positions inside [0, capacity) and the count outside
+    (capacity None: no cap, only positions before 0 are outside)."""
     b = i // m
     if causal:
         positions = range((b - 1) * m, i + 1)
     else:
         positions = range((b - 1) * m, (b + 2) * m)
-    inside = [j for j in positions if 0 <= j < capacity]
+    inside = [j for j in positions if 0 <= j and (capacity is None or j < capacity)]
     return inside, len(positions) - len(inside)
 
 
@@ -66,32 +82,41 @@ def multiplicity(n, m, levels, causal):
 
 
 def reference_fma(attn, q, k, v, key_padding_mask=None):
-    """FMA output per the definition; q (B, H, n, d), k/v (B, H_kv, n, d). Slow: tiny sizes only."""
+    """FMA output per the definition; q (B, H, n, d), k/v (B, H_kv, n, d). Slow: tiny sizes only.
+
+    A layer without a cap (max_seq_len=None, §7a) gets the levels its input needs; only slots before position 0
+    are outside the sequence (zero sinks under boundary="zero_sink").
+    """
     batch, heads, n, d = q.shape
-    m, causal, capacity = attn.block_size, attn.causal, attn.capacity
+    m, causal, capacity, levels = attn.block_size, attn.causal, attn.capacity, attn.num_levels
+    if attn.max_seq_len is None:
+        levels = 0
+        while m * 2 ** (levels + 1) < n:  # level l exists when some query has i >= 2 w_l (§7)
+            levels += 1
+    length = m * 2 ** (levels + 1)  # the tensors cover the whole hierarchy
     zero_sink = attn.boundary == "zero_sink"
     k = k.repeat_interleave(heads // k.shape[1], 1)
     v = v.repeat_interleave(heads // v.shape[1], 1)
-    real = torch.ones(batch, capacity, dtype=torch.bool)
+    real = torch.ones(batch, length, dtype=torch.bool)
     real[:, n:] = False
     if key_padding_mask is not None:
         real[:, :n] = key_padding_mask
     keep = real[:, None, :, None].to(q.dtype)
-    pad = (0, 0, 0, capacity - n)
+    pad = (0, 0, 0, length - n)
     q, k, v = F.pad(q, pad) * keep, F.pad(k, pad) * keep, F.pad(v, pad) * keep
     q = q / math.sqrt(d)
     coarse = []
-    for level in range(1, attn.num_levels + 1):
-        ck = downsample(attn.k_downsample, level, k)
-        cv = downsample(attn.v_downsample, level, v)
-        coarse.append((attn.group_width(level), ck, cv))
+    for level in range(1, levels + 1):
+        ck = downsample(attn.k_downsample, level, k, m)
+        cv = downsample(attn.v_downsample, level, v, m)
+        coarse.append((m * 2 ** (level - 1), ck, cv))
 
     out = torch.zeros(batch, heads, n, d, dtype=q.dtype)
     for b in range(batch):
         for i in range(n):
             # per entry: (H, s) logits and (H, s, d) values
             inside, outside = fine_keys(i, n, m, capacity, causal)
-            fine = [j for j in inside if real[b, j]]
+            fine = [j for j in inside if j < length and real[b, j]]
             logits = [torch.einsum("hd,hsd->hs", q[b, :, i], k[b, :, fine])]
             values = [v[b, :, fine]]
             sinks = outside if zero_sink else 0
@@ -104,7 +129,7 @@ def reference_fma(attn, q, k, v, key_padding_mask=None):
                     query = q[b, :, i]
                 offset = math.log(width / p) if attn.scale_attn else 0.0
                 for g in coarse_slot_groups(i, width, causal):
-                    if not 0 <= g < capacity // width:
+                    if g < 0 or (capacity is not None and g >= capacity // width):
                         sinks += p if zero_sink else 0
                     elif real[b, g * width:(g + 1) * width].any():
                         logits.append(torch.einsum("hd,hsd->hs", query, ck[b, :, g]) + offset)

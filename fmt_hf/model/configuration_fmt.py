@@ -46,8 +46,13 @@ class FMTConfig(PreTrainedConfig):
             `hidden_size // num_attention_heads` (`hidden_size` must be divisible by `num_attention_heads` in
             any case, as in `LlamaConfig`).
         max_position_embeddings (`int`, *optional*, defaults to 2048):
-            Longest sequence the model accepts; longer inputs raise a `ValueError`. Any value works: the FMA
-            hierarchy is built for it, rounded up to the next `fma_block_size * 2**(L+1)`.
+            The training length. With `fma_downsample` `"depthwise"`, `"full"` or `"avgpool"` also the longest
+            sequence the model accepts under FMA (longer inputs raise a `ValueError`): the FMA hierarchy is built
+            for it, rounded up to the next `fma_block_size * 2**(L+1)`. With `"recursive"` (and with the dense
+            implementations) nothing caps the length. Beyond the training length a model still runs, but nothing
+            guarantees its quality there: queries meet rotary distances training never showed, and the recursive
+            downsampler builds levels training never used (its shared map applied more times in a row). Measure
+            quality at the lengths you use (e.g. `scripts/eval_lm.py --context_length`).
         rope_theta (`float`, *optional*, defaults to 10000.0):
             Base period of the rotary position embeddings.
         rms_norm_eps (`float`, *optional*, defaults to 1e-06):
@@ -83,12 +88,19 @@ class FMTConfig(PreTrainedConfig):
             most) `fma_block_size`.
         fma_downsample (`str`, *optional*, defaults to `"depthwise"`):
             How groups are summarised: `"depthwise"` (learned per-channel convolution), `"full"` (learned, with
-            channel mixing) or `"avgpool"` (fixed averages, no parameters). The learned downsamplers hold weights
-            for every level, so their count grows linearly with `max_position_embeddings`: per layer, K and V
-            together, about `fma_coarse_tokens * head_dim * C` for `"depthwise"` and `head_dim` times that for
-            `"full"`, where `C` is `max_position_embeddings` rounded up to `fma_block_size * 2**k` -- e.g.
-            4 * 128 * 65536 = 33.5M weights per layer at 64K context with `"depthwise"`. They start as
-            sub-window averages. With a dense `attn_implementation` they are kept but unused.
+            channel mixing), `"avgpool"` (fixed averages, no parameters) or `"recursive"` (learned; level 1 as
+            `"depthwise"`, every higher level one shared map of its two halves' summaries, docs/fma.md §7a).
+            `"depthwise"` and `"full"` hold weights for every level, so their count grows linearly with
+            `max_position_embeddings`: per layer, K and V together, about `fma_coarse_tokens * head_dim * C` for
+            `"depthwise"` and `head_dim` times that for `"full"`, where `C` is `max_position_embeddings` rounded
+            up to `fma_block_size * 2**k` -- e.g. 4 * 128 * 65536 = 33.5M weights per layer at 64K context with
+            `"depthwise"`. `"recursive"` has, for K and for V, `p*d*m + p*d` (level 1) plus `p*d*2p + p*d` (the
+            shared map) with `p = fma_coarse_tokens`, `d = head_dim`, `m = fma_block_size`, independent of
+            `max_position_embeddings` (2 * 4 * 64 * (64 + 1 + 8 + 1) = 37,888 per layer at d = 64, m = 64, p = 4),
+            and, like `"avgpool"`, no length cap (with `fma_boundary="mask"`): `max_position_embeddings` is then the
+            training length, longer inputs run and `generate` continues past it. All start as sub-window averages
+            (an untrained `"recursive"` equals `"avgpool"`).
+            With a dense `attn_implementation` they are kept but unused.
         fma_query_mode (`str`, *optional*, defaults to `"fine"`):
             `"fine"`: every query attends its coarse slots, O(n log n). `"coarse"`: one query per coarse-key
             resolution at each level, O(n).
@@ -130,7 +142,7 @@ class FMTConfig(PreTrainedConfig):
     is_causal: bool = True
     fma_block_size: int = 64
     fma_coarse_tokens: int = 4
-    fma_downsample: Literal["depthwise", "full", "avgpool"] = "depthwise"
+    fma_downsample: Literal["depthwise", "full", "avgpool", "recursive"] = "depthwise"
     fma_query_mode: Literal["fine", "coarse"] = "fine"
     fma_scale_attn: bool = True
     fma_boundary: Literal["mask", "zero_sink"] = "mask"

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fma_downsample import DOWNSAMPLE_MODES, make_downsampler
+from .fma_downsample import DOWNSAMPLE_MODES, LENGTH_FREE_MODES, make_downsampler
 from .fma_partition import MASK_VALUE, Partition, num_levels
 from .fma_state import FMAState, IncrementalDecoding, _softmax_dtype
 
@@ -37,24 +37,30 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
     Args:
         head_dim: ``d``, size of each query/key/value vector.
         max_seq_len: longest sequence the layer accepts; the hierarchy is built for it (rounded up to
-            ``block_size * 2**(L+1)``). Learned downsamplers hold parameters for every level it needs.
+            ``block_size * 2**(L+1)``). ``depthwise`` and ``full`` hold parameters for every level it needs. None
+            (length-free families ``recursive`` and ``avgpool`` only, §7a): no cap -- every input gets the levels
+            it needs, ``num_levels(n, block_size)``.
         block_size: ``m``, the finest block; keys within one block of a query are attended exactly.
         coarse_tokens: ``p``, summaries per group at every coarse level; must divide ``block_size``.
         causal: autoregressive partition (a query sees only its past) or bidirectional.
-        downsample: ``"depthwise"`` (learned per-channel conv, default), ``"full"`` (learned, channel mixing)
-            or ``"avgpool"`` (fixed averages).
+        downsample: ``"depthwise"`` (learned per-channel conv, default), ``"full"`` (learned, channel mixing),
+            ``"avgpool"`` (fixed averages) or ``"recursive"`` (learned; level 1 as depthwise, every higher level
+            one shared map of its two children's summaries: parameters independent of length, §7a).
         query_mode: ``"fine"`` -- every query attends its coarse slots, O(n log n); ``"coarse"`` -- one query
             per coarse-key resolution at each level, O(n) (§5).
         scale_attn: add ``log(w_l / p)`` to coarse logits so each summary weighs as the tokens it stands for.
         boundary: ``"mask"`` drops slots outside the sequence; ``"zero_sink"`` gives them a zero key and value
-            with logit 0, as the authors' released kernels do (reproduction only).
+            with logit 0, as the authors' released kernels do (reproduction only). Outside means before position
+            0 or beyond the hierarchy built for ``max_seq_len``; without a cap only the former, in the hierarchy
+            the input needs -- so a causal output then depends on the input's length (how many levels add sinks),
+            though never on later tokens.
         dropout: dropout probability on the joint attention probabilities (training mode only).
     """
 
     def __init__(
         self,
         head_dim: int,
-        max_seq_len: int,
+        max_seq_len: int | None,
         block_size: int = 64,
         coarse_tokens: int = 4,
         causal: bool = True,
@@ -67,6 +73,8 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
         super().__init__()
         for name, value in (("head_dim", head_dim), ("max_seq_len", max_seq_len), ("block_size", block_size),
                             ("coarse_tokens", coarse_tokens)):
+            if name == "max_seq_len" and value is None:
+                continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if coarse_tokens > block_size or block_size % coarse_tokens:
@@ -77,28 +85,33 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if max_seq_len is None and downsample not in LENGTH_FREE_MODES:
+            raise ValueError(f"max_seq_len=None (no length cap) needs a length-free downsample, one of "
+                             f"{LENGTH_FREE_MODES}; {downsample!r} holds weights for every level of a fixed "
+                             "max_seq_len")
         self.head_dim, self.max_seq_len = head_dim, max_seq_len
         self.block_size, self.coarse_tokens = block_size, coarse_tokens
         self.causal, self.query_mode, self.scale_attn, self.boundary = causal, query_mode, scale_attn, boundary
         self.dropout = dropout
-        self.num_levels = num_levels(max_seq_len, block_size)
+        # None: length-free, each input gets the levels it needs (§7a).
+        self.num_levels = None if max_seq_len is None else num_levels(max_seq_len, block_size)
         # Slots beyond the hierarchy built for max_seq_len are "outside the sequence" (zero sinks); slots between
-        # the actual length and that capacity are padding (always masked).
+        # the actual length and that capacity are padding (always masked). Without a cap there is no capacity.
         self.partition = Partition(block_size, coarse_tokens, causal, self.num_levels, query_mode == "fine",
                                    scale_attn, boundary == "zero_sink")
         self.capacity = self.partition.capacity
-        widths = [self.group_width(level) for level in range(1, self.num_levels + 1)]
-        # One downsampler for keys and one for values, each holding every level; shared by all heads.
-        self.k_downsample = make_downsampler(downsample, head_dim, widths, coarse_tokens)
-        self.v_downsample = make_downsampler(downsample, head_dim, widths, coarse_tokens)
+        # One downsampler for keys and one for values, each serving every level; shared by all heads.
+        self.k_downsample = make_downsampler(downsample, head_dim, block_size, self.num_levels, coarse_tokens)
+        self.v_downsample = make_downsampler(downsample, head_dim, block_size, self.num_levels, coarse_tokens)
 
     def group_width(self, level: int) -> int:
         """``w_l = m * 2**(l-1)``; level 0 is the fine level with blocks of ``m``."""
         return self.partition.group_width(level)
 
     def extra_repr(self) -> str:
+        levels = "per input" if self.num_levels is None else self.num_levels
         return (f"head_dim={self.head_dim}, max_seq_len={self.max_seq_len}, block_size={self.block_size}, "
-                f"coarse_tokens={self.coarse_tokens}, levels={self.num_levels}, causal={self.causal}, "
+                f"coarse_tokens={self.coarse_tokens}, levels={levels}, causal={self.causal}, "
                 f"query_mode={self.query_mode!r}, scale_attn={self.scale_attn}, boundary={self.boundary!r}")
 
     # ------------------------------------------------------------------ validation
@@ -123,7 +136,7 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
             raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({k.shape[1]})")
         if seq_len < 1:
             raise ValueError("seq_len must be at least 1")
-        if seq_len > self.max_seq_len:
+        if self.max_seq_len is not None and seq_len > self.max_seq_len:
             raise ValueError(f"seq_len {seq_len} exceeds max_seq_len {self.max_seq_len} this layer was built for")
         if key_padding_mask is not None:
             if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, seq_len):

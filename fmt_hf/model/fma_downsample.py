@@ -5,15 +5,19 @@ Every family serves two callers: the forward pass (all levels of a whole sequenc
 decoding (one level's *shares* of a few tokens at known offsets in their groups: a summary is the sum of its
 tokens' shares plus a bias). Both go through ``forward`` so that module hooks (e.g. accelerate's offloading) see
 every use of the weights.
+
+``depthwise`` and ``full`` hold weights per level, so they are built for a fixed number of levels (a longest
+sequence); ``recursive`` and ``avgpool`` are *length-free* (§7a): any number of levels from the same parameters.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-DOWNSAMPLE_MODES = ("depthwise", "full", "avgpool")
+DOWNSAMPLE_MODES = ("depthwise", "full", "avgpool", "recursive")
+# Families whose parameters do not depend on the number of levels: they serve any sequence length (§7a).
+LENGTH_FREE_MODES = ("recursive", "avgpool")
 
 
 def average_weights(width: int, coarse_tokens: int) -> torch.Tensor:
@@ -92,7 +96,8 @@ class DepthwiseDownsample(_LevelParameters, nn.Module):
 
 
 class _DepthwiseLevels(torch.autograd.Function):
-    """All levels of :class:`DepthwiseDownsample` on one channel-major tensor (d, ..., n).
+    """All levels of :class:`DepthwiseDownsample` (level 1 of :class:`RecursiveDownsample`) on one channel-major
+    tensor (d, ..., n).
 
     Autograd would give every level's input gradient its own full-size buffer and add them up; here they
     accumulate in place into a single buffer with ``baddbmm_``.
@@ -156,40 +161,107 @@ class FullDownsample(_LevelParameters, nn.Module):
         return out
 
 
-class AvgPoolDownsample(nn.Module):
-    """Parameter-free: the mean of each of the ``p`` consecutive sub-windows of a group (§2).
-
-    A level-(l+1) summary is also the mean of two level-l summaries (its sub-window is theirs, side by side), so
-    decoding builds the levels above the first from each other (:meth:`combine`, ``derives_levels``) as for the
-    recursive family (§7a).
-    """
+class _LengthFree(nn.Module):
+    """A length-free family (§7a): level l groups ``w_l = m * 2**(l-1)`` tokens for any l, and a level-(l+1) group
+    is a function of its two level-l children alone, so a state can build a new level from stored children:
+    decoding summarises each completed fine block with ``forward(x, 1)`` and derives every higher level with
+    :meth:`combine` (``derives_levels``) instead of summing per-token shares."""
 
     derives_levels = True
 
-    def __init__(self, widths: list[int], coarse_tokens: int):
+    def __init__(self, block_size: int, coarse_tokens: int):
         super().__init__()
-        self.widths, self.coarse_tokens = list(widths), coarse_tokens
-
-    def forward(self, x: torch.Tensor, levels: int | None = None, *, level: int | None = None,
-                offsets: torch.Tensor | None = None):
-        """As :meth:`DepthwiseDownsample.forward`; a token's share is 1/sub_window of it, in its own sub-window."""
-        if offsets is not None:
-            width = self.widths[level - 1]
-            share = F.one_hot(offsets // (width // self.coarse_tokens), self.coarse_tokens).to(x.dtype)
-            return x.unsqueeze(-2) * (share * (self.coarse_tokens / width)).unsqueeze(-1), x.new_zeros(1, 1)
-        return [x.unflatten(-2, (-1, self.coarse_tokens, w // self.coarse_tokens)).mean(-2)
-                for w in self.widths[:levels]]
+        self.block_size, self.coarse_tokens = block_size, coarse_tokens
 
     def combine(self, children: torch.Tensor) -> torch.Tensor:
-        """A parent's ``p`` summaries from the ``2p`` of its two children, (..., 2p, d) -> (..., p, d): summary r
-        is the mean of children's summaries 2r and 2r + 1."""
-        return children.unflatten(-2, (self.coarse_tokens, 2)).mean(-2)
+        """The level-(l+1) summaries (..., p, d) of a group from the ``2p`` level-l summaries of its two children,
+        ``children`` (..., 2p, d), the first child's ``p`` first (bias included). Through ``forward``, so that
+        module hooks see the weights."""
+        return self(children, combine=True)
 
 
-def make_downsampler(family: str, head_dim: int, widths: list[int], coarse_tokens: int) -> nn.Module:
-    """A downsampler of the given family (one of :data:`DOWNSAMPLE_MODES`) for groups of the given widths."""
+class AvgPoolDownsample(_LengthFree):
+    """Parameter-free: the mean of each of the ``p`` consecutive sub-windows of a group (§2)."""
+
+    def forward(self, x: torch.Tensor, levels: int | None = None, *, combine: bool = False):
+        """Summaries of levels ``1..levels`` as :meth:`DepthwiseDownsample.forward`; with ``combine``, as
+        :meth:`combine`."""
+        p = self.coarse_tokens
+        if combine:
+            # A parent's sub-window r is its children's (equal-sized) sub-windows 2r and 2r + 1.
+            return x.unflatten(-2, (p, 2)).mean(-2)
+        widths = [self.block_size << shift for shift in range(levels)]  # w_1 .. w_levels
+        return [x.unflatten(-2, (-1, p, width // p)).mean(-2) for width in widths]
+
+
+class RecursiveDownsample(_LengthFree):
+    """Learned and length-free (§7a): level 1 as :class:`DepthwiseDownsample`, every higher level from the one below.
+
+    ``K~_1[g, r, c] = sum_{t<m} W[c, r, t] K[g*m + t, c] + b[c, r]`` and, for l >= 1,
+    ``K~_{l+1}[g, r, c] = sum_{t<2p} U[c, r, t] K~_l[2g + t//p, t%p, c] + b'[c, r]``: one depthwise map of the two
+    children's ``2p`` summaries to ``p``, shared by all levels >= 2. Parameters ``weight`` W (d, p, m), ``bias`` b
+    (d, p), ``combine_weight`` U (d, p, 2p) and ``combine_bias`` b' (d, p): ``p * d * (m + 2p + 2)`` whatever the
+    length. Average init (W sub-window means, U the mean of children summaries 2r and 2r + 1, biases 0) makes an
+    untrained module equal :class:`AvgPoolDownsample` at every level.
+    """
+
+    def __init__(self, head_dim: int, block_size: int, coarse_tokens: int):
+        super().__init__(block_size, coarse_tokens)
+        self.weight = nn.Parameter(torch.empty(head_dim, coarse_tokens, block_size))
+        self.bias = nn.Parameter(torch.empty(head_dim, coarse_tokens))
+        self.combine_weight = nn.Parameter(torch.empty(head_dim, coarse_tokens, 2 * coarse_tokens))
+        self.combine_bias = nn.Parameter(torch.empty(head_dim, coarse_tokens))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.copy_(average_weights(self.block_size, self.coarse_tokens).expand_as(self.weight))
+            # pairs of children summaries (2r, 2r + 1) are averaged: the sub-window means of the parent
+            self.combine_weight.copy_(average_weights(2 * self.coarse_tokens, self.coarse_tokens)
+                                      .expand_as(self.combine_weight))
+            self.bias.zero_()
+            self.combine_bias.zero_()
+
+    def forward(self, x: torch.Tensor, levels: int | None = None, *, combine: bool = False):
+        """Summaries of levels ``1..levels`` as :meth:`DepthwiseDownsample.forward`, any number of levels; with
+        ``combine``, as :meth:`combine`."""
+        p, d = self.coarse_tokens, x.shape[-1]
+        if combine:
+            channels = x.movedim(-1, 0)  # (d, ..., 2p)
+            parents = self._combine(channels.reshape(d, -1, 2 * p))
+            return parents.view(channels.shape[:-1] + (p,)).movedim(0, -1)
+        if not levels:
+            return []
+        # Level 1 is the depthwise path (one pass over the fine tokens). Every level is then kept channel-major and
+        # contiguous, (d, groups over the batch, p): there a group's two children are one row of 2p, so each higher
+        # level is a single batched matmul over channels, (groups / 2, 2p) @ (2p, p), on a view. Returning views
+        # of these tensors makes the gradients that come back contiguous too (the view's backward reshapes), so
+        # every backward matmul is a plain strided-batched GEMM rather than a loop over channels.
+        channels = x.movedim(-1, 0).contiguous()  # (d, ..., n)
+        (coarse,) = _DepthwiseLevels.apply(channels, self.weight.to(x.dtype))
+        summaries = coarse + self.bias.to(x.dtype).unsqueeze(1)  # (d, groups, p)
+        out = [summaries.view(channels.shape[:-1] + (-1, p)).movedim(0, -1)]
+        for _ in range(1, levels):
+            summaries = self._combine(summaries.view(d, -1, 2 * p))
+            out.append(summaries.view(channels.shape[:-1] + (-1, p)).movedim(0, -1))
+        return out
+
+    def _combine(self, children):
+        """Parents (d, groups, p) of children summaries (d, groups, 2p), channel-major: the first child's p, then
+        the second's, in each row."""
+        weight, bias = self.combine_weight.to(children.dtype), self.combine_bias.to(children.dtype)
+        return torch.baddbmm(bias.unsqueeze(1), children, weight.transpose(1, 2))
+
+
+def make_downsampler(family: str, head_dim: int, block_size: int, levels: int | None,
+                     coarse_tokens: int) -> nn.Module:
+    """A downsampler of the given family (one of :data:`DOWNSAMPLE_MODES`) for groups of ``block_size * 2**(l-1)``
+    tokens at levels ``l = 1..levels``; ``levels`` is ignored (may be None) for the length-free families."""
     if family == "avgpool":
-        return AvgPoolDownsample(widths, coarse_tokens)
+        return AvgPoolDownsample(block_size, coarse_tokens)
+    if family == "recursive":
+        return RecursiveDownsample(head_dim, block_size, coarse_tokens)
+    widths = [block_size << (level - 1) for level in range(1, levels + 1)]
     if family == "depthwise":
         return DepthwiseDownsample(head_dim, widths, coarse_tokens)
     if family == "full":

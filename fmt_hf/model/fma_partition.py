@@ -125,19 +125,28 @@ class Partition:
 
     ``num_levels`` is the number of coarse levels of the hierarchy the layer was built for; ``capacity`` the
     length that hierarchy covers (slots beyond it are "outside the sequence", zero sinks under ``zero_sink``).
+    ``num_levels=None`` is a length-free layer (§7a): every input gets the hierarchy it needs, there is no
+    capacity, and only groups before position 0 are outside the sequence.
     """
 
     block_size: int
     coarse_tokens: int
     causal: bool
-    num_levels: int
+    num_levels: int | None
     fine_queries: bool
     scale_attn: bool
     zero_sink: bool
 
     @property
-    def capacity(self) -> int:
-        return self.block_size * 2 ** (self.num_levels + 1)
+    def capacity(self) -> int | None:
+        return None if self.num_levels is None else self.block_size * 2 ** (self.num_levels + 1)
+
+    def inside(self, groups: torch.Tensor, width: int) -> torch.Tensor:
+        """Whether groups of ``width`` tokens lie inside the sequence the hierarchy covers: from position 0 up to
+        the capacity, or without end when there is none (outside ones are zero sinks under ``zero_sink``)."""
+        if self.capacity is None:
+            return groups >= 0
+        return (groups >= 0) & (groups < self.capacity // width)
 
     def group_width(self, level: int) -> int:
         """``w_l = m * 2**(l-1)``; level 0 is the fine level with blocks of ``m``."""
@@ -174,14 +183,14 @@ class Partition:
         slot = torch.arange(len(offsets) * m, device=device)
         neighbour = blocks[:, None] + offsets[slot // m]  # (blocks, K0)
         key_pos = neighbour * m + slot % m
-        in_range = (neighbour >= 0) & (neighbour < self.capacity // m)
+        in_range = self.inside(neighbour, m)
         if self.causal:
             member = key_pos[:, None, :] <= (blocks[:, None] * m + torch.arange(m, device=device))[:, :, None]
         else:
             member = torch.ones(n_blocks, m, len(slot), dtype=torch.bool, device=device)
         fine_bias = slot_bias(member, in_range[:, None], (key_pos < n)[:, None], 0.0, self.zero_sink, dtype)
         fine_index = torch.where(in_range & (key_pos < n_fine), key_pos + 1, 0)
-        if self.zero_sink and levels < self.num_levels:
+        if self.zero_sink and self.num_levels is not None and levels < self.num_levels:
             # Levels this length does not need hold only out-of-range groups; their logit-0 zero slots are
             # counted into one extra slot with logit log(count) (see _missing_level_sinks).
             sinks = self._missing_level_sinks(blocks, levels)
@@ -215,7 +224,7 @@ class Partition:
         """Bank index (q, k*p) and bias (q, k*p) of the level-l slots of queries in level-l groups ``own_group``."""
         width = self.group_width(level)
         groups, member = coarse_groups(own_group, self.causal)
-        in_range = (groups >= 0) & (groups < self.capacity // width)
+        in_range = self.inside(groups, width)
         bias = slot_bias(member, in_range, groups * width < n, self.offset(level, p), self.zero_sink, dtype)
         available = member & (groups >= 0) & (groups < n_coarse // width)
         slots = torch.arange(p, device=own_group.device)
@@ -231,7 +240,7 @@ class Partition:
         count = torch.zeros(len(blocks), dtype=torch.float32, device=blocks.device)
         for level in range(levels + 1, self.num_levels + 1):
             groups, member = coarse_groups(blocks >> (level - 1), self.causal)
-            outside = member & ((groups < 0) | (groups >= self.capacity // self.group_width(level)))
+            outside = member & ~self.inside(groups, self.group_width(level))
             count += self.coarse_tokens * outside.sum(-1)
         return count
 
@@ -277,7 +286,7 @@ class Partition:
         sinks = (i < self.block_size).float() * self.block_size  # block -1 of the first block
         # Sinks count every level of the built hierarchy, also those the state does not hold yet (derived levels
         # are added when first needed; until then all their groups lie before position 0).
-        for level in range(1, max(levels, self.num_levels if self.zero_sink else 0) + 1):
+        for level in range(1, max(levels, self.num_levels if self.zero_sink and self.num_levels else 0) + 1):
             width = self.group_width(level)
             wanted, member = coarse_groups(i // width, causal=True)  # (c, 2)
             sinks += p * (member & (wanted < 0)).sum(-1)

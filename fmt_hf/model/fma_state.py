@@ -139,6 +139,11 @@ class IncrementalDecoding:
         float32 state: partial sums add up thousands of shares."""
         if not self.causal:
             raise ValueError("incremental decoding needs a causal FastMultipoleAttention (causal=True)")
+        if self.num_levels is None and self.boundary == "zero_sink":
+            raise ValueError(
+                'boundary="zero_sink" without a length cap (max_seq_len=None) counts sinks for the levels the whole '
+                "input needs, so an output depends on the input's length and no decoding state can reproduce it: "
+                'build the layer with a max_seq_len, or use boundary="mask"')
         dtype = _softmax_dtype(dtype)
         m, p, d = self.block_size, self.coarse_tokens, self.head_dim
         levels = 0 if self._derives_levels else self.num_levels  # derived levels are added as they are needed

@@ -44,11 +44,20 @@ from transformers.utils.output_capturing import capture_outputs
 from .cache_fmt import FMTCache, is_fmt_cache
 from .configuration_fmt import FMTConfig
 from .fma_attention import FastMultipoleAttention
-from .fma_downsample import DepthwiseDownsample, FullDownsample
+from .fma_downsample import DepthwiseDownsample, FullDownsample, RecursiveDownsample
 
 logger = logging.get_logger(__name__)
 
 FMA_ATTN_IMPLEMENTATION = "fma"
+# Downsample families whose FMA layers the model builds without a length cap (docs/fma.md §7a): their parameters do
+# not depend on the length, and their decoding state gains a level each time the sequence doubles.
+LENGTH_FREE_DOWNSAMPLE = ("recursive", "avgpool")
+
+
+def length_free(config: FMTConfig) -> bool:
+    """Whether the FMA layers of `config` take any length: a length-free family, and the `"mask"` boundary (the
+    `"zero_sink"` boundary reproduces the released kernels, whose sinks depend on a fixed built length)."""
+    return config.fma_downsample in LENGTH_FREE_DOWNSAMPLE and config.fma_boundary == "mask"
 
 
 class FMTRMSNorm(nn.Module):
@@ -219,7 +228,7 @@ class FMTAttention(nn.Module):
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
         self.fma = FastMultipoleAttention(
             self.head_dim,
-            config.max_position_embeddings,
+            None if length_free(config) else config.max_position_embeddings,
             block_size=config.fma_block_size,
             coarse_tokens=config.fma_coarse_tokens,
             causal=config.is_causal,
@@ -334,6 +343,21 @@ class FMTPreTrainedModel(PreTrainedModel):
         "attentions": FMTAttention,
     }
 
+    @property
+    def max_sequence_length(self) -> int | None:
+        """The longest sequence (cached tokens included) this model accepts, or None when nothing caps it.
+
+        FMA with `fma_downsample` `"depthwise"` or `"full"` (or with `fma_boundary="zero_sink"`) has a hierarchy
+        built for `max_position_embeddings`; `"recursive"`, `"avgpool"` and the dense implementations (rotary
+        embeddings, as in Llama) have no hard limit -- quality beyond the training length is another matter (see
+        `FMTConfig`).
+        """
+        if self.config._attn_implementation != FMA_ATTN_IMPLEMENTATION:
+            return None
+        if length_free(self.config):
+            return None
+        return self.config.max_position_embeddings
+
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
         # FMA is this architecture's attention, so it is what "no preference" means; transformers' own default
         # would be sdpa. The dense implementations stay available on request.
@@ -346,7 +370,7 @@ class FMTPreTrainedModel(PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, FMTRotaryEmbedding):
             init.copy_(module.inv_freq, module.compute_inv_freq(self.config))
-        elif isinstance(module, (DepthwiseDownsample, FullDownsample)):
+        elif isinstance(module, (DepthwiseDownsample, FullDownsample, RecursiveDownsample)):
             # FMA's own average init (fma.md §2) rather than a random draw, so that an untrained level summarises
             # its groups by sub-window means. Levels loaded from a checkpoint are kept: a model extended to a longer
             # max_position_embeddings initialises only its new levels.
@@ -406,8 +430,9 @@ class FMTModel(FMTPreTrainedModel):
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`):
-                Token ids; give either these or `inputs_embeds`. `seq_len` may not exceed
-                `config.max_position_embeddings`.
+                Token ids; give either these or `inputs_embeds`. Under FMA with `fma_downsample` `"depthwise"`,
+                `"full"` or `"avgpool"`, cached plus new tokens may not exceed `config.max_position_embeddings`
+                (`max_sequence_length`); `"recursive"` and the dense implementations take any length.
             attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`, *optional*):
                 1 for real tokens, 0 for padding. Padding is never attended to; the outputs at padded positions
                 are meaningless. Under FMA, a padded row gives its real tokens the same outputs as the unpadded
@@ -438,11 +463,13 @@ class FMTModel(FMTPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         past = cache.get_seq_length() if cache is not None else 0
         seq_len = inputs_embeds.shape[1]
-        if past + seq_len > self.config.max_position_embeddings:
+        if self.max_sequence_length is not None and past + seq_len > self.max_sequence_length:
             raise ValueError(
                 f"Input length {past + seq_len} ({past} cached + {seq_len} new) exceeds max_position_embeddings "
-                f"({self.config.max_position_embeddings}), the longest sequence this model (and its FMA hierarchy) "
-                "was built for."
+                f"({self.config.max_position_embeddings}), the longest sequence the FMA hierarchy of this model "
+                f'(fma_downsample="{self.config.fma_downsample}") was built for. Models with '
+                'fma_downsample="recursive" have no such cap; these weights also run densely at any length '
+                '(attn_implementation="sdpa").'
             )
 
         shift = None
@@ -644,15 +671,16 @@ class FMTForCausalLM(FMTLanguageModel, GenerationMixin):
 
         Before any work, checks that the prompt and the new tokens fit the model (`max_cache_length` is every
         position `generate` will run through it)."""
-        limit = self.config.max_position_embeddings
-        if max_cache_length > limit:
+        limit = self.max_sequence_length
+        if limit is not None and max_cache_length > limit:
             new_tokens = generation_config.max_new_tokens
             asked = (f"a prompt of {max_cache_length + 1 - new_tokens} tokens plus max_new_tokens={new_tokens}"
                      if new_tokens is not None else f"max_length={generation_config.max_length}")
             raise ValueError(
                 f"generate() would run {max_cache_length} positions through the model ({asked}), but it holds at "
                 f"most max_position_embeddings={limit}: its FMA downsamplers ({self.config.fma_downsample!r}) have "
-                "weights for that length only. Lower max_new_tokens (or max_length), or shorten the prompt."
+                "weights for that length only. Lower max_new_tokens (or max_length), shorten the prompt, or use a "
+                'length-free downsampler (fma_downsample="recursive" or "avgpool").'
             )
         if self.config._attn_implementation != FMA_ATTN_IMPLEMENTATION:
             return super()._prepare_cache_for_generation(

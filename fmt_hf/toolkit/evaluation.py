@@ -179,7 +179,8 @@ def evaluate_lm(eval_args: EvalArguments, corpus_args: CorpusArguments, progress
     The results are the ``lm_bits`` metric's (``bits_per_byte``, ``bits_per_token``, ``perplexity``,
     ``nll_per_token``, token and byte counts) plus what was measured (model, data, split, documents, context
     length, stride); they are also written to ``eval_args.output_file`` when set. Raises ``ValueError`` when the
-    context length exceeds the model's ``max_position_embeddings`` or the split does not exist.
+    context length exceeds the model's ``max_position_embeddings`` (for FMT models, only where it caps the length:
+    ``max_sequence_length``) or the split does not exist.
     """
     device = eval_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(eval_args.tokenizer_name or eval_args.model_name_or_path)
@@ -189,7 +190,8 @@ def evaluate_lm(eval_args: EvalArguments, corpus_args: CorpusArguments, progress
         attn_implementation=eval_args.attn_implementation,
         trust_remote_code=eval_args.trust_remote_code,
     ).to(device).eval()
-    max_positions = getattr(model.config, "max_position_embeddings", None)
+    # An FMT model says what caps it (None: nothing, e.g. fma_downsample="recursive"); others go by their config.
+    max_positions = getattr(model, "max_sequence_length", getattr(model.config, "max_position_embeddings", None))
     if max_positions is not None and eval_args.context_length > max_positions:
         raise ValueError(
             f"--context_length={eval_args.context_length} exceeds the model's max_position_embeddings={max_positions}"

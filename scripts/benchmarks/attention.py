@@ -9,7 +9,9 @@ How the numbers are taken (also written into every result file, see :data:`METHO
 * **time** -- wall clock (``time.perf_counter``) of one call: forward under ``torch.no_grad()``, or forward
   plus ``out.backward(grad)`` with a fixed random ``grad`` on ``requires_grad`` inputs. Per cell (length,
   mode, pass) FMA and SDPA alternate (FMA, SDPA, SDPA, FMA, FMA, SDPA, ...) after one untimed warm-up call
-  each, and the median is reported. An implementation stops repeating at ``repeats`` samples, or earlier
+  each, and the median is reported. FMA layers with other downsamplers (``compare_downsample``, e.g. recursive
+  against depthwise) join the same alternation as implementations ``fma_<family>``, with their time relative
+  to the main FMA's. An implementation stops repeating at ``repeats`` samples, or earlier
   once it has ``min_repeats`` samples *and* has spent ``budget_s`` seconds in the cell -- so dense attention
   at 64K gets one or two samples while FMA keeps its full count. A warm-up call that alone takes longer than
   ``budget_s`` is itself counted as a sample (a first-call overhead is negligible at that size).
@@ -48,6 +50,7 @@ import torch
 import torch.nn.functional as F
 
 from fmt_hf.model.fma_attention import FastMultipoleAttention
+from fmt_hf.model.fma_downsample import DOWNSAMPLE_MODES
 from fmt_hf.model.fma_partition import num_levels
 
 MODES = ("causal", "bidir")
@@ -79,6 +82,9 @@ class BenchConfig:
     coarse_tokens: int = 4
     query_mode: str = "fine"
     downsample: str = "depthwise"
+    # other FMA downsample families timed in the same cells, interleaved with the main one (implementations
+    # "fma_<family>"), e.g. ("recursive",) against downsample="depthwise"
+    compare_downsample: tuple[str, ...] = ()
     repeats: int = 5
     min_repeats: int = 1
     budget_s: float = 30.0
@@ -169,8 +175,13 @@ def _timed(call: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def implementations(cfg: BenchConfig) -> list[str]:
+    """What one sweep times: the main FMA, one FMA per ``compare_downsample`` family, dense SDPA."""
+    return ["fma"] + [f"fma_{family}" for family in cfg.compare_downsample] + ["sdpa"]
+
+
 class _Cell:
-    """Inputs and the two callables for one (length, mode, pass)."""
+    """Inputs and the callables (one per implementation) for one (length, mode, pass)."""
 
     def __init__(self, n: int, cfg: BenchConfig, causal: bool, backward: bool):
         torch.manual_seed(cfg.seed)
@@ -178,21 +189,24 @@ class _Cell:
         shape = (cfg.batch, cfg.heads, n, cfg.head_dim)
         self.q, self.k, self.v = (torch.randn(shape, dtype=dtype).requires_grad_(backward) for _ in range(3))
         self.grad = torch.randn(shape, dtype=dtype) if backward else None
-        self.attn = FastMultipoleAttention(cfg.head_dim, n, block_size=cfg.block_size,
-                                           coarse_tokens=cfg.coarse_tokens, causal=causal,
-                                           downsample=cfg.downsample, query_mode=cfg.query_mode).to(dtype)
+        families = {"fma": cfg.downsample, **{f"fma_{family}": family for family in cfg.compare_downsample}}
+        self.attns = {impl: FastMultipoleAttention(cfg.head_dim, n, block_size=cfg.block_size,
+                                                   coarse_tokens=cfg.coarse_tokens, causal=causal, downsample=family,
+                                                   query_mode=cfg.query_mode).to(dtype)
+                      for impl, family in families.items()}
         self.causal, self.backward = causal, backward
 
     def _forward(self, impl: str) -> torch.Tensor:
-        if impl == "fma":
-            return self.attn(self.q, self.k, self.v)
+        if impl in self.attns:
+            return self.attns[impl](self.q, self.k, self.v)
         return F.scaled_dot_product_attention(self.q, self.k, self.v, is_causal=self.causal)
 
     def reset(self) -> None:
         """Untimed: drop gradients from the previous call so every call allocates the same way."""
         for t in (self.q, self.k, self.v):
             t.grad = None
-        self.attn.zero_grad(set_to_none=True)
+        for attn in self.attns.values():
+            attn.zero_grad(set_to_none=True)
         gc.collect()
 
     def call(self, impl: str) -> None:
@@ -206,7 +220,7 @@ class _Cell:
 def _measure_cell(n: int, mode: str, pass_: str, cfg: BenchConfig, status: Callable[[str], None]) -> dict:
     causal, backward = mode == "causal", pass_ == "fwd+bwd"
     cell = _Cell(n, cfg, causal, backward)
-    impls = [i for i in IMPLS if i == "fma" or cfg.sdpa_max_n is None or n <= cfg.sdpa_max_n]
+    impls = [i for i in implementations(cfg) if i != "sdpa" or cfg.sdpa_max_n is None or n <= cfg.sdpa_max_n]
     times: dict[str, list[float]] = {i: [] for i in impls}
     spent = dict.fromkeys(impls, 0.0)
     peak: dict[str, int] = {}
@@ -241,13 +255,16 @@ def _measure_cell(n: int, mode: str, pass_: str, cfg: BenchConfig, status: Calla
 
     row = {"n": n, "mode": mode, "pass": pass_, "levels": num_levels(n, cfg.block_size),
            "fma_flops": fma_flops(n, cfg, causal, backward), "sdpa_flops": dense_flops(n, cfg, causal, backward)}
-    for impl in IMPLS:
+    for impl in implementations(cfg):
         samples = times.get(impl, [])
         row[f"{impl}_times_s"] = samples
         row[f"{impl}_median_s"] = statistics.median(samples) if samples else None
         row[f"{impl}_peak_bytes"] = peak.get(impl)
         row[f"{impl}_warmup_counted"] = warmup_counted.get(impl, False)
-        row[f"{impl}_gflops"] = row[f"{impl}_flops"] / row[f"{impl}_median_s"] / 1e9 if samples else None
+        if impl in IMPLS:
+            row[f"{impl}_gflops"] = row[f"{impl}_flops"] / row[f"{impl}_median_s"] / 1e9 if samples else None
+        else:  # another downsampler: its time relative to the main FMA's
+            row[f"ratio_{impl}_over_fma"] = row[f"{impl}_median_s"] / row["fma_median_s"]
     row["ratio_sdpa_over_fma"] = (row["sdpa_median_s"] / row["fma_median_s"]
                                   if row["sdpa_median_s"] is not None else None)
     return row
@@ -313,6 +330,9 @@ def run_benchmark(lengths: Iterable[int], modes: Iterable[str] = ("causal",), pa
         raise ValueError(f"need 1 <= min_repeats <= repeats, got {cfg.min_repeats} and {cfg.repeats}")
     if cfg.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {cfg.dtype!r}")
+    for family in (cfg.downsample, *cfg.compare_downsample):
+        if family not in DOWNSAMPLE_MODES:
+            raise ValueError(f"downsample must be one of {DOWNSAMPLE_MODES}, got {family!r}")
     dtype = DTYPES[cfg.dtype]
     cells = [(n, mode, pass_) for n in lengths for mode in modes for pass_ in passes]
     neighbours = CpuNeighbours().start()
@@ -355,17 +375,25 @@ def _fmt_mib(nbytes: int | None) -> str:
 
 def format_table(rows: list[dict], meta: dict) -> str:
     """Plain-text table of the sweep plus the conventions behind each column."""
+    compared = meta["config"]["compare_downsample"]  # per family: its time, its ratio to FMA, its memory
     header = ["n", "mode", "pass", "L", "FMA", "SDPA", "SDPA/FMA", "FMA MiB", "SDPA MiB", "FMA GF/s",
               "% matmul", "reps F/S", "others"]
+    for family in compared:
+        header[-1:-1] = [f"FMA {family}", f"{family}/FMA", f"{family} MiB"]
     body = []
     for r in rows:
+        extra = []
+        for family in compared:
+            impl = f"fma_{family}"
+            extra += [_fmt_time(r[f"{impl}_median_s"]), f"{r[f'ratio_{impl}_over_fma']:.3f}",
+                      _fmt_mib(r[f"{impl}_peak_bytes"])]
         body.append([
             str(r["n"]), r["mode"], r["pass"], str(r["levels"]), _fmt_time(r["fma_median_s"]),
             _fmt_time(r["sdpa_median_s"]),
             "-" if r["ratio_sdpa_over_fma"] is None else f"{r['ratio_sdpa_over_fma']:.2f}x",
             _fmt_mib(r["fma_peak_bytes"]), _fmt_mib(r["sdpa_peak_bytes"]), f"{r['fma_gflops']:.3g}",
             f"{100 * r['fma_fraction_of_matmul']:.2g}%", f"{len(r['fma_times_s'])}/{len(r['sdpa_times_s'])}",
-            _fmt_cores(r.get("other_cores")),
+            *extra, _fmt_cores(r.get("other_cores")),
         ])
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
@@ -375,7 +403,8 @@ def format_table(rows: list[dict], meta: dict) -> str:
     lines += [
         "",
         f"B={cfg['batch']} H={cfg['heads']} d={cfg['head_dim']} {cfg['dtype']}, m={cfg['block_size']} "
-        f"p={cfg['coarse_tokens']} query_mode={cfg['query_mode']} downsample={cfg['downsample']}; "
+        f"p={cfg['coarse_tokens']} query_mode={cfg['query_mode']} downsample={cfg['downsample']}"
+        + "".join(f" (and {family})" for family in compared) + "; "
         f"torch {sysinfo['torch']}, {sysinfo['threads']} threads, {sysinfo['cpu']}",
         f"matmul {mm['size']}^3 {mm['dtype']}: median {mm['gflops_median']:.1f} GFLOP/s "
         f"(before {statistics.median(mm['gflops_before']):.1f}, after {statistics.median(mm['gflops_after']):.1f})",
@@ -400,7 +429,11 @@ def plot_results(rows: list[dict], path: str, title: str = "FMA vs dense SDPA") 
     import matplotlib.pyplot as plt
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.8))
-    styles = {"fma": ("C0", "FMA"), "sdpa": ("C3", "SDPA")}
+    # FMA layers with other downsamplers (compare_downsample) are the rows' "ratio_fma_<family>_over_fma" keys
+    compared = [key[len("ratio_"):-len("_over_fma")] for key in (rows[0] if rows else {})
+                if key.startswith("ratio_fma_")]
+    styles = {"fma": ("C0", "FMA"), "sdpa": ("C3", "SDPA"),
+              **{impl: (f"C{4 + i}", f"FMA {impl[4:]}") for i, impl in enumerate(compared)}}
     markers = {"causal": "o", "bidir": "s"}
     lines = {"fwd": "--", "fwd+bwd": "-"}
     series = sorted({(r["mode"], r["pass"]) for r in rows})
@@ -440,8 +473,11 @@ def write_results(rows: list[dict], meta: dict, png_path: str) -> tuple[str, str
     stem = os.path.splitext(png_path)[0]
     os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
     csv_path, json_path = stem + ".csv", stem + ".json"
+    compared = [f"fma_{family}" for family in meta["config"]["compare_downsample"]]
+    fields = CSV_FIELDS + [f"{impl}_{what}" for impl in compared for what in ("median_s", "peak_bytes", "times_s")]
+    fields += [f"ratio_{impl}_over_fma" for impl in compared]
     with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
             writer.writerow({k: (" ".join(f"{t:.6g}" for t in v) if isinstance(v, list) else v)

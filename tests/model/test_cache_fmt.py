@@ -263,3 +263,23 @@ def test_decoding_runs_without_float64():
         with NoFloat64():
             model.generate(prompt(45), attention_mask=torch.ones(1, 45, dtype=torch.long), max_new_tokens=12,
                            do_sample=False)
+
+
+@pytest.mark.parametrize("downsample,query_mode", [("recursive", "fine"), ("recursive", "coarse"), ("avgpool", "fine")])
+def test_length_free_models_generate_past_max_position_embeddings(downsample, query_mode):
+    """fma_downsample="recursive" (or "avgpool") has no cap (docs/fma.md §7a): generate continues far past
+    max_position_embeddings, its state gaining a level each time the length doubles, and equals recomputation;
+    left padding and beams as for any model."""
+    model = tiny(downsample=downsample, query_mode=query_mode, max_position_embeddings=32)  # block 4
+    assert model.max_sequence_length is None
+    ids = prompt(27, batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding
+    cached = model.generate(ids, attention_mask=mask, max_new_tokens=110, do_sample=False)
+    recomputed = model.generate(ids, attention_mask=mask, max_new_tokens=110, do_sample=False, use_cache=False)
+    assert cached.shape[1] == 137 and torch.equal(cached, recomputed)
+    cache = model(cached, attention_mask=torch.cat([mask, torch.ones(2, 110, dtype=mask.dtype)], 1)).cache
+    levels = [state.num_levels for state in cache.layers[0].states]
+    assert levels == [5, 5]  # L(138) and L(133) at block 4: 4 * 2**5 < n
+    beams = model.generate(ids[:1], max_new_tokens=40, num_beams=3, do_sample=False)
+    assert torch.equal(beams, model.generate(ids[:1], max_new_tokens=40, num_beams=3, do_sample=False, use_cache=False))

@@ -44,6 +44,14 @@ def test_docstring_documents_every_field():
     assert "max_position_embeddings" in FMTConfig.__doc__.split("fma_downsample (`")[1].split("fma_query_mode")[0]
 
 
+def test_recursive_downsample_is_a_documented_choice(tmp_path):
+    config = FMTConfig(fma_downsample="recursive", max_position_embeddings=1024)
+    config.save_pretrained(tmp_path)
+    assert FMTConfig.from_pretrained(tmp_path).fma_downsample == "recursive"
+    entry = FMTConfig.__doc__.split("fma_downsample (`")[1].split("fma_query_mode")[0]
+    assert '"recursive"' in entry and "p*d*2p + p*d" in entry and "independent of" in entry
+
+
 def test_explicit_head_dim_and_kv_heads_are_kept():
     config = FMTConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, head_dim=32)
     assert (config.head_dim, config.num_key_value_heads) == (32, 2)

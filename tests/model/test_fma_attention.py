@@ -11,8 +11,10 @@ from fma_reference import reference_fma
 from fmt_hf.model.fma_attention import FastMultipoleAttention
 
 
-OPTIONS = list(itertools.product([True, False], ["fine", "coarse"], ["depthwise", "full", "avgpool"],
+OPTIONS = list(itertools.product([True, False], ["fine", "coarse"], ["depthwise", "full", "avgpool", "recursive"],
                                  [True, False], ["mask", "zero_sink"]))
+LENGTH_FREE_OPTIONS = list(itertools.product([True, False], ["fine", "coarse"], ["recursive", "avgpool"],
+                                             ["mask", "zero_sink"]))
 
 
 @pytest.mark.parametrize("causal,query_mode,downsample,scale_attn,boundary", OPTIONS)
@@ -22,6 +24,33 @@ def test_matches_reference_for_every_option(causal, query_mode, downsample, scal
     for n in (3, 37, 64):  # L = 0, 3, 3; only 64 is the built length and a power of two
         q, k, v = qkv(n, batch=1)
         torch.testing.assert_close(attn(q, k, v), reference_fma(attn, q, k, v), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal,query_mode,downsample,boundary", LENGTH_FREE_OPTIONS)
+def test_length_free_layer_matches_reference(causal, query_mode, downsample, boundary):
+    """max_seq_len=None (§7a): each input gets the levels it needs (up to 5 here); only groups before position 0
+    are outside the sequence."""
+    attn = make(causal=causal, query_mode=query_mode, downsample=downsample, boundary=boundary, max_seq_len=None)
+    for n in (3, 37, 129):
+        q, k, v = qkv(n, batch=1)
+        torch.testing.assert_close(attn(q, k, v), reference_fma(attn, q, k, v), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal,query_mode", list(itertools.product([True, False], ["fine", "coarse"])))
+def test_length_free_layer_equals_a_capped_one_under_mask(causal, query_mode):
+    """With boundary="mask" the cap only bounds the length: below it, a capped layer and a length-free one with the
+    same weights agree, and causal outputs do not depend on how long the rest of the sequence is."""
+    capped = make(causal=causal, query_mode=query_mode, downsample="recursive", max_seq_len=300)
+    free = make(causal=causal, query_mode=query_mode, downsample="recursive", max_seq_len=None)
+    free.load_state_dict(capped.state_dict())
+    q, k, v = qkv(300, batch=1)
+    for n in (37, 129, 300):
+        torch.testing.assert_close(free(q[:, :, :n], k[:, :, :n], v[:, :, :n]),
+                                   capped(q[:, :, :n], k[:, :, :n], v[:, :, :n]), rtol=0, atol=1e-13)
+    if causal:
+        full = free(q, k, v)
+        torch.testing.assert_close(free(q[:, :, :37], k[:, :, :37], v[:, :, :37]), full[:, :, :37],
+                                   rtol=0, atol=1e-13)
 
 
 @pytest.mark.parametrize("causal,query_mode", list(itertools.product([True, False], ["fine", "coarse"])))
@@ -74,6 +103,52 @@ def test_identity_pooling_is_dense_attention(causal, query_mode):
         dense = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
                                                is_causal=causal)
         torch.testing.assert_close(attn(q, k, v), dense, rtol=0, atol=1e-12)
+
+
+# bidirectional: whole groups only -- groups partly past the end are zero-padded (§7)
+@pytest.mark.parametrize("causal,n", [(True, 9), (True, 13), (True, 16), (False, 12), (False, 16)])
+def test_recursive_identity_level_one_is_dense_attention(causal, n):
+    """§6 where it applies to the recursive family: with p = m an untrained level 1 is the fine tokens themselves
+    (and log(w_1 / p) = 0), so lengths with a single coarse level (2m < n <= 4m) give dense attention. (Level 2
+    maps 2m tokens to p = m summaries, so no longer length is an identity.)"""
+    attn = make(perturb=False, causal=causal, downsample="recursive", block_size=4, coarse_tokens=4, max_seq_len=None)
+    q, k, v = qkv(n)
+    dense = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=causal)
+    torch.testing.assert_close(attn(q, k, v), dense, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 5, 8])
+def test_length_free_without_coarse_levels_is_dense_causal(n):
+    """n <= 2m (L = 0): exactly dense causal attention (§6), also without a cap."""
+    attn = make(downsample="recursive", max_seq_len=None)
+    q, k, v = qkv(n)
+    dense = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
+    torch.testing.assert_close(attn(q, k, v), dense, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("query_mode", ["fine", "coarse"])
+@pytest.mark.parametrize("n,j", [(33, 32), (65, 64), (65, 48), (129, 128), (129, 64), (130, 97)])
+def test_length_free_causality_across_level_boundaries(query_mode, n, j):
+    """Perturbing token j changes no output before j, also through the gradient, where lengths cross 2^k m (a new
+    level appears) and j opens a group of some level (m = 4)."""
+    attn = make(query_mode=query_mode, downsample="recursive", max_seq_len=None)
+    q, k, v = qkv(n, batch=1)
+    out = attn(q, k, v)
+    q2, k2, v2 = q.clone(), k.clone(), v.clone()
+    q2[:, :, j:] += 1.0
+    k2[:, :, j] += 1.0
+    v2[:, :, j] += 1.0
+    out2 = attn(q2, k2, v2)
+    torch.testing.assert_close(out2[:, :, :j], out[:, :, :j], rtol=0, atol=0)
+    assert not torch.allclose(out2[:, :, j], out[:, :, j])
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    attn(q, k, v)[:, :, :j].sum().backward()
+    for t in (q, k, v):
+        assert t.grad[:, :, j:].abs().max() == 0
+        assert t.grad[:, :, :j].abs().max() > 0
+    for downsample in (attn.k_downsample, attn.v_downsample):  # the shared map U took part
+        assert downsample.combine_weight.grad.abs().max() > 0
 
 
 @pytest.mark.parametrize("query_mode", ["fine", "coarse"])
@@ -156,6 +231,8 @@ def test_memory_is_not_quadratic():
     (dict(coarse_tokens=3), "coarse_tokens"),
     (dict(block_size=0), "block_size"),
     (dict(max_seq_len=-1), "max_seq_len"),
+    (dict(max_seq_len=None), "max_seq_len=None"),
+    (dict(max_seq_len=None, downsample="full"), "max_seq_len=None"),
     (dict(head_dim=2.5), "head_dim"),
     (dict(downsample="conv"), "downsample"),
     (dict(query_mode="medium"), "query_mode"),

@@ -47,6 +47,18 @@ def test_layers_share_one_plan_cache():
     assert other is not plans[0]
 
 
+def test_capped_and_length_free_layers_do_not_share_plans():
+    """The cap is part of the partition (it decides which slots are zero sinks), so it is part of the plan key."""
+    capped = make(max_seq_len=64, boundary="zero_sink", downsample="recursive").partition
+    free = make(max_seq_len=None, boundary="zero_sink", downsample="recursive").partition
+    assert free.capacity is None and capped.capacity == 64
+    cpu = torch.device("cpu")
+    plans = [partition.plans(20, (2, 2), cpu, F64) for partition in (capped, free)]  # 2 levels; the cap has 3
+    assert plans[0] is not plans[1]
+    assert not torch.equal(plans[0][0][1], plans[1][0][1])  # a capped layer's short input sinks the missing level
+    assert free.plans(20, (2, 2), cpu, F64) is plans[1]
+
+
 def test_plan_cache_is_bounded_in_bytes():
     cache = PlanCache(max_bytes=10_000)
     for key in range(10):

@@ -10,7 +10,8 @@ from fmt_hf.model.fma_attention import FastMultipoleAttention
 from fmt_hf.model.fma_partition import num_levels
 
 
-STATE_OPTIONS = list(itertools.product(["fine", "coarse"], ["depthwise", "full", "avgpool"], ["mask", "zero_sink"]))
+STATE_OPTIONS = list(itertools.product(["fine", "coarse"], ["depthwise", "full", "avgpool", "recursive"],
+                                      ["mask", "zero_sink"]))
 
 
 @pytest.mark.parametrize("query_mode,downsample,boundary", STATE_OPTIONS)
@@ -94,3 +95,35 @@ def test_derived_levels_grow_with_the_length():
         levels = num_levels(t + 2, 4)
         assert state.num_levels == levels
         assert state.num_vectors == 4 * 4 + 6 * 2 * levels <= 4 * 4 + 8 * 2 * levels
+
+
+@pytest.mark.parametrize("query_mode,downsample", [("fine", "recursive"), ("coarse", "recursive"), ("fine", "avgpool")])
+def test_decoding_without_a_length_cap_equals_full_forward(query_mode, downsample):
+    """A length-free layer (max_seq_len=None, §7a) decodes exactly across every level its state adds, through
+    prefill, chunks and single steps, with holes too."""
+    attn = make(query_mode=query_mode, downsample=downsample, max_seq_len=None).eval()
+    q, k, v = qkv(150, batch=1)  # m = 4: levels are added at t = 8, 16, 32, 64, 128
+    valid = torch.ones(150, dtype=torch.bool)
+    valid[[3, 70, 71, 140]] = False
+    for mask in (None, valid):
+        full = attn(q, k, v, key_padding_mask=None if mask is None else mask[None])[0]
+        for prompt, chunks in ((0, [1]), (13, [1, 3]), (31, [7, 1, 16]), (100, [1])):
+            state = attn.init_state(4, 2, F64)
+            real = torch.ones(150, dtype=torch.bool) if mask is None else mask
+            if prompt:
+                state = attn.prefill(state, q[0, :, :prompt], k[0, :, :prompt], v[0, :, :prompt], real[:prompt])
+            outs, i = [], prompt
+            for c in itertools.cycle(chunks):
+                if i == 150:
+                    break
+                c = min(c, 150 - i)
+                out, state = attn.step(state, q[0, :, i:i + c], k[0, :, i:i + c], v[0, :, i:i + c], real[i:i + c])
+                outs.append(out)
+                i += c
+            torch.testing.assert_close(torch.cat(outs, 1), full[:, prompt:], rtol=0, atol=1e-12)
+            assert state.num_levels == num_levels(151, 4)
+
+
+def test_zero_sink_decoding_without_a_length_cap_is_refused_clearly():
+    with pytest.raises(ValueError, match="zero_sink"):
+        make(downsample="recursive", boundary="zero_sink", max_seq_len=None).init_state(4, 2, F64)

@@ -480,7 +480,7 @@ def fma_reference_state(config: FMTConfig) -> dict:
     ).state_dict()
 
 
-@pytest.mark.parametrize("downsample", ["depthwise", "full"])
+@pytest.mark.parametrize("downsample", ["depthwise", "full", "recursive"])
 def test_fresh_model_keeps_fma_initialisation(downsample):
     # transformers' generic init draws every Linear/Conv weight from a normal: the downsamplers must not be.
     model = make(FMTModel, dtype=torch.float32, fma_downsample=downsample)
@@ -526,13 +526,49 @@ def test_device_map_with_disk_offload(tmp_path):
 
 # ----------------------------------------------------------------------------- input errors
 
-@pytest.mark.parametrize("attn", ["fma", "sdpa"])
-def test_too_long_input_raises(attn):
-    model = make(FMTForCausalLM)
-    if attn != "fma":
-        model = with_attn(model, attn)
-    with pytest.raises(ValueError, match="max_position_embeddings"):
+@pytest.mark.parametrize("downsample,boundary", [("depthwise", "mask"), ("full", "mask"), ("avgpool", "zero_sink"),
+                                                 ("recursive", "zero_sink")])
+def test_too_long_input_raises_under_fma_with_a_capped_hierarchy(downsample, boundary):
+    model = make(FMTForCausalLM, fma_downsample=downsample, fma_boundary=boundary)
+    assert model.max_sequence_length == MAX_LEN
+    with pytest.raises(ValueError, match=r'exceeds max_position_embeddings \(128\).*fma_downsample="recursive"'):
         model(random_ids(1, MAX_LEN + 1))
+    cache = model(random_ids(1, MAX_LEN - 1)).cache  # the cap counts cached tokens too
+    with pytest.raises(ValueError, match=r"Input length 129 \(127 cached \+ 2 new\)"):
+        model(random_ids(1, 2), cache=cache)
+
+
+def test_dense_attention_has_no_length_cap():
+    """As transformers' Llama: rotary embeddings take any position, so the dense implementations run past
+    max_position_embeddings (only FMA's per-level hierarchy is built for a length)."""
+    model = with_attn(make(FMTForCausalLM), "sdpa")
+    assert model.max_sequence_length is None
+    assert model(random_ids(1, MAX_LEN + 5)).logits.shape == (1, MAX_LEN + 5, 61)
+
+
+@pytest.mark.parametrize("model_class", [FMTForCausalLM, FMTForMaskedLM], ids=lambda c: c.__name__)
+def test_recursive_model_runs_at_four_times_its_training_length_and_reloads(model_class, tmp_path):
+    """fma_downsample="recursive" has no length cap (docs/fma.md §7a): a model built for 64 tokens runs at 256, and
+    so does its checkpoint; the parameter count does not depend on max_position_embeddings."""
+    model = make(model_class, fma_downsample="recursive", max_position_embeddings=64)
+    with torch.no_grad():  # move the downsamplers off their average init so a reload has weights to keep
+        for name, parameter in model.named_parameters():
+            if "downsample" in name:
+                parameter.add_(0.2 * torch.randn_like(parameter))
+    assert model.max_sequence_length is None and model.model.layers[0].self_attn.fma.max_seq_len is None
+    assert model.num_parameters() == make(model_class, fma_downsample="recursive",
+                                          max_position_embeddings=8192).num_parameters()
+    options = {"use_cache": False} if model.config.is_causal else {}
+    ids = random_ids(2, 4 * 64)  # 4 coarse levels at block 8; 2 at the training length
+    logits = model(ids, **options).logits
+    assert logits.shape == (2, 256, 61) and torch.isfinite(logits).all()
+    if model.config.is_causal:  # the levels follow each input: a prefix gives the same outputs alone
+        torch.testing.assert_close(model(ids[:, :64], **options).logits, logits[:, :64], rtol=0, atol=1e-12)
+    model.save_pretrained(tmp_path)
+    auto_class = AutoModelForCausalLM if model.config.is_causal else AutoModelForMaskedLM
+    loaded = auto_class.from_pretrained(tmp_path)
+    assert type(loaded) is model_class and loaded.config.fma_downsample == "recursive"
+    assert torch.equal(loaded(ids, **options).logits, logits)
 
 
 def test_input_errors():

@@ -37,6 +37,24 @@ def test_attention_benchmark_runs_end_to_end(tmp_path):
     assert len(json.loads(open(json_path).read())["rows"]) == 8
 
 
+def test_attention_benchmark_compares_downsamplers(tmp_path):
+    """--compare-downsample: other FMA families timed in the same cells, with their time relative to the main one."""
+    cfg = BenchConfig(heads=2, head_dim=16, block_size=16, coarse_tokens=4, repeats=2, budget_s=30.0,
+                      compare_downsample=("recursive", "avgpool"), sdpa_max_n=0)
+    rows, meta = run_benchmark([300], ("causal",), ("fwd+bwd",), cfg, matmul_size=64, matmul_repeats=1,
+                               progress=False)
+    (row,) = rows
+    assert row["sdpa_median_s"] is None and len(row["fma_times_s"]) == 2
+    for family in ("recursive", "avgpool"):
+        impl = f"fma_{family}"
+        assert len(row[f"{impl}_times_s"]) == 2 and row[f"{impl}_peak_bytes"] > 0
+        assert row[f"ratio_{impl}_over_fma"] == row[f"{impl}_median_s"] / row["fma_median_s"]
+    assert "recursive/FMA" in format_table(rows, meta)
+    png = plot_results(rows, str(tmp_path / "compare.png"))
+    csv_path, _ = write_results(rows, meta, png)
+    assert "ratio_fma_recursive_over_fma" in open(csv_path).readline()
+
+
 def test_decode_benchmark_counts_both_caches(tmp_path):
     config = smollm2_shaped_config(512, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, fma_block_size=8,
