@@ -49,16 +49,18 @@ def with_identity_pooling(attn):
     return attn
 
 
-def decode(attn, q, k, v, prompt, chunks):
-    """Outputs of rows prompt.. of one sequence: prefill ``prompt`` tokens, then steps of the given sizes."""
+def decode(attn, q, k, v, prompt, chunks, valid=None):
+    """Outputs of rows prompt.. of one sequence: prefill ``prompt`` tokens, then steps of the given sizes;
+    ``valid`` (n,) marks real tokens (None: all)."""
+    valid = torch.ones(q.shape[1], dtype=torch.bool) if valid is None else valid
     state = attn.init_state(q.shape[0], k.shape[0], q.dtype)
     if prompt:
-        state = attn.prefill(state, q[:, :prompt], k[:, :prompt], v[:, :prompt])
+        state = attn.prefill(state, q[:, :prompt], k[:, :prompt], v[:, :prompt], valid[:prompt])
     outs, i = [], prompt
     for c in itertools.cycle(chunks):
         if i == q.shape[1]:
             return torch.cat(outs, 1), state
         c = min(c, q.shape[1] - i)
-        out, state = attn.step(state, q[:, i:i + c], k[:, i:i + c], v[:, i:i + c])
+        out, state = attn.step(state, q[:, i:i + c], k[:, i:i + c], v[:, i:i + c], valid[i:i + c])
         outs.append(out)
         i += c

@@ -69,18 +69,8 @@ def test_decoding_with_holes_equals_the_masked_forward(query_mode, boundary):
     valid[40:57] = False  # a hole wider than a level-2 group: that group holds no real token
     full = attn(q, k, v, key_padding_mask=valid[None])[0]
     for prompt, chunks in ((0, [1]), (13, [1, 3]), (32, [7, 1, 16]), (50, [1])):
-        state = attn.init_state(4, 2, F64)
-        if prompt:
-            state = attn.prefill(state, q[0, :, :prompt], k[0, :, :prompt], v[0, :, :prompt], valid[:prompt])
-        outs, i = [], prompt
-        for c in itertools.cycle(chunks):
-            if i == 77:
-                break
-            c = min(c, 77 - i)
-            out, state = attn.step(state, q[0, :, i:i + c], k[0, :, i:i + c], v[0, :, i:i + c], valid[i:i + c])
-            outs.append(out)
-            i += c
-        torch.testing.assert_close(torch.cat(outs, 1), full[:, prompt:], rtol=0, atol=1e-12)
+        out, _ = decode(attn, q[0], k[0], v[0], prompt, chunks, valid)
+        torch.testing.assert_close(out, full[:, prompt:], rtol=0, atol=1e-12)
 
 
 def test_derived_levels_grow_with_the_length():
@@ -108,19 +98,8 @@ def test_decoding_without_a_length_cap_equals_full_forward(query_mode, downsampl
     for mask in (None, valid):
         full = attn(q, k, v, key_padding_mask=None if mask is None else mask[None])[0]
         for prompt, chunks in ((0, [1]), (13, [1, 3]), (31, [7, 1, 16]), (100, [1])):
-            state = attn.init_state(4, 2, F64)
-            real = torch.ones(150, dtype=torch.bool) if mask is None else mask
-            if prompt:
-                state = attn.prefill(state, q[0, :, :prompt], k[0, :, :prompt], v[0, :, :prompt], real[:prompt])
-            outs, i = [], prompt
-            for c in itertools.cycle(chunks):
-                if i == 150:
-                    break
-                c = min(c, 150 - i)
-                out, state = attn.step(state, q[0, :, i:i + c], k[0, :, i:i + c], v[0, :, i:i + c], real[i:i + c])
-                outs.append(out)
-                i += c
-            torch.testing.assert_close(torch.cat(outs, 1), full[:, prompt:], rtol=0, atol=1e-12)
+            out, state = decode(attn, q[0], k[0], v[0], prompt, chunks, mask)
+            torch.testing.assert_close(out, full[:, prompt:], rtol=0, atol=1e-12)
             assert state.num_levels == num_levels(151, 4)
 
 
