@@ -40,7 +40,8 @@ def fmt_config_from_llama(
     ``max_position_embeddings`` (default: the source's; FMA builds its hierarchy for it).
 
     Raises ``ValueError`` naming what FMT cannot reproduce: a rope type whose frequencies change with the length,
-    a sliding attention window, an unknown FMA option.
+    a sliding attention window, an unknown FMA option. ``pretraining_tp`` is no obstacle: transformers 4 only
+    sliced the matmuls by it and transformers 5's Llama ignores it, so the function is the same.
     """
     unknown = sorted(set(fma_options) - set(FMA_OPTIONS))
     if unknown:
