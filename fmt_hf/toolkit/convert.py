@@ -15,7 +15,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, LlamaConfig, LlamaForCausalLM
 
 from ..model import FMTConfig, FMTForCausalLM
 from ..model.configuration_fmt import FMT_ROPE_TYPES
@@ -144,10 +144,12 @@ class ConvertArguments:
 def convert_checkpoint(args: ConvertArguments) -> FMTForCausalLM:
     """Load the Llama checkpoint (or GGUF file) and its tokenizer, convert it and save the FMT checkpoint (and, with
     ``dense_output_dir``, the source) with the tokenizer; return the FMT model."""
-    source = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, **source)
+    gguf = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, **gguf)
+    if args.gguf_file:  # plain float weights, also where a GGUF kernel would keep them packed
+        gguf["quantization_config"] = GgufConfig(dequantize=True)
     model = AutoModelForCausalLM.from_pretrained(
-        args.model_name_or_path, dtype=args.dtype if args.dtype == "auto" else getattr(torch, args.dtype), **source
+        args.model_name_or_path, dtype=args.dtype if args.dtype == "auto" else getattr(torch, args.dtype), **gguf
     )
     fmt = convert_llama_to_fmt(
         model, args.max_position_embeddings, args.fma_block_size, args.fma_coarse_tokens,
@@ -156,7 +158,7 @@ def convert_checkpoint(args: ConvertArguments) -> FMTForCausalLM:
     fmt.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
     if args.dense_output_dir is not None:
-        # A GGUF load records how it was quantized; the weights are plain floats now, and saved as such.
+        # A GGUF load records how the file was quantized and refuses to save; the weights are plain floats now.
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.hf_quantizer = None

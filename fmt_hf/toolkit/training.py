@@ -200,8 +200,7 @@ def parse_config_overrides(overrides: str | None) -> dict[str, Any]:
     """
     if not overrides:
         return {}
-    # `rope_theta` is no field but FMTConfig takes it (into `rope_parameters`), as every transformers config does.
-    known = {f.name for f in dataclasses.fields(FMTConfig)} | {"rope_theta"}
+    known = {f.name for f in dataclasses.fields(FMTConfig)}
     parsed = {}
     for item in overrides.split(","):
         name, sep, value = (part.strip() for part in item.partition("="))
