@@ -2,8 +2,8 @@
 
 Importing the package registers FMT with transformers' Auto classes (`AutoConfig`, `AutoModel`,
 `AutoModelForCausalLM`, `AutoModelForMaskedLM`) under the model type ``"fmt"``. It loads only the model code
-(`fmt_hf.model`: torch + transformers); the toolkit names below (`build_corpus`, `byte_tokenizer`, `LM_BITS`, ...)
-import `fmt_hf.toolkit` -- and with it `datasets` and `evaluate` -- on first use.
+(`fmt_hf.model`: torch + transformers); the toolkit names below (`build_corpus`, `byte_tokenizer`,
+`convert_llama_to_fmt`, ...) import `fmt_hf.toolkit` -- and with it `datasets` and `evaluate` -- on first use.
 """
 
 import importlib
@@ -30,6 +30,7 @@ AutoModelForMaskedLM.register(FMTConfig, FMTForMaskedLM)
 _TOOLKIT = {
     "CORPORA": "data",
     "build_corpus": "data",
+    "convert_llama_to_fmt": "convert",
     "load_corpus": "data",
     "pack_documents": "data",
     "LM_BITS": "metrics",

@@ -5,6 +5,7 @@ from typing import Literal
 from huggingface_hub.dataclasses import strict
 from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
 
 # Every FMT checkpoint names the code of all four Auto classes, whichever class saved it, so that any of them
 # can open it with `trust_remote_code=True` (`save_pretrained` alone records only the saved class). The module
@@ -15,6 +16,11 @@ FMT_AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_fmt.FMTForCausalLM",
     "AutoModelForMaskedLM": "modeling_fmt.FMTForMaskedLM",
 }
+
+FMT_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+"""The `rope_parameters["rope_type"]` values FMT supports: those whose frequencies do not depend on the sequence
+length, so that keys rotated once stay valid in the multilevel cache and in every coarse summary built from them
+(`"dynamic"` and `"longrope"` rescale with the length)."""
 
 
 @strict
@@ -54,11 +60,22 @@ class FMTConfig(PreTrainedConfig):
             downsampler builds levels training never used (its shared map applied more times in a row). Measure
             quality at the lengths you use (e.g. `scripts/eval_lm.py --context_length`).
         rope_theta (`float`, *optional*, defaults to 10000.0):
-            Base period of the rotary position embeddings.
+            Base period of the rotary position embeddings: the same number as `rope_parameters["rope_theta"]`
+            (give either; given both, they must agree).
+        rope_parameters (`dict`, *optional*):
+            Rotary position embeddings in the transformers-5 form of `LlamaConfig`: `rope_theta` and `rope_type`,
+            one of `"default"` (the default), `"linear"`, `"llama3"`, `"yarn"`, with the keys that type needs (e.g.
+            `factor`, `low_freq_factor`, `high_freq_factor`, `original_max_position_embeddings` for `"llama3"`).
+            The frequencies come from transformers' own `ROPE_INIT_FUNCTIONS`. A legacy `rope_scaling=` is read
+            as `rope_parameters`.
         rms_norm_eps (`float`, *optional*, defaults to 1e-06):
             Epsilon of the RMS normalisation layers.
         hidden_act (`str`, *optional*, defaults to `"silu"`):
             Activation of the gated MLP (any key of `transformers.activations.ACT2FN`).
+        attention_bias (`bool`, *optional*, defaults to `False`):
+            Whether the query, key, value and output projections have biases (as in `LlamaConfig`).
+        mlp_bias (`bool`, *optional*, defaults to `False`):
+            Whether the gate, up and down projections of the MLP have biases (as in `LlamaConfig`).
         attention_dropout (`float`, *optional*, defaults to 0.0):
             Dropout probability on the attention probabilities, applied in training mode only.
         initializer_range (`float`, *optional*, defaults to 0.02):
@@ -129,9 +146,12 @@ class FMTConfig(PreTrainedConfig):
     num_key_value_heads: int | None = None
     head_dim: int | None = None
     max_position_embeddings: int = 2048
-    rope_theta: float | int = 10000.0
+    rope_theta: float | int | None = None
+    rope_parameters: RopeParameters | dict | None = None
     rms_norm_eps: float | int = 1e-6
     hidden_act: str = "silu"
+    attention_bias: bool = False
+    mlp_bias: bool = False
     attention_dropout: float | int = 0.0
     initializer_range: float | int = 0.02
     tie_word_embeddings: bool = False
@@ -152,6 +172,10 @@ class FMTConfig(PreTrainedConfig):
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None and self.num_attention_heads > 0:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.rope_theta is None:
+            # From `rope_parameters` when that has it; transformers' standardisation (below) copies it the other way.
+            rope_parameters = self.rope_parameters or kwargs.get("rope_scaling") or {}
+            self.rope_theta = rope_parameters.get("rope_theta", self.default_theta)
         super().__post_init__(**kwargs)
         self.auto_map = {**(getattr(self, "auto_map", None) or {}), **FMT_AUTO_MAP}
 
@@ -173,14 +197,37 @@ class FMTConfig(PreTrainedConfig):
             )
         if self.head_dim % 2 != 0:
             raise ValueError(f"`head_dim` must be even for rotary embeddings, got {self.head_dim}.")
-        if self.rope_theta <= 0:
-            raise ValueError(f"`rope_theta` must be positive, got {self.rope_theta}.")
         if self.rms_norm_eps <= 0:
             raise ValueError(f"`rms_norm_eps` must be positive, got {self.rms_norm_eps}.")
         if not 0.0 <= self.attention_dropout < 1.0:
             raise ValueError(f"`attention_dropout` must be in [0, 1), got {self.attention_dropout}.")
         if self.hidden_act not in ACT2FN:
             raise ValueError(f"`hidden_act` {self.hidden_act!r} is not a known activation; use one of {list(ACT2FN)}.")
+
+    def validate_rope(self):
+        """Part of `@strict` validation: the rotary embeddings are of a type FMT supports and well defined."""
+        rope_type = self.rope_parameters.get("rope_type")
+        if rope_type not in FMT_ROPE_TYPES:
+            raise ValueError(
+                f"`rope_parameters['rope_type']` {rope_type!r} is not supported by FMT; use one of {FMT_ROPE_TYPES} "
+                "(frequencies that do not change with the sequence length)."
+            )
+        # transformers' check of the keys each type needs (its `validate_rope` would also test the head size,
+        # before `validate_sizes` can name the field that makes it odd)
+        check_keys = getattr(self, f"_validate_{rope_type}_rope_parameters")
+        check_keys(self.rope_parameters, ignore_keys=self.ignore_keys_at_rope_validation)
+        if self.rope_parameters["rope_theta"] != self.rope_theta:
+            raise ValueError(
+                f"`rope_theta` ({self.rope_theta}) and `rope_parameters['rope_theta']` "
+                f"({self.rope_parameters['rope_theta']}) disagree; give one of them."
+            )
+        if not self.rope_theta > 0:
+            raise ValueError(f"`rope_theta` must be positive, got {self.rope_theta}.")
+        if self.rope_parameters.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError(
+                "`rope_parameters['partial_rotary_factor']` must be 1.0 (FMT rotates whole heads, as Llama), got "
+                f"{self.rope_parameters['partial_rotary_factor']}."
+            )
 
     def validate_fma(self):
         """Part of `@strict` validation: the FMA hierarchy is well defined."""

@@ -29,6 +29,7 @@ from transformers.generation import GenerationMixin, GenerationMode
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, MaskedLMOutput
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import (
     ALL_ATTENTION_FUNCTIONS,
     AttentionInterface,
@@ -80,24 +81,31 @@ class FMTRMSNorm(nn.Module):
 
 
 class FMTRotaryEmbedding(nn.Module):
-    """Rotary position embeddings with base `config.rope_theta`: returns `(cos, sin)` for given positions."""
+    """Rotary position embeddings as Llama's, from `config.rope_parameters`: returns `(cos, sin)` for given
+    positions. The frequencies (and the cos/sin scaling of `"yarn"`) of every type but `"default"` come from
+    transformers' own `ROPE_INIT_FUNCTIONS`."""
 
     def __init__(self, config: FMTConfig):
         super().__init__()
+        inv_freq, self.attention_scaling = self.compute_inv_freq(config)
         # Not persistent: recomputed from the config, also by `_init_weights` after a meta-device `from_pretrained`.
-        self.inv_freq = nn.Buffer(self.compute_inv_freq(config), persistent=False)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
 
     @staticmethod
-    def compute_inv_freq(config: FMTConfig) -> torch.Tensor:
-        """The inverse frequencies `1 / theta^(2i / head_dim)`, `i = 0 .. head_dim/2 - 1`."""
+    def compute_inv_freq(config: FMTConfig) -> tuple[torch.Tensor, float]:
+        """The inverse frequencies and the scaling of cos/sin. `"default"`: `1 / theta^(2i / head_dim)`,
+        `i = 0 .. head_dim/2 - 1`, scaling 1."""
+        rope_type = config.rope_parameters["rope_type"]
+        if rope_type != "default":
+            return ROPE_INIT_FUNCTIONS[rope_type](config)
         exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float) / config.head_dim
-        return 1.0 / (config.rope_theta**exponents)
+        return 1.0 / (config.rope_parameters["rope_theta"] ** exponents), 1.0
 
     def forward(self, x: torch.Tensor, position_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Angles in float32 whatever the model dtype: bf16 positions lose precision beyond a few hundred tokens.
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -121,9 +129,9 @@ class FMTMLP(nn.Module):
 
     def __init__(self, config: FMTConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -222,10 +230,11 @@ class FMTAttention(nn.Module):
         # Read by the dense kernels (sdpa's `is_causal` when no mask is materialised).
         self.is_causal = config.is_causal
 
-        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
         self.fma = FastMultipoleAttention(
             self.head_dim,
             None if length_free(config) else config.max_position_embeddings,
@@ -369,7 +378,7 @@ class FMTPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         if isinstance(module, FMTRotaryEmbedding):
-            init.copy_(module.inv_freq, module.compute_inv_freq(self.config))
+            init.copy_(module.inv_freq, module.compute_inv_freq(self.config)[0])
         elif isinstance(module, (DepthwiseDownsample, FullDownsample, RecursiveDownsample)):
             # FMA's own average init (fma.md §2) rather than a random draw, so that an untrained level summarises
             # its groups by sub-window means. Levels loaded from a checkpoint are kept: a model extended to a longer

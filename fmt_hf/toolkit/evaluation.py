@@ -50,6 +50,11 @@ class EvalArguments:
     )
     batch_size: int = field(default=8, metadata={"help": "Windows per forward pass."})
     max_documents: int | None = field(default=None, metadata={"help": "Score only the first N documents."})
+    max_document_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Score only the first N tokens of each document (the BOS token included): quick runs, "
+                          "and the same tokens at every --context_length."},
+    )
     attn_implementation: str | None = field(
         default=None, metadata={"help": "Attention implementation (`fma`, `sdpa`, `eager`); the model's default."}
     )
@@ -76,6 +81,8 @@ class EvalArguments:
             )
         if self.batch_size < 1:
             raise ValueError(f"--batch_size must be at least 1, got {self.batch_size}")
+        if self.max_document_tokens is not None and self.max_document_tokens < 2:
+            raise ValueError(f"--max_document_tokens must be at least 2, got {self.max_document_tokens}")
         if self.output_file is None and os.path.isdir(self.model_name_or_path):
             self.output_file = os.path.join(
                 self.model_name_or_path, f"eval_lm_{self.split}_{self.context_length}.json"
@@ -131,13 +138,15 @@ def score_documents(
     stride: int,
     batch_size: int = 8,
     progress: bool = True,
+    max_document_tokens: int | None = None,
 ) -> dict[str, list]:
     """Per document: summed NLL in nats (``nll``), scored tokens (``num_tokens``) and their UTF-8 bytes
     (``num_bytes``) -- the inputs of the ``lm_bits`` metric -- from strided windows (:func:`strided_windows`).
 
     The tokenizer's BOS token, if it has one, is put before each document, so every document token is scored;
-    without one, the first token is context only and its bytes are not counted. Needs a fast tokenizer (its
-    offsets give the byte counts).
+    without one, the first token is context only and its bytes are not counted. ``max_document_tokens`` keeps
+    only the first tokens of each document (prefix included). Needs a fast tokenizer (its offsets give the byte
+    counts).
     """
     if not tokenizer.is_fast:
         raise ValueError("scoring needs a fast tokenizer: its offsets give the bytes of each token")
@@ -145,8 +154,9 @@ def score_documents(
     token_ids, token_bytes, windows = [], [], []
     for index, text in enumerate(texts):
         encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        token_ids.append(torch.tensor(prefix + encoded["input_ids"]))
-        token_bytes.append([0] * len(prefix) + token_byte_lengths(text, encoded["offset_mapping"]))
+        token_ids.append(torch.tensor(prefix + encoded["input_ids"])[:max_document_tokens])
+        num_bytes = [0] * len(prefix) + token_byte_lengths(text, encoded["offset_mapping"])
+        token_bytes.append(num_bytes[:max_document_tokens])
         windows += strided_windows(index, len(token_ids[-1]), context_length, stride)
 
     device = model.device
@@ -206,7 +216,7 @@ def evaluate_lm(eval_args: EvalArguments, corpus_args: CorpusArguments, progress
 
     scores = score_documents(
         model, tokenizer, documents["text"], eval_args.context_length, eval_args.stride, eval_args.batch_size,
-        progress=progress,
+        progress=progress, max_document_tokens=eval_args.max_document_tokens,
     )
     results = evaluate.load(LM_BITS, keep_in_memory=True).compute(**scores)
     results.update(
@@ -214,6 +224,7 @@ def evaluate_lm(eval_args: EvalArguments, corpus_args: CorpusArguments, progress
         data=corpus_args.data_id,
         split=eval_args.split,
         documents=len(documents),
+        max_document_tokens=eval_args.max_document_tokens,
         context_length=eval_args.context_length,
         stride=eval_args.stride,
     )

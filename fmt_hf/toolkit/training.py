@@ -105,6 +105,11 @@ class ModelArguments:
         default=False,
         metadata={"help": "Allow a checkpoint from the Hub to run its own modelling code."},
     )
+    train_only_downsamplers: bool = field(
+        default=False,
+        metadata={"help": "Freeze every weight but the FMA downsamplers: uptraining a model converted from a dense "
+                          "checkpoint (scripts/convert_llama.py), whose other weights are already trained."},
+    )
 
     def __post_init__(self) -> None:
         if self.config_overrides is not None and self.model_name_or_path is not None:
@@ -250,6 +255,24 @@ def build_model(model_args: ModelArguments, config: PreTrainedConfig, vocab_size
     return model
 
 
+def freeze_all_but_downsamplers(model: PreTrainedModel) -> int:
+    """Freeze every parameter of ``model`` but those of its FMA downsamplers; return how many stay trainable.
+
+    Raises ``ValueError`` when there are none (not an FMT model, or ``fma_downsample="avgpool"``)."""
+    model.requires_grad_(False)
+    for module in model.modules():
+        # By class name: a model loaded as Hub code has its own copy of the class.
+        if type(module).__name__ == "FastMultipoleAttention":
+            module.requires_grad_(True)
+    trainable = sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+    if trainable == 0:
+        raise ValueError(
+            "--train_only_downsamplers: the model has no FMA downsampler weights to train (not an FMT model, or "
+            "fma_downsample='avgpool')"
+        )
+    return trainable
+
+
 class LanguageModelingMetrics:
     """``preprocess_logits_for_metrics`` and ``compute_metrics`` of the ``Trainer`` for language modelling.
 
@@ -364,6 +387,10 @@ def train(
     eval_dataset = _first(blocks["validation"], data_args.max_eval_samples) if training_args.do_eval else None
 
     model = build_model(model_args, config, len(tokenizer))
+    if model_args.train_only_downsamplers:
+        trainable = freeze_all_but_downsamplers(model)
+        logger.info("Training only the FMA downsamplers: %.2fM of %.2fM parameters", trainable / 1e6,
+                    model.num_parameters() / 1e6)
     metrics = None
     if eval_dataset is not None:
         metrics = LanguageModelingMetrics(
@@ -414,6 +441,7 @@ __all__ = [
     "TRAINING_SETUP_NAME",
     "build_config",
     "build_model",
+    "freeze_all_but_downsamplers",
     "parse_config_overrides",
     "train",
 ]

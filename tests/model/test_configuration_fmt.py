@@ -80,6 +80,53 @@ def test_json_and_save_pretrained_round_trip(tmp_path):
     assert {**loaded.to_dict(), "_name_or_path": ""} == config.to_dict()
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def test_rope_parameters_in_the_transformers_5_form(tmp_path):
+    assert FMTConfig().rope_parameters == {"rope_type": "default", "rope_theta": 10000.0}
+    assert FMTConfig(rope_theta=1e5).rope_parameters == {"rope_type": "default", "rope_theta": 1e5}
+    config = FMTConfig(rope_parameters=dict(LLAMA3_ROPE), attention_bias=True, mlp_bias=True)
+    assert config.rope_theta == 5e5 and config.rope_parameters == LLAMA3_ROPE
+    assert FMTConfig(rope_scaling={"rope_type": "linear", "factor": 2.0}).rope_parameters == {
+        "rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert (loaded.rope_parameters, loaded.attention_bias, loaded.mlp_bias) == (LLAMA3_ROPE, True, True)
+
+
+def test_config_json_of_earlier_checkpoints_loads(tmp_path):
+    # Checkpoints saved before `rope_parameters`, `attention_bias` and `mlp_bias` existed: a top-level rope_theta.
+    saved = FMTConfig(rope_theta=1e5).to_dict()
+    for name in ("rope_parameters", "attention_bias", "mlp_bias"):
+        del saved[name]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert loaded.rope_parameters == {"rope_type": "default", "rope_theta": 1e5}
+    assert (loaded.rope_theta, loaded.attention_bias, loaded.mlp_bias) == (1e5, False, False)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, r"rope_parameters\['rope_type'\]"),
+        ({"rope_parameters": {"rope_type": "longrope", "factor": 2.0}}, r"rope_parameters\['rope_type'\]"),
+        ({"rope_theta": 1e4, "rope_parameters": {"rope_type": "default", "rope_theta": 1e5}}, "disagree"),
+        ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}}, "partial_rotary_factor"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}}, "rope_theta"),
+    ],
+)
+def test_invalid_rope_parameters_raise_naming_the_field(kwargs, message):
+    with pytest.raises(StrictDataclassError, match=message):
+        FMTConfig(**kwargs)
+
+
+def test_rope_type_without_its_keys_raises():
+    with pytest.raises(KeyError, match="rope_parameters"):  # transformers' own check of the keys a type needs
+        FMTConfig(rope_parameters={"rope_type": "llama3", "factor": 8.0})
+
+
 def test_auto_config_registration():
     assert type(AutoConfig.for_model("fmt", hidden_size=64, num_attention_heads=4)) is FMTConfig
 

@@ -78,6 +78,19 @@ def test_scores_match_the_perplexity_guide_loop(make_model):
     assert one_by_one["nll"] == pytest.approx(scores["nll"], rel=1e-5)
 
 
+@pytest.mark.download  # registry corpora
+def test_max_document_tokens_scores_each_documents_first_tokens():
+    model, tokenizer = tiny_llama(), byte_tokenizer()
+    texts = [play_excerpts()[0][:300], "Short één.", play_excerpts()[1][:130]]
+    cut = score_documents(model, tokenizer, texts, context_length=64, stride=24, progress=False,
+                          max_document_tokens=100)
+    first = score_documents(model, tokenizer, [t.encode("utf-8")[:99].decode("utf-8") for t in texts],
+                            context_length=64, stride=24, progress=False)
+    assert cut["num_tokens"] == first["num_tokens"] == [99, 12, 99]  # the BOS is one of the 100 tokens
+    assert cut["num_bytes"] == first["num_bytes"]
+    assert cut["nll"] == pytest.approx(first["nll"], rel=1e-6)
+
+
 def run_eval(tmp_path, model, *extra, context_length=128, stride=64):
     """scripts/eval_lm.py on `model` (saved with the byte tokenizer) over eight 1500-byte documents, split 6/1/1."""
     model.save_pretrained(tmp_path / "model")
@@ -115,6 +128,8 @@ def test_bad_eval_input_fails_clearly(tmp_path):
         run_eval(tmp_path, tiny_fmt(), context_length=256)
     with pytest.raises(ValueError, match="no split 'dev'"):
         run_eval(tmp_path, tiny_fmt(), "--split", "dev")
+    with pytest.raises(ValueError, match="--max_document_tokens must be at least 2"):
+        EvalArguments(model_name_or_path="m", max_document_tokens=1)
     for stride in (0, 64):
         with pytest.raises(ValueError, match="--stride must be at least 1 and less than --context_length=64"):
             EvalArguments(model_name_or_path="m", context_length=64, stride=stride)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from lm_helpers import (
     REPO,
     TINY_FMT,
@@ -97,6 +98,21 @@ def test_eval_only_from_a_checkpoint(documents, tmp_path):
     metrics = train(train_argv(tmp_path / "evaluated", documents, "--do_eval",
                                model_name_or_path=str(tmp_path / "trained")))
     assert "train_loss" not in metrics and metrics["eval_bits_per_byte"] > 0
+
+
+def test_train_only_downsamplers(documents, tmp_path):
+    train(train_argv(tmp_path / "start", documents, "--do_train", "--max_steps", "1"))
+    start = AutoModelForCausalLM.from_pretrained(tmp_path / "start")
+    train(train_argv(tmp_path / "uptrained", documents, "--do_train", "--max_steps", "2", "--train_only_downsamplers",
+                     model_name_or_path=str(tmp_path / "start")))
+    uptrained = AutoModelForCausalLM.from_pretrained(tmp_path / "uptrained").state_dict()
+    changed = {name for name, weight in start.state_dict().items() if not torch.equal(weight, uptrained[name])}
+    downsamplers = {name for name in uptrained if "_downsample." in name}
+    assert changed == downsamplers and downsamplers
+    assert read_json(tmp_path / "uptrained" / "training_setup.json")["model"]["train_only_downsamplers"]
+    with pytest.raises(ValueError, match="no FMA downsampler weights to train"):
+        train(train_argv(tmp_path / "avgpool", documents, "--do_train", "--max_steps", "1", "--train_only_downsamplers",
+                         "--config_overrides", TINY_FMT + ",fma_downsample=avgpool"))
 
 
 def test_resume_continues_step_count_and_loss(documents, tmp_path, monkeypatch):
