@@ -5,7 +5,7 @@ Times forward and forward+backward, causal and bidirectional, n = 1K .. 64K (bat
 float32, m = 64, p = 4 by default), FMA and SDPA interleaved and repeated, medians; prints a table with the
 SDPA/FMA ratio, peak memory of each and FMA's GFLOP/s against a matmul rate measured in the same run; writes
 a log-log plot of time and memory against n plus the raw numbers (CSV and JSON beside the plot). How each
-number is measured is printed under the table (see fmt_hf/benchmarking.py).
+number is measured is printed under the table (see scripts/benchmarks/attention.py).
 
 Quick run:  python scripts/bench_attention.py --lengths 1024 2048 --repeats 2
 Downsamplers against each other (no dense run):

@@ -4,7 +4,7 @@
 For each context length: median milliseconds per decoded token and the bytes each cache holds, FMT (FMA +
 FMTCache) against dense SDPA + transformers' DynamicCache, interleaved, on a model of SmolLM2-135M's shape with
 random weights. Caches are random tensors of the right shape rather than prefills (a decoding step's cost does
-not depend on the cached values); see fmt_hf/benchmark_generate.py. Writes a log-log PNG plus the raw numbers.
+not depend on the cached values); see scripts/benchmarks/generate.py. Writes a log-log PNG plus the raw numbers.
 
 Quick run:  python scripts/bench_generate.py --lengths 1024 4096 --steps 4
 """

@@ -28,7 +28,7 @@ class FMTConfig(PreTrainedConfig):
     r"""
     Configuration of a Fast Multipole Transformer: a Llama-style decoder stack (pre-norm RMSNorm, rotary position
     embeddings, SwiGLU MLP, grouped-query attention) whose attention is Fast Multipole Attention (FMA,
-    `fmt_hf.fma.FastMultipoleAttention`). The field names follow `LlamaConfig` so that Llama-family weights map
+    `fmt_hf.FastMultipoleAttention`). The field names follow `LlamaConfig` so that Llama-family weights map
     onto FMT one to one.
 
     Invalid values raise at construction (and again at `save_pretrained`) with a message naming the field.
