@@ -11,6 +11,7 @@ import importlib
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
 from .model import (
+    FMABatchState,
     FMAState,
     FastMultipoleAttention,
     FMTCache,
@@ -46,6 +47,7 @@ def __getattr__(name):
 
 
 __all__ = [
+    "FMABatchState",
     "FMAState",
     "FastMultipoleAttention",
     "FMTCache",

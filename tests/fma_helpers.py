@@ -64,3 +64,24 @@ def decode(attn, q, k, v, prompt, chunks, valid=None):
         out, state = attn.step(state, q[:, i:i + c], k[:, i:i + c], v[:, i:i + c], valid[i:i + c])
         outs.append(out)
         i += c
+
+
+def decode_batch(attn, q, k, v, prompts, valid=None):
+    """Batched decoding (``step_batch``) of rows at different positions: row b of ``q`` (B, H, n, d) is
+    prefilled with ``prompts[b]`` tokens, then all rows step together, one token each, ``n - max(prompts)``
+    times; ``valid`` (B, n) marks real tokens. Returns per row the outputs of its stepped positions and the
+    batch state."""
+    from fmt_hf.model.fma_state import FMABatchState
+
+    batch, heads, n, _ = q.shape
+    valid = torch.ones(batch, n, dtype=torch.bool) if valid is None else valid
+    empty = attn.init_state(heads, k.shape[1], q.dtype)
+    state = FMABatchState.stack([attn.prefill(empty, q[b, :, :t], k[b, :, :t], v[b, :, :t], valid[b, :t]) if t
+                                 else empty for b, t in enumerate(prompts)])
+    outs = []
+    for step in range(n - max(prompts)):
+        at = torch.tensor(prompts) + step
+        rows = torch.arange(batch)
+        outs.append(attn.step_batch(state, q[rows, :, at, None], k[rows, :, at, None], v[rows, :, at, None],
+                                    valid[rows, at, None]))
+    return [torch.cat(outs, 2)[b] for b in range(batch)], state

@@ -7,10 +7,11 @@ what `save_pretrained` copies next to the weights as Hub custom code (`trust_rem
 from .cache_fmt import FMTCache, FMTCacheLayer, is_fmt_cache
 from .configuration_fmt import FMTConfig
 from .fma_attention import FastMultipoleAttention
-from .fma_state import FMAState
+from .fma_state import FMABatchState, FMAState
 from .modeling_fmt import FMTForCausalLM, FMTForMaskedLM, FMTModel, FMTPreTrainedModel
 
 __all__ = [
+    "FMABatchState",
     "FMAState",
     "FMTCache",
     "FMTCacheLayer",

@@ -10,7 +10,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .fma_attention import FastMultipoleAttention
-from .fma_state import FMAState
+from .fma_state import FMABatchState
 
 
 def is_fmt_cache(cache) -> bool:
@@ -20,12 +20,12 @@ def is_fmt_cache(cache) -> bool:
 
 
 class FMTCacheLayer(CacheLayerMixin):
-    """One decoder layer's cache: an :class:`FMAState` per sequence of the batch.
+    """One decoder layer's cache: an :class:`FMABatchState`, the states of all rows of the batch stacked.
 
-    Sequences are kept apart because each one's hierarchy starts at its own first real token (left padding), so
-    their positions differ. States are immutable, which makes beam reordering a plain re-indexing. The layer
-    owns its updates: :meth:`attend` takes a layer's new queries, keys and values, attends them to the past and
-    stores what FMA can still read.
+    Rows have their own positions (each one's hierarchy starts at its own first real token, so left padding makes
+    them differ); a decoding step attends and stores every row's token in one batched step. The layer owns its
+    updates: :meth:`attend` takes a layer's new queries, keys and values, attends them to the past and stores what
+    FMA can still read.
     """
 
     is_sliding = False
@@ -34,7 +34,7 @@ class FMTCacheLayer(CacheLayerMixin):
 
     def __init__(self):
         super().__init__()
-        self.states: list[FMAState] = []
+        self.state: FMABatchState | None = None
         self.seen_tokens = 0  # every position fed so far, padding included: what `get_seq_length` reports
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -54,24 +54,31 @@ class FMTCacheLayer(CacheLayerMixin):
         first ``lengths[b]`` columns (default: all) are its next positions, the rest is alignment padding;
         ``key_padding_mask`` (B, c) marks real tokens, so masked columns among a row's positions are holes (zero
         keys and values, never attended, as in the full forward pass). A first chunk of every row runs the full
-        O(n log n) forward and prefills the states; later chunks and decoding steps attend each row's state
-        (exact, see ``FastMultipoleAttention.step``).
+        O(n log n) forward and prefills the rows' states; a decoding step (one position per row) is one batched
+        :meth:`~FastMultipoleAttention.step_batch`; other chunks step row by row (all exact, §8).
         """
         batch, heads, length, _ = query.shape
-        lengths = [length] * batch if lengths is None else lengths
+        lengths = [length] * batch if lengths is None else list(lengths)
         valid = [None] * batch if key_padding_mask is None else [row[:n] for row, n in zip(key_padding_mask, lengths)]
-        states = list(self.states) or [fma.init_state(heads, key.shape[1], key.dtype, key.device)] * batch
-        if all(state.length == 0 for state in states):
+        if self.state is None or not any(self.state.lengths):
             output = fma(query, key, value, key_padding_mask=key_padding_mask)
-            states = [fma.prefill(state, q[:, :n], k[:, :n], v[:, :n], row_valid) if n else state
-                      for state, n, q, k, v, row_valid in zip(states, lengths, query, key, value, valid)]
+            empty = fma.init_state(heads, key.shape[1], key.dtype, key.device)
+            self.state = FMABatchState.stack([fma.prefill(empty, q[:, :n], k[:, :n], v[:, :n], row_valid) if n
+                                              else empty
+                                              for n, q, k, v, row_valid in zip(lengths, query, key, value, valid)])
+        elif length == 1 and all(n == 1 for n in lengths):
+            output = fma.step_batch(self.state, query, key, value, key_padding_mask)
         else:
             output = torch.zeros_like(query)
-            for row, (state, n) in enumerate(zip(states, lengths)):
-                if n:
-                    output[row, :, :n], states[row] = fma.step(
-                        state, query[row, :, :n], key[row, :, :n], value[row, :, :n], valid[row])
-        self.states = states
+            rows = [b for b, n in enumerate(lengths) if n]
+            states = []
+            for b in rows:
+                n = lengths[b]
+                output[b, :, :n], state = fma.step(self.state.row(b), query[b, :, :n], key[b, :, :n],
+                                                   value[b, :, :n], valid[b])
+                states.append(state)
+            if rows:
+                self.state.set_rows(rows, states)
         self.seen_tokens += length
         self.is_initialized = True
         return output
@@ -87,23 +94,27 @@ class FMTCacheLayer(CacheLayerMixin):
 
     @property
     def nbytes(self) -> int:
-        return sum(state.nbytes for state in self.states)
+        return 0 if self.state is None else self.state.nbytes
 
     @property
     def batch_size(self) -> int:
-        return len(self.states)
+        return 0 if self.state is None else len(self.state.lengths)
 
     def reset(self) -> None:
-        self.states, self.seen_tokens, self.is_initialized = [], 0, False
+        self.state, self.seen_tokens, self.is_initialized = None, 0, False
+
+    def _select_rows(self, rows: list[int]) -> None:
+        if self.state is not None:
+            self.state = self.state.index_select(rows)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self.states = [self.states[i] for i in beam_idx.tolist()]
+        self._select_rows(beam_idx.tolist())
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self.states = [state for state in self.states for _ in range(repeats)]
+        self._select_rows([b for b in range(self.batch_size) for _ in range(repeats)])
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self.states = [self.states[i] for i in indices.tolist()]
+        self._select_rows(indices.tolist())
 
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
@@ -111,12 +122,13 @@ class FMTCacheLayer(CacheLayerMixin):
             "assisted and prompt-lookup decoding are not supported with FMT.")
 
     def offload(self):
-        self.states = [state.map_tensors(lambda t: t.to("cpu", non_blocking=True)) for state in self.states]
+        if self.state is not None:
+            self.state = self.state.map_tensors(lambda t: t.to("cpu", non_blocking=True))
 
     def prefetch(self):
-        if self.states:
-            device = self.states[0].fine_k.device
-            self.states = [state.map_tensors(lambda t: t.to(device, non_blocking=True)) for state in self.states]
+        if self.state is not None:
+            device = self.state.fine_k.device
+            self.state = self.state.map_tensors(lambda t: t.to(device, non_blocking=True))
 
 
 class FMTCache(Cache):
@@ -143,7 +155,8 @@ class FMTCache(Cache):
 
     def started_rows(self) -> list[bool]:
         """Per row, whether its sequence has begun (some real token consumed); empty before the first call."""
-        return [state.length > 0 for state in self.layers[0].states] if self.layers else []
+        state = self.layers[0].state if self.layers else None
+        return [] if state is None else [length > 0 for length in state.lengths]
 
     @property
     def nbytes(self) -> int:

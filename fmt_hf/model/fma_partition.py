@@ -11,6 +11,7 @@ model (:data:`PLANS`): they are keyed by the partition, the shape, the device an
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from dataclasses import dataclass
@@ -61,10 +62,12 @@ def slot_bias(member, in_range, real, offset: float, zero_sink: bool, dtype: tor
     return bias.masked_fill(member & ~in_range, 0.0) if zero_sink else bias
 
 
-def ring_positions(newest: int, size: int, device=None) -> torch.Tensor:
+def ring_positions(newest, size: int, device=None) -> torch.Tensor:
     """What a ring buffer of ``size`` slots holds once item ``newest`` was written to slot ``newest % size``:
-    slot s holds item ``newest - ((newest - s) mod size)`` (negative: never written)."""
+    slot s holds item ``newest - ((newest - s) mod size)`` (negative: never written). ``newest`` an int gives
+    ``(size,)``; a tensor of rows' newest items ``(B,)`` gives ``(B, size)``."""
     slots = torch.arange(size, device=device)
+    newest = torch.as_tensor(newest, device=device)[..., None]
     return newest - (newest - slots) % size
 
 
@@ -252,53 +255,77 @@ class Partition:
         ring of three complete groups and the groups ``first .. first+count-1`` the chunk adds (``new_groups[l-1]
         = (first, count)``), p slots each | the zero-sink slot (boundary="zero_sink")]``: the §3 partition seen
         from the decoding state. Ring slots at or past ``first`` are empty (a level added by this chunk)."""
-        return torch.cat([self._fine_state_bias(t, c, dtype, device),
-                          self._coarse_state_bias(t, c, levels, new_groups, dtype, device)], 1)
+        return self._state_bias(torch.tensor([t], device=device), c, levels, new_groups, dtype, device)[0]
 
-    def step_bias(self, t: int, levels: int, dtype, device) -> torch.Tensor:
-        """:meth:`state_bias` of a single token at position t (no group completes), cached: its fine part repeats
-        with period 2m once t >= 2m, its coarse part is constant within a fine block."""
-        m = self.block_size
-        fine = PLANS.get(("fine_step", self, t % (2 * m), min(t // m, 2), str(device), dtype),
-                         lambda: self._fine_state_bias(t, 1, dtype, device)[0])
-        coarse = PLANS.get(("coarse_step", self, t // m, levels, str(device), dtype),
-                           lambda: self._coarse_state_bias(t, 1, levels, [(t // self.group_width(level), 0)
-                                                                          for level in range(1, levels + 1)],
-                                                           dtype, device)[0])
-        return torch.cat([fine, coarse])
+    def step_bias(self, lengths: tuple[int, ...], levels: int, dtype, device) -> torch.Tensor:
+        """:meth:`state_bias` (B, S) of one new token per row, row b at position ``lengths[b]`` (no group
+        completes), computed for all rows at once. Memoised for the last few steps: every layer of a model
+        decodes the same positions."""
+        return _step_bias(self, lengths, levels, dtype, torch.device(device))
+
+    def _state_bias(self, t, c, levels, new_groups, dtype, device):
+        """:meth:`state_bias` (B, c, S) of rows at lengths ``t`` (B,), each taking c tokens."""
+        return torch.cat([self._fine_state_bias(t, c, dtype, device),
+                          self._coarse_state_bias(t, c, levels, new_groups, dtype, device)], -1)
 
     def _fine_state_bias(self, t, c, dtype, device):
-        """Level-0 part (c, 2m + c): ring slot s holds position ``ring_positions(t-1, 2m)[s]``; query i sees
-        [(floor(i/m)-1)m, i] (§3)."""
+        """Level-0 part (B, c, 2m + c) for rows at lengths ``t`` (B,): ring slot s holds position
+        ``ring_positions(t-1, 2m)[s]``; query i sees [(floor(i/m)-1)m, i] (§3)."""
         m = self.block_size
-        i = torch.arange(t, t + c, device=device)
-        positions = torch.cat([ring_positions(t - 1, 2 * m, device), i])
-        use = (positions >= (i // m - 1)[:, None] * m) & (positions <= i[:, None]) & (positions >= 0)
+        i = t[:, None] + torch.arange(c, device=device)  # (B, c)
+        positions = torch.cat([ring_positions(t - 1, 2 * m, device), i], 1)[:, None, :]
+        use = (positions >= (i // m - 1)[..., None] * m) & (positions <= i[..., None]) & (positions >= 0)
         return slot_bias(use, True, True, 0.0, False, dtype)
 
     def _coarse_state_bias(self, t, c, levels, new_groups, dtype, device):
-        """Coarse part (c, S'): per level, its ring of three complete groups (slot u holds group
-        ``ring_positions(G-1, 3)[u]``, G = t // w_l) and the groups the chunk completes, p slots each; then,
-        with ``zero_sink``, one slot carrying the sinks (§3, §4)."""
+        """Coarse part (B, c, S') for rows at lengths ``t`` (B,): per level, its ring of three complete groups
+        (slot u holds group ``ring_positions(G-1, 3)[u]``, G = t // w_l) and the groups the chunk completes
+        (``first`` an int or per row), p slots each; then, with ``zero_sink``, one slot carrying the sinks (§3,
+        §4)."""
         p = self.coarse_tokens
-        i = torch.arange(t, t + c, device=device)
+        i = t[:, None] + torch.arange(c, device=device)  # (B, c)
         parts = []
         sinks = (i < self.block_size).float() * self.block_size  # block -1 of the first block
         # Sinks count every level of the built hierarchy, also those the state does not hold yet (derived levels
         # are added when first needed; until then all their groups lie before position 0).
         for level in range(1, max(levels, self.num_levels if self.zero_sink and self.num_levels else 0) + 1):
             width = self.group_width(level)
-            wanted, member = coarse_groups(i // width, causal=True)  # (c, 2)
+            wanted, member = coarse_groups(i // width, causal=True)  # (B, c, 2)
             sinks += p * (member & (wanted < 0)).sum(-1)
             if level > levels:
                 continue
             first, count = new_groups[level - 1]
-            ring = ring_positions(t // width - 1, 3, device)
-            ids = torch.cat([ring, first + torch.arange(count, device=device)])
-            stored = torch.cat([(ring >= 0) & (ring < first), torch.ones(count, dtype=torch.bool, device=device)])
-            use = ((ids[None, :, None] == wanted[:, None, :]) & member[:, None, :]).any(-1)  # (c, slots)
-            parts.append(slot_bias(use, stored, True, self.offset(level), False, dtype).repeat_interleave(p, 1))
+            first = torch.as_tensor(first, device=device).view(-1, 1)
+            ring = ring_positions(t // width - 1, 3, device)  # (B, 3)
+            ids = torch.cat([ring, (first + torch.arange(count, device=device)).expand(len(t), -1)], 1)
+            stored = torch.cat([(ring >= 0) & (ring < first), ids.new_ones(len(t), count, dtype=torch.bool)], 1)
+            use = ((ids[:, None, :, None] == wanted[:, :, None, :]) & member[:, :, None, :]).any(-1)  # (B, c, slots)
+            parts.append(slot_bias(use, stored[:, None], True, self.offset(level), False, dtype)
+                         .repeat_interleave(p, -1))
         if self.zero_sink:
             sinks = sinks.to(dtype)
-            parts.append(torch.where(sinks > 0, sinks.clamp(min=1).log(), MASK_VALUE)[:, None])
-        return torch.cat(parts, 1) if parts else torch.zeros(c, 0, dtype=dtype, device=device)
+            parts.append(torch.where(sinks > 0, sinks.clamp(min=1).log(), MASK_VALUE)[..., None])
+        return torch.cat(parts, -1) if parts else torch.zeros(len(t), c, 0, dtype=dtype, device=device)
+
+
+@functools.lru_cache(maxsize=8)
+def _step_bias(partition: Partition, lengths: tuple[int, ...], levels: int, dtype, device) -> torch.Tensor:
+    """:meth:`Partition.step_bias`, memoised here (not in :data:`PLANS`): a step's entry is needed by the layers
+    of that step only."""
+    m = partition.block_size
+
+    def fine_part(t):  # (2m + 1,) of one token at position t
+        return partition._fine_state_bias(torch.tensor([t], device=device), 1, dtype, device)[0, 0]
+
+    def coarse_part(t):
+        position = torch.tensor([t], device=device)
+        new_groups = [(position // partition.group_width(level), 0) for level in range(1, levels + 1)]
+        return partition._coarse_state_bias(position, 1, levels, new_groups, dtype, device)[0, 0]
+
+    # Rows are gathered from per-position parts cached in PLANS, so a step costs lookups, not a computation: the
+    # fine part repeats with period 2m once t >= 2m, the coarse part is constant within a block.
+    fine = [PLANS.get(("fine_step", partition, t % (2 * m), min(t // m, 2), str(device), dtype),
+                      lambda: fine_part(t)) for t in lengths]
+    coarse = [PLANS.get(("coarse_step", partition, t // m, levels, str(device), dtype),
+                        lambda: coarse_part(t)) for t in lengths]
+    return torch.cat([torch.stack(fine), torch.stack(coarse)], 1)

@@ -41,8 +41,24 @@ def _real(valid: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
     return torch.ones(tokens.shape[1], dtype=torch.bool, device=tokens.device) if valid is None else valid
 
 
+class _Tensors:
+    """What both state classes do with their tensors."""
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def map_tensors(self, fn, **changes):
+        """A copy with ``fn`` applied to every tensor (e.g. a device move), and fields ``changes`` replaced."""
+        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)
+                                if isinstance(getattr(self, f.name), torch.Tensor)}, **changes)
+
+
 @dataclass(frozen=True)
-class FMAState:
+class FMAState(_Tensors):
     """What causal FMA keeps of one sequence's past in one layer (§8), with ``length`` tokens consumed.
 
     - ``fine_k``/``fine_v`` (H_kv, 2m, d): the last ``2m`` fine keys/values, a ring (position j at slot
@@ -79,13 +95,6 @@ class FMAState:
     level_queries: torch.Tensor | None = None
     holes: bool = False
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors())
-
     @property
     def num_levels(self) -> int:
         """Coarse levels held."""
@@ -97,10 +106,98 @@ class FMAState:
         kv = (self.fine_k, self.fine_v, self.partial_k, self.partial_v, self.groups_k, self.groups_v)
         return sum(t.numel() // t.shape[-1] for t in kv) // self.fine_k.shape[0]
 
-    def map_tensors(self, fn) -> FMAState:
-        """A copy with ``fn`` applied to every tensor (e.g. a device move)."""
-        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)
-                                if isinstance(getattr(self, f.name), torch.Tensor)})
+    def with_levels(self, levels: int) -> FMAState:
+        """This state holding ``levels`` coarse levels (at least): new ones (derived families) are empty rings."""
+        if levels <= self.num_levels:
+            return self
+        return replace(self, **{name: _grow_levels(getattr(self, name), levels, fill, dim=0)
+                                for name, fill in _NEW_LEVEL_FILL.items() if getattr(self, name) is not None})
+
+
+# What a level added to a state holds until its groups are computed (partial sums exist only for direct families,
+# whose levels never change).
+_NEW_LEVEL_FILL = {"groups_k": 0.0, "groups_v": 0.0, "groups_valid": True, "level_queries": 0.0}
+_LEVEL_FIELDS = ("partial_k", "partial_v", "partial_valid", *_NEW_LEVEL_FILL)
+_TENSOR_FIELDS = ("fine_k", "fine_v", "fine_valid", *_LEVEL_FIELDS)
+
+
+def _grow_levels(tensor: torch.Tensor, levels: int, fill, dim: int) -> torch.Tensor:
+    """``tensor`` with its level dimension ``dim`` padded with ``fill`` to ``levels`` entries."""
+    shape = list(tensor.shape)
+    shape[dim] = levels - shape[dim]
+    return torch.cat([tensor, tensor.new_full(shape, fill)], dim) if shape[dim] > 0 else tensor
+
+
+@dataclass
+class FMABatchState(_Tensors):
+    """The :class:`FMAState` of every row of a batch in one layer, stacked: the same tensors with a leading batch
+    dimension, and per row its ``lengths``, ``levels`` (coarse levels held) and ``holes``.
+
+    Rows have their own lengths (left padding makes rows' positions differ) and, for the derived families, their
+    own number of levels. The tensors hold the most levels any row holds; a row's extra levels are empty rings it
+    never reads (a row holds every level its next query reads, §7a), which the position-only bias masks anyway.
+    Updated in place (as transformers' caches are): beams and ``num_return_sequences`` build new batches with
+    :meth:`index_select`, a copy, so rows never share memory.
+    """
+
+    lengths: list[int]
+    levels: list[int]
+    holes: list[bool]
+    fine_k: torch.Tensor
+    fine_v: torch.Tensor
+    partial_k: torch.Tensor
+    partial_v: torch.Tensor
+    groups_k: torch.Tensor
+    groups_v: torch.Tensor
+    fine_valid: torch.Tensor
+    partial_valid: torch.Tensor
+    groups_valid: torch.Tensor
+    level_queries: torch.Tensor | None = None
+
+    @classmethod
+    def stack(cls, states: list[FMAState], levels: int = 0) -> FMABatchState:
+        """The rows ``states`` as one batch holding at least ``levels`` levels."""
+        levels = max([levels] + [state.num_levels for state in states])
+        held = [state.with_levels(levels) for state in states]
+        tensors = {name: torch.stack([getattr(state, name) for state in held]) for name in _TENSOR_FIELDS
+                   if getattr(held[0], name) is not None}
+        return cls([state.length for state in states], [state.num_levels for state in states],
+                   [state.holes for state in states], **tensors)
+
+    @property
+    def num_levels(self) -> int:
+        """Coarse levels the tensors hold (the most of any row)."""
+        return self.groups_k.shape[1]
+
+    def row(self, b: int) -> FMAState:
+        """Row ``b`` alone, with the levels it holds (a copy: the batch is updated in place)."""
+        def take(name):
+            tensor = getattr(self, name)
+            if tensor is None:
+                return None
+            return (tensor[b, :self.levels[b]] if name in _LEVEL_FIELDS else tensor[b]).clone()
+
+        return FMAState(self.lengths[b], **{name: take(name) for name in _TENSOR_FIELDS}, holes=self.holes[b])
+
+    def set_rows(self, rows: list[int], states: list[FMAState]) -> None:
+        """Replace rows ``rows`` by ``states``, whose new levels (derived families) the batch then holds too."""
+        new = FMABatchState.stack(states, self.num_levels)
+        index = torch.tensor(rows, device=self.fine_k.device)
+        for name in _TENSOR_FIELDS:
+            tensor = getattr(self, name)
+            if tensor is not None:
+                fill = _NEW_LEVEL_FILL.get(name)
+                if fill is not None:
+                    tensor = _grow_levels(tensor, new.num_levels, fill, dim=1)
+                setattr(self, name, tensor.index_copy(0, index, getattr(new, name)))
+        for b, state in zip(rows, states):
+            self.lengths[b], self.levels[b], self.holes[b] = state.length, state.num_levels, state.holes
+
+    def index_select(self, rows: list[int]) -> FMABatchState:
+        """A new batch of the given rows (repeated, reordered), e.g. for beams: copies."""
+        index = torch.tensor(rows, device=self.fine_k.device)
+        return self.map_tensors(lambda t: t.index_select(0, index), lengths=[self.lengths[b] for b in rows],
+                                levels=[self.levels[b] for b in rows], holes=[self.holes[b] for b in rows])
 
 
 @dataclass(frozen=True)
@@ -159,21 +256,6 @@ class IncrementalDecoding:
                         zeros(levels, kv_heads, 3, p, d), real(2 * m), ~real(levels), real(levels, 3),
                         zeros(levels, heads, d) if self.query_mode == "coarse" else None)
 
-    def _with_levels(self, state: FMAState, levels: int) -> FMAState:
-        """``state`` holding ``levels`` coarse levels: new ones (derived families) start as empty rings."""
-        new = levels - state.num_levels
-        if new <= 0:
-            return state
-
-        def grow(t, fill=0):
-            return torch.cat([t, t.new_full((new,) + t.shape[1:], fill)])
-
-        changed = {"groups_k": grow(state.groups_k), "groups_v": grow(state.groups_v),
-                   "groups_valid": grow(state.groups_valid, True)}
-        if state.level_queries is not None:
-            changed["level_queries"] = grow(state.level_queries)
-        return replace(state, **changed)
-
     def prefill(self, state: FMAState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 valid: torch.Tensor | None = None) -> FMAState:
         """Consume tokens whose attention output was computed elsewhere (e.g. by ``forward`` over a whole prompt):
@@ -182,7 +264,7 @@ class IncrementalDecoding:
         summarised, in the state's precision (float32 at least)."""
         state, q, k, v, valid = self._new_tokens(state, q, k, v, valid)
         updates = self._level_updates(state, k, v, valid, tail_only=True)
-        return self._advance(self._with_levels(state, len(updates or [])), q, k, v, valid, updates)
+        return self._advance(state.with_levels(len(updates or [])), q, k, v, valid, updates)
 
     def step(self, state: FMAState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              valid: torch.Tensor | None = None) -> tuple[torch.Tensor, FMAState]:
@@ -190,22 +272,110 @@ class IncrementalDecoding:
 
         ``q`` (H, c, d), ``k``/``v`` (H_kv, c, d) at positions ``state.length + [0, c)``; ``valid`` as in
         :meth:`prefill`. Returns the output (H, c, d) -- the same as rows ``length .. length+c-1`` of ``forward``
-        over the whole sequence (§8) -- and the new state. ``c = 1`` is a decoding step; larger ``c`` is one chunk
-        of a chunked prefill, whose cost grows like ``c * (c + 2m + 3pL)``.
+        over the whole sequence (§8) -- and the new state. Any ``c``: a chunk of a chunked prefill (cost
+        ``c * (c + 2m + 3pL)``), or one token of one row; batched decoding steps go through :meth:`step_batch`.
         """
         if self.training and self.dropout:
             raise ValueError("FastMultipoleAttention.step runs without dropout: call .eval() first")
         out_dtype = q.dtype
         state, q, k, v, valid = self._new_tokens(state, q, k, v, valid)
-        if q.shape[1] == 1:
-            out = self._attend_token(state, q, k, v, valid)
-            updates = self._level_updates(state, k, v, valid, tail_only=True)
-            state = self._with_levels(state, len(updates or []))
-        else:
-            updates = self._level_updates(state, k, v, valid, tail_only=False)
-            state = self._with_levels(state, len(updates or []))
-            out = self._attend_chunk(state, q, k, v, valid, updates)
+        updates = self._level_updates(state, k, v, valid, tail_only=False)
+        state = state.with_levels(len(updates or []))
+        out = self._attend_chunk(state, q, k, v, valid, updates)
         return out.to(out_dtype), self._advance(state, q, k, v, valid, updates)
+
+    def step_batch(self, state: FMABatchState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Attend one new token per row to that row's past, then consume it (``state`` is updated in place).
+
+        ``q`` (B, H, 1, d), ``k``/``v`` (B, H_kv, 1, d), row b at position ``state.lengths[b]``; ``valid`` (B, 1)
+        marks real tokens (None: all). Returns (B, H, 1, d), row b equal to :meth:`step` of row b alone.
+
+        A fixed number of batched tensor operations whatever B: a token's own group is never complete, so it reads
+        its row's fine ring, itself and the rings of complete groups, with the slot bias of its row's position
+        (:meth:`Partition.step_bias`), and is written to slot ``t % 2m`` of its row's ring. Only a row whose token
+        completes a fine block (every m steps, at different steps for different rows: on average B/m rows a step)
+        then updates its levels alone, through :meth:`prefill`.
+        """
+        if self.training and self.dropout:
+            raise ValueError("FastMultipoleAttention.step_batch runs without dropout: call .eval() first")
+        batch, heads, _, d = q.shape
+        kv_heads, m, p, levels = k.shape[1], self.block_size, self.coarse_tokens, state.num_levels
+        out_dtype, dtype = q.dtype, state.fine_k.dtype
+        q, k, v = q[:, :, 0].to(dtype), k[:, :, 0].to(dtype), v[:, :, 0].to(dtype)  # (B, H, d)
+        valid = None if valid is None or bool(valid.all()) else valid[:, 0].bool()
+        if valid is not None:  # masked tokens: zero query, key and value, as in forward
+            keep = valid.to(dtype)[:, None, None]
+            q, k, v = q * keep, k * keep, v * keep
+        completing = [b for b, t in enumerate(state.lengths) if (t + 1) % m == 0]
+        if self._derives_levels:  # these rows' whole consumption, alone, from the state before this step
+            consumed = [self.prefill(state.row(b), q[b, :, None], k[b, :, None], v[b, :, None],
+                                     None if valid is None else valid[b, None]) for b in completing]
+
+        # Logits and values by part (fine ring, the token, every level's ring of groups): no concatenated copy of
+        # the state. A key/value head's g query heads are rows.
+        t = torch.tensor(state.lengths, device=q.device)
+        queries = (q * d ** -0.5).view(batch, kv_heads, heads // kv_heads, d)
+        level_queries = queries[:, None].expand(-1, levels, -1, -1, -1)  # (B, L, H_kv, g, d)
+        if self.query_mode == "coarse" and levels:
+            level_queries = self._batch_level_queries(state, t, q)  # (B, L, H, d)
+            state.level_queries = level_queries  # the queries of the sub-windows open after this token
+            level_queries = (level_queries * d ** -0.5).view(batch, levels, kv_heads, -1, d)
+        logits = [queries @ state.fine_k.transpose(-1, -2), (queries * k[:, :, None]).sum(-1, keepdim=True),
+                  torch.einsum("blkgd,blksd->bkgls", level_queries, state.groups_k.flatten(3, 4)).flatten(3)]
+        if self.boundary == "zero_sink":
+            logits.append(logits[1].new_zeros(logits[1].shape))  # the zero-sink slot: logit 0, value 0
+        bias = self.partition.step_bias(tuple(state.lengths), levels, dtype, q.device)  # (B, S)
+        token_valid = torch.ones(batch, 1, dtype=torch.bool, device=q.device) if valid is None else valid[:, None]
+        if valid is not None or any(state.holes):
+            slots_valid = [state.fine_valid, token_valid, state.groups_valid.repeat_interleave(p, -1).flatten(1)]
+            if self.boundary == "zero_sink":
+                slots_valid.append(token_valid.new_ones(batch, 1))
+            bias = bias.masked_fill(~torch.cat(slots_valid, 1), MASK_VALUE)
+        probs = torch.softmax(torch.cat(logits, -1) + bias[:, None, None], -1)  # (B, H_kv, g, S)
+        fine, own = probs[..., :2 * m], probs[..., 2 * m:2 * m + 1]
+        coarse = probs[..., 2 * m + 1:2 * m + 1 + levels * 3 * p].unflatten(-1, (levels, 3 * p))
+        out = (fine @ state.fine_v + own * v[:, :, None]
+               + torch.einsum("bkgls,blksd->bkgd", coarse, state.groups_v.flatten(3, 4)))
+        out = out.reshape(batch, heads, 1, d)
+
+        rows, slots = torch.arange(batch, device=q.device), t % (2 * m)
+        state.fine_k[rows, :, slots] = k
+        state.fine_v[rows, :, slots] = v
+        state.fine_valid[rows, slots] = token_valid[:, 0]
+        state.holes = [holes or not real for holes, real in zip(state.holes, token_valid[:, 0].tolist())]
+        state.lengths = [length + 1 for length in state.lengths]
+        if completing and self._derives_levels:
+            state.set_rows(completing, consumed)
+        elif completing:
+            self._complete_blocks(state, completing)
+        return out.to(out_dtype)
+
+    def _complete_blocks(self, state: FMABatchState, rows: list[int]) -> None:
+        """Direct families, in place: rows ``rows`` whose last token completed a fine block (now wholly in their
+        fine rings) add its shares to every level's partial sum, one batched pass per level over those rows; a
+        group the block completes moves, with its bias, into the level's ring of groups (§8)."""
+        m, index = self.block_size, torch.tensor(rows, device=state.fine_k.device)
+        ends = torch.tensor([state.lengths[b] for b in rows], device=index.device)  # positions consumed
+        block_start = ends - m
+        slots = block_start[:, None] % (2 * m) + torch.arange(m, device=index.device)  # (R, m): the block's slots
+        blocks = {name: getattr(state, f"fine_{name}")[index[:, None], :, slots].permute(2, 0, 1, 3).flatten(1, 2)
+                  for name in ("k", "v")}  # (H_kv, R*m, d): the rows' blocks side by side
+        block_valid = state.fine_valid[index[:, None], slots].any(1)
+        for level in range(1, state.num_levels + 1):
+            width = self.partition.group_width(level)
+            offsets = (block_start[:, None] + torch.arange(m, device=index.device)) % width
+            complete = ends % width == 0  # (R,): the block is its group's last
+            done, group_slot = index[complete], (ends[complete] // width - 1) % 3
+            for name, family in (("k", self.k_downsample), ("v", self.v_downsample)):
+                shares, bias = family(blocks[name], level=level, offsets=offsets.flatten())  # (H_kv, R*m, p, d)
+                partial = getattr(state, f"partial_{name}")
+                summed = partial[index, level - 1] + shares.unflatten(1, (len(rows), m)).sum(2).transpose(0, 1)
+                getattr(state, f"groups_{name}")[done, level - 1, :, group_slot] = summed[complete] + bias
+                partial[index, level - 1] = summed.masked_fill(complete[:, None, None, None], 0)
+            real = state.partial_valid[index, level - 1] | block_valid
+            state.groups_valid[done, level - 1, group_slot] = real[complete]
+            state.partial_valid[index, level - 1] = real & ~complete
 
     @staticmethod
     def _new_tokens(state, q, k, v, valid):
@@ -390,36 +560,10 @@ class IncrementalDecoding:
         probs = torch.softmax(logits, -1).flatten(1, 2)  # (H_kv, g*c, S)
         return (probs @ torch.cat(values, 1)).reshape(heads, c, d)
 
-    def _attend_token(self, state, q, k, v, valid):
-        """:meth:`_attend_chunk` for one token in about a dozen tensor operations: the token's own group is never
-        complete, so it reads the fine ring, itself and the rings of complete groups, with the cached slot bias
-        of its position."""
-        heads, _, d = q.shape
-        kv_heads, t, m, p = k.shape[0], state.length, self.block_size, self.coarse_tokens
-        levels = state.num_levels
-
-        coarse_k = state.groups_k.transpose(0, 1).reshape(kv_heads, -1, d)
-        keys = [state.fine_k, k, coarse_k]
-        values = [state.fine_v, v, state.groups_v.transpose(0, 1).reshape(kv_heads, -1, d)]
-        if self.boundary == "zero_sink":
-            keys.append(k.new_zeros(kv_heads, 1, d))
-            values.append(v.new_zeros(kv_heads, 1, d))
-
-        queries = (q * d ** -0.5).reshape(kv_heads, heads // kv_heads, d)
-        logits = queries @ torch.cat(keys, 1).transpose(-1, -2)  # (H_kv, g, S): a key/value head's g heads as rows
-        if self.query_mode == "coarse" and levels:
-            level_queries = torch.stack([self._level_query_rows(state, q, level)[:, 0]
-                                         for level in range(1, levels + 1)]) * d ** -0.5  # (L, H, d)
-            coarse_logits = torch.einsum("lkgd,lksd->kgls", level_queries.view(levels, kv_heads, -1, d),
-                                         state.groups_k.flatten(2, 3)).flatten(2)
-            fine_slots = 2 * m + 1
-            logits = torch.cat([logits[..., :fine_slots], coarse_logits, logits[..., fine_slots + levels * 3 * p:]],
-                               -1)
-        bias = self.partition.step_bias(t, levels, q.dtype, q.device)
-        if state.holes:
-            slots_valid = [state.fine_valid, _real(valid, k), state.groups_valid.repeat_interleave(p, 1).flatten()]
-            if self.boundary == "zero_sink":
-                slots_valid.append(state.fine_valid.new_ones(1))
-            bias = bias.masked_fill(~torch.cat(slots_valid), MASK_VALUE)
-        probs = torch.softmax(logits + bias, -1)
-        return (probs @ torch.cat(values, 1)).reshape(heads, 1, d)
+    def _batch_level_queries(self, state, t, q):
+        """Coarse query mode, one token per row at positions ``t`` (B,): per level, the query of its sub-window of
+        ``w_l / p`` tokens -- its own when it opens one, else the stored one. (B, L, H, d)."""
+        sub_windows = torch.tensor([self.partition.group_width(level) // self.coarse_tokens
+                                    for level in range(1, state.num_levels + 1)], device=t.device)
+        opens = t[:, None] % sub_windows == 0  # (B, L)
+        return torch.where(opens[..., None, None], q[:, None], state.level_queries)

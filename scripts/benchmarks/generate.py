@@ -15,6 +15,8 @@ How the numbers are taken (also written into the result files, see :data:`METHOD
 * **time** -- wall clock of one ``model(next_token, cache=...)`` call under ``torch.no_grad()``; FMT and dense
   alternate, ``steps`` calls each after one untimed warm-up, and the median is reported.
 * **bytes** -- FMT: :attr:`FMTCache.nbytes` (every state tensor); dense: the key and value tensors held.
+
+:func:`run_batch_benchmark` instead measures decoding throughput by batch size after a real prefill (METHODS_BATCH).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-from fmt_hf import FMTCache, FMTConfig, FMTForCausalLM
+from fmt_hf import FMABatchState, FMTCache, FMTConfig, FMTForCausalLM
 
 from .attention import CpuNeighbours, system_info
 
@@ -37,6 +39,23 @@ METHODS = {
             "each; median over the steps",
     "bytes": "FMT: every tensor of every layer's state; dense: key + value tensors",
 }
+
+
+METHODS_BATCH = {
+    "caches": "real prefills: a batch of random prompts of prompt_len tokens through model(..., use_cache=True); FMT "
+              "with FMTCache, dense SDPA with DynamicCache",
+    "time": "wall clock of `steps` consecutive single-token forwards under no_grad (one whole fine block: every row "
+            "completes one block in it), divided by steps; every (implementation, batch) pair in turn, rotating "
+            "the order each repeat; median over repeats. tokens/s = batch / step time",
+}
+
+
+def byte_model_config(max_position_embeddings: int, **overrides) -> FMTConfig:
+    """The project's byte-level model shape (scripts/main_demo.py): 4 layers, hidden 256, 4 heads, block 64."""
+    options = dict(vocab_size=260, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+                   num_attention_heads=4, fma_block_size=64, max_position_embeddings=max_position_embeddings)
+    options.update(overrides)
+    return FMTConfig(**options)
 
 
 def smollm2_shaped_config(max_position_embeddings: int, **overrides) -> FMTConfig:
@@ -58,7 +77,7 @@ def filled_fmt_cache(model: FMTForCausalLM, length: int, generator: torch.Genera
         state = state.map_tensors(lambda t: t if t.dtype == torch.bool else  # validity flags stay "all real"
                                   torch.randn(t.shape, generator=generator, dtype=t.dtype))
         # What `FMTCacheLayer.attend` would have left after `length` tokens of a batch of one.
-        cache_layer.states = [dataclasses.replace(state, length=length)]
+        cache_layer.state = FMABatchState.stack([dataclasses.replace(state, length=length)])
         cache_layer.seen_tokens, cache_layer.is_initialized = length, True
     return cache
 
@@ -130,6 +149,64 @@ def run_decode_benchmark(lengths: list[int], steps: int = 8, config: FMTConfig |
                                                       "num_key_value_heads", "head_dim", "max_position_embeddings",
                                                       "fma_block_size", "fma_coarse_tokens", "fma_downsample")}}
     return rows, meta
+
+
+@torch.no_grad()
+def run_batch_benchmark(batch_sizes: list[int], prompt_len: int, steps: int, repeats: int,
+                        config: FMTConfig, seed: int = 0, progress: bool = True) -> tuple[list[dict], dict]:
+    """Per-step decoding time and tokens per second of FMT and dense attention at each batch size, after a real
+    prefill of ``prompt_len`` tokens per row (see :data:`METHODS_BATCH`)."""
+    from tqdm.auto import tqdm
+
+    if prompt_len + repeats * steps + 1 > config.max_position_embeddings:
+        raise ValueError(f"prompt_len={prompt_len} plus {repeats} x {steps} steps exceed "
+                         f"max_position_embeddings={config.max_position_embeddings}")
+    torch.manual_seed(seed)
+    model = FMTForCausalLM(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    runs = [(implementation, batch) for batch in batch_sizes for implementation in ("fma", "sdpa")]
+    caches, tokens = {}, {}
+    for implementation, batch in tqdm(runs, desc="prefills", disable=not progress):
+        model.set_attn_implementation(implementation)
+        ids = torch.randint(0, config.vocab_size, (batch, prompt_len), generator=generator)
+        out = model(ids, use_cache=True, logits_to_keep=1)
+        caches[implementation, batch], tokens[implementation, batch] = out.cache, out.logits[:, -1:].argmax(-1)
+    times = {run: [] for run in runs}
+    neighbours = CpuNeighbours().start()
+    for repeat in tqdm(range(repeats), desc="repeats", disable=not progress):
+        shift = repeat % len(runs)
+        for implementation, batch in runs[shift:] + runs[:shift]:
+            model.set_attn_implementation(implementation)
+            cache, token = caches[implementation, batch], tokens[implementation, batch]
+            start = time.perf_counter()
+            for _ in range(steps):
+                out = model(token, cache=cache, use_cache=True)
+                cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+            times[implementation, batch].append((time.perf_counter() - start) / steps)
+            caches[implementation, batch], tokens[implementation, batch] = cache, token
+    other_cores = neighbours.stop()
+    rows = []
+    for batch in batch_sizes:
+        fma_s, dense_s = (statistics.median(times[implementation, batch]) for implementation in ("fma", "sdpa"))
+        rows.append({"batch": batch, "fmt_ms": 1e3 * fma_s, "dense_ms": 1e3 * dense_s,
+                     "fmt_tokens_per_s": batch / fma_s, "dense_tokens_per_s": batch / dense_s})
+    for row in rows:
+        row["fmt_step_vs_batch_1"] = row["fmt_ms"] / rows[0]["fmt_ms"]
+    meta = {"system": system_info(), "methods": METHODS_BATCH, "prompt_len": prompt_len, "steps": steps,
+            "repeats": repeats, "other_cores": other_cores,
+            "model": {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                                      "num_key_value_heads", "head_dim", "max_position_embeddings",
+                                                      "fma_block_size", "fma_coarse_tokens", "fma_downsample")}}
+    return rows, meta
+
+
+def format_batch_table(rows: list[dict]) -> str:
+    lines = [f"{'batch':>6} {'FMT ms/step':>12} {'dense ms/step':>14} {'FMT tok/s':>10} {'dense tok/s':>12} "
+             f"{'FMT step / batch-' + str(rows[0]['batch']):>20}"]
+    for r in rows:
+        lines.append(f"{r['batch']:>6} {r['fmt_ms']:>12.1f} {r['dense_ms']:>14.1f} {r['fmt_tokens_per_s']:>10.0f} "
+                     f"{r['dense_tokens_per_s']:>12.0f} {r['fmt_step_vs_batch_1']:>19.1f}x")
+    return "\n".join(lines)
 
 
 def format_decode_table(rows: list[dict]) -> str:

@@ -69,7 +69,7 @@ def test_half_precision_decoding_follows_the_full_forward(dtype):
     for t in range(20, 70):  # crosses block (4) and group (8, 16, 32) boundaries: partial sums and completions
         out = model(ids[:, t:t + 1], cache=cache)
         cache, logits = out.cache, logits + [out.logits]
-    assert cache.layers[0].states[0].partial_k.dtype == torch.float32  # sums of shares kept in float32
+    assert cache.layers[0].state.partial_k.dtype == torch.float32  # sums of shares kept in float32
     full = model(ids, use_cache=False).logits
     torch.testing.assert_close(torch.cat(logits, 1).float(), full.float(), rtol=0, atol=0.05)
 
@@ -85,7 +85,7 @@ def test_chunked_prefill_equals_one_shot():
         assert torch.equal(chunked.sequences, one_shot.sequences)
         torch.testing.assert_close(torch.stack(chunked.logits), torch.stack(one_shot.logits), rtol=0, atol=1e-12)
         for a, b in zip(chunked.cache.layers, one_shot.cache.layers):
-            for x, y in zip(a.states[0].tensors(), b.states[0].tensors()):
+            for x, y in zip(a.state.tensors(), b.state.tensors()):
                 torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
 
 
@@ -279,7 +279,45 @@ def test_length_free_models_generate_past_max_position_embeddings(downsample, qu
     recomputed = model.generate(ids, attention_mask=mask, max_new_tokens=110, do_sample=False, use_cache=False)
     assert cached.shape[1] == 137 and torch.equal(cached, recomputed)
     cache = model(cached, attention_mask=torch.cat([mask, torch.ones(2, 110, dtype=mask.dtype)], 1)).cache
-    levels = [state.num_levels for state in cache.layers[0].states]
+    levels = cache.layers[0].state.levels
     assert levels == [5, 5]  # L(138) and L(133) at block 4: 4 * 2**5 < n
     beams = model.generate(ids[:1], max_new_tokens=40, num_beams=3, do_sample=False)
     assert torch.equal(beams, model.generate(ids[:1], max_new_tokens=40, num_beams=3, do_sample=False, use_cache=False))
+
+
+def left_padded(lengths, seed=6):
+    """A left-padded batch of random prompts of the given lengths, with its attention mask."""
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, length in enumerate(lengths):
+        ids[i, width - length:] = prompt(length, seed=seed + i)[0]
+        mask[i, width - length:] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("downsample", ["depthwise", "recursive"])
+def test_batched_generate_modes_equal_recomputation(downsample):
+    """Rows at different positions (left padding) through every generate mode that reorders or repeats rows:
+    sampling with a seed, num_return_sequences, beams -- cached equals recomputed without a cache."""
+    model = tiny(downsample=downsample)
+    ids, mask = left_padded([29, 17, 6])
+    for options in (dict(do_sample=True, num_return_sequences=2), dict(num_beams=3, num_return_sequences=2),
+                    dict(do_sample=False)):
+        outputs = []
+        for use_cache in (True, False):
+            torch.manual_seed(5)
+            outputs.append(model.generate(ids, attention_mask=mask, max_new_tokens=21, use_cache=use_cache,
+                                          **options))
+        assert torch.equal(*outputs), options
+
+
+def test_chunked_prefill_of_a_left_padded_batch_equals_one_shot():
+    model = tiny()
+    ids, mask = left_padded([45, 30, 11])
+    one_shot = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True)
+    chunked = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, prefill_chunk_size=16,
+                             output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(chunked.sequences, one_shot.sequences)
+    torch.testing.assert_close(torch.stack(chunked.logits), torch.stack(one_shot.logits), rtol=0, atol=1e-12)

@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from fma_helpers import F64, decode, make, qkv
+from fma_helpers import F64, decode, decode_batch, make, qkv
 from fmt_hf.model.fma_attention import FastMultipoleAttention
 from fmt_hf.model.fma_partition import num_levels
 
@@ -106,3 +106,39 @@ def test_decoding_without_a_length_cap_equals_full_forward(query_mode, downsampl
 def test_zero_sink_decoding_without_a_length_cap_is_refused_clearly():
     with pytest.raises(ValueError, match="zero_sink"):
         make(downsample="recursive", boundary="zero_sink", max_seq_len=None).init_state(4, 2, F64)
+
+
+@pytest.mark.parametrize("query_mode,downsample,boundary", STATE_OPTIONS)
+def test_batched_steps_equal_rows_alone(query_mode, downsample, boundary):
+    """One batched step per token for rows at different positions (as left padding makes them) equals each row's
+    full forward: rows complete blocks and groups at different steps, and some have holes."""
+    attn = make(query_mode=query_mode, downsample=downsample, boundary=boundary, max_seq_len=96).eval()
+    q, k, v = qkv(77, batch=4)
+    valid = torch.ones(4, 77, dtype=torch.bool)
+    valid[1, [2, 15, 40, 41, 60]] = False
+    valid[3, 55:66] = False
+    prompts = [0, 13, 33, 50]
+    outs, state = decode_batch(attn, q, k, v, prompts, valid)
+    for b, prompt in enumerate(prompts):
+        full = attn(q[b:b + 1], k[b:b + 1], v[b:b + 1], key_padding_mask=valid[b:b + 1])[0]
+        torch.testing.assert_close(outs[b], full[:, prompt:prompt + 27], rtol=0, atol=1e-12)
+    assert state.lengths == [t + 27 for t in prompts] and state.holes == [False, True, False, True]
+
+
+@pytest.mark.parametrize("query_mode,downsample", [("fine", "recursive"), ("coarse", "avgpool")])
+def test_batched_steps_with_levels_that_grow_per_row(query_mode, downsample):
+    """Length-free layers (§7a): rows gain levels at different steps; the batch holds the most any row holds and
+    each row's own count, and every row equals its full forward."""
+    attn = make(query_mode=query_mode, downsample=downsample, max_seq_len=None).eval()
+    q, k, v = qkv(150, batch=3)  # m = 4: levels are added at t = 8, 16, 32, 64, 128
+    prompts = [0, 5, 70]
+    outs, state = decode_batch(attn, q, k, v, prompts)
+    for b, prompt in enumerate(prompts):
+        torch.testing.assert_close(outs[b], attn(q[b:b + 1], k[b:b + 1], v[b:b + 1])[0, :, prompt:prompt + 80],
+                                   rtol=0, atol=1e-12)
+    assert state.levels == [num_levels(t + 81, 4) for t in prompts] and state.num_levels == max(state.levels)
+    row = state.row(0)  # a row alone holds its own levels, and matches stepping it alone
+    _, alone = decode(attn, q[0, :, :80], k[0, :, :80], v[0, :, :80], 0, [1])
+    assert row.length == alone.length == 80 and row.num_levels == alone.num_levels
+    for a, b in zip(row.tensors(), alone.tensors()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
