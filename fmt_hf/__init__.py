@@ -1,14 +1,23 @@
 """fmt_hf: the Fast Multipole Transformer for Hugging Face.
 
 Importing the package registers FMT with transformers' Auto classes (`AutoConfig`, `AutoModel`,
-`AutoModelForCausalLM`, `AutoModelForMaskedLM`) under the model type ``"fmt"``. It loads only the model code
-(`fmt_hf.model`: torch + transformers); the toolkit names below (`build_corpus`, `byte_tokenizer`, `LM_BITS`, ...)
-import `fmt_hf.toolkit` -- and with it `datasets` and `evaluate` -- on first use.
+`AutoModelForCausalLM`, `AutoModelForMaskedLM`, `AutoModelForSequenceClassification`,
+`AutoModelForTokenClassification`, `AutoModelForQuestionAnswering`) under the model type ``"fmt"``. It loads only
+the model code (`fmt_hf.model`: torch + transformers); the toolkit names below (`build_corpus`, `byte_tokenizer`,
+`LM_BITS`, ...) import `fmt_hf.toolkit` -- and with it `datasets` and `evaluate` -- on first use.
 """
 
 import importlib
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
 
 from .model import (
     FMAState,
@@ -17,6 +26,9 @@ from .model import (
     FMTConfig,
     FMTForCausalLM,
     FMTForMaskedLM,
+    FMTForQuestionAnswering,
+    FMTForSequenceClassification,
+    FMTForTokenClassification,
     FMTModel,
     FMTPreTrainedModel,
 )
@@ -25,6 +37,9 @@ AutoConfig.register(FMTConfig.model_type, FMTConfig)
 AutoModel.register(FMTConfig, FMTModel)
 AutoModelForCausalLM.register(FMTConfig, FMTForCausalLM)
 AutoModelForMaskedLM.register(FMTConfig, FMTForMaskedLM)
+AutoModelForSequenceClassification.register(FMTConfig, FMTForSequenceClassification)
+AutoModelForTokenClassification.register(FMTConfig, FMTForTokenClassification)
+AutoModelForQuestionAnswering.register(FMTConfig, FMTForQuestionAnswering)
 
 # Toolkit names, imported lazily (PEP 562): name -> module under fmt_hf.toolkit.
 _TOOLKIT = {
@@ -52,6 +67,9 @@ __all__ = [
     "FMTModel",
     "FMTForCausalLM",
     "FMTForMaskedLM",
+    "FMTForSequenceClassification",
+    "FMTForTokenClassification",
+    "FMTForQuestionAnswering",
     "FMTPreTrainedModel",
     *_TOOLKIT,
 ]
