@@ -47,7 +47,9 @@ _TOOLKIT = {
     "build_corpus": "data",
     "load_corpus": "data",
     "pack_documents": "data",
+    "ACCURACY": "metrics",
     "LM_BITS": "metrics",
+    "LM_EVAL_TASKS": "evaluation",
     "byte_tokenizer": "tokenizer",
     "load_tokenizer": "tokenizer",
 }
