@@ -37,7 +37,8 @@ def passage_classification(
     ``documents`` has ``title`` (one class per title) and ``text`` columns. Each work is cut into ``regions``
     regions; ``round(fraction * regions)`` of them (at least one) go to validation and to test, the rest to training,
     drawn with ``seed``. Training passages start every ``train_stride`` characters (default ``passage_chars // 2``),
-    evaluation passages every ``passage_chars``.
+    evaluation passages every ``passage_chars``. Each split comes in a seeded random order, so that its first
+    passages (``--max_eval_samples``) are a sample of every work.
 
     Returns a ``DatasetDict`` (``train``, ``validation``, ``test``) with columns ``text`` and ``label``, a
     ``ClassLabel`` named by the titles. Raises ``ValueError`` for fewer than two works, repeated titles, impossible
@@ -50,7 +51,8 @@ def passage_classification(
         raise ValueError(f"a classifier needs at least two works, got {len(titles)}")
     if len(set(titles)) != len(titles):
         raise ValueError("each work must have its own title: the titles are the class names")
-    held_out = {"validation": max(1, round(validation_fraction * regions)), "test": max(1, round(test_fraction * regions))}
+    held_out = {split: max(1, round(fraction * regions))
+                for split, fraction in (("validation", validation_fraction), ("test", test_fraction))}
     n_train = regions - sum(held_out.values())
     if n_train < 1:
         raise ValueError(
@@ -76,6 +78,7 @@ def passage_classification(
                 f"no {split} passage of {passage_chars} characters fits in a {split} region: use shorter passages "
                 "or fewer regions per work"
             )
+        rng.shuffle(rows[split])  # works mixed: the first N passages of a split are a sample of all of them
     return datasets.DatasetDict({split: datasets.Dataset.from_list(rows[split], features=features) for split in SPLITS})
 
 

@@ -42,6 +42,8 @@ def test_the_draw_is_seeded():
     first, again = (passage_classification(works(), 90, seed=1) for _ in range(2))
     other = passage_classification(works(), 90, seed=2)
     assert first["test"]["text"] == again["test"]["text"] and first["test"]["text"] != other["test"]["text"]
+    # Works are mixed within each split: any first passages are a sample of all works.
+    assert len(set(first["validation"]["label"][:6])) > 1
 
 
 def test_works_are_chosen_by_title():
