@@ -125,8 +125,9 @@ def test_sequence_classification_loss_and_problem_types(is_causal):
     assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
 
     regression = make(FMTForSequenceClassification, dtype=torch.float32, is_causal=is_causal, num_labels=1)
-    out = regression(ids, labels=torch.tensor([0.5, -1.0]))
-    torch.testing.assert_close(out.loss, torch.nn.functional.mse_loss(out.logits.squeeze(-1), torch.tensor([0.5, -1.0])))
+    targets = torch.tensor([0.5, -1.0])
+    out = regression(ids, labels=targets)
+    torch.testing.assert_close(out.loss, torch.nn.functional.mse_loss(out.logits.squeeze(-1), targets))
 
 
 @pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "bidirectional"])
