@@ -1,14 +1,23 @@
 """fmt_hf: the Fast Multipole Transformer for Hugging Face.
 
 Importing the package registers FMT with transformers' Auto classes (`AutoConfig`, `AutoModel`,
-`AutoModelForCausalLM`, `AutoModelForMaskedLM`) under the model type ``"fmt"``. It loads only the model code
-(`fmt_hf.model`: torch + transformers); the toolkit names below (`build_corpus`, `byte_tokenizer`,
+`AutoModelForCausalLM`, `AutoModelForMaskedLM`, `AutoModelForSequenceClassification`,
+`AutoModelForTokenClassification`, `AutoModelForQuestionAnswering`) under the model type ``"fmt"``. It loads only
+the model code (`fmt_hf.model`: torch + transformers); the toolkit names below (`build_corpus`, `byte_tokenizer`,
 `convert_llama_to_fmt`, ...) import `fmt_hf.toolkit` -- and with it `datasets` and `evaluate` -- on first use.
 """
 
 import importlib
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
 
 from .model import (
     FMABatchState,
@@ -18,6 +27,9 @@ from .model import (
     FMTConfig,
     FMTForCausalLM,
     FMTForMaskedLM,
+    FMTForQuestionAnswering,
+    FMTForSequenceClassification,
+    FMTForTokenClassification,
     FMTModel,
     FMTPreTrainedModel,
 )
@@ -26,6 +38,9 @@ AutoConfig.register(FMTConfig.model_type, FMTConfig)
 AutoModel.register(FMTConfig, FMTModel)
 AutoModelForCausalLM.register(FMTConfig, FMTForCausalLM)
 AutoModelForMaskedLM.register(FMTConfig, FMTForMaskedLM)
+AutoModelForSequenceClassification.register(FMTConfig, FMTForSequenceClassification)
+AutoModelForTokenClassification.register(FMTConfig, FMTForTokenClassification)
+AutoModelForQuestionAnswering.register(FMTConfig, FMTForQuestionAnswering)
 
 # Toolkit names, imported lazily (PEP 562): name -> module under fmt_hf.toolkit.
 _TOOLKIT = {
@@ -34,7 +49,9 @@ _TOOLKIT = {
     "convert_llama_to_fmt": "convert",
     "load_corpus": "data",
     "pack_documents": "data",
+    "ACCURACY": "metrics",
     "LM_BITS": "metrics",
+    "LM_EVAL_TASKS": "evaluation",
     "byte_tokenizer": "tokenizer",
     "load_tokenizer": "tokenizer",
 }
@@ -55,6 +72,9 @@ __all__ = [
     "FMTModel",
     "FMTForCausalLM",
     "FMTForMaskedLM",
+    "FMTForSequenceClassification",
+    "FMTForTokenClassification",
+    "FMTForQuestionAnswering",
     "FMTPreTrainedModel",
     *_TOOLKIT,
 ]

@@ -8,7 +8,15 @@ from .cache_fmt import FMTCache, FMTCacheLayer, is_fmt_cache
 from .configuration_fmt import FMTConfig
 from .fma_attention import FastMultipoleAttention
 from .fma_state import FMABatchState, FMAState
-from .modeling_fmt import FMTForCausalLM, FMTForMaskedLM, FMTModel, FMTPreTrainedModel
+from .modeling_fmt import (
+    FMTForCausalLM,
+    FMTForMaskedLM,
+    FMTForQuestionAnswering,
+    FMTForSequenceClassification,
+    FMTForTokenClassification,
+    FMTModel,
+    FMTPreTrainedModel,
+)
 
 __all__ = [
     "FMABatchState",
@@ -18,6 +26,9 @@ __all__ = [
     "FMTConfig",
     "FMTForCausalLM",
     "FMTForMaskedLM",
+    "FMTForQuestionAnswering",
+    "FMTForSequenceClassification",
+    "FMTForTokenClassification",
     "FMTModel",
     "FMTPreTrainedModel",
     "FastMultipoleAttention",

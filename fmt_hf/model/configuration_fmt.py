@@ -7,7 +7,7 @@ from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
-# Every FMT checkpoint names the code of all four Auto classes, whichever class saved it, so that any of them
+# Every FMT checkpoint names the code of every Auto class FMT serves, whichever class saved it, so that any of them
 # can open it with `trust_remote_code=True` (`save_pretrained` alone records only the saved class). The module
 # names are those of the flat files `save_pretrained` copies next to the weights.
 FMT_AUTO_MAP = {
@@ -15,6 +15,9 @@ FMT_AUTO_MAP = {
     "AutoModel": "modeling_fmt.FMTModel",
     "AutoModelForCausalLM": "modeling_fmt.FMTForCausalLM",
     "AutoModelForMaskedLM": "modeling_fmt.FMTForMaskedLM",
+    "AutoModelForSequenceClassification": "modeling_fmt.FMTForSequenceClassification",
+    "AutoModelForTokenClassification": "modeling_fmt.FMTForTokenClassification",
+    "AutoModelForQuestionAnswering": "modeling_fmt.FMTForQuestionAnswering",
 }
 
 FMT_ROPE_TYPES = ("default", "linear", "llama3", "yarn")

@@ -22,13 +22,24 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from transformers import AutoModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMixin, GenerationMode
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast, MaskedLMOutput
+from transformers.modeling_layers import (
+    GenericForQuestionAnswering,
+    GenericForSequenceClassification,
+    GenericForTokenClassification,
+    GradientCheckpointingLayer,
+)
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    MaskedLMOutput,
+    SequenceClassifierOutputWithPast,
+)
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import (
     ALL_ATTENTION_FUNCTIONS,
@@ -760,3 +771,127 @@ FMTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 FMTForMaskedLM.register_for_auto_class("AutoModelForMaskedLM")
 
 __all__ = ["FMTPreTrainedModel", "FMTModel", "FMTForCausalLM", "FMTForMaskedLM"]
+
+
+# ----------------------------------------------------------------------------- task heads
+
+
+class FMTGenericHead:
+    """What FMT adds to transformers' generic heads (`GenericForSequenceClassification` and its siblings, as Llama
+    uses them): a `ValueError` naming `num_labels` when a classifier is asked for no classes, and a base model that
+    `AutoModel.from_config` -- which the generic heads build their stack with -- can find.
+
+    The latter matters for Hub code: transformers loads `configuration_fmt.py` alone for the config and again next
+    to `modeling_fmt.py` for the model, so the config a head receives is an `FMTConfig` class that AutoModel knows
+    only through `auto_map`, and it would ask for `trust_remote_code` a second time. That class is registered with
+    this module's `FMTModel`, as `from_pretrained` registers the remote classes it loads (never over an existing
+    entry, such as the installed package's).
+    """
+
+    _needs_labels: bool = False  # classifiers need `num_labels >= 1`
+
+    def __init__(self, config: FMTConfig):
+        if self._needs_labels and config.num_labels < 1:
+            raise ValueError(
+                f"{type(self).__name__} needs `num_labels` >= 1 (the number of classes, or 1 for regression), got "
+                f"{config.num_labels}."
+            )
+        if type(config) not in AutoModel._model_mapping:
+            AutoModel.register(type(config), FMTModel)
+        super().__init__(config)
+
+
+class FMTForSequenceClassification(FMTGenericHead, GenericForSequenceClassification, FMTPreTrainedModel):
+    """FMT with a linear head (`score`, `config.num_labels` outputs; one output means regression) on one vector per
+    sequence, e.g. a long document. The vector follows the attention of the config (`config.is_causal`):
+
+    - **causal** (a causal LM checkpoint): each row's last real token, the only one that has read the whole
+      sequence, found as the rightmost token that is not `config.pad_token_id` (transformers'
+      `GenericForSequenceClassification`, as Llama; left and right padding alike). Without a `pad_token_id`, only
+      batches of one sequence can be classified.
+    - **bidirectional** (a masked LM checkpoint): the mean of the final hidden states over the real tokens
+      (`attention_mask`; without one, the tokens that are not `pad_token_id`). Every token has read the whole
+      sequence and none was trained as a summary (FMT's masked LM has no `[CLS]` token), so all of them vote.
+
+    The loss follows `config.problem_type` as in every transformers classifier (regression, single- or
+    multi-label classification).
+    """
+
+    _needs_labels = True
+
+    @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> SequenceClassifierOutputWithPast:
+        r"""
+        Arguments as `FMTModel.forward`, plus:
+
+            labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+                Class indices in `[0, config.num_labels)`, or float targets for regression (`num_labels == 1`) and
+                multi-label classification (`(batch_size, num_labels)`).
+
+        Returns `logits` of shape `(batch_size, config.num_labels)`.
+        """
+        if self.config.is_causal:
+            batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+            if self.config.pad_token_id is None and batch_size > 1:
+                raise ValueError(
+                    f"{type(self).__name__} reads a causal model at each row's last real token, which it finds by "
+                    f"`pad_token_id`; the config has none, so batches of {batch_size} sequences cannot be classified. "
+                    "Set `config.pad_token_id` (e.g. to the tokenizer's pad token id) or classify one sequence at a "
+                    "time."
+                )
+            return super().forward(
+                input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, **kwargs,
+            )
+        outputs: BaseModelOutputWithPast = self.model(
+            input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+            inputs_embeds=inputs_embeds, use_cache=False, **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if attention_mask is not None:
+            real = attention_mask.to(hidden_states.device, torch.bool)
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            real = (input_ids != self.config.pad_token_id).to(hidden_states.device)
+        else:
+            real = torch.ones(hidden_states.shape[:2], dtype=torch.bool, device=hidden_states.device)
+        weights = real.to(hidden_states.dtype).unsqueeze(-1)
+        pooled = (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1)
+        logits = self.score(pooled)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, pooled_logits=logits, config=self.config)
+        return SequenceClassifierOutputWithPast(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+
+
+class FMTForTokenClassification(FMTGenericHead, GenericForTokenClassification, FMTPreTrainedModel):
+    """FMT with a linear head on every token (`config.num_labels` classes; transformers'
+    `GenericForTokenClassification`, dropout `config.classifier_dropout`, default 0.1). With a bidirectional config
+    (a masked LM checkpoint) each token's label reads the whole document; with a causal one, the text up to it."""
+
+    _needs_labels = True
+
+
+class FMTForQuestionAnswering(FMTGenericHead, GenericForQuestionAnswering, FMTPreTrainedModel):
+    """FMT with extractive question-answering heads (`qa_outputs`: span start and end logits per token;
+    transformers' `GenericForQuestionAnswering`). A bidirectional config (a masked LM checkpoint) lets every
+    position read the question and the whole context."""
+
+
+FMTForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+FMTForTokenClassification.register_for_auto_class("AutoModelForTokenClassification")
+FMTForQuestionAnswering.register_for_auto_class("AutoModelForQuestionAnswering")
+
+__all__ += ["FMTForSequenceClassification", "FMTForTokenClassification", "FMTForQuestionAnswering"]

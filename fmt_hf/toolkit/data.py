@@ -239,6 +239,20 @@ def load_corpus(name: str = DEFAULT_CORPUS, cache_dir: str | os.PathLike[str] | 
     return datasets.Dataset.from_list(_corpus(name).read(folder))
 
 
+def select_documents(documents: datasets.Dataset, titles: str | None) -> datasets.Dataset:
+    """The documents whose ``title`` matches the regular expression ``titles`` (``re.search``); all of them for None.
+
+    E.g. ``"^(Henry|Richard)"`` keeps Shakespeare's nine history plays and ``"^(?!Henry|Richard)"`` the other 29.
+    Raises ``ValueError`` when no title matches.
+    """
+    if titles is None:
+        return documents
+    selected = documents.filter(lambda title: re.search(titles, title) is not None, input_columns="title")
+    if len(selected) == 0:
+        raise ValueError(f"no document title matches {titles!r}")
+    return selected
+
+
 def split_documents(
     documents: datasets.Dataset,
     *,
@@ -280,23 +294,27 @@ def build_corpus(
     test_fraction: float = 0.1,
     seed: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
+    titles: str | None = None,
 ) -> datasets.DatasetDict:
     """A ``DatasetDict`` (train/validation/test) of whole documents with a ``text`` column.
 
-    By default the registry corpus ``corpus`` (see :data:`CORPORA`), split by :func:`split_documents`.
-    With ``dataset_name``, ``datasets.load_dataset(dataset_name, dataset_config)`` instead (needs the
+    By default the registry corpus ``corpus`` (see :data:`CORPORA`), split by :func:`split_documents`; ``titles``
+    keeps only the documents whose title matches that regular expression (:func:`select_documents`) before the
+    split. With ``dataset_name``, ``datasets.load_dataset(dataset_name, dataset_config)`` instead (needs the
     Hub): its ``text_column`` becomes ``text``; its own validation and test splits are kept if it has
     both, else its train split is split by document.
     """
     if dataset_name is None:
-        documents = load_corpus(corpus, cache_dir)
+        documents = select_documents(load_corpus(corpus, cache_dir), titles)
     else:
         loaded = datasets.load_dataset(dataset_name, dataset_config)
         if text_column != "text":
             loaded = loaded.rename_column(text_column, "text")
         if {"train", "validation", "test"} <= set(loaded):
-            return datasets.DatasetDict(train=loaded["train"], validation=loaded["validation"], test=loaded["test"])
-        documents = loaded["train"]
+            return datasets.DatasetDict(
+                {split: select_documents(loaded[split], titles) for split in ("train", "validation", "test")}
+            )
+        documents = select_documents(loaded["train"], titles)
     return split_documents(documents, validation_fraction=validation_fraction, test_fraction=test_fraction, seed=seed)
 
 

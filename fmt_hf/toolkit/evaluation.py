@@ -7,6 +7,9 @@ scored, so every token is predicted exactly once, with at least ``context_length
 the first window is past. A beginning-of-sequence token (the document separator the byte-level FMT models are
 trained with) is put before each document, so its first token is scored too and bits per byte cover every byte of
 every document. Any causal checkpoint works -- an FMT, or a dense transformers model for comparison.
+
+The same held-out documents are also lm-evaluation-harness tasks (:data:`LM_EVAL_TASKS`), for lm-eval's ``hf``
+model type.
 """
 
 from __future__ import annotations
@@ -27,6 +30,13 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from .metrics import LM_BITS
 from .tokenizer import load_tokenizer, token_byte_lengths
 from .training import CorpusArguments
+
+LM_EVAL_TASKS: str = os.path.join(os.path.dirname(__file__), "lm_eval_tasks")
+"""Folder of fmt_hf's lm-evaluation-harness tasks, for ``lm-eval run --include_path``: ``fmt_heldout_perplexity``
+(rolling log-likelihood of whole held-out documents: word and byte perplexity, bits per byte) and
+``fmt_heldout_continuation`` (which of four continuations follows a passage). They read the held-out documents of a
+registry corpus (by default the plays ``scripts/train.py`` holds out) or a JSON Lines file; see
+``lm_eval_tasks/fmt_lm_eval.py`` for their options."""
 
 
 @dataclass
@@ -234,4 +244,4 @@ def evaluate_lm(eval_args: EvalArguments, corpus_args: CorpusArguments, progress
     return results
 
 
-__all__ = ["EvalArguments", "Window", "evaluate_lm", "score_documents", "strided_windows"]
+__all__ = ["LM_EVAL_TASKS", "EvalArguments", "Window", "evaluate_lm", "score_documents", "strided_windows"]

@@ -1,11 +1,18 @@
-"""Pretraining and fine-tuning language models with the `Trainer`: the engine of ``scripts/train.py``.
+"""Pretraining and fine-tuning with the `Trainer`: the engine of ``scripts/train.py``.
 
-In the style of transformers' ``run_clm.py`` / ``run_mlm.py``: three argument dataclasses parsed with
-``HfArgumentParser`` (:class:`ModelArguments`, :class:`DataArguments`, ``transformers.TrainingArguments``) and one
-function, :func:`train`, that runs the job: the tokenizer (bytes by default), a model built from scratch (an FMT
-config with overrides) or loaded from a checkpoint, a corpus split by document and packed into ``seq_len``-token
-blocks, training with the ``Trainer`` (checkpoints, ``resume_from_checkpoint``) and evaluation in bits per byte and
-perplexity through the package's ``lm_bits`` metric.
+In the style of transformers' ``run_clm.py`` / ``run_mlm.py`` / ``run_classification.py``: three argument
+dataclasses parsed with ``HfArgumentParser`` (:class:`ModelArguments`, :class:`DataArguments`,
+``transformers.TrainingArguments``) and one function, :func:`train`, that runs the job: the tokenizer (bytes by
+default), a model built from scratch (an FMT config with overrides) or loaded from a checkpoint, the data, training
+with the ``Trainer`` (checkpoints, ``resume_from_checkpoint``) and evaluation through the package's ``evaluate``
+modules. Three tasks:
+
+- ``clm`` / ``mlm``: language modelling on a corpus split by document and packed into ``seq_len``-token blocks,
+  evaluated in bits per byte and perplexity (``lm_bits``).
+- ``classification``: a sequence classifier telling which work a long passage comes from
+  (:mod:`fmt_hf.toolkit.classification`: passages from held-out regions of every work), fine-tuned from an FMT
+  causal or masked LM checkpoint or trained from scratch, evaluated in accuracy (``accuracy``) on the validation
+  passages (``--do_eval``) and the test passages (``--do_predict``).
 
 Nothing here depends on the number of processes: under ``accelerate launch`` the ``Trainer`` reads the launcher's
 environment and runs DDP (over gloo on CPU); the same code scales to many GPUs or nodes by accelerate config alone.
@@ -31,7 +38,9 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
+    AutoModelForSequenceClassification,
     DataCollatorForLanguageModeling,
+    DataCollatorWithPadding,
     EvalPrediction,
     PreTrainedConfig,
     PreTrainedModel,
@@ -43,15 +52,20 @@ from transformers import (
 )
 
 from ..model import FMTConfig
-from .data import CORPORA, DEFAULT_CORPUS, build_corpus, pack_documents
-from .metrics import LM_BITS
+from .classification import passage_classification
+from .data import CORPORA, DEFAULT_CORPUS, build_corpus, load_corpus, pack_documents, select_documents
+from .metrics import ACCURACY, LM_BITS
 from .tokenizer import BYTE_TOKENIZER, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-Task = Literal["clm", "mlm"]
+Task = Literal["clm", "mlm", "classification"]
 
-AUTO_MODEL_CLASSES = {"clm": AutoModelForCausalLM, "mlm": AutoModelForMaskedLM}
+AUTO_MODEL_CLASSES = {
+    "clm": AutoModelForCausalLM,
+    "mlm": AutoModelForMaskedLM,
+    "classification": AutoModelForSequenceClassification,
+}
 """The Auto class that builds or loads the model of each task."""
 
 TRAINING_SETUP_NAME = "training_setup.json"
@@ -78,8 +92,10 @@ class ModelArguments:
 
     task: Task = field(
         default="clm",
-        metadata={"help": "Causal language modelling (`clm`, next-token prediction) or masked language modelling "
-                          "(`mlm`, bidirectional)."},
+        metadata={"help": "Causal language modelling (`clm`, next-token prediction), masked language modelling "
+                          "(`mlm`, bidirectional), or `classification`: which work a long passage comes from (a "
+                          "sequence classifier, pooled at the last token of a causal model and over all tokens of "
+                          "a bidirectional one)."},
     )
     model_name_or_path: str | None = field(
         default=None,
@@ -89,8 +105,8 @@ class ModelArguments:
     config_overrides: str | None = field(
         default=None,
         metadata={"help": "Only when training from scratch: comma-separated FMTConfig fields overriding the "
-                          "defaults, e.g. `hidden_size=128,num_hidden_layers=2,fma_block_size=32`. "
-                          "`max_position_embeddings` defaults to --seq_len."},
+                          "defaults, e.g. `hidden_size=128,num_hidden_layers=2,fma_block_size=32` (`is_causal=False` "
+                          "for a bidirectional classifier). `max_position_embeddings` defaults to --seq_len."},
     )
     tokenizer_name: str | None = field(
         default=None,
@@ -136,6 +152,12 @@ class CorpusArguments:
         default=None, metadata={"help": "Configuration name of --dataset_name."}
     )
     text_column: str = field(default="text", metadata={"help": "Text column of --dataset_name."})
+    works: str | None = field(
+        default=None,
+        metadata={"help": "Regular expression keeping the documents whose title it matches (default: all), e.g. "
+                          "`^(Henry|Richard)` for Shakespeare's nine histories, `^(?!Henry|Richard)` for the other "
+                          "plays. For --task classification the works kept are the classes."},
+    )
     validation_fraction: float = field(
         default=0.1, metadata={"help": "Fraction of the documents held out for validation."}
     )
@@ -154,6 +176,18 @@ class CorpusArguments:
         """Name of the documents in results and model cards: the dataset's, or ``fmt_hf/<corpus>``."""
         return self.dataset_name or f"fmt_hf/{self.corpus}"
 
+    def load_works(self) -> datasets.Dataset:
+        """The --works documents, unsplit, with their ``title`` and ``text``: of the corpus, or of --dataset_name's
+        train split (which then needs a ``title`` column)."""
+        if self.dataset_name is None:
+            return select_documents(load_corpus(self.corpus, self.corpus_cache_dir), self.works)
+        documents = datasets.load_dataset(self.dataset_name, self.dataset_config_name, split="train")
+        if self.text_column != "text":
+            documents = documents.rename_column(self.text_column, "text")
+        if "title" not in documents.column_names:
+            raise ValueError(f"--dataset_name {self.dataset_name}: classification needs a `title` column (the class)")
+        return select_documents(documents, self.works)
+
     def load_documents(self) -> datasets.DatasetDict:
         """The ``train``/``validation``/``test`` splits of whole documents (see
         :func:`fmt_hf.toolkit.data.build_corpus`)."""
@@ -166,6 +200,7 @@ class CorpusArguments:
             test_fraction=self.test_fraction,
             seed=self.split_seed,
             cache_dir=self.corpus_cache_dir,
+            titles=self.works,
         )
 
 
@@ -173,7 +208,10 @@ class CorpusArguments:
 class DataArguments(CorpusArguments):
     """The documents and how they become training examples."""
 
-    seq_len: int = field(default=1024, metadata={"help": "Tokens per packed training block."})
+    seq_len: int = field(
+        default=1024,
+        metadata={"help": "Tokens per packed training block; for classification, the longest passage in tokens."},
+    )
     mlm_probability: float = field(
         default=0.15, metadata={"help": "Fraction of tokens masked for --task mlm."}
     )
@@ -185,6 +223,16 @@ class DataArguments(CorpusArguments):
     )
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes used to tokenize and pack the documents."}
+    )
+    passage_chars: int | None = field(
+        default=None,
+        metadata={"help": "Classification: characters per passage (default --seq_len; with the byte tokenizer a "
+                          "character of the corpora is a token). Passages are truncated to --seq_len tokens."},
+    )
+    regions_per_work: int = field(
+        default=10,
+        metadata={"help": "Classification: each work is cut into this many regions, assigned to train, validation "
+                          "and test by --validation_fraction and --test_fraction."},
     )
 
     def __post_init__(self) -> None:
@@ -216,15 +264,24 @@ def parse_config_overrides(overrides: str | None) -> dict[str, Any]:
     return parsed
 
 
-def build_config(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase, seq_len: int) -> PreTrainedConfig:
+def build_config(
+    model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase, seq_len: int, labels: list[str] | None = None
+) -> PreTrainedConfig:
     """The checkpoint's config, or a new ``FMTConfig`` sized for ``tokenizer`` with the overrides applied.
 
     A new config takes its vocabulary size and special token ids from the tokenizer and ``max_position_embeddings``
-    from ``seq_len`` (FMA builds its hierarchy for that length), unless overridden.
+    from ``seq_len`` (FMA builds its hierarchy for that length), unless overridden. A classifier's config (either
+    kind) gets one class per name in ``labels``.
     """
+    classes = {}
+    if labels is not None:
+        classes = {"id2label": dict(enumerate(labels)), "label2id": {name: i for i, name in enumerate(labels)}}
     if model_args.model_name_or_path is not None:
-        return AutoConfig.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+        return AutoConfig.from_pretrained(
+            model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code, **classes
+        )
     defaults = {
+        **classes,
         "vocab_size": len(tokenizer),
         "max_position_embeddings": seq_len,
         "pad_token_id": tokenizer.pad_token_id,
@@ -315,6 +372,107 @@ class LanguageModelingMetrics:
         return self.metric.compute(nll=nll.tolist(), num_tokens=num_tokens.tolist(), num_bytes=self.num_bytes)
 
 
+class ClassificationMetrics:
+    """``preprocess_logits_for_metrics`` and ``compute_metrics`` of the ``Trainer`` for classification: each
+    example's logits are reduced right away to its predicted class, scored by the package's ``accuracy`` module."""
+
+    def __init__(self) -> None:
+        self.metric = evaluate.load(ACCURACY, keep_in_memory=True)
+
+    @staticmethod
+    def preprocess_logits(logits: torch.Tensor | tuple[torch.Tensor, ...], labels: torch.Tensor) -> torch.Tensor:
+        """``(batch,)``: the predicted class of each example."""
+        if isinstance(logits, tuple):
+            logits = logits[0]
+        return logits.argmax(-1)
+
+    def __call__(self, prediction: EvalPrediction) -> dict[str, float]:
+        return self.metric.compute(predictions=prediction.predictions.tolist(),
+                                   references=prediction.label_ids.tolist())
+
+
+@dataclass
+class TaskData:
+    """What :func:`train` hands the ``Trainer`` for one task: the model's config, the datasets of the wanted
+    splits (``train``, ``validation``, ``test``), the collator and the metrics (None without evaluation)."""
+
+    config: PreTrainedConfig
+    splits: dict[str, datasets.Dataset]
+    collator: Any
+    metrics: LanguageModelingMetrics | ClassificationMetrics | None
+
+
+def language_modeling_data(
+    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
+    tokenizer: PreTrainedTokenizerBase, wanted: list[str],
+) -> TaskData:
+    """``clm``/``mlm``: the corpus split by document and packed into ``seq_len``-token blocks."""
+    if "test" in wanted:
+        raise ValueError(
+            "--do_predict scores the test passages of --task classification; for a language model's test documents "
+            "run scripts/eval_lm.py --split test"
+        )
+    config = build_config(model_args, tokenizer, data_args.seq_len)
+    # The main process builds first; with a Hub dataset the others then reuse its `datasets` cache.
+    with training_args.main_process_first(desc="building and packing the corpus"):
+        documents = data_args.load_documents()
+        blocks = pack_documents(
+            datasets.DatasetDict({name: documents[name] for name in wanted}),
+            tokenizer,
+            data_args.seq_len,
+            task=model_args.task,
+            max_position_embeddings=getattr(config, "max_position_embeddings", None),
+            num_proc=data_args.preprocessing_num_workers,
+        )
+    splits = {name: _first(blocks[name], data_args.max_train_samples if name == "train" else data_args.max_eval_samples)
+              for name in wanted}
+    metrics = None
+    if "validation" in splits:
+        metrics = LanguageModelingMetrics(
+            model_args.task, splits["validation"]["num_bytes"] if model_args.task == "clm" else None
+        )
+    if model_args.task == "clm":
+        collator = default_data_collator
+    else:
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=data_args.mlm_probability)
+    return TaskData(config, splits, collator, metrics)
+
+
+def classification_data(
+    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
+    tokenizer: PreTrainedTokenizerBase, wanted: list[str],
+) -> TaskData:
+    """``classification``: passages labelled by their work, from held-out regions of every work for evaluation
+    (:func:`fmt_hf.toolkit.classification.passage_classification`), tokenized up to ``seq_len`` tokens."""
+    with training_args.main_process_first(desc="cutting the works into passages"):
+        works = data_args.load_works()
+        passages = passage_classification(
+            works,
+            data_args.passage_chars or data_args.seq_len,
+            regions=data_args.regions_per_work,
+            validation_fraction=data_args.validation_fraction,
+            test_fraction=data_args.test_fraction,
+            seed=data_args.split_seed,
+        )
+    config = build_config(model_args, tokenizer, data_args.seq_len, labels=list(works["title"]))
+    max_position_embeddings = getattr(config, "max_position_embeddings", None)
+    if max_position_embeddings is not None and data_args.seq_len > max_position_embeddings:
+        raise ValueError(
+            f"seq_len={data_args.seq_len} exceeds the model's max_position_embeddings={max_position_embeddings}"
+        )
+    splits = {}
+    for name in wanted:
+        limit = data_args.max_train_samples if name == "train" else data_args.max_eval_samples
+        splits[name] = _first(passages[name], limit).map(
+            lambda batch: tokenizer(batch["text"], truncation=True, max_length=data_args.seq_len),
+            batched=True,
+            remove_columns=["text"],
+            desc=f"Tokenizing the {name} passages",
+        )
+    metrics = ClassificationMetrics() if {"validation", "test"} & set(wanted) else None
+    return TaskData(config, splits, DataCollatorWithPadding(tokenizer), metrics)
+
+
 def _setup_logging(training_args: TrainingArguments) -> None:
     """``run_clm.py``'s logging: INFO on the main process, the TrainingArguments' level on the others."""
     logging.basicConfig(
@@ -346,69 +504,52 @@ def _write_training_setup(
 def train(
     model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
 ) -> dict[str, float]:
-    """Train (``--do_train``) and/or evaluate (``--do_eval``) a language model; return the metrics.
+    """Train (``--do_train``) and/or evaluate (``--do_eval``, and ``--do_predict`` for classification) a language
+    model or a classifier; return the metrics.
 
     Training saves the model, its tokenizer and its code (Hub layout, loadable with ``trust_remote_code=True``) to
     ``output_dir``, with the ``Trainer``'s ``train_results.json``/``trainer_state.json`` and
     :data:`TRAINING_SETUP_NAME`; checkpoints follow the ``save_*`` arguments, and ``resume_from_checkpoint`` continues
     one (step count, optimizer, scheduler, data order and RNG states). Evaluation on the validation blocks adds
     ``eval_bits_per_byte`` (causal LM), ``eval_bits_per_token`` and ``eval_perplexity`` from summed NLL, saved to
-    ``eval_results.json``.
+    ``eval_results.json``; for classification it adds ``eval_accuracy`` on the validation passages, and
+    ``--do_predict`` ``test_accuracy`` on the test passages (``test_results.json``).
 
     Raises ``ValueError`` for bad input: an unknown corpus, ``seq_len`` over the model's
-    ``max_position_embeddings``, an empty split or one too short for a single block.
+    ``max_position_embeddings``, an empty split or one too short for a single block or passage, fewer than two
+    works to classify.
     """
     _setup_logging(training_args)
     logger.warning(
         "Process rank %d of %d, device %s", training_args.process_index, training_args.world_size,
         training_args.device,
     )
-    if not (training_args.do_train or training_args.do_eval):
-        raise ValueError("nothing to do: pass --do_train and/or --do_eval")
+    if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
+        raise ValueError("nothing to do: pass --do_train, --do_eval and/or --do_predict")
     set_seed(training_args.seed)
 
     tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path or BYTE_TOKENIZER)
-    config = build_config(model_args, tokenizer, data_args.seq_len)
+    wanted = [name for name, flag in (("train", training_args.do_train), ("validation", training_args.do_eval),
+                                      ("test", training_args.do_predict)) if flag]
+    build_data = classification_data if model_args.task == "classification" else language_modeling_data
+    data = build_data(model_args, data_args, training_args, tokenizer, wanted)
+    train_dataset = data.splits.get("train")
+    eval_dataset = data.splits.get("validation")
 
-    # The main process builds first; with a Hub dataset the others then reuse its `datasets` cache.
-    with training_args.main_process_first(desc="building and packing the corpus"):
-        documents = data_args.load_documents()
-        splits = [name for name, wanted in (("train", training_args.do_train), ("validation", training_args.do_eval))
-                  if wanted]
-        blocks = pack_documents(
-            datasets.DatasetDict({name: documents[name] for name in splits}),
-            tokenizer,
-            data_args.seq_len,
-            task=model_args.task,
-            max_position_embeddings=getattr(config, "max_position_embeddings", None),
-            num_proc=data_args.preprocessing_num_workers,
-        )
-    train_dataset = _first(blocks["train"], data_args.max_train_samples) if training_args.do_train else None
-    eval_dataset = _first(blocks["validation"], data_args.max_eval_samples) if training_args.do_eval else None
-
-    model = build_model(model_args, config, len(tokenizer))
+    model = build_model(model_args, data.config, len(tokenizer))
     if model_args.train_only_downsamplers:
         trainable = freeze_all_but_downsamplers(model)
         logger.info("Training only the FMA downsamplers: %.2fM of %.2fM parameters", trainable / 1e6,
                     model.num_parameters() / 1e6)
-    metrics = None
-    if eval_dataset is not None:
-        metrics = LanguageModelingMetrics(
-            model_args.task, eval_dataset["num_bytes"] if model_args.task == "clm" else None
-        )
-    if model_args.task == "clm":
-        collator = default_data_collator
-    else:
-        collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=data_args.mlm_probability)
     trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        data_collator=collator,
-        compute_metrics=metrics,
-        preprocess_logits_for_metrics=metrics.preprocess_logits if metrics is not None else None,
+        data_collator=data.collator,
+        compute_metrics=data.metrics,
+        preprocess_logits_for_metrics=data.metrics.preprocess_logits if data.metrics is not None else None,
     )
 
     results: dict[str, float] = {}
@@ -429,18 +570,28 @@ def train(
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         results.update(eval_metrics)
+    if "test" in data.splits:
+        test_metrics = {**trainer.evaluate(data.splits["test"], metric_key_prefix="test"),
+                        "test_samples": len(data.splits["test"])}
+        trainer.log_metrics("test", test_metrics)
+        trainer.save_metrics("test", test_metrics)
+        results.update(test_metrics)
     return results
 
 
 __all__ = [
     "AUTO_MODEL_CLASSES",
+    "ClassificationMetrics",
     "CorpusArguments",
     "DataArguments",
     "LanguageModelingMetrics",
     "ModelArguments",
     "TRAINING_SETUP_NAME",
+    "TaskData",
     "build_config",
     "build_model",
+    "classification_data",
+    "language_modeling_data",
     "freeze_all_but_downsamplers",
     "parse_config_overrides",
     "train",

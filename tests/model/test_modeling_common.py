@@ -7,7 +7,15 @@ Their sources come from the transformers sdist, fetched by `python tests/transfo
 import pytest
 import transformers_common
 
-from fmt_hf import FMTConfig, FMTForCausalLM, FMTForMaskedLM, FMTModel
+from fmt_hf import (
+    FMTConfig,
+    FMTForCausalLM,
+    FMTForMaskedLM,
+    FMTForQuestionAnswering,
+    FMTForSequenceClassification,
+    FMTForTokenClassification,
+    FMTModel,
+)
 
 pytestmark = pytest.mark.download
 
@@ -34,11 +42,13 @@ else:
         """
 
         causal_lm_class = FMTForCausalLM
+        sequence_classification_class = FMTForSequenceClassification
         base_model_class = FMTModel
 
         def __init__(self, parent, batch_size=4, seq_length=20, is_training=True, vocab_size=99, hidden_size=32,
                      intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                     max_position_embeddings=32, fma_block_size=4, fma_coarse_tokens=2, pad_token_id=0):
+                     max_position_embeddings=32, fma_block_size=4, fma_coarse_tokens=2, pad_token_id=0,
+                     num_labels=3, type_sequence_label_size=2):
             self.parent = parent
             self.batch_size, self.seq_length, self.is_training = batch_size, seq_length, is_training
             self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
@@ -46,6 +56,7 @@ else:
             self.num_key_value_heads, self.max_position_embeddings = num_key_value_heads, max_position_embeddings
             self.fma_block_size, self.fma_coarse_tokens = fma_block_size, fma_coarse_tokens
             self.pad_token_id = pad_token_id
+            self.num_labels, self.type_sequence_label_size = num_labels, type_sequence_label_size
 
         def get_config(self) -> FMTConfig:
             return FMTConfig(
@@ -53,7 +64,7 @@ else:
                 num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
                 num_key_value_heads=self.num_key_value_heads, max_position_embeddings=self.max_position_embeddings,
                 fma_block_size=self.fma_block_size, fma_coarse_tokens=self.fma_coarse_tokens,
-                pad_token_id=self.pad_token_id,
+                pad_token_id=self.pad_token_id, num_labels=self.num_labels,
             )
 
         def prepare_config_and_inputs_for_common(self):
@@ -62,7 +73,8 @@ else:
             return self.get_config(), {"input_ids": input_ids, "attention_mask": attention_mask}
 
     class FMTCommonModelTest(_common.ModelTesterMixin, _common.TrainingTesterMixin, unittest.TestCase):
-        all_model_classes = (FMTModel, FMTForCausalLM, FMTForMaskedLM)
+        all_model_classes = (FMTModel, FMTForCausalLM, FMTForMaskedLM, FMTForSequenceClassification,
+                             FMTForTokenClassification, FMTForQuestionAnswering)
         # The generation suite (tests/generation/test_utils.py) is not in the sdist, and FMT has no KV cache yet:
         # `test_generate_recomputes_whole_sequence` above checks FMT's generate() instead.
         all_generative_model_classes = ()
@@ -78,6 +90,9 @@ else:
                 (modeling_auto.MODEL_MAPPING_NAMES, "FMTModel"),
                 (modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "FMTForCausalLM"),
                 (modeling_auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES, "FMTForMaskedLM"),
+                (modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES, "FMTForSequenceClassification"),
+                (modeling_auto.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES, "FMTForTokenClassification"),
+                (modeling_auto.MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES, "FMTForQuestionAnswering"),
             ]
             for table, name in cls._registered_names:
                 table["fmt"] = name

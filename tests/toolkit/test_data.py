@@ -115,6 +115,15 @@ def test_split_is_by_document_and_deterministic(corpus):
     assert data.build_corpus("shakespeare", seed=1)["test"]["title"] != splits["test"]["title"]
 
 
+def test_split_of_the_works_chosen_by_title(corpus):
+    # The plays other than the nine histories: what a language model is pretrained on before it learns to tell the
+    # histories apart (fmt_hf.toolkit.classification).
+    splits = data.build_corpus("shakespeare", titles="^(?!Henry|Richard)")
+    assert {name: len(split) for name, split in splits.items()} == {"train": 23, "validation": 3, "test": 3}
+    titles = set().union(*(split["title"] for split in splits.values()))
+    assert len(titles) == 29 and not any(t.startswith(("Henry", "Richard")) for t in titles)
+
+
 def test_split_sizes_by_fraction():
     documents = datasets.Dataset.from_dict({"text": [f"document {i}" for i in range(20)]})
     splits = data.split_documents(documents, validation_fraction=0.25, test_fraction=0.05)

@@ -1,4 +1,5 @@
-"""The lm_bits metric ships inside the package, loads offline with evaluate.load, and matches a hand computation."""
+"""The metric modules (lm_bits, accuracy) ship inside the package, load offline with evaluate.load, and match hand
+computations."""
 
 import math
 from pathlib import Path
@@ -9,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fmt_hf
-from fmt_hf.toolkit.metrics import LM_BITS
+from fmt_hf.toolkit.metrics import ACCURACY, LM_BITS
 
 
 @pytest.fixture(scope="module")
@@ -17,10 +18,11 @@ def metric() -> evaluate.EvaluationModule:
     return evaluate.load(LM_BITS)
 
 
-def test_metric_module_ships_in_the_package():
-    folder = Path(LM_BITS)
+@pytest.mark.parametrize("folder", [LM_BITS, ACCURACY])
+def test_metric_module_ships_in_the_package(folder):
+    folder = Path(folder)
     assert folder.parent.parent == Path(fmt_hf.__file__).parent / "toolkit"
-    assert (folder / "lm_bits.py").is_file()  # what evaluate.load(folder) imports
+    assert (folder / f"{folder.name}.py").is_file()  # what evaluate.load(folder) imports
 
 
 def test_against_a_hand_computation(metric):
@@ -56,3 +58,12 @@ def test_from_model_logits(metric):
 def test_needs_tokens_and_bytes(metric):
     with pytest.raises(ValueError, match="num_tokens=10, num_bytes=0"):
         metric.compute(nll=[5.0], num_tokens=[10], num_bytes=[0])
+
+
+def test_accuracy():
+    accuracy = evaluate.load(ACCURACY)
+    assert accuracy.compute(predictions=[0, 1, 2, 2], references=[0, 1, 1, 2]) == {"accuracy": 0.75, "num_examples": 4}
+    accuracy.add_batch(predictions=[3, 3], references=[3, 0])
+    assert accuracy.compute() == {"accuracy": 0.5, "num_examples": 2}
+    with pytest.raises(ValueError, match="at least one example"):
+        accuracy.compute(predictions=[], references=[])

@@ -1,5 +1,5 @@
-"""scripts/train.py and fmt_hf.toolkit.training: CLM and MLM runs, evaluation metrics, resume, 2-process DDP, bad
-input."""
+"""scripts/train.py and fmt_hf.toolkit.training: CLM, MLM and classification runs, evaluation metrics, resume,
+2-process DDP, bad input."""
 
 import json
 import math
@@ -17,7 +17,7 @@ from lm_helpers import (
     train_argv,
     write_documents,
 )
-from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, Trainer
+from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification, Trainer
 
 from fmt_hf.toolkit.training import ModelArguments, parse_config_overrides
 
@@ -183,3 +183,68 @@ def test_bad_input_fails_clearly(documents, tmp_path, data, extra, message):
 def test_config_overrides_need_a_model_from_scratch():
     with pytest.raises(ValueError, match="can't be combined with --model_name_or_path"):
         ModelArguments(model_name_or_path="some/checkpoint", config_overrides="hidden_size=64")
+
+
+# ----------------------------------------------------------------------------- long-document classification
+
+@pytest.fixture(scope="module")
+def works(tmp_path_factory):
+    """Three titled works (play openings) as a local dataset folder: the classes of --task classification."""
+    folder = tmp_path_factory.mktemp("works")
+    with open(folder / "works.jsonl", "w", encoding="utf-8") as f:
+        for i, text in enumerate(play_excerpts()[:3]):
+            f.write(json.dumps({"title": f"Play {i}", "text": text}) + "\n")
+    return str(folder)
+
+
+def classification_argv(output_dir, works, *extra, **kwargs):
+    return train_argv(output_dir, works, "--task", "classification", "--regions_per_work", "5",
+                      "--validation_fraction", "0.2", "--test_fraction", "0.2", *extra, **kwargs)
+
+
+def test_classifier_from_scratch_trains_and_reports_accuracy(works, tmp_path):
+    metrics = train(classification_argv(tmp_path, works, "--do_train", "--do_eval", "--do_predict", "--max_steps", "3",
+                                        "--config_overrides", TINY_FMT + ",is_causal=False"))
+    assert read_json(tmp_path / "trainer_state.json")["global_step"] == 3
+    # 3 works x 1200-character held-out regions give 3 x 18 passages of 64 characters; --max_eval_samples keeps 16.
+    assert metrics["eval_num_examples"] == metrics["test_num_examples"] == 16
+    for split in ("eval", "test"):
+        assert 0 <= metrics[f"{split}_accuracy"] <= 1 and metrics[f"{split}_loss"] > 0
+    assert read_json(tmp_path / "test_results.json")["test_accuracy"] == metrics["test_accuracy"]
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert type(model).__name__ == "FMTForSequenceClassification" and not model.config.is_causal
+    assert model.config.id2label == {0: "Play 0", 1: "Play 1", 2: "Play 2"}
+    assert read_json(tmp_path / "training_setup.json")["model"]["task"] == "classification"
+
+
+@pytest.mark.parametrize("lm_task", ["clm", "mlm"])
+def test_classifier_fine_tuned_from_a_language_model(documents, works, lm_task, tmp_path):
+    train(train_argv(tmp_path / "lm", documents, "--task", lm_task, "--do_train", "--max_steps", "2"))
+    metrics = train(classification_argv(tmp_path / "classifier", works, "--do_train", "--do_eval", "--max_steps", "2",
+                                        model_name_or_path=str(tmp_path / "lm")))
+    assert 0 <= metrics["eval_accuracy"] <= 1
+    lm = (AutoModelForCausalLM if lm_task == "clm" else AutoModelForMaskedLM).from_pretrained(tmp_path / "lm")
+    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / "classifier")
+    # The causal LM fine-tunes into a causal classifier (last-token pooling), the masked LM into a bidirectional one.
+    assert classifier.config.is_causal == (lm_task == "clm") and classifier.config.num_labels == 3
+    assert classifier.model.embed_tokens.weight.shape == lm.model.embed_tokens.weight.shape
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--works", "Play 1"], "a classifier needs at least two works, got 1"),
+        (["--works", "Hamlet"], "no document title matches 'Hamlet'"),
+        (["--passage_chars", "5000"], "no train passage of 5000 characters fits"),
+        (["--config_overrides", TINY_FMT + ",max_position_embeddings=32"],
+         "seq_len=64 exceeds the model's max_position_embeddings=32"),
+    ],
+)
+def test_classification_bad_input_fails_clearly(works, tmp_path, extra, message):
+    with pytest.raises(ValueError, match=message):
+        train(classification_argv(tmp_path, works, "--do_train", "--max_steps", "1", *extra))
+
+
+def test_language_models_take_test_documents_from_eval_lm(documents, tmp_path):
+    with pytest.raises(ValueError, match="--do_predict scores the test passages of --task classification"):
+        train(train_argv(tmp_path, documents, "--do_predict"))
