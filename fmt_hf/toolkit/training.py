@@ -219,7 +219,8 @@ class DataArguments(CorpusArguments):
         default=None, metadata={"help": "Keep only the first N training blocks (quick runs)."}
     )
     max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Keep only the first N validation blocks (quick runs)."}
+        default=None,
+        metadata={"help": "Keep only the first N validation blocks, or validation and test passages (quick runs)."},
     )
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes used to tokenize and pack the documents."}
