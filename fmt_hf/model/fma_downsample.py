@@ -2,8 +2,9 @@
 (docs/fma.md §2).
 
 Every family serves two callers: the forward pass (all levels of a whole sequence at once) and incremental
-decoding (one level's *shares* of a few tokens at known offsets in their groups: a summary is the sum of its
-tokens' shares plus a bias). Both go through ``forward`` so that module hooks (e.g. accelerate's offloading) see
+decoding. ``depthwise`` and ``full`` give decoding one level's contributions of a few whole fine blocks at known
+offsets in their groups (a summary is the sum of its blocks' contributions plus a bias); the length-free families
+give it ``combine`` instead. Both go through ``forward`` so that module hooks (e.g. accelerate's offloading) see
 every use of the weights.
 
 ``depthwise`` and ``full`` hold weights per level, so they are built for a fixed number of levels (a longest
@@ -76,14 +77,18 @@ class DepthwiseDownsample(_LevelParameters, nn.Module):
         """Summaries of levels ``1..levels``: ``x`` (..., n, d), n a multiple of the widest group used -> per level
         (..., n // w_l, p, d).
 
-        The incremental-decoding state (§8) sums summaries block by block instead -- a summary is the sum of its
-        tokens' shares plus a bias: with ``level`` and ``offsets``, the level-``level`` shares of tokens ``x``
-        (..., c, d) sitting at ``offsets`` (c,) within their groups -> ``(shares (..., c, p, d), bias (p, d))``.
-        Both go through ``forward`` so that module hooks (e.g. accelerate's offloading) see every use of the weights.
+        The incremental-decoding state (§8) sums summaries fine block by fine block instead -- a summary is the sum
+        of its blocks' contributions plus a bias: with ``level`` and ``offsets``, the level-``level`` contributions
+        of the whole fine blocks of tokens ``x`` (..., c, d), c a multiple of m, sitting at ``offsets`` (c,) within
+        their groups -> ``(block sums (..., c // m, p, d), bias (p, d))``, contracted without forming per-token
+        shares. Both go through ``forward`` so that module hooks (e.g. accelerate's offloading) see every use of
+        the weights.
         """
         if offsets is not None:
             weight = getattr(self, f"weight_{level}")[:, :, offsets].to(x.dtype)  # (d, p, c)
-            return x.unsqueeze(-2) * weight.permute(2, 1, 0), getattr(self, f"bias_{level}").t().to(x.dtype)
+            blocks, weight = x.unflatten(-2, (-1, self.widths[0])), weight.unflatten(-1, (-1, self.widths[0]))
+            return (torch.einsum("...btc,crbt->...brc", blocks, weight),
+                    getattr(self, f"bias_{level}").t().to(x.dtype))
         if levels == 0:
             return []
         # One channel-major copy serves every level: there each group is a contiguous run of w_l values, so a
@@ -150,7 +155,9 @@ class FullDownsample(_LevelParameters, nn.Module):
         """As :meth:`DepthwiseDownsample.forward`."""
         if offsets is not None:
             weight = getattr(self, f"weight_{level}")[..., offsets].to(x.dtype)  # (d_out, p, d_in, c)
-            return torch.einsum("...ck,orkc->...cro", x, weight), getattr(self, f"bias_{level}").t().to(x.dtype)
+            blocks, weight = x.unflatten(-2, (-1, self.widths[0])), weight.unflatten(-1, (-1, self.widths[0]))
+            return (torch.einsum("...btk,orkbt->...bro", blocks, weight),
+                    getattr(self, f"bias_{level}").t().to(x.dtype))
         d = x.shape[-1]
         out = []
         for width, weight, bias in zip(self.widths[:levels], self.weights, self.biases):

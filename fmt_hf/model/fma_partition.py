@@ -259,8 +259,8 @@ class Partition:
 
     def step_bias(self, lengths: tuple[int, ...], levels: int, dtype, device) -> torch.Tensor:
         """:meth:`state_bias` (B, S) of one new token per row, row b at position ``lengths[b]`` (no group
-        completes), computed for all rows at once. Memoised for the last few steps: every layer of a model
-        decodes the same positions."""
+        completes): each row gathered from per-position parts cached in :data:`PLANS`, and the stacked result
+        memoised for the last few steps, since every layer of a model decodes the same positions."""
         return _step_bias(self, lengths, levels, dtype, torch.device(device))
 
     def _state_bias(self, t, c, levels, new_groups, dtype, device):

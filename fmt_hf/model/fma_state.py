@@ -15,7 +15,6 @@ import torch
 from .fma_partition import MASK_VALUE, num_levels, ring_positions
 
 
-
 def ring_write(ring: torch.Tensor, first: int, items: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """``ring`` (..., size, ...) after writing ``items`` (..., c, ...) of consecutive positions ``first ..
     first+c-1`` along ``dim``, position j at slot ``j % size`` (only the last ``size`` survive). What a slot then
@@ -293,9 +292,10 @@ class IncrementalDecoding:
 
         A fixed number of batched tensor operations whatever B: a token's own group is never complete, so it reads
         its row's fine ring, itself and the rings of complete groups, with the slot bias of its row's position
-        (:meth:`Partition.step_bias`), and is written to slot ``t % 2m`` of its row's ring. Only a row whose token
+        (:meth:`Partition.step_bias`), and is written to slot ``t % 2m`` of its row's ring. Rows whose token
         completes a fine block (every m steps, at different steps for different rows: on average B/m rows a step)
-        then updates its levels alone, through :meth:`prefill`.
+        then update their levels: in one batched pass per level for the direct families (:meth:`_complete_blocks`),
+        alone through :meth:`prefill` for the derived ones (a row may gain a level).
         """
         if self.training and self.dropout:
             raise ValueError("FastMultipoleAttention.step_batch runs without dropout: call .eval() first")
@@ -353,7 +353,7 @@ class IncrementalDecoding:
 
     def _complete_blocks(self, state: FMABatchState, rows: list[int]) -> None:
         """Direct families, in place: rows ``rows`` whose last token completed a fine block (now wholly in their
-        fine rings) add its shares to every level's partial sum, one batched pass per level over those rows; a
+        fine rings) add its contribution to every level's partial sum, one batched pass per level over those rows; a
         group the block completes moves, with its bias, into the level's ring of groups (§8)."""
         m, index = self.block_size, torch.tensor(rows, device=state.fine_k.device)
         ends = torch.tensor([state.lengths[b] for b in rows], device=index.device)  # positions consumed
@@ -368,9 +368,9 @@ class IncrementalDecoding:
             complete = ends % width == 0  # (R,): the block is its group's last
             done, group_slot = index[complete], (ends[complete] // width - 1) % 3
             for name, family in (("k", self.k_downsample), ("v", self.v_downsample)):
-                shares, bias = family(blocks[name], level=level, offsets=offsets.flatten())  # (H_kv, R*m, p, d)
+                block_sums, bias = family(blocks[name], level=level, offsets=offsets.flatten())  # (H_kv, R, p, d)
                 partial = getattr(state, f"partial_{name}")
-                summed = partial[index, level - 1] + shares.unflatten(1, (len(rows), m)).sum(2).transpose(0, 1)
+                summed = partial[index, level - 1] + block_sums.transpose(0, 1)
                 getattr(state, f"groups_{name}")[done, level - 1, :, group_slot] = summed[complete] + bias
                 partial[index, level - 1] = summed.masked_fill(complete[:, None, None, None], 0)
             real = state.partial_valid[index, level - 1] | block_valid
@@ -422,9 +422,9 @@ class IncrementalDecoding:
             for name, family, tokens, partial in (("k", self.k_downsample, tokens_k, state.partial_k[level - 1]),
                                                   ("v", self.v_downsample, tokens_v, state.partial_v[level - 1])):
                 x = tokens[:, start - block_start:]
-                shares, bias = family(x, level=level, offsets=positions % width)  # (H_kv, c', p, d)
-                group_sums = x.new_zeros(x.shape[0], (end - 1) // width - first + 1, shares.shape[-2], x.shape[-1])
-                group_sums.index_add_(1, positions // width - first, shares)
+                block_sums, bias = family(x, level=level, offsets=positions % width)  # (H_kv, c' / m, p, d)
+                group_sums = x.new_zeros(x.shape[0], (end - 1) // width - first + 1, *block_sums.shape[-2:])
+                group_sums.index_add_(1, positions[::m] // width - first, block_sums)
                 if first == t // width:  # the group being filled when the chunk began
                     group_sums[:, 0] += partial
                 new_partial = group_sums[:, n_complete] if end > end_group * width else torch.zeros_like(partial)

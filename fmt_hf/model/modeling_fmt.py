@@ -450,9 +450,10 @@ class FMTModel(FMTPreTrainedModel):
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`):
-                Token ids; give either these or `inputs_embeds`. Under FMA with `fma_downsample` `"depthwise"`,
-                `"full"` or `"avgpool"`, cached plus new tokens may not exceed `config.max_position_embeddings`
-                (`max_sequence_length`); `"recursive"` and the dense implementations take any length.
+                Token ids; give either these or `inputs_embeds`. Under FMA with `fma_downsample` `"depthwise"` or
+                `"full"` (or `fma_boundary="zero_sink"`), cached plus new tokens may not exceed
+                `config.max_position_embeddings` (`max_sequence_length`); `"recursive"`, `"avgpool"` and the dense
+                implementations take any length.
             attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`, *optional*):
                 1 for real tokens, 0 for padding. Padding is never attended to; the outputs at padded positions
                 are meaningless. Under FMA, a padded row gives its real tokens the same outputs as the unpadded
@@ -583,8 +584,9 @@ class FMTModel(FMTPreTrainedModel):
         if bool(key_padding_mask.all()):
             return None, None
         shift = (key_padding_mask.cumsum(1) == 0).sum(1)  # leading padding of each row
-        if cache is not None and any(cache.started_rows()):
-            shift = shift.masked_fill(torch.tensor(cache.started_rows(), device=shift.device), 0)
+        started = cache.started_rows() if cache is not None else []
+        if any(started):
+            shift = shift.masked_fill(torch.tensor(started, device=shift.device), 0)
         if bool(shift.any()):
             key_padding_mask = _shift_rows(key_padding_mask, shift)
         else:
