@@ -321,8 +321,11 @@ class IncrementalDecoding:
             level_queries = self._batch_level_queries(state, t, q)  # (B, L, H, d)
             state.level_queries = level_queries  # the queries of the sub-windows open after this token
             level_queries = (level_queries * d ** -0.5).view(batch, levels, kv_heads, -1, d)
+        # Levels as batch dimensions in the rings' own (B, L, H_kv) order: the rings are read in place (an einsum
+        # ordering its batch dimensions by the output would copy them every step); only the small logits move.
+        level_logits = level_queries @ state.groups_k.flatten(3, 4).transpose(-1, -2)  # (B, L, H_kv, g, 3p)
         logits = [queries @ state.fine_k.transpose(-1, -2), (queries * k[:, :, None]).sum(-1, keepdim=True),
-                  torch.einsum("blkgd,blksd->bkgls", level_queries, state.groups_k.flatten(3, 4)).flatten(3)]
+                  level_logits.permute(0, 2, 3, 1, 4).flatten(3)]
         if self.boundary == "zero_sink":
             logits.append(logits[1].new_zeros(logits[1].shape))  # the zero-sink slot: logit 0, value 0
         bias = self.partition.step_bias(tuple(state.lengths), levels, dtype, q.device)  # (B, S)
@@ -336,7 +339,7 @@ class IncrementalDecoding:
         fine, own = probs[..., :2 * m], probs[..., 2 * m:2 * m + 1]
         coarse = probs[..., 2 * m + 1:2 * m + 1 + levels * 3 * p].unflatten(-1, (levels, 3 * p))
         out = (fine @ state.fine_v + own * v[:, :, None]
-               + torch.einsum("bkgls,blksd->bkgd", coarse, state.groups_v.flatten(3, 4)))
+               + (coarse.permute(0, 3, 1, 2, 4) @ state.groups_v.flatten(3, 4)).sum(1))
         out = out.reshape(batch, heads, 1, d)
 
         rows, slots = torch.arange(batch, device=q.device), t % (2 * m)
