@@ -240,10 +240,12 @@ def test_kernel_choice(monkeypatch):
 
 
 def test_kernel_options_divide_the_blocks():
-    assert kernel_options(64, 64) == {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "bwd_BLOCK_M1": 64, "bwd_BLOCK_N1": 64,
-                                      "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64}
-    options = kernel_options(256, 48)
+    assert kernel_options(64, 64, torch.bfloat16) == {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "bwd_BLOCK_M1": 64,
+                                                      "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64}
+    options = kernel_options(256, 48, torch.bfloat16)
     assert options["fwd_BLOCK_M"] == 128 and options["fwd_BLOCK_N"] == 16 and options["bwd_BLOCK_M1"] == 16
+    options = kernel_options(64, 64, torch.float32)
+    assert options["fwd_BLOCK_M"] == 64 and options["fwd_BLOCK_N"] == 32 and options["bwd_BLOCK_N2"] == 16
 
 
 @pytest.mark.parametrize("kwargs,error,message", [
