@@ -290,3 +290,44 @@ def test_model_logits_equal_under_either_kernel(model_class):
 def test_config_kernel_field():
     assert FMTConfig().fma_kernel == "auto"
     assert FMTConfig(fma_kernel="flex").fma_kernel == "flex"
+
+
+def full_width(mask, partition, n_fine, keys, kv_block):
+    """``mask`` with its lists padded to one column per block: the layout Inductor's CPU template insists on."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    def pad(x, cols):
+        if x is None:
+            return None
+        out = torch.zeros(*x.shape[:-1], max(cols, x.shape[-1]), dtype=x.dtype)
+        out[..., :x.shape[-1]] = x
+        return out
+
+    kv_cols, q_cols = keys // kv_block, n_fine // partition.block_size
+    return BlockMask(seq_lengths=mask.seq_lengths, kv_num_blocks=mask.kv_num_blocks,
+                     kv_indices=pad(mask.kv_indices, kv_cols), full_kv_num_blocks=mask.full_kv_num_blocks,
+                     full_kv_indices=pad(mask.full_kv_indices, kv_cols), q_num_blocks=mask.q_num_blocks,
+                     q_indices=pad(mask.q_indices, q_cols), full_q_num_blocks=mask.full_q_num_blocks,
+                     full_q_indices=pad(mask.full_q_indices, q_cols), BLOCK_SIZE=mask.BLOCK_SIZE,
+                     mask_mod=mask.mask_mod)
+
+
+def test_compiled_kernel_reads_the_block_lists(monkeypatch):
+    """The nearest thing to the CUDA kernel on a CPU: FlexAttention compiled by Inductor (a C++ block-sparse kernel
+    that skips unlisted blocks and the mask of full ones). The mask and offsets must lower to elementwise code, and
+    the lists must give the gather path's output (float32). Causal without padding reads the full/partial split,
+    bidirectional with a padding mask the all-partial lists."""
+    def wide_block_mask(plan, partition, kv_block, n_fine, key_valid=None):
+        mask = block_mask(plan, partition, kv_block, n_fine, key_valid)
+        return full_width(mask, partition, n_fine, len(plan.level), kv_block)
+
+    monkeypatch.setattr(fma_flex, "block_mask", wide_block_mask)
+    monkeypatch.setattr(fma_flex, "flex_attention", torch.compile(fma_flex.flex_attention))
+    q, k, v = qkv(300, batch=2, heads=4, kv_heads=2, dtype=torch.float32)
+    padding = torch.ones(2, 300, dtype=torch.bool)
+    padding[1, 230:] = False
+    for causal, key_padding_mask in ((True, None), (False, padding)):
+        attn = make(causal=causal, block_size=16, coarse_tokens=4, max_seq_len=512).float()
+        flex, gather = both_paths(attn, q, k, v, key_padding_mask)
+        rows = padding if key_padding_mask is not None else torch.ones_like(padding)
+        torch.testing.assert_close(flex.transpose(1, 2)[rows], gather.transpose(1, 2)[rows], rtol=0, atol=1e-5)
