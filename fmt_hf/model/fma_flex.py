@@ -68,11 +68,6 @@ class FlexPlan(NamedTuple):
     real: torch.Tensor
 
 
-def kv_length(n_fine: int, coarse_counts: list[int], kv_block: int) -> int:
-    """Length of the flex key sequence: fine tokens and every level's summaries, rounded up to whole KV blocks."""
-    return -(-(n_fine + sum(coarse_counts)) // kv_block) * kv_block
-
-
 def flex_plan(partition: Partition, n: int, coarse_tokens: tuple[int, ...], kv_block: int, device) -> FlexPlan:
     """:class:`FlexPlan` of a length-n input whose levels hold ``coarse_tokens[l-1]`` summaries per group, from
     :data:`PLANS`."""
@@ -86,7 +81,7 @@ def _build_flex_plan(partition, n, coarse_tokens, kv_block, device):
     widths = [partition.group_width(level) for level in range(1, len(coarse_tokens) + 1)]
     n_coarse = -(-n // widths[-1]) * widths[-1] if widths else n_fine
     counts = [n_coarse // w * p for w, p in zip(widths, coarse_tokens)]
-    length = kv_length(n_fine, counts, kv_block)
+    length = -(-(n_fine + sum(counts)) // kv_block) * kv_block  # fine tokens and summaries, whole KV blocks
 
     # Per-key lookups, in bank order: fine tokens, then each level's groups of p summaries, then filler.
     level = torch.full((length,), -1, dtype=torch.int32, device=device)
@@ -214,11 +209,13 @@ def _tile(size: int, cap: int) -> int:
 def kernel_options(block_size: int, kv_block: int, dtype: torch.dtype) -> dict:
     """Triton tile sizes that divide the block mask's blocks (Inductor's defaults, up to 128, need not): as large as
     the defaults for 16-bit inputs (128 forward, 64 backward), smaller for float32 (more bytes per tile; its
-    default backward tiles are 16)."""
+    default backward tiles are 16). Always the main kernel: the decoding kernel Inductor picks for fewer than 128
+    queries takes neither these tiles nor per-query-block lists of this shape."""
     wide = dtype != torch.float32
     backward = min(_tile(block_size, 64 if wide else 16), _tile(kv_block, 64 if wide else 16))
     return {"fwd_BLOCK_M": _tile(block_size, 128 if wide else 64), "fwd_BLOCK_N": _tile(kv_block, 128 if wide else 32),
-            "bwd_BLOCK_M1": backward, "bwd_BLOCK_N1": backward, "bwd_BLOCK_M2": backward, "bwd_BLOCK_N2": backward}
+            "bwd_BLOCK_M1": backward, "bwd_BLOCK_N1": backward, "bwd_BLOCK_M2": backward, "bwd_BLOCK_N2": backward,
+            "FORCE_USE_FLEX_ATTENTION": True}
 
 
 def flex_fine_queries(partition: Partition, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -257,4 +254,4 @@ def flex_unsupported(block_size: int, kv_block: int, head_dim: int, device: torc
 
 
 __all__ = ["FLEX_AVAILABLE", "KERNELS", "FlexPlan", "block_mask", "flex_fine_queries", "flex_plan",
-           "flex_unsupported", "kernel_options", "key_offsets", "kv_length"]
+           "flex_unsupported", "kernel_options", "key_offsets"]

@@ -241,7 +241,8 @@ def test_kernel_choice(monkeypatch):
 
 def test_kernel_options_divide_the_blocks():
     assert kernel_options(64, 64, torch.bfloat16) == {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "bwd_BLOCK_M1": 64,
-                                                      "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64}
+                                                      "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
+                                                      "FORCE_USE_FLEX_ATTENTION": True}
     options = kernel_options(256, 48, torch.bfloat16)
     assert options["fwd_BLOCK_M"] == 128 and options["fwd_BLOCK_N"] == 16 and options["bwd_BLOCK_M1"] == 16
     options = kernel_options(64, 64, torch.float32)
