@@ -22,9 +22,9 @@ import sys
 import time
 
 import torch
-
 from benchmarks.attention import DTYPES
 from benchmarks.gpu_check import IMPLEMENTATIONS, CheckConfig, format_markdown, run_check
+
 from fmt_hf.model.fma_downsample import DOWNSAMPLE_MODES
 
 CPU_EXACT_LENGTHS = (100, 333)

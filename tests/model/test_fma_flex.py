@@ -4,11 +4,11 @@ reads, are checked by expanding them the way the kernel does."""
 
 import pytest
 import torch
+from fma_helpers import make, qkv
+from fma_reference import multiplicity, reference_fma
 
 import fmt_hf.model.fma_attention as fma_attention
 import fmt_hf.model.fma_flex as fma_flex
-from fma_helpers import make, qkv
-from fma_reference import multiplicity, reference_fma
 from fmt_hf import FMTConfig, FMTForCausalLM, FMTForMaskedLM
 from fmt_hf.model.fma_attention import FastMultipoleAttention
 from fmt_hf.model.fma_flex import block_mask, flex_plan, flex_unsupported, kernel_options
@@ -105,7 +105,7 @@ def test_flex_keeps_low_precision_inputs(dtype, monkeypatch):
         return original(query, key, value, **kwargs)
 
     monkeypatch.setattr(fma_flex, "flex_attention", spy)
-    flex, gather = both_paths(attn, q, k, v)
+    flex, _ = both_paths(attn, q, k, v)
     assert seen == [(dtype, dtype, dtype)] and flex.dtype == dtype
     with torch.no_grad():
         expected = reference_fma(attn.double(), q.double(), k.double(), v.double())

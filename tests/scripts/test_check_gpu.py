@@ -4,10 +4,9 @@ writes a row per length and implementation, and its exactness rows measure what 
 import json
 
 import pytest
-import torch
+from benchmarks.gpu_check import CheckConfig, check_exactness, target
 from lm_helpers import script
 
-from benchmarks.gpu_check import CheckConfig, check_exactness, target
 from fmt_hf.model.fma_flex import FLEX_AVAILABLE
 
 pytestmark = pytest.mark.skipif(not FLEX_AVAILABLE, reason="this torch has no FlexAttention")
