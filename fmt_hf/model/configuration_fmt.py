@@ -129,6 +129,13 @@ class FMTConfig(PreTrainedConfig):
         fma_boundary (`str`, *optional*, defaults to `"mask"`):
             `"mask"` drops coarse slots outside the sequence; `"zero_sink"` gives them a zero key and value with
             logit 0 like the authors' released kernels (to reproduce published numbers only).
+        fma_kernel (`str`, *optional*, defaults to `"auto"`):
+            How FMA's fine queries are computed; the function is the same. `"gather"`: each fine block's key set is
+            gathered and all blocks go through one SDPA call (every option, every device, float32 softmax).
+            `"flex"`: one PyTorch FlexAttention call reading the key bank in place through a block mask (compiled on
+            CUDA, eager and slow elsewhere; needs `fma_query_mode="fine"` and `fma_boundary="mask"`; bf16/fp16
+            inputs stay in their dtype; training with `attention_dropout > 0` falls back to `"gather"`). `"auto"`:
+            `"flex"` on CUDA where it applies, `"gather"` otherwise.
 
     Example:
 
@@ -169,6 +176,7 @@ class FMTConfig(PreTrainedConfig):
     fma_query_mode: Literal["fine", "coarse"] = "fine"
     fma_scale_attn: bool = True
     fma_boundary: Literal["mask", "zero_sink"] = "mask"
+    fma_kernel: Literal["auto", "gather", "flex"] = "auto"
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -242,6 +250,11 @@ class FMTConfig(PreTrainedConfig):
             raise ValueError(
                 f"`fma_coarse_tokens` ({self.fma_coarse_tokens}) must be at most, and divide, `fma_block_size` "
                 f"({self.fma_block_size})."
+            )
+        if self.fma_kernel == "flex" and (self.fma_query_mode != "fine" or self.fma_boundary != "mask"):
+            raise ValueError(
+                f"`fma_kernel` \"flex\" runs `fma_query_mode` \"fine\" with `fma_boundary` \"mask\"; got "
+                f"{self.fma_query_mode!r} and {self.fma_boundary!r} (use \"auto\" or \"gather\")."
             )
 
 

@@ -18,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .fma_downsample import DOWNSAMPLE_MODES, LENGTH_FREE_MODES, make_downsampler
+from .fma_flex import FLEX_AVAILABLE, KERNELS, flex_fine_queries, flex_plan, flex_unsupported, key_offsets
 from .fma_partition import MASK_VALUE, Partition, num_levels
 from .fma_state import FMAState, IncrementalDecoding, _softmax_dtype
 
@@ -55,6 +56,17 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
             the input needs -- so a causal output then depends on the input's length (how many levels add sinks),
             though never on later tokens.
         dropout: dropout probability on the joint attention probabilities (training mode only).
+        kernel: how fine queries are computed. ``"gather"`` -- each fine block's key set gathered from the bank,
+            one fused SDPA call over all blocks (every option, every device); ``"flex"`` -- one FlexAttention call
+            over the bank in place with a block mask built from the partition (``fma_flex.py``): compiled on CUDA,
+            eager elsewhere (materialises the scores: tests only); fine queries and ``boundary="mask"`` only, and in
+            training with ``dropout > 0`` it falls back to ``"gather"`` (FlexAttention has no dropout);
+            ``"auto"`` (default) -- ``"flex"`` on CUDA where it applies, ``"gather"`` otherwise. Both paths compute
+            the same function; ``"flex"`` keeps bf16/fp16 inputs in their dtype, ``"gather"`` computes in float32.
+
+    Attributes:
+        flex_kv_block: keys per KV block of the flex path's block mask (``block_size`` by default; a multiple of 16
+            on CUDA). Smaller blocks compute fewer masked coarse keys with smaller tiles: a tuning knob.
     """
 
     def __init__(
@@ -69,6 +81,7 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
         scale_attn: bool = True,
         boundary: str = "mask",
         dropout: float = 0.0,
+        kernel: str = "auto",
     ):
         super().__init__()
         for name, value in (("head_dim", head_dim), ("max_seq_len", max_seq_len), ("block_size", block_size),
@@ -80,11 +93,18 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
         if coarse_tokens > block_size or block_size % coarse_tokens:
             raise ValueError(f"coarse_tokens ({coarse_tokens}) must divide block_size ({block_size})")
         for name, value, allowed in (("downsample", downsample, DOWNSAMPLE_MODES),
-                                     ("query_mode", query_mode, QUERY_MODES), ("boundary", boundary, BOUNDARY_MODES)):
+                                     ("query_mode", query_mode, QUERY_MODES), ("boundary", boundary, BOUNDARY_MODES),
+                                     ("kernel", kernel, KERNELS)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if kernel == "flex" and (query_mode != "fine" or boundary != "mask"):
+            raise ValueError(f"kernel='flex' runs query_mode='fine' with boundary='mask'; got query_mode="
+                             f"{query_mode!r}, boundary={boundary!r} (use kernel='gather' or 'auto')")
+        if kernel == "flex" and not FLEX_AVAILABLE:
+            raise ImportError(f"kernel='flex' needs torch.nn.attention.flex_attention, which torch "
+                              f"{torch.__version__} lacks (PyTorch >= 2.5 has it); use kernel='gather' or 'auto'")
         if max_seq_len is None and downsample not in LENGTH_FREE_MODES:
             raise ValueError(f"max_seq_len=None (no length cap) needs a length-free downsample, one of "
                              f"{LENGTH_FREE_MODES}; {downsample!r} holds weights for every level of a fixed "
@@ -93,6 +113,7 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
         self.block_size, self.coarse_tokens = block_size, coarse_tokens
         self.causal, self.query_mode, self.scale_attn, self.boundary = causal, query_mode, scale_attn, boundary
         self.dropout = dropout
+        self.kernel, self.flex_kv_block = kernel, block_size
         # None: length-free, each input gets the levels it needs (§7a).
         self.num_levels = None if max_seq_len is None else num_levels(max_seq_len, block_size)
         # Slots beyond the hierarchy built for max_seq_len are "outside the sequence" (zero sinks); slots between
@@ -112,7 +133,8 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
         levels = "per input" if self.num_levels is None else self.num_levels
         return (f"head_dim={self.head_dim}, max_seq_len={self.max_seq_len}, block_size={self.block_size}, "
                 f"coarse_tokens={self.coarse_tokens}, levels={levels}, causal={self.causal}, "
-                f"query_mode={self.query_mode!r}, scale_attn={self.scale_attn}, boundary={self.boundary!r}")
+                f"query_mode={self.query_mode!r}, scale_attn={self.scale_attn}, boundary={self.boundary!r}, "
+                f"kernel={self.kernel!r}")
 
     # ------------------------------------------------------------------ validation
 
@@ -161,8 +183,10 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
         n_fine = -(-n // m) * m  # queries and fine keys: whole blocks
         n_coarse = -(-n // self.group_width(levels)) * self.group_width(levels)  # whole groups at every level
 
-        # Softmax statistics need float32 at least: bf16/fp16 inputs are computed in float32 throughout.
-        dtype = _softmax_dtype(q.dtype)
+        # Softmax statistics need float32 at least: the gather path computes bf16/fp16 inputs in float32
+        # throughout; FlexAttention keeps its softmax in float32 itself, so the flex path keeps the input dtype.
+        flex = self._runs_flex(q.device)
+        dtype = q.dtype if flex else _softmax_dtype(q.dtype)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         key_valid = None  # (B, n_coarse) True for real keys; None when the user gave no padding
         if key_padding_mask is not None:
@@ -172,9 +196,13 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
             key_valid = F.pad(key_padding_mask, (0, n_coarse - n), value=False)
         if n_coarse > n:
             q, k, v = (F.pad(t, (0, 0, 0, n_coarse - n)) for t in (q, k, v))
+        coarse_k, coarse_v = self.k_downsample(k, levels), self.v_downsample(v, levels)
+        if flex:
+            out = self._flex_fine_queries(q[:, :, :n_fine], k[:, :, :n_fine], v[:, :, :n_fine], coarse_k, coarse_v,
+                                          key_valid, n)
+            return out[:, :, :n].to(input_dtype)
         # (B, H_kv, positions, group_heads, d): see the module docstring.
         queries = q.unflatten(1, (kv_heads, -1)).transpose(2, 3)
-        coarse_k, coarse_v = self.k_downsample(k, levels), self.v_downsample(v, levels)
         bank_k, bank_v = self._bank(k[:, :, :n_fine], coarse_k), self._bank(v[:, :, :n_fine], coarse_v)
         bank_valid = None
         if key_valid is not None:
@@ -190,14 +218,18 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
     # ------------------------------------------------------------------ key sets
 
     @staticmethod
-    def _bank(fine, coarse):
+    def _bank(fine, coarse, zero_slot: bool = True, length: int | None = None):
         """Every key (or value) any query can read, in one tensor: [zero slot | fine tokens | level 1 | ...].
 
         Each query unit's key set is then a single ``index_select`` from it; the zero slot serves zero sinks
-        and masked slots.
+        and masked slots. The flex path reads the bank in place: no zero slot, zeros appended up to ``length``.
         """
-        parts = [fine.new_zeros(fine.shape[:2] + (1, fine.shape[-1])), fine]
-        return torch.cat(parts + [c.flatten(2, 3) for c in coarse], 2)
+        parts = ([fine.new_zeros(fine.shape[:2] + (1, fine.shape[-1]))] if zero_slot else []) + [fine]
+        parts += [c.flatten(2, 3) for c in coarse]
+        filled = sum(part.shape[2] for part in parts)
+        if length is not None and length > filled:
+            parts.append(fine.new_zeros(fine.shape[:2] + (length - filled, fine.shape[-1])))
+        return torch.cat(parts, 2)
 
     def _bank_valid(self, key_valid, n_fine, coarse):
         """Which bank slots hold real keys: fine tokens by the padding mask, summaries if any token of the
@@ -209,6 +241,37 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
         return torch.cat(parts, 1)
 
     # ------------------------------------------------------------------ attention
+
+    def _runs_flex(self, device: torch.device) -> bool:
+        """Whether this call takes the FlexAttention path (see ``kernel``); a forced ``"flex"`` that cannot run
+        these sizes on ``device`` is an error rather than a silent fallback."""
+        if self.kernel == "gather" or self.query_mode != "fine" or self.partition.zero_sink:
+            return False
+        if self.training and self.dropout:  # FlexAttention has no dropout
+            return False
+        why = flex_unsupported(self.block_size, self.flex_kv_block, self.head_dim, device)
+        if self.kernel == "auto":
+            return device.type == "cuda" and why is None
+        if why is not None:
+            raise ValueError(f"kernel='flex': {why}; use kernel='auto' or 'gather'")
+        return True
+
+    def _flex_fine_queries(self, q, k, v, coarse_k, coarse_v, key_valid, n):
+        """Fine queries through FlexAttention (``fma_flex.py``): ``q`` (B, H, n_fine, d), ``k``/``v`` the fine
+        keys (B, H_kv, n_fine, d), their summaries per level, ``key_valid`` (B, n_coarse) or None. Returns
+        (B, H, n_fine, d)."""
+        coarse_tokens = tuple(c.shape[3] for c in coarse_k)
+        plan = flex_plan(self.partition, n, coarse_tokens, self.flex_kv_block, q.device)
+        length = len(plan.level)
+        keys = self._bank(k, coarse_k, zero_slot=False, length=length)
+        values = self._bank(v, coarse_v, zero_slot=False, length=length)
+        valid = None
+        if key_valid is not None:  # the bank's validity without its zero slot, filler keys never valid
+            valid = self._bank_valid(key_valid, q.shape[2], coarse_k)[:, 1:]
+            valid = F.pad(valid, (0, length - valid.shape[1]), value=False)
+        offsets = key_offsets(self.partition, plan, coarse_tokens, q.dtype if q.dtype == torch.float64
+                              else torch.float32, q.device) if self.scale_attn else None
+        return flex_fine_queries(self.partition, q, keys, values, plan, offsets, self.flex_kv_block, valid)
 
     def _fine_queries(self, queries, bank_k, bank_v, index, bias, bank_valid):
         """O(n log n): each fine block's m queries share one key set -- the fine band plus 2p (3p) slots per

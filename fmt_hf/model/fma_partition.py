@@ -3,7 +3,9 @@
 Everything here depends only on the hyperparameters and on positions, never on data. The forward pass reads it as
 *slot plans* (per query unit: which bank entries form its key set, and their additive logit bias); incremental
 decoding reads it as *state biases* (per new query: the bias over the fine ring and the rings of complete groups).
-Both are built from :func:`coarse_groups` and :func:`slot_bias`.
+Both are built from :func:`coarse_groups` and :func:`slot_bias`. FlexAttention's fused path (``fma_flex.py``) reads
+the same rules elementwise, per (query, key) pair: :func:`fine_member` and :func:`attends_group`, which share
+:func:`interaction_list` with :func:`coarse_groups`.
 
 Plans and state biases are cached in one process-wide, byte-bounded, thread-safe cache shared by every layer and
 model (:data:`PLANS`): they are keyed by the partition, the shape, the device and the dtype.
@@ -35,6 +37,24 @@ def num_levels(seq_len: int, block_size: int) -> int:
     return levels
 
 
+def interaction_list(own_group: torch.Tensor, causal: bool) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The level-l slots of a query in level-l group ``own_group`` (§3), one ``(group, member)`` pair per slot.
+
+    ``member`` is None for a slot every query has, else a bool tensor that is False where the slot is not part of
+    the partition (the causal second group of an even child). Elementwise operations only, so the same statement
+    serves the slot plans (:func:`coarse_groups`) and FlexAttention's mask, which is evaluated per (query, key)
+    inside a compiled kernel (:func:`attends_group`).
+    """
+    g = own_group
+    if causal:
+        first = (g >> 1) * 2 - 2  # group 2P - 2, P the parent pair; 2P - 1 only when the query is an odd child
+        return [(first, None), (first + 1, (g & 1) == 1)]
+    odd = (g & 1) == 1
+    # even G: G-2, G+2, G+3; odd G: G-3, G-2, G+2 (the 1D fast-multipole interaction list)
+    return [(torch.where(odd, g - 3, g - 2), None), (torch.where(odd, g - 2, g + 2), None),
+            (torch.where(odd, g + 2, g + 3), None)]
+
+
 def coarse_groups(own_group: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The level-l groups a query in level-l group ``own_group`` attends to (§3).
 
@@ -42,17 +62,30 @@ def coarse_groups(own_group: torch.Tensor, causal: bool) -> tuple[torch.Tensor, 
     ``member`` is False for a slot that is not part of the partition (the causal second group of an even
     child); a member group may still lie outside the sequence -- the caller decides what that means.
     """
-    g = own_group.unsqueeze(-1)
+    slots = interaction_list(own_group, causal)
+    groups = torch.stack([group for group, _ in slots], -1)
+    member = torch.stack([torch.ones_like(own_group, dtype=torch.bool) if member is None else member
+                          for _, member in slots], -1)
+    return groups, member
+
+
+def attends_group(own_group: torch.Tensor, group: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Whether a query in level-l group ``own_group`` reads level-l group ``group`` (§3), elementwise (broadcast)."""
+    hit = None
+    for slot, member in interaction_list(own_group, causal):
+        match = group == slot if member is None else (group == slot) & member
+        hit = match if hit is None else hit | match
+    return hit
+
+
+def fine_member(query: torch.Tensor, key: torch.Tensor, block_size: int, causal: bool) -> torch.Tensor:
+    """Whether query position ``query`` reads fine key position ``key`` at level 0 (§3), elementwise (broadcast):
+    causal, the previous block and its own block up to itself; bidirectional, the three-block band. ``key`` may
+    be negative (a block before the sequence); whether such a key exists is the caller's business."""
+    query_block, key_block = query // block_size, key // block_size
     if causal:
-        first = (g >> 1) * 2 - 2  # group 2P - 2, P the parent pair; 2P - 1 only when the query is an odd child
-        groups = torch.cat([first, first + 1], -1)
-        member = torch.cat([torch.ones_like(g, dtype=torch.bool), (g & 1) == 1], -1)
-        return groups, member
-    odd = (g & 1) == 1
-    # even G: G-2, G+2, G+3; odd G: G-3, G-2, G+2 (the 1D fast-multipole interaction list)
-    groups = torch.cat([torch.where(odd, g - 3, g - 2), torch.where(odd, g - 2, g + 2),
-                        torch.where(odd, g + 2, g + 3)], -1)
-    return groups, torch.ones_like(groups, dtype=torch.bool)
+        return (key_block >= query_block - 1) & (key <= query)
+    return (key_block >= query_block - 1) & (key_block <= query_block + 1)
 
 
 def slot_bias(member, in_range, real, offset: float, zero_sink: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -84,7 +117,7 @@ class PlanCache:
         self.max_bytes = max_bytes
         self._entries: dict = {}
         self._nbytes = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: a build may read other entries (the flex plan reads the slot plan)
 
     @staticmethod
     def _size(value) -> int:
@@ -187,10 +220,8 @@ class Partition:
         neighbour = blocks[:, None] + offsets[slot // m]  # (blocks, K0)
         key_pos = neighbour * m + slot % m
         in_range = self.inside(neighbour, m)
-        if self.causal:
-            member = key_pos[:, None, :] <= (blocks[:, None] * m + torch.arange(m, device=device))[:, :, None]
-        else:
-            member = torch.ones(n_blocks, m, len(slot), dtype=torch.bool, device=device)
+        query_pos = blocks[:, None] * m + torch.arange(m, device=device)
+        member = fine_member(query_pos[:, :, None], key_pos[:, None, :], m, self.causal)  # (blocks, m, K0)
         fine_bias = slot_bias(member, in_range[:, None], (key_pos < n)[:, None], 0.0, self.zero_sink, dtype)
         fine_index = torch.where(in_range & (key_pos < n_fine), key_pos + 1, 0)
         if self.zero_sink and self.num_levels is not None and levels < self.num_levels:

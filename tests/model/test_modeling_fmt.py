@@ -34,7 +34,7 @@ from fmt_hf.model.configuration_fmt import FMT_AUTO_MAP
 BLOCK = 8  # FMA block size of the tiny models: sequences longer than 2 * BLOCK = 16 use coarse levels
 MAX_LEN = 128  # 3 coarse levels at BLOCK = 8
 CODE_FILES = ("configuration_fmt.py", "modeling_fmt.py", "cache_fmt.py", "fma_attention.py", "fma_partition.py",
-              "fma_downsample.py", "fma_state.py")
+              "fma_downsample.py", "fma_state.py", "fma_flex.py")
 
 
 def tiny_config(**overrides) -> FMTConfig:
