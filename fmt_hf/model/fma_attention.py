@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .fma_downsample import DOWNSAMPLE_MODES, LENGTH_FREE_MODES, make_downsampler
 from .fma_partition import MASK_VALUE, Partition, num_levels
-from .fma_state import FMAState, IncrementalDecoding, _softmax_dtype
+from .fma_state import FMAState, IncrementalDecoding, _softmax_dtype, without_sinks
 
 QUERY_MODES = ("fine", "coarse")
 BOUNDARY_MODES = ("mask", "zero_sink")
@@ -55,6 +55,10 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
             the input needs -- so a causal output then depends on the input's length (how many levels add sinks),
             though never on later tokens.
         dropout: dropout probability on the joint attention probabilities (training mode only).
+        sink_tokens: ``s`` (``0 <= s <= block_size``), the *sink tokens* of §3a: every query whose level-0 band
+            misses position ``j < s`` attends it exactly, as an extra fine slot, and the downsamplers read these
+            positions as zeros. For models that park attention on their first tokens (pretrained LLMs: §3a).
+            0: plain FMA.
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
         scale_attn: bool = True,
         boundary: str = "mask",
         dropout: float = 0.0,
+        sink_tokens: int = 0,
     ):
         super().__init__()
         for name, value in (("head_dim", head_dim), ("max_seq_len", max_seq_len), ("block_size", block_size),
@@ -85,6 +90,8 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if not isinstance(sink_tokens, int) or isinstance(sink_tokens, bool) or not 0 <= sink_tokens <= block_size:
+            raise ValueError(f"sink_tokens must be an integer in [0, block_size={block_size}], got {sink_tokens!r}")
         if max_seq_len is None and downsample not in LENGTH_FREE_MODES:
             raise ValueError(f"max_seq_len=None (no length cap) needs a length-free downsample, one of "
                              f"{LENGTH_FREE_MODES}; {downsample!r} holds weights for every level of a fixed "
@@ -92,13 +99,13 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
         self.head_dim, self.max_seq_len = head_dim, max_seq_len
         self.block_size, self.coarse_tokens = block_size, coarse_tokens
         self.causal, self.query_mode, self.scale_attn, self.boundary = causal, query_mode, scale_attn, boundary
-        self.dropout = dropout
+        self.dropout, self.sink_tokens = dropout, sink_tokens
         # None: length-free, each input gets the levels it needs (§7a).
         self.num_levels = None if max_seq_len is None else num_levels(max_seq_len, block_size)
         # Slots beyond the hierarchy built for max_seq_len are "outside the sequence" (zero sinks); slots between
         # the actual length and that capacity are padding (always masked). Without a cap there is no capacity.
         self.partition = Partition(block_size, coarse_tokens, causal, self.num_levels, query_mode == "fine",
-                                   scale_attn, boundary == "zero_sink")
+                                   scale_attn, boundary == "zero_sink", sink_tokens)
         self.capacity = self.partition.capacity
         # One downsampler for keys and one for values, each serving every level; shared by all heads.
         self.k_downsample = make_downsampler(downsample, head_dim, block_size, self.num_levels, coarse_tokens)
@@ -112,7 +119,8 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
         levels = "per input" if self.num_levels is None else self.num_levels
         return (f"head_dim={self.head_dim}, max_seq_len={self.max_seq_len}, block_size={self.block_size}, "
                 f"coarse_tokens={self.coarse_tokens}, levels={levels}, causal={self.causal}, "
-                f"query_mode={self.query_mode!r}, scale_attn={self.scale_attn}, boundary={self.boundary!r}")
+                f"query_mode={self.query_mode!r}, scale_attn={self.scale_attn}, boundary={self.boundary!r}, "
+                f"sink_tokens={self.sink_tokens}")
 
     # ------------------------------------------------------------------ validation
 
@@ -174,7 +182,9 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
             q, k, v = (F.pad(t, (0, 0, 0, n_coarse - n)) for t in (q, k, v))
         # (B, H_kv, positions, group_heads, d): see the module docstring.
         queries = q.unflatten(1, (kv_heads, -1)).transpose(2, 3)
-        coarse_k, coarse_v = self.k_downsample(k, levels), self.v_downsample(v, levels)
+        # Sink tokens are attended exactly (§3a): the downsamplers read them as zeros, the bank's fine part as is.
+        coarse_k = self.k_downsample(without_sinks(k, 0, self.sink_tokens, dim=2), levels)
+        coarse_v = self.v_downsample(without_sinks(v, 0, self.sink_tokens, dim=2), levels)
         bank_k, bank_v = self._bank(k[:, :, :n_fine], coarse_k), self._bank(v[:, :, :n_fine], coarse_v)
         bank_valid = None
         if key_valid is not None:
