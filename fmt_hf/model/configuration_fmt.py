@@ -129,6 +129,12 @@ class FMTConfig(PreTrainedConfig):
         fma_boundary (`str`, *optional*, defaults to `"mask"`):
             `"mask"` drops coarse slots outside the sequence; `"zero_sink"` gives them a zero key and value with
             logit 0 like the authors' released kernels (to reproduce published numbers only).
+        fma_sink_tokens (`int`, *optional*, defaults to 0):
+            FMA's sink tokens `s` (`0 <= s <= fma_block_size`, docs/fma.md §3a): every query past the second block
+            also attends the first `s` positions exactly, and the coarse summaries leave them out. Pretrained
+            models park much of their attention on the first token (an attention sink), which plain FMA would
+            average into distant summaries; a converted Llama-family model wants `s >= 1`. The decoding cache keeps
+            `s` more keys and values per layer and key/value head. 0: plain FMA.
 
     Example:
 
@@ -169,6 +175,7 @@ class FMTConfig(PreTrainedConfig):
     fma_query_mode: Literal["fine", "coarse"] = "fine"
     fma_scale_attn: bool = True
     fma_boundary: Literal["mask", "zero_sink"] = "mask"
+    fma_sink_tokens: int = 0
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -242,6 +249,11 @@ class FMTConfig(PreTrainedConfig):
             raise ValueError(
                 f"`fma_coarse_tokens` ({self.fma_coarse_tokens}) must be at most, and divide, `fma_block_size` "
                 f"({self.fma_block_size})."
+            )
+        if not 0 <= self.fma_sink_tokens <= self.fma_block_size:
+            raise ValueError(
+                f"`fma_sink_tokens` must be between 0 and `fma_block_size` ({self.fma_block_size}), got "
+                f"{self.fma_sink_tokens}."
             )
 
 
