@@ -87,10 +87,10 @@ class FMAState(_Tensors):
       keys and values are zero and never attended, as in the forward pass); ``holes`` says whether any consumed
       token was masked (without holes the validity masks are all True and attending skips them).
 
-    ``4m + 2s + 8pL`` key/value vectors per key/value head (:attr:`num_vectors`): a constant for the families with a
-    level per built length; for the derived families L = L(t+1) = ``num_levels(t + 1, m)``, the levels the next
-    query reads, so the state gains a level each time the length doubles (``4m + 2s + 6pL``). Frozen: updates build new
-    tensors, so a state shared by several beams after reordering stays intact.
+    ``4m + 2s + 8pL`` key/value vectors per key/value head (:attr:`num_vectors`): a constant for the families with
+    a level per built length; for the derived families L = L(t+1) = ``num_levels(t + 1, m)``, the levels the next
+    query reads, so the state gains a level each time the length doubles (``4m + 2s + 6pL``). Frozen: updates build
+    new tensors, so a state shared by several beams after reordering stays intact.
     """
 
     length: int
@@ -370,11 +370,12 @@ class IncrementalDecoding:
         state.fine_k[rows, :, slots] = k
         state.fine_v[rows, :, slots] = v
         state.fine_valid[rows, slots] = token_valid[:, 0]
-        filling = t < self.sink_tokens  # rows whose token is a sink token (§3a) keep it
-        if bool(filling.any()):
-            state.sink_k[rows[filling], :, t[filling]] = k[filling]
-            state.sink_v[rows[filling], :, t[filling]] = v[filling]
-            state.sink_valid[rows[filling], t[filling]] = token_valid[filling, 0]
+        filling = [b for b, length in enumerate(state.lengths) if length < self.sink_tokens]
+        if filling:  # these rows' tokens are sink tokens (§3a): kept for every later query
+            at = t[filling]
+            state.sink_k[filling, :, at] = k[filling]
+            state.sink_v[filling, :, at] = v[filling]
+            state.sink_valid[filling, at] = token_valid[filling, 0]
         state.holes = [holes or not real for holes, real in zip(state.holes, token_valid[:, 0].tolist())]
         state.lengths = [length + 1 for length in state.lengths]
         if completing and self._derives_levels:
@@ -394,7 +395,7 @@ class IncrementalDecoding:
         blocks = {name: getattr(state, f"fine_{name}")[index[:, None], :, slots].permute(2, 0, 1, 3).flatten(1, 2)
                   for name in ("k", "v")}  # (H_kv, R*m, d): the rows' blocks side by side
         block_valid = state.fine_valid[index[:, None], slots].any(1)
-        if bool((block_start < self.sink_tokens).any()):  # the downsamplers read sink tokens as zeros (§3a)
+        if any(state.lengths[b] - m < self.sink_tokens for b in rows):  # the downsamplers read sinks as zeros (§3a)
             keep = (block_start[:, None] + torch.arange(m, device=index.device) >= self.sink_tokens).flatten()
             blocks = {name: tokens * keep[:, None] for name, tokens in blocks.items()}
         for level in range(1, state.num_levels + 1):
