@@ -95,8 +95,8 @@ def reference_fma(attn, q, k, v, key_padding_mask=None):
 
     A layer without a cap (max_seq_len=None, §7a) gets the levels its input needs; only slots before position 0
     are outside the sequence (zero sinks under boundary="zero_sink"). Sink tokens (§3a): positions j < s are
-    extra fine slots of the queries whose band misses them, read as zeros by the downsamplers; a group of sink
-    tokens only is not attended.
+    extra fine slots of the queries whose band misses them, read as zeros by the downsamplers; a coarse token
+    whose sub-window holds sink tokens only is not attended.
     """
     batch, heads, n, d = q.shape
     m, causal, capacity, levels = attn.block_size, attn.causal, attn.capacity, attn.num_levels
@@ -145,9 +145,11 @@ def reference_fma(attn, q, k, v, key_padding_mask=None):
                 for g in coarse_slot_groups(i, width, causal):
                     if g < 0 or (capacity is not None and g >= capacity // width):
                         sinks += p if zero_sink else 0
-                    elif real[b, g * width:(g + 1) * width].any() and (g + 1) * width > sink_tokens:
-                        logits.append(torch.einsum("hd,hsd->hs", query, ck[b, :, g]) + offset)
-                        values.append(cv[b, :, g])
+                    elif real[b, g * width:(g + 1) * width].any():
+                        # coarse token r stands for sub-window r of the group
+                        tokens = [r for r in range(p) if g * width + (r + 1) * (width // p) > sink_tokens]
+                        logits.append(torch.einsum("hd,hsd->hs", query, ck[b, :, g, tokens]) + offset)
+                        values.append(cv[b, :, g, tokens])
             logits, values = torch.cat(logits, 1), torch.cat(values, 1)
             if logits.shape[1] == 0:
                 continue  # no real key at all (a padding query): the output is unspecified, left at zero

@@ -159,10 +159,13 @@ class Partition:
         when b <= 1 -- causal and bidirectional alike."""
         return blocks >= 2
 
-    def summarises_tokens(self, groups: torch.Tensor, width: int) -> torch.Tensor:
-        """Whether groups of ``width`` tokens hold a position that is not a sink (§3a): the downsamplers read
-        sinks as zeros, so a group of sinks only (level 1, group 0, when s = m) summarises nothing and is masked."""
-        return (groups + 1) * width > self.sink_tokens
+    def sink_summaries(self, groups: torch.Tensor, width: int, p: int) -> torch.Tensor:
+        """Whether each of the ``p`` coarse tokens of groups ``groups`` (``groups.shape + (p,)``, flattened into the
+        last dimension) of ``width`` positions stands for sink tokens only (§3a): coarse token r stands for the
+        r-th sub-window of ``width / p`` positions (the resolution of §4's offset and §5's coarse queries), and the
+        downsamplers read sinks as zeros, so such a token summarises nothing and is masked."""
+        ends = groups[..., None] * width + (torch.arange(p, device=groups.device) + 1) * (width // p)
+        return ((groups[..., None] >= 0) & (ends <= self.sink_tokens)).flatten(-2)
 
     def group_width(self, level: int) -> int:
         """``w_l = m * 2**(l-1)``; level 0 is the fine level with blocks of ``m``."""
@@ -248,12 +251,11 @@ class Partition:
         width = self.group_width(level)
         groups, member = coarse_groups(own_group, self.causal)
         in_range = self.inside(groups, width)
-        real = (groups * width < n) & self.summarises_tokens(groups, width)
-        bias = slot_bias(member, in_range, real, self.offset(level, p), self.zero_sink, dtype)
+        bias = slot_bias(member, in_range, groups * width < n, self.offset(level, p), self.zero_sink, dtype)
         available = member & (groups >= 0) & (groups < n_coarse // width)
         slots = torch.arange(p, device=own_group.device)
         index = torch.where(available[..., None], (base + groups * p)[..., None] + slots, 0).flatten(-2)
-        return index, bias.repeat_interleave(p, -1)
+        return index, bias.repeat_interleave(p, -1).masked_fill(self.sink_summaries(groups, width, p), MASK_VALUE)
 
     def _missing_level_sinks(self, blocks, levels):
         """Zero-sink slots that levels ``levels+1 .. L`` would give each fine block at the full hierarchy.
@@ -330,9 +332,8 @@ class Partition:
             ids = torch.cat([ring, (first + torch.arange(count, device=device)).expand(len(t), -1)], 1)
             stored = torch.cat([(ring >= 0) & (ring < first), ids.new_ones(len(t), count, dtype=torch.bool)], 1)
             use = ((ids[:, None, :, None] == wanted[:, :, None, :]) & member[:, :, None, :]).any(-1)  # (B, c, slots)
-            use &= self.summarises_tokens(ids, width)[:, None]
-            parts.append(slot_bias(use, stored[:, None], True, self.offset(level), False, dtype)
-                         .repeat_interleave(p, -1))
+            bias = slot_bias(use, stored[:, None], True, self.offset(level), False, dtype).repeat_interleave(p, -1)
+            parts.append(bias.masked_fill(self.sink_summaries(ids, width, p)[:, None], MASK_VALUE))
         if self.zero_sink:
             sinks = sinks.to(dtype)
             parts.append(torch.where(sinks > 0, sinks.clamp(min=1).log(), MASK_VALUE)[..., None])
