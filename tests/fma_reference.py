@@ -64,19 +64,28 @@ def coarse_slot_groups(i, width, causal):
     return [own - 2, own + 2, own + 3] if own % 2 == 0 else [own - 3, own - 2, own + 2]
 
 
-def multiplicity(n, m, levels, causal):
-    """How many times the §3 partition covers each (query, key) pair of a length-n sequence."""
+def sink_slots(i, n, m, causal, sink_tokens):
+    """§3a: the sink tokens j < s that query i attends as extra fine slots -- those outside the blocks of its
+    level-0 band (blocks b-1, b, and b+1 when bidirectional)."""
+    b = i // m
+    band = range(b - 1, b + (1 if causal else 2))
+    return [j for j in range(min(sink_tokens, n)) if j // m not in band]
+
+
+def multiplicity(n, m, levels, causal, sink_tokens=0):
+    """How many times the §3 partition (with §3a's sink tokens) covers each (query, key) pair of a length-n
+    sequence; a summary covers the positions of its group that are not sink tokens."""
     counts = torch.zeros(n, n, dtype=torch.long)
     capacity = m * 2 ** (levels + 1)
     for i in range(n):
         inside, _ = fine_keys(i, n, m, capacity, causal)
-        for j in inside:
+        for j in inside + sink_slots(i, n, m, causal, sink_tokens):
             if j < n:
                 counts[i, j] += 1
         for level in range(1, levels + 1):
             width = m * 2 ** (level - 1)
             for g in coarse_slot_groups(i, width, causal):
-                for j in range(max(g * width, 0), min((g + 1) * width, n)):
+                for j in range(max(g * width, sink_tokens), min((g + 1) * width, n)):
                     counts[i, j] += 1
     return counts
 
@@ -85,7 +94,9 @@ def reference_fma(attn, q, k, v, key_padding_mask=None):
     """FMA output per the definition; q (B, H, n, d), k/v (B, H_kv, n, d). Slow: tiny sizes only.
 
     A layer without a cap (max_seq_len=None, §7a) gets the levels its input needs; only slots before position 0
-    are outside the sequence (zero sinks under boundary="zero_sink").
+    are outside the sequence (zero sinks under boundary="zero_sink"). Sink tokens (§3a): positions j < s are
+    extra fine slots of the queries whose band misses them, read as zeros by the downsamplers; a coarse token
+    whose sub-window holds sink tokens only is not attended.
     """
     batch, heads, n, d = q.shape
     m, causal, capacity, levels = attn.block_size, attn.causal, attn.capacity, attn.num_levels
@@ -94,7 +105,7 @@ def reference_fma(attn, q, k, v, key_padding_mask=None):
         while m * 2 ** (levels + 1) < n:  # level l exists when some query has i >= 2 w_l (§7)
             levels += 1
     length = m * 2 ** (levels + 1)  # the tensors cover the whole hierarchy
-    zero_sink = attn.boundary == "zero_sink"
+    zero_sink, sink_tokens = attn.boundary == "zero_sink", attn.sink_tokens
     k = k.repeat_interleave(heads // k.shape[1], 1)
     v = v.repeat_interleave(heads // v.shape[1], 1)
     real = torch.ones(batch, length, dtype=torch.bool)
@@ -105,10 +116,12 @@ def reference_fma(attn, q, k, v, key_padding_mask=None):
     pad = (0, 0, 0, length - n)
     q, k, v = F.pad(q, pad) * keep, F.pad(k, pad) * keep, F.pad(v, pad) * keep
     q = q / math.sqrt(d)
+    summarised = torch.ones(length, dtype=q.dtype)
+    summarised[:sink_tokens] = 0  # the downsamplers read sink tokens as zeros
     coarse = []
     for level in range(1, levels + 1):
-        ck = downsample(attn.k_downsample, level, k, m)
-        cv = downsample(attn.v_downsample, level, v, m)
+        ck = downsample(attn.k_downsample, level, k * summarised[:, None], m)
+        cv = downsample(attn.v_downsample, level, v * summarised[:, None], m)
         coarse.append((m * 2 ** (level - 1), ck, cv))
 
     out = torch.zeros(batch, heads, n, d, dtype=q.dtype)
@@ -116,7 +129,8 @@ def reference_fma(attn, q, k, v, key_padding_mask=None):
         for i in range(n):
             # per entry: (H, s) logits and (H, s, d) values
             inside, outside = fine_keys(i, n, m, capacity, causal)
-            fine = [j for j in inside if j < length and real[b, j]]
+            fine = [j for j in inside + sink_slots(i, n, m, causal, sink_tokens)
+                    if j < length and real[b, j]]
             logits = [torch.einsum("hd,hsd->hs", q[b, :, i], k[b, :, fine])]
             values = [v[b, :, fine]]
             sinks = outside if zero_sink else 0
@@ -132,8 +146,10 @@ def reference_fma(attn, q, k, v, key_padding_mask=None):
                     if g < 0 or (capacity is not None and g >= capacity // width):
                         sinks += p if zero_sink else 0
                     elif real[b, g * width:(g + 1) * width].any():
-                        logits.append(torch.einsum("hd,hsd->hs", query, ck[b, :, g]) + offset)
-                        values.append(cv[b, :, g])
+                        # coarse token r stands for sub-window r of the group
+                        tokens = [r for r in range(p) if g * width + (r + 1) * (width // p) > sink_tokens]
+                        logits.append(torch.einsum("hd,hsd->hs", query, ck[b, :, g, tokens]) + offset)
+                        values.append(cv[b, :, g, tokens])
             logits, values = torch.cat(logits, 1), torch.cat(values, 1)
             if logits.shape[1] == 0:
                 continue  # no real key at all (a padding query): the output is unspecified, left at zero

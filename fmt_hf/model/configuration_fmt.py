@@ -136,6 +136,12 @@ class FMTConfig(PreTrainedConfig):
             CUDA, eager and slow elsewhere; needs `fma_query_mode="fine"` and `fma_boundary="mask"`; bf16/fp16
             inputs stay in their dtype; training with `attention_dropout > 0` falls back to `"gather"`). `"auto"`:
             `"flex"` on CUDA where it applies, `"gather"` otherwise.
+        fma_sink_tokens (`int`, *optional*, defaults to 0):
+            FMA's sink tokens `s` (`0 <= s <= fma_block_size`, docs/fma.md §3a): every query past the second block
+            also attends the first `s` positions exactly, and the coarse summaries leave them out. Pretrained
+            models park much of their attention on the first token (an attention sink), which plain FMA would
+            average into distant summaries; a converted Llama-family model wants `s >= 1`. The decoding cache keeps
+            `s` more keys and values per layer and key/value head. 0: plain FMA.
 
     Example:
 
@@ -177,6 +183,7 @@ class FMTConfig(PreTrainedConfig):
     fma_scale_attn: bool = True
     fma_boundary: Literal["mask", "zero_sink"] = "mask"
     fma_kernel: Literal["auto", "gather", "flex"] = "auto"
+    fma_sink_tokens: int = 0
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -255,6 +262,11 @@ class FMTConfig(PreTrainedConfig):
             raise ValueError(
                 f"`fma_kernel` \"flex\" runs `fma_query_mode` \"fine\" with `fma_boundary` \"mask\"; got "
                 f"{self.fma_query_mode!r} and {self.fma_boundary!r} (use \"auto\" or \"gather\")."
+            )
+        if not 0 <= self.fma_sink_tokens <= self.fma_block_size:
+            raise ValueError(
+                f"`fma_sink_tokens` must be between 0 and `fma_block_size` ({self.fma_block_size}), got "
+                f"{self.fma_sink_tokens}."
             )
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from .fma_downsample import DOWNSAMPLE_MODES, LENGTH_FREE_MODES, make_downsampler
 from .fma_flex import FLEX_AVAILABLE, KERNELS, flex_fine_queries, flex_plan, flex_unsupported, key_offsets
 from .fma_partition import MASK_VALUE, Partition, num_levels
-from .fma_state import FMAState, IncrementalDecoding, _softmax_dtype
+from .fma_state import FMAState, IncrementalDecoding, _softmax_dtype, without_sinks
 
 QUERY_MODES = ("fine", "coarse")
 BOUNDARY_MODES = ("mask", "zero_sink")
@@ -63,6 +63,10 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
             training with ``dropout > 0`` it falls back to ``"gather"`` (FlexAttention has no dropout);
             ``"auto"`` (default) -- ``"flex"`` on CUDA where it applies, ``"gather"`` otherwise. Both paths compute
             the same function; ``"flex"`` keeps bf16/fp16 inputs in their dtype, ``"gather"`` computes in float32.
+        sink_tokens: ``s`` (``0 <= s <= block_size``), the *sink tokens* of §3a: every query whose level-0 band
+            misses position ``j < s`` attends it exactly, as an extra fine slot, and the downsamplers read these
+            positions as zeros. For models that park attention on their first tokens (pretrained LLMs: §3a).
+            0: plain FMA.
 
     Attributes:
         flex_kv_block: keys per KV block of the flex path's block mask (``block_size`` by default; a multiple of 16
@@ -81,6 +85,7 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
         scale_attn: bool = True,
         boundary: str = "mask",
         dropout: float = 0.0,
+        sink_tokens: int = 0,
         kernel: str = "auto",
     ):
         super().__init__()
@@ -105,6 +110,8 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
         if kernel == "flex" and not FLEX_AVAILABLE:
             raise ImportError(f"kernel='flex' needs torch.nn.attention.flex_attention, which torch "
                               f"{torch.__version__} lacks (PyTorch >= 2.5 has it); use kernel='gather' or 'auto'")
+        if not isinstance(sink_tokens, int) or isinstance(sink_tokens, bool) or not 0 <= sink_tokens <= block_size:
+            raise ValueError(f"sink_tokens must be an integer in [0, block_size={block_size}], got {sink_tokens!r}")
         if max_seq_len is None and downsample not in LENGTH_FREE_MODES:
             raise ValueError(f"max_seq_len=None (no length cap) needs a length-free downsample, one of "
                              f"{LENGTH_FREE_MODES}; {downsample!r} holds weights for every level of a fixed "
@@ -112,14 +119,14 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
         self.head_dim, self.max_seq_len = head_dim, max_seq_len
         self.block_size, self.coarse_tokens = block_size, coarse_tokens
         self.causal, self.query_mode, self.scale_attn, self.boundary = causal, query_mode, scale_attn, boundary
-        self.dropout = dropout
+        self.dropout, self.sink_tokens = dropout, sink_tokens
         self.kernel, self.flex_kv_block = kernel, block_size
         # None: length-free, each input gets the levels it needs (§7a).
         self.num_levels = None if max_seq_len is None else num_levels(max_seq_len, block_size)
         # Slots beyond the hierarchy built for max_seq_len are "outside the sequence" (zero sinks); slots between
         # the actual length and that capacity are padding (always masked). Without a cap there is no capacity.
         self.partition = Partition(block_size, coarse_tokens, causal, self.num_levels, query_mode == "fine",
-                                   scale_attn, boundary == "zero_sink")
+                                   scale_attn, boundary == "zero_sink", sink_tokens)
         self.capacity = self.partition.capacity
         # One downsampler for keys and one for values, each serving every level; shared by all heads.
         self.k_downsample = make_downsampler(downsample, head_dim, block_size, self.num_levels, coarse_tokens)
@@ -134,7 +141,7 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
         return (f"head_dim={self.head_dim}, max_seq_len={self.max_seq_len}, block_size={self.block_size}, "
                 f"coarse_tokens={self.coarse_tokens}, levels={levels}, causal={self.causal}, "
                 f"query_mode={self.query_mode!r}, scale_attn={self.scale_attn}, boundary={self.boundary!r}, "
-                f"kernel={self.kernel!r}")
+                f"sink_tokens={self.sink_tokens}, kernel={self.kernel!r}")
 
     # ------------------------------------------------------------------ validation
 
@@ -196,7 +203,9 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
             key_valid = F.pad(key_padding_mask, (0, n_coarse - n), value=False)
         if n_coarse > n:
             q, k, v = (F.pad(t, (0, 0, 0, n_coarse - n)) for t in (q, k, v))
-        coarse_k, coarse_v = self.k_downsample(k, levels), self.v_downsample(v, levels)
+        # Sink tokens are attended exactly (§3a): the downsamplers read them as zeros, the bank's fine part as is.
+        coarse_k = self.k_downsample(without_sinks(k, 0, self.sink_tokens, dim=2), levels)
+        coarse_v = self.v_downsample(without_sinks(v, 0, self.sink_tokens, dim=2), levels)
         if flex:
             out = self._flex_fine_queries(q[:, :, :n_fine], k[:, :, :n_fine], v[:, :, :n_fine], coarse_k, coarse_v,
                                           key_valid, n)

@@ -14,7 +14,8 @@ path"):
   plan of :meth:`Partition.plans` -- the partition is not restated here. Lists are O(blocks x (2 + L)) (3 + 2L
   bidirectional): ``create_block_mask``, which evaluates the mask densely, is never called.
 - **Mask.** Inside partial blocks the ``mask_mod`` decides each (query, key) pair with the partition's elementwise
-  predicates (:func:`fine_member`, :func:`attends_group`) and per-key lookups (level, position or group, group
+  predicates (:func:`fine_member`, :func:`attends_group`, :meth:`Partition.reads_sinks` for the sink tokens of
+  §3a) and per-key lookups (level, position or group, group
   width, whether the key is real). With a key padding mask every listed block is partial, so padding is masked
   everywhere.
 - **Offsets.** ``log(w_l / p)`` of coarse keys (§4, ``scale_attn``) is a ``score_mod`` reading a per-key bias.
@@ -94,7 +95,9 @@ def _build_flex_plan(partition, n, coarse_tokens, kv_block, device):
     for lvl, (w, p, count) in enumerate(zip(widths, coarse_tokens, counts), start=1):
         group = torch.arange(count, device=device) // p
         span = slice(start, start + count)
-        level[span], position[span], width[span], real[span] = lvl, group.int(), w, group * w < n
+        # A summary of sink tokens only (§3a) summarises nothing: masked like a group past the end.
+        summarises = ~partition.sink_summaries(torch.arange(count // p, device=device), w, p)
+        level[span], position[span], width[span], real[span] = lvl, group.int(), w, (group * w < n) & summarises
         start += count
 
     # Block lists from the slot plan of the fine queries: bank index - 1 is the flex key position (the zero slot,
@@ -169,12 +172,14 @@ def block_mask(plan: FlexPlan, partition: Partition, kv_block: int, n_fine: int,
     leaves real (None: no padding mask; every block that can be full then is)."""
     m, causal = partition.block_size, partition.causal
     level, position, width = plan.level, plan.position, plan.width
-    real = plan.real if key_valid is None else key_valid
+    real = plan.real if key_valid is None else key_valid & plan.real  # padding, and summaries of sinks only
+
+    sinks = partition.sink_tokens
 
     def mask_mod(b, h, q_idx, kv_idx):
         key = position[kv_idx]
-        legal = torch.where(level[kv_idx] == 0, fine_member(q_idx, key, m, causal),
-                            attends_group(q_idx // width[kv_idx], key, causal))
+        fine = fine_member(q_idx, key, m, causal) | ((key < sinks) & partition.reads_sinks(q_idx // m))  # §3, §3a
+        legal = torch.where(level[kv_idx] == 0, fine, attends_group(q_idx // width[kv_idx], key, causal))
         return legal & (real[kv_idx] if key_valid is None else real[b, kv_idx])
 
     lists = plan.lists if key_valid is None else plan.padded_lists

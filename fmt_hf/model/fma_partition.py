@@ -162,7 +162,8 @@ class Partition:
     ``num_levels`` is the number of coarse levels of the hierarchy the layer was built for; ``capacity`` the
     length that hierarchy covers (slots beyond it are "outside the sequence", zero sinks under ``zero_sink``).
     ``num_levels=None`` is a length-free layer (§7a): every input gets the hierarchy it needs, there is no
-    capacity, and only groups before position 0 are outside the sequence.
+    capacity, and only groups before position 0 are outside the sequence. ``sink_tokens`` s (§3a): positions
+    ``j < s`` are attended exactly by every query whose level-0 band misses them, and summarised by no group.
     """
 
     block_size: int
@@ -172,6 +173,7 @@ class Partition:
     fine_queries: bool
     scale_attn: bool
     zero_sink: bool
+    sink_tokens: int = 0
 
     @property
     def capacity(self) -> int | None:
@@ -183,6 +185,20 @@ class Partition:
         if self.capacity is None:
             return groups >= 0
         return (groups >= 0) & (groups < self.capacity // width)
+
+    def reads_sinks(self, blocks: torch.Tensor) -> torch.Tensor:
+        """Whether queries of fine blocks ``blocks`` attend the sinks through their sink slots (§3a): the level-0
+        band of block b holds blocks b-1 .. (b+1), so it holds block 0, and with it every sink (s <= m), exactly
+        when b <= 1 -- causal and bidirectional alike."""
+        return blocks >= 2
+
+    def sink_summaries(self, groups: torch.Tensor, width: int, p: int) -> torch.Tensor:
+        """Whether each of the ``p`` coarse tokens of groups ``groups`` (``groups.shape + (p,)``, flattened into the
+        last dimension) of ``width`` positions stands for sink tokens only (§3a): coarse token r stands for the
+        r-th sub-window of ``width / p`` positions (the resolution of §4's offset and §5's coarse queries), and the
+        downsamplers read sinks as zeros, so such a token summarises nothing and is masked."""
+        ends = groups[..., None] * width + (torch.arange(p, device=groups.device) + 1) * (width // p)
+        return ((groups[..., None] >= 0) & (ends <= self.sink_tokens)).flatten(-2)
 
     def group_width(self, level: int) -> int:
         """``w_l = m * 2**(l-1)``; level 0 is the fine level with blocks of ``m``."""
@@ -232,6 +248,13 @@ class Partition:
             sink_bias = torch.where(sinks > 0, sinks.clamp(min=1).log(), MASK_VALUE)
             fine_bias = torch.cat([fine_bias, sink_bias[:, None, None].expand(-1, m, 1)], 2)
             fine_index = torch.cat([fine_index, torch.zeros_like(fine_index[:, :1])], 1)
+        if self.sink_tokens:
+            # §3a: the sinks, fine tokens 0 .. s-1 of the bank, as extra fine slots of the blocks whose band misses
+            # them (every sink is a real position there: such a block starts at 2m > s).
+            sink_index = torch.arange(1, self.sink_tokens + 1, device=device).expand(n_blocks, -1)
+            sink_use = self.reads_sinks(blocks)[:, None, None].expand(-1, m, self.sink_tokens)
+            fine_bias = torch.cat([fine_bias, slot_bias(sink_use, True, True, 0.0, False, dtype)], 2)
+            fine_index = torch.cat([fine_index, sink_index], 1)
 
         # Level l's summaries sit in the bank after the fine tokens and the levels before it.
         n_coarse = -(-n // self.group_width(levels)) * self.group_width(levels)
@@ -263,7 +286,7 @@ class Partition:
         available = member & (groups >= 0) & (groups < n_coarse // width)
         slots = torch.arange(p, device=own_group.device)
         index = torch.where(available[..., None], (base + groups * p)[..., None] + slots, 0).flatten(-2)
-        return index, bias.repeat_interleave(p, -1)
+        return index, bias.repeat_interleave(p, -1).masked_fill(self.sink_summaries(groups, width, p), MASK_VALUE)
 
     def _missing_level_sinks(self, blocks, levels):
         """Zero-sink slots that levels ``levels+1 .. L`` would give each fine block at the full hierarchy.
@@ -284,8 +307,9 @@ class Partition:
                    ) -> torch.Tensor:
         """Bias (c, S) of queries at ``t .. t+c-1`` over ``[fine ring (2m) | the c new tokens | per level: its
         ring of three complete groups and the groups ``first .. first+count-1`` the chunk adds (``new_groups[l-1]
-        = (first, count)``), p slots each | the zero-sink slot (boundary="zero_sink")]``: the §3 partition seen
-        from the decoding state. Ring slots at or past ``first`` are empty (a level added by this chunk)."""
+        = (first, count)``), p slots each | the zero-sink slot (boundary="zero_sink") | the s sink tokens (§3a)]``:
+        the §3 partition seen from the decoding state. Ring slots at or past ``first`` are empty (a level added by
+        this chunk)."""
         return self._state_bias(torch.tensor([t], device=device), c, levels, new_groups, dtype, device)[0]
 
     def step_bias(self, lengths: tuple[int, ...], levels: int, dtype, device) -> torch.Tensor:
@@ -297,7 +321,15 @@ class Partition:
     def _state_bias(self, t, c, levels, new_groups, dtype, device):
         """:meth:`state_bias` (B, c, S) of rows at lengths ``t`` (B,), each taking c tokens."""
         return torch.cat([self._fine_state_bias(t, c, dtype, device),
-                          self._coarse_state_bias(t, c, levels, new_groups, dtype, device)], -1)
+                          self._coarse_state_bias(t, c, levels, new_groups, dtype, device),
+                          self._sink_state_bias(t, c, dtype, device)], -1)
+
+    def _sink_state_bias(self, t, c, dtype, device):
+        """Sink part (B, c, s) for rows at lengths ``t`` (B,): the state's ``s`` sink tokens, read by queries whose
+        level-0 band misses them (§3a)."""
+        i = t[:, None] + torch.arange(c, device=device)  # (B, c)
+        use = self.reads_sinks(i // self.block_size)[..., None].expand(-1, -1, self.sink_tokens)
+        return slot_bias(use, True, True, 0.0, False, dtype)
 
     def _fine_state_bias(self, t, c, dtype, device):
         """Level-0 part (B, c, 2m + c) for rows at lengths ``t`` (B,): ring slot s holds position
@@ -331,8 +363,8 @@ class Partition:
             ids = torch.cat([ring, (first + torch.arange(count, device=device)).expand(len(t), -1)], 1)
             stored = torch.cat([(ring >= 0) & (ring < first), ids.new_ones(len(t), count, dtype=torch.bool)], 1)
             use = ((ids[:, None, :, None] == wanted[:, :, None, :]) & member[:, :, None, :]).any(-1)  # (B, c, slots)
-            parts.append(slot_bias(use, stored[:, None], True, self.offset(level), False, dtype)
-                         .repeat_interleave(p, -1))
+            bias = slot_bias(use, stored[:, None], True, self.offset(level), False, dtype).repeat_interleave(p, -1)
+            parts.append(bias.masked_fill(self.sink_summaries(ids, width, p)[:, None], MASK_VALUE))
         if self.zero_sink:
             sinks = sinks.to(dtype)
             parts.append(torch.where(sinks > 0, sinks.clamp(min=1).log(), MASK_VALUE)[..., None])
@@ -348,13 +380,14 @@ def _step_bias(partition: Partition, lengths: tuple[int, ...], levels: int, dtyp
     def fine_part(t):  # (2m + 1,) of one token at position t
         return partition._fine_state_bias(torch.tensor([t], device=device), 1, dtype, device)[0, 0]
 
-    def coarse_part(t):
+    def coarse_part(t):  # the levels' slots, then the sink tokens' (§3a)
         position = torch.tensor([t], device=device)
         new_groups = [(position // partition.group_width(level), 0) for level in range(1, levels + 1)]
-        return partition._coarse_state_bias(position, 1, levels, new_groups, dtype, device)[0, 0]
+        return torch.cat([partition._coarse_state_bias(position, 1, levels, new_groups, dtype, device)[0, 0],
+                          partition._sink_state_bias(position, 1, dtype, device)[0, 0]])
 
     # Rows are gathered from per-position parts cached in PLANS, so a step costs lookups, not a computation: the
-    # fine part repeats with period 2m once t >= 2m, the coarse part is constant within a block.
+    # fine part repeats with period 2m once t >= 2m, the coarse part (with the sinks') is constant within a block.
     fine = [PLANS.get(("fine_step", partition, t % (2 * m), min(t // m, 2), str(device), dtype),
                       lambda: fine_part(t)) for t in lengths]
     coarse = [PLANS.get(("coarse_step", partition, t // m, levels, str(device), dtype),

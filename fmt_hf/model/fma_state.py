@@ -35,6 +35,16 @@ def ring_read(ring: torch.Tensor, start: int, stop: int, dim: int = 1) -> torch.
     return ring.index_select(dim, torch.arange(start, stop, device=ring.device) % ring.shape[dim])
 
 
+def without_sinks(tokens: torch.Tensor, first: int, sink_tokens: int, dim: int = 1) -> torch.Tensor:
+    """``tokens`` of consecutive positions ``first ..`` along ``dim`` with the sink tokens (positions below
+    ``sink_tokens``) zeroed: what the downsamplers read (§3a). ``tokens`` itself when it holds none."""
+    cut = min(sink_tokens - first, tokens.shape[dim])
+    if cut <= 0:
+        return tokens
+    rest = tokens.narrow(dim, cut, tokens.shape[dim] - cut)
+    return torch.cat([torch.zeros_like(tokens.narrow(dim, 0, cut)), rest], dim)
+
+
 def _real(valid: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
     """``valid`` (c,), or all True for the c tokens of ``tokens`` (H, c, d) when None."""
     return torch.ones(tokens.shape[1], dtype=torch.bool, device=tokens.device) if valid is None else valid
@@ -68,6 +78,8 @@ class FMAState(_Tensors):
       computed from two stored children when the second completes.
     - ``groups_k``/``groups_v`` (L, H_kv, 3, p, d): per level, a ring of the last three complete groups (group g
       at slot ``g % 3``) -- exactly the groups a present or future query can still need.
+    - ``sink_k``/``sink_v`` (H_kv, s, d): the sink tokens, positions ``0 .. s-1`` (§3a), kept once they have left
+      the fine ring; ``sink_valid`` (s,) whether each is a real token. Empty without sinks.
     - ``level_queries`` (L, H, d), coarse query mode only: per level, the query that opened the current
       sub-window (the coarse query of every token in it).
     - ``fine_valid`` (2m,), ``partial_valid`` (L,), ``groups_valid`` (L, 3): which fine slots hold real tokens
@@ -75,10 +87,10 @@ class FMAState(_Tensors):
       keys and values are zero and never attended, as in the forward pass); ``holes`` says whether any consumed
       token was masked (without holes the validity masks are all True and attending skips them).
 
-    ``4m + 8pL`` key/value vectors per key/value head (:attr:`num_vectors`): a constant for the families with a
-    level per built length; for the derived families L = L(t+1) = ``num_levels(t + 1, m)``, the levels the next
-    query reads, so the state gains a level each time the length doubles (``4m + 6pL``). Frozen: updates build new
-    tensors, so a state shared by several beams after reordering stays intact.
+    ``4m + 2s + 8pL`` key/value vectors per key/value head (:attr:`num_vectors`): a constant for the families with
+    a level per built length; for the derived families L = L(t+1) = ``num_levels(t + 1, m)``, the levels the next
+    query reads, so the state gains a level each time the length doubles (``4m + 2s + 6pL``). Frozen: updates build
+    new tensors, so a state shared by several beams after reordering stays intact.
     """
 
     length: int
@@ -91,6 +103,9 @@ class FMAState(_Tensors):
     fine_valid: torch.Tensor
     partial_valid: torch.Tensor
     groups_valid: torch.Tensor
+    sink_k: torch.Tensor
+    sink_v: torch.Tensor
+    sink_valid: torch.Tensor
     level_queries: torch.Tensor | None = None
     holes: bool = False
 
@@ -101,8 +116,9 @@ class FMAState(_Tensors):
 
     @property
     def num_vectors(self) -> int:
-        """Key/value vectors of size d held per key/value head: ``4m + 8pL``."""
-        kv = (self.fine_k, self.fine_v, self.partial_k, self.partial_v, self.groups_k, self.groups_v)
+        """Key/value vectors of size d held per key/value head: ``4m + 2s + 8pL``."""
+        kv = (self.fine_k, self.fine_v, self.partial_k, self.partial_v, self.groups_k, self.groups_v, self.sink_k,
+              self.sink_v)
         return sum(t.numel() // t.shape[-1] for t in kv) // self.fine_k.shape[0]
 
     def with_levels(self, levels: int) -> FMAState:
@@ -117,7 +133,7 @@ class FMAState(_Tensors):
 # whose levels never change).
 _NEW_LEVEL_FILL = {"groups_k": 0.0, "groups_v": 0.0, "groups_valid": True, "level_queries": 0.0}
 _LEVEL_FIELDS = ("partial_k", "partial_v", "partial_valid", *_NEW_LEVEL_FILL)
-_TENSOR_FIELDS = ("fine_k", "fine_v", "fine_valid", *_LEVEL_FIELDS)
+_TENSOR_FIELDS = ("fine_k", "fine_v", "fine_valid", "sink_k", "sink_v", "sink_valid", *_LEVEL_FIELDS)
 
 
 def _grow_levels(tensor: torch.Tensor, levels: int, fill, dim: int) -> torch.Tensor:
@@ -151,6 +167,9 @@ class FMABatchState(_Tensors):
     fine_valid: torch.Tensor
     partial_valid: torch.Tensor
     groups_valid: torch.Tensor
+    sink_k: torch.Tensor
+    sink_v: torch.Tensor
+    sink_valid: torch.Tensor
     level_queries: torch.Tensor | None = None
 
     @classmethod
@@ -241,7 +260,7 @@ class IncrementalDecoding:
                 "input needs, so an output depends on the input's length and no decoding state can reproduce it: "
                 'build the layer with a max_seq_len, or use boundary="mask"')
         dtype = _softmax_dtype(dtype)
-        m, p, d = self.block_size, self.coarse_tokens, self.head_dim
+        m, p, d, s = self.block_size, self.coarse_tokens, self.head_dim, self.sink_tokens
         levels = 0 if self._derives_levels else self.num_levels  # derived levels are added as they are needed
 
         def zeros(*shape):
@@ -253,6 +272,7 @@ class IncrementalDecoding:
         return FMAState(0, zeros(kv_heads, 2 * m, d), zeros(kv_heads, 2 * m, d), zeros(levels, kv_heads, p, d),
                         zeros(levels, kv_heads, p, d), zeros(levels, kv_heads, 3, p, d),
                         zeros(levels, kv_heads, 3, p, d), real(2 * m), ~real(levels), real(levels, 3),
+                        zeros(kv_heads, s, d), zeros(kv_heads, s, d), real(s),
                         zeros(levels, heads, d) if self.query_mode == "coarse" else None)
 
     def prefill(self, state: FMAState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -262,6 +282,7 @@ class IncrementalDecoding:
         all), the others are holes, as ``forward``'s ``key_padding_mask``. Only the tail the state keeps is
         summarised, in the state's precision (float32 at least)."""
         state, q, k, v, valid = self._new_tokens(state, q, k, v, valid)
+        state = self._with_sinks(state, k, v, valid)
         updates = self._level_updates(state, k, v, valid, tail_only=True)
         return self._advance(state.with_levels(len(updates or [])), q, k, v, valid, updates)
 
@@ -278,6 +299,7 @@ class IncrementalDecoding:
             raise ValueError("FastMultipoleAttention.step runs without dropout: call .eval() first")
         out_dtype = q.dtype
         state, q, k, v, valid = self._new_tokens(state, q, k, v, valid)
+        state = self._with_sinks(state, k, v, valid)  # a chunk's later queries may read its sinks
         updates = self._level_updates(state, k, v, valid, tail_only=False)
         state = state.with_levels(len(updates or []))
         out = self._attend_chunk(state, q, k, v, valid, updates)
@@ -328,24 +350,35 @@ class IncrementalDecoding:
                   level_logits.permute(0, 2, 3, 1, 4).flatten(3)]
         if self.boundary == "zero_sink":
             logits.append(logits[1].new_zeros(logits[1].shape))  # the zero-sink slot: logit 0, value 0
+        if self.sink_tokens:  # the sink tokens (§3a), last
+            logits.append(queries @ state.sink_k.transpose(-1, -2))
         bias = self.partition.step_bias(tuple(state.lengths), levels, dtype, q.device)  # (B, S)
         token_valid = torch.ones(batch, 1, dtype=torch.bool, device=q.device) if valid is None else valid[:, None]
         if valid is not None or any(state.holes):
             slots_valid = [state.fine_valid, token_valid, state.groups_valid.repeat_interleave(p, -1).flatten(1)]
             if self.boundary == "zero_sink":
                 slots_valid.append(token_valid.new_ones(batch, 1))
+            slots_valid.append(state.sink_valid)
             bias = bias.masked_fill(~torch.cat(slots_valid, 1), MASK_VALUE)
         probs = torch.softmax(torch.cat(logits, -1) + bias[:, None, None], -1)  # (B, H_kv, g, S)
         fine, own = probs[..., :2 * m], probs[..., 2 * m:2 * m + 1]
         coarse = probs[..., 2 * m + 1:2 * m + 1 + levels * 3 * p].unflatten(-1, (levels, 3 * p))
         out = (fine @ state.fine_v + own * v[:, :, None]
                + (coarse.permute(0, 3, 1, 2, 4) @ state.groups_v.flatten(3, 4)).sum(1))
+        if self.sink_tokens:
+            out = out + probs[..., -self.sink_tokens:] @ state.sink_v
         out = out.reshape(batch, heads, 1, d)
 
         rows, slots = torch.arange(batch, device=q.device), t % (2 * m)
         state.fine_k[rows, :, slots] = k
         state.fine_v[rows, :, slots] = v
         state.fine_valid[rows, slots] = token_valid[:, 0]
+        filling = [b for b, length in enumerate(state.lengths) if length < self.sink_tokens]
+        if filling:  # these rows' tokens are sink tokens (§3a): kept for every later query
+            at = t[filling]
+            state.sink_k[filling, :, at] = k[filling]
+            state.sink_v[filling, :, at] = v[filling]
+            state.sink_valid[filling, at] = token_valid[filling, 0]
         state.holes = [holes or not real for holes, real in zip(state.holes, token_valid[:, 0].tolist())]
         state.lengths = [length + 1 for length in state.lengths]
         if completing and self._derives_levels:
@@ -365,6 +398,9 @@ class IncrementalDecoding:
         blocks = {name: getattr(state, f"fine_{name}")[index[:, None], :, slots].permute(2, 0, 1, 3).flatten(1, 2)
                   for name in ("k", "v")}  # (H_kv, R*m, d): the rows' blocks side by side
         block_valid = state.fine_valid[index[:, None], slots].any(1)
+        if any(state.lengths[b] - m < self.sink_tokens for b in rows):  # the downsamplers read sinks as zeros (§3a)
+            keep = (block_start[:, None] + torch.arange(m, device=index.device) >= self.sink_tokens).flatten()
+            blocks = {name: tokens * keep[:, None] for name, tokens in blocks.items()}
         for level in range(1, state.num_levels + 1):
             width = self.partition.group_width(level)
             offsets = (block_start[:, None] + torch.arange(m, device=index.device)) % width
@@ -379,6 +415,16 @@ class IncrementalDecoding:
             real = state.partial_valid[index, level - 1] | block_valid
             state.groups_valid[done, level - 1, group_slot] = real[complete]
             state.partial_valid[index, level - 1] = real & ~complete
+
+    def _with_sinks(self, state, k, v, valid) -> FMAState:
+        """``state`` holding those of the new tokens ``k``/``v`` (H_kv, c, d) that are sink tokens (positions below
+        s, §3a): the fine ring will drop them, queries past the second block still read them."""
+        t, take = state.length, min(self.sink_tokens - state.length, k.shape[1])
+        if take <= 0:
+            return state
+        return replace(state, sink_k=ring_write(state.sink_k, t, k[:, :take]),
+                       sink_v=ring_write(state.sink_v, t, v[:, :take]),
+                       sink_valid=ring_write(state.sink_valid, t, _real(valid, k)[:take], dim=0))
 
     @staticmethod
     def _new_tokens(state, q, k, v, valid):
@@ -403,9 +449,10 @@ class IncrementalDecoding:
             return None
         if self._derives_levels:
             return self._derived_updates(state, k, v, valid)
-        # the block's earlier tokens wait in the fine ring
-        tokens_k = torch.cat([ring_read(state.fine_k, block_start, t), k], 1)[:, :end - block_start]
-        tokens_v = torch.cat([ring_read(state.fine_v, block_start, t), v], 1)[:, :end - block_start]
+        # the block's earlier tokens wait in the fine ring; the downsamplers read sink tokens as zeros (§3a)
+        tokens_k, tokens_v = (
+            without_sinks(torch.cat([ring_read(ring, block_start, t), new], 1)[:, :end - block_start], block_start,
+                          self.sink_tokens) for ring, new in ((state.fine_k, k), (state.fine_v, v)))
         tokens_valid = torch.cat([ring_read(state.fine_valid, block_start, t, dim=0), _real(valid, k)])
         tokens_valid = tokens_valid[:end - block_start]
         updates = []
@@ -457,7 +504,7 @@ class IncrementalDecoding:
         for name, family, ring, new in (("k", self.k_downsample, state.fine_k, k), ("v", self.v_downsample,
                                                                                    state.fine_v, v)):
             tokens = torch.cat([ring_read(ring, start, t), new], 1)[:, :end - start]
-            blocks[name] = family(tokens, 1)[0]  # (H_kv, blocks, p, d)
+            blocks[name] = family(without_sinks(tokens, start, self.sink_tokens), 1)[0]  # (H_kv, blocks, p, d)
         tokens_valid = torch.cat([ring_read(state.fine_valid, start, t, dim=0), _real(valid, k)])[:end - start]
         updates = [LevelUpdate(start // m, blocks["k"], blocks["v"], tokens_valid.view(-1, m).any(1))]
         for level in range(2, levels + 1):
@@ -556,6 +603,9 @@ class IncrementalDecoding:
             logits.append(queries.new_zeros(kv_heads, rows, 1))
             values.append(v.new_zeros(kv_heads, 1, d))
             slots_valid.append(state.fine_valid.new_ones(1))
+        logits.append(queries @ state.sink_k.transpose(-1, -2))  # the sink tokens (§3a), last
+        values.append(state.sink_v)
+        slots_valid.append(state.sink_valid)
         bias = self.partition.state_bias(t, c, state.num_levels, new_groups, q.dtype, q.device)
         if state.holes:
             bias = bias.masked_fill(~torch.cat(slots_valid), MASK_VALUE)

@@ -257,6 +257,7 @@ class FMTAttention(nn.Module):
             scale_attn=config.fma_scale_attn,
             boundary=config.fma_boundary,
             dropout=config.attention_dropout,
+            sink_tokens=config.fma_sink_tokens,
             kernel=config.fma_kernel,
         )
 

@@ -78,9 +78,9 @@ def convert_llama_to_fmt(
     average init. For at most ``2 * fma_block_size`` tokens its logits are the source's.
 
     ``max_position_embeddings`` defaults to the source's; ``fma_options`` are further ``FMTConfig`` FMA fields
-    (``fma_downsample``, ``fma_query_mode``, ``fma_scale_attn``, ``fma_boundary``). Raises ``TypeError`` for
-    another model class and ``ValueError`` for what FMT cannot reproduce (see :func:`fmt_config_from_llama`) or
-    quantized weights.
+    (``fma_downsample``, ``fma_query_mode``, ``fma_scale_attn``, ``fma_boundary``, and ``fma_sink_tokens``, which
+    keeps the source's attention sinks exact: docs/fma.md §3a). Raises ``TypeError`` for another model class and
+    ``ValueError`` for what FMT cannot reproduce (see :func:`fmt_config_from_llama`) or quantized weights.
     """
     if not isinstance(model, LlamaForCausalLM):
         raise TypeError(

@@ -46,6 +46,25 @@ def test_greedy_generate_equals_recomputation(layers, query_mode, downsample):
         assert torch.equal(out, recompute_greedy(model, ids, 20))
 
 
+@pytest.mark.parametrize("query_mode,downsample,sink_tokens", [
+    ("fine", "depthwise", 1), ("coarse", "avgpool", 4), ("fine", "recursive", 3)])
+def test_greedy_generate_with_sink_tokens_equals_recomputation(query_mode, downsample, sink_tokens):
+    """Sink tokens (§3a) through generate: prompts shorter and longer than s, and a left-padded batch whose rows
+    fill their sinks at different steps."""
+    model = tiny(2, query_mode, downsample, fma_sink_tokens=sink_tokens)
+    for length in (1, 2, 13, 45):
+        ids = prompt(length)
+        out = model.generate(ids, max_new_tokens=20, do_sample=False)
+        assert torch.equal(out, recompute_greedy(model, ids, 20))
+    rows = [prompt(30, seed=3)[0], prompt(2, seed=4)[0], prompt(9, seed=5)[0]]
+    ids, mask = torch.zeros(3, 30, dtype=torch.long), torch.zeros(3, 30, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, 30 - len(row):], mask[i, 30 - len(row):] = row, 1
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=15, do_sample=False)
+    for i, row in enumerate(rows):
+        assert torch.equal(batched[i, 30:], recompute_greedy(model, row[None], 15)[0, len(row):])
+
+
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("query_mode", ["fine", "coarse"])
 def test_decoding_logits_equal_full_forward(dtype, tolerance, query_mode):
@@ -89,11 +108,13 @@ def test_chunked_prefill_equals_one_shot():
                 torch.testing.assert_close(x, y, rtol=0, atol=1e-12)
 
 
-def test_cache_size_is_bounded_and_reaches_the_bound():
-    model = tiny(max_position_embeddings=1024, fma_block_size=8, fma_coarse_tokens=2)
+@pytest.mark.parametrize("sink_tokens", [0, 3])
+def test_cache_size_is_bounded_and_reaches_the_bound(sink_tokens):
+    model = tiny(max_position_embeddings=1024, fma_block_size=8, fma_coarse_tokens=2, fma_sink_tokens=sink_tokens)
     config, fma = model.config, model.model.layers[0].self_attn.fma
-    vectors = 4 * 8 + 8 * 2 * fma.num_levels  # 4m + 8pL per key/value head (§8)
-    flags = 2 * 8 + 4 * fma.num_levels  # one validity byte per fine slot, partial sum and stored group
+    vectors = 4 * 8 + 2 * sink_tokens + 8 * 2 * fma.num_levels  # 4m + 2s + 8pL per key/value head (§8)
+    # one validity byte per fine slot, sink token, partial sum and stored group
+    flags = 2 * 8 + sink_tokens + 4 * fma.num_levels
     bound = (vectors * config.num_key_value_heads * config.head_dim * 8 + flags) * config.num_hidden_layers  # float64
     cache = model(prompt(3), use_cache=True).cache
     sizes = [cache.nbytes]

@@ -30,6 +30,7 @@ def test_fields_and_defaults():
     assert config.is_causal is True
     assert config.tie_word_embeddings is False
     assert (config.fma_downsample, config.fma_query_mode, config.fma_boundary) == ("depthwise", "fine", "mask")
+    assert config.fma_sink_tokens == 0  # plain FMA
     assert config.auto_map == FMT_AUTO_MAP
 
 
@@ -67,7 +68,7 @@ def test_json_and_save_pretrained_round_trip(tmp_path):
     config = FMTConfig(
         vocab_size=100, hidden_size=64, num_attention_heads=4, num_key_value_heads=1, fma_block_size=32,
         fma_coarse_tokens=8, fma_downsample="full", fma_query_mode="coarse", fma_boundary="zero_sink",
-        fma_scale_attn=False, is_causal=False, tie_word_embeddings=True, pad_token_id=0,
+        fma_scale_attn=False, fma_sink_tokens=5, is_causal=False, tie_word_embeddings=True, pad_token_id=0,
     )
     assert FMTConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
     config.save_pretrained(tmp_path)
@@ -78,6 +79,7 @@ def test_json_and_save_pretrained_round_trip(tmp_path):
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert type(loaded) is FMTConfig
     assert {**loaded.to_dict(), "_name_or_path": ""} == config.to_dict()
+    assert loaded.fma_sink_tokens == 5
 
 
 LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
@@ -161,6 +163,9 @@ def test_auto_map_keeps_other_entries():
         ({"rope_theta": 0.0}, "rope_theta"),
         ({"rms_norm_eps": 0.0}, "rms_norm_eps"),
         ({"fma_scale_attn": "yes"}, "fma_scale_attn"),
+        ({"fma_sink_tokens": -1}, "fma_sink_tokens"),
+        ({"fma_block_size": 64, "fma_sink_tokens": 65}, "fma_sink_tokens"),
+        ({"fma_sink_tokens": 1.5}, "fma_sink_tokens"),
     ],
 )
 def test_invalid_values_raise_naming_the_field(kwargs, field):
@@ -172,4 +177,8 @@ def test_validation_runs_again_at_save(tmp_path):
     config = FMTConfig(fma_block_size=64, fma_coarse_tokens=4)
     config.fma_coarse_tokens = 6  # int-typed, so assignment passes; the cross-field check runs at save
     with pytest.raises(StrictDataclassError, match="fma_coarse_tokens"):
+        config.save_pretrained(tmp_path)
+    config = FMTConfig(fma_block_size=64, fma_sink_tokens=4)
+    config.fma_sink_tokens = 65
+    with pytest.raises(StrictDataclassError, match="fma_sink_tokens"):
         config.save_pretrained(tmp_path)

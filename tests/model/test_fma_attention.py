@@ -53,6 +53,67 @@ def test_length_free_layer_equals_a_capped_one_under_mask(causal, query_mode):
                                    rtol=0, atol=1e-13)
 
 
+@pytest.mark.parametrize("causal,query_mode,downsample", list(itertools.product(
+    [True, False], ["fine", "coarse"], ["depthwise", "recursive", "avgpool"])))
+def test_sink_tokens_match_reference(causal, query_mode, downsample):
+    """§3a at lengths that are no power of two, s = 1, 3 and m (= 4: level 1's group 0 holds sink tokens only),
+    with grouped-query heads."""
+    for sink_tokens, n in ((1, 200), (3, 333), (4, 1000)):
+        attn = make(causal=causal, query_mode=query_mode, downsample=downsample, max_seq_len=1024,
+                    sink_tokens=sink_tokens)
+        q, k, v = qkv(n, batch=1, heads=6, kv_heads=2, seed=n)
+        torch.testing.assert_close(attn(q, k, v), reference_fma(attn, q, k, v), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal,boundary", [(True, "mask"), (False, "mask"), (True, "zero_sink")])
+def test_sink_tokens_with_key_padding_match_reference(causal, boundary):
+    """A padded sink token is masked like any padded key; holes elsewhere too; zero sinks at the boundary."""
+    attn = make(causal=causal, boundary=boundary, sink_tokens=3)
+    q, k, v = qkv(50, batch=3)
+    mask = torch.ones(3, 50, dtype=torch.bool)
+    mask[0, 1] = False  # one sink token
+    mask[1, :2] = False
+    mask[2, 10:27] = False
+    out = attn(q, k, v, key_padding_mask=mask)
+    defined = torch.ones(3, 50, dtype=torch.bool)
+    if causal:
+        defined[1, :2] = False  # no real key at all
+    expected = reference_fma(attn, q, k, v, mask)
+    torch.testing.assert_close(out.transpose(1, 2)[defined], expected.transpose(1, 2)[defined], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_sink_tokens_change_only_queries_past_the_second_block(causal):
+    """Queries of blocks 0 and 1 see the sink tokens in their band (and causal ones read no summary): s changes
+    nothing there; every later query attends the sinks exactly and its summaries lose them (§3a)."""
+    plain, sinks = make(causal=causal), make(causal=causal, sink_tokens=3)
+    q, k, v = qkv(45)
+    out, expected = sinks(q, k, v), plain(q, k, v)
+    if causal:
+        torch.testing.assert_close(out[:, :, :8], expected[:, :, :8], rtol=0, atol=0)
+    assert (out[:, :, 8:] - expected[:, :, 8:]).abs().amax((0, 1, 3)).min() > 1e-6
+
+
+@pytest.mark.parametrize("causal,downsample", [(True, "depthwise"), (False, "recursive"), (True, "full")])
+def test_sink_tokens_are_in_no_summary(causal, downsample):
+    """Perturbing a sink token's key and value changes no coarse summary of any level (the downsamplers read
+    zeros there), but changes outputs (the sink slots read it)."""
+    attn = make(causal=causal, downsample=downsample, sink_tokens=3)
+    summaries = []
+    for module in (attn.k_downsample, attn.v_downsample):
+        module.register_forward_hook(lambda module, args, out: summaries.append([level.clone() for level in out]))
+    q, k, v = qkv(61)
+    out = attn(q, k, v)
+    k[:, :, 2] += 1.0
+    v[:, :, 2] += 1.0
+    perturbed = attn(q, k, v)
+    assert len(summaries) == 4 and len(summaries[0]) == 3
+    for before, after in zip(summaries[:2], summaries[2:]):
+        for level_before, level_after in zip(before, after):
+            torch.testing.assert_close(level_after, level_before, rtol=0, atol=0)
+    assert not torch.allclose(perturbed[:, :, 8:], out[:, :, 8:])
+
+
 @pytest.mark.parametrize("causal,query_mode", list(itertools.product([True, False], ["fine", "coarse"])))
 def test_key_padding_matches_reference(causal, query_mode):
     attn = make(causal=causal, query_mode=query_mode)
@@ -138,8 +199,10 @@ def test_length_free_causality_across_level_boundaries(query_mode, n, j):
 
 
 @pytest.mark.parametrize("query_mode", ["fine", "coarse"])
-def test_causality_by_perturbation_and_gradient(query_mode):
-    assert_causal(make(query_mode=query_mode), *qkv(61), 33)
+@pytest.mark.parametrize("sink_tokens,j", [(0, 33), (3, 33), (3, 2), (4, 3)])
+def test_causality_by_perturbation_and_gradient(query_mode, sink_tokens, j):
+    """Also when the perturbed token is a sink token (§3a)."""
+    assert_causal(make(query_mode=query_mode, sink_tokens=sink_tokens), *qkv(61), j)
 
 
 def assert_causal(attn, q, k, v, j):
@@ -160,9 +223,9 @@ def assert_causal(attn, q, k, v, j):
         assert t.grad[:, :, :j].abs().max() > 0
 
 
-@pytest.mark.parametrize("causal", [True, False])
-def test_grouped_query_attention_equals_repeated_kv_heads(causal):
-    attn = make(causal=causal)
+@pytest.mark.parametrize("causal,sink_tokens", [(True, 0), (False, 0), (True, 3)])
+def test_grouped_query_attention_equals_repeated_kv_heads(causal, sink_tokens):
+    attn = make(causal=causal, sink_tokens=sink_tokens)
     q, k, v = qkv(37, heads=6, kv_heads=2)
     repeated = attn(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1))
     torch.testing.assert_close(attn(q, k, v), repeated, rtol=0, atol=1e-13)
@@ -180,8 +243,9 @@ def test_low_precision_inputs(dtype, query_mode):
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=tolerance)
 
 
-def test_gradients_match_reference():
-    attn = make(causal=True, query_mode="fine")
+@pytest.mark.parametrize("sink_tokens", [0, 3])
+def test_gradients_match_reference(sink_tokens):
+    attn = make(causal=True, query_mode="fine", sink_tokens=sink_tokens)
     q, k, v = qkv(21, batch=1)
     grads = []
     for fn in (attn, lambda *x: reference_fma(attn, *x)):
@@ -226,6 +290,10 @@ def test_memory_is_not_quadratic():
     (dict(query_mode="medium"), "query_mode"),
     (dict(boundary="wrap"), "boundary"),
     (dict(dropout=1.0), "dropout"),
+    (dict(sink_tokens=-1), "sink_tokens"),
+    (dict(sink_tokens=5), "sink_tokens"),  # more than block_size = 4
+    (dict(sink_tokens=True), "sink_tokens"),
+    (dict(sink_tokens=1.0), "sink_tokens"),
 ])
 def test_bad_constructor_arguments(kwargs, message):
     options = dict(head_dim=D, max_seq_len=64, block_size=4, coarse_tokens=2)
@@ -273,3 +341,7 @@ def test_padding_mask_is_not_materialised_per_sequence_and_head(monkeypatch):
     monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
     torch.testing.assert_close(attn(q, k, v, key_padding_mask=mask), expected, rtol=0, atol=0)
     assert shapes and all(shape[0] == 1 for shape in shapes)
+
+
+def test_extra_repr_names_the_sink_tokens():
+    assert "sink_tokens=3" in repr(make(sink_tokens=3))

@@ -92,6 +92,32 @@ def test_flex_key_padding(causal):
     assert torch.isfinite(flex).all()
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("sink_tokens", [1, 3, 8])
+def test_flex_with_sink_tokens(causal, sink_tokens):
+    """§3a: the sinks are extra fine keys of blocks >= 2, and summaries of sinks only are masked (s = m = 8 makes
+    whole level-1 summaries of sinks only); with and without a key padding mask (a padded sink included)."""
+    attn = make(causal=causal, downsample="recursive", block_size=8, coarse_tokens=2, max_seq_len=None,
+                sink_tokens=sink_tokens)
+    q, k, v = qkv(150, batch=2)
+    mask = torch.ones(2, 150, dtype=torch.bool)
+    mask[1, 0] = False
+    mask[1, 60:90] = False
+    defined = torch.ones(2, 150, dtype=torch.bool)
+    defined[1, 0] = not causal  # a causal query 0 that is padding has no real key: no defined output
+    for key_padding_mask in (None, mask):
+        flex, gather = both_paths(attn, q, k, v, key_padding_mask)
+        with torch.no_grad():
+            expected = reference_fma(attn, q, k, v, key_padding_mask)
+        torch.testing.assert_close(flex, expected, rtol=0, atol=1e-13)
+        torch.testing.assert_close(flex.transpose(1, 2)[defined], gather.transpose(1, 2)[defined], rtol=0, atol=1e-13)
+    # the block lists still hold every pair the mask allows, and full blocks only allowed pairs
+    plan = flex_plan(attn.partition, 333, (2,) * num_levels(333, 8), 8, "cpu")
+    view, legal = kernel_view(block_mask(plan, attn.partition, 8, 336), 336, len(plan.level))
+    assert torch.equal(view, legal)
+    assert legal[16:, :sink_tokens].all() and not legal[16:, sink_tokens:8].any()  # blocks >= 2 read the sinks
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_flex_keeps_low_precision_inputs(dtype, monkeypatch):
     """No upcast on the flex path: FlexAttention gets the input dtype (and keeps its softmax in float32)."""

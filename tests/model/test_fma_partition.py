@@ -11,9 +11,11 @@ from fmt_hf.model.fma_partition import PLANS, PlanCache, num_levels
 
 
 @pytest.mark.parametrize("causal", [True, False])
-def test_coverage_multiplicity_is_one(causal):
-    for n, m in ((64, 4), (37, 4), (96, 8)):
-        counts = multiplicity(n, m, num_levels(n, m), causal)
+@pytest.mark.parametrize("sink_tokens", [0, 1, 3])
+def test_coverage_multiplicity_is_one(causal, sink_tokens):
+    """Also with sink tokens (§3a): each is covered by the fine band or by its sink slot, never by a summary."""
+    for n, m in ((64, 4), (37, 4), (96, 8), (200, 4)):
+        counts = multiplicity(n, m, num_levels(n, m), causal, min(sink_tokens, m))
         legal = torch.ones(n, n, dtype=torch.long)
         assert torch.equal(counts, legal.tril() if causal else legal)
 
@@ -30,6 +32,24 @@ def test_kernel_coverage_through_one_hot_values(causal):
     legal = legal.tril() if causal else legal
     # multiplicity exactly 1 on legal pairs, 0 elsewhere: every legal key weighs 1 / (number of legal keys)
     torch.testing.assert_close(weights, legal / legal.sum(1, keepdim=True), rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("sink_tokens", [1, 3, 4])
+def test_kernel_coverage_with_sink_tokens(causal, sink_tokens):
+    """As above with sink tokens (§3a). A summary's sink tokens are zero vectors that still take a share of the
+    softmax, so a row's weights need not sum to 1; but every legal key, sink tokens included, carries one equal
+    share (multiplicity 1) and every other key none."""
+    n = 61 if causal else 48
+    attn = with_identity_pooling(make(perturb=False, causal=causal, head_dim=n, max_seq_len=64,
+                                      sink_tokens=sink_tokens))
+    q = torch.zeros(1, 1, n, n, dtype=F64)
+    v = torch.eye(n, dtype=F64)[None, None]
+    weights = attn(q, torch.zeros_like(v), v)[0, 0]
+    legal = torch.ones(n, n, dtype=torch.bool)
+    legal = legal.tril() if causal else legal
+    share = weights.amax(1, keepdim=True)
+    torch.testing.assert_close(weights, torch.where(legal, share, 0.0), rtol=0, atol=1e-14)
 
 
 @pytest.mark.parametrize("n,expected", [(1, 0), (128, 0), (129, 1), (256, 1), (257, 2), (8192, 6)])

@@ -42,11 +42,72 @@ def test_chunked_prefill_state_equals_one_shot():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
-def test_state_size_is_the_section_8_bound():
-    """4m + 8pL vectors per key/value head, whatever the length (fine queries)."""
-    attn = FastMultipoleAttention(16, 8192, block_size=64, coarse_tokens=4).eval()
+@pytest.mark.parametrize("query_mode,downsample", list(itertools.product(
+    ["fine", "coarse"], ["depthwise", "full", "avgpool", "recursive"])))
+@pytest.mark.parametrize("sink_tokens", [1, 4])
+def test_decoding_with_sink_tokens_equals_full_forward(query_mode, downsample, sink_tokens):
+    """§3a through prefill, chunks and single steps, from prompts shorter than s too (the steps fill the sink
+    tokens), with holes, one of them a sink token."""
+    attn = make(query_mode=query_mode, downsample=downsample, max_seq_len=96, sink_tokens=sink_tokens).eval()
+    q, k, v = qkv(77, batch=1)
+    valid = torch.ones(77, dtype=torch.bool)
+    valid[[0, 30, 40, 41, 76]] = False
+    for mask in (None, valid):
+        full = attn(q, k, v, key_padding_mask=None if mask is None else mask[None])[0]
+        defined = torch.ones(77, dtype=torch.bool)
+        defined[0] = mask is None  # a masked query 0 has no real key: its output is undefined
+        for prompt, chunks in ((0, [1]), (2, [1, 3]), (13, [7, 1, 16]), (50, [1]), (0, [30])):
+            out, _ = decode(attn, q[0], k[0], v[0], prompt, chunks, mask)
+            rows = defined[prompt:]
+            torch.testing.assert_close(out[:, rows], full[:, prompt:][:, rows], rtol=0, atol=1e-10)
+
+
+def test_decoding_with_sink_tokens_without_a_length_cap():
+    """Sink tokens in a length-free layer whose state adds levels as it goes (§7a)."""
+    attn = make(downsample="recursive", max_seq_len=None, sink_tokens=3).eval()
+    q, k, v = qkv(150, batch=1)
+    full = attn(q, k, v)[0]
+    for prompt, chunks in ((0, [1]), (1, [5, 1]), (70, [1])):
+        out, state = decode(attn, q[0], k[0], v[0], prompt, chunks)
+        torch.testing.assert_close(out, full[:, prompt:], rtol=0, atol=1e-10)
+        assert state.num_levels == num_levels(151, 4)
+
+
+@pytest.mark.parametrize("query_mode,downsample", [("fine", "depthwise"), ("coarse", "full"), ("fine", "avgpool"),
+                                                   ("coarse", "recursive")])
+def test_batched_steps_with_sink_tokens_equal_rows_alone(query_mode, downsample):
+    """Rows at different positions, some still filling their sink tokens in the batched steps, some with holes
+    (one a sink token), each equal to its full forward (§3a)."""
+    attn = make(query_mode=query_mode, downsample=downsample, max_seq_len=96, sink_tokens=3).eval()
+    q, k, v = qkv(60, batch=4)
+    valid = torch.ones(4, 60, dtype=torch.bool)
+    valid[1, [2, 15, 40]] = False
+    valid[3, 1] = False
+    prompts = [0, 1, 13, 2]
+    outs, state = decode_batch(attn, q, k, v, prompts, valid)
+    for b, prompt in enumerate(prompts):
+        full = attn(q[b:b + 1], k[b:b + 1], v[b:b + 1], key_padding_mask=valid[b:b + 1])[0]
+        torch.testing.assert_close(outs[b], full[:, prompt:prompt + 47], rtol=0, atol=1e-10)
+    for b in range(4):  # every row holds its own sink tokens (masked ones zeroed, as in forward)
+        torch.testing.assert_close(state.sink_k[b], k[b, :, :3] * valid[b, :3, None], rtol=0, atol=0)
+        assert state.sink_valid[b].tolist() == valid[b, :3].tolist()
+
+
+def test_chunked_prefill_with_sink_tokens_equals_one_shot():
+    attn = make(max_seq_len=96, sink_tokens=3).eval()
+    q, k, v = qkv(70, batch=1)
+    one_shot = attn.prefill(attn.init_state(4, 2, F64), q[0], k[0], v[0])
+    _, chunked = decode(attn, q[0], k[0], v[0], 0, [2, 9, 16, 5])
+    for a, b in zip(one_shot.tensors(), chunked.tensors()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("sink_tokens", [0, 4])
+def test_state_size_is_the_section_8_bound(sink_tokens):
+    """4m + 2s + 8pL vectors per key/value head, whatever the length (fine queries)."""
+    attn = FastMultipoleAttention(16, 8192, block_size=64, coarse_tokens=4, sink_tokens=sink_tokens).eval()
     state = attn.init_state(4, 2, torch.float32)
-    bound = 4 * 64 + 8 * 4 * attn.num_levels  # vectors of size d per key/value head
+    bound = 4 * 64 + 2 * sink_tokens + 8 * 4 * attn.num_levels  # vectors of size d per key/value head
     assert attn.num_levels == 6 and state.num_vectors == bound
     q, k, v = (torch.randn(h, 3000, 16) for h in (4, 2, 2))
     filled = attn.prefill(state, q, k, v)

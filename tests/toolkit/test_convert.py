@@ -106,11 +106,13 @@ def test_fma_differs_beyond_two_blocks_and_starts_from_average_downsamplers():
 def test_options_dtype_and_generation_config_carry_over():
     llama = tiny_llama(rope_parameters=dict(LLAMA3)).to(torch.float32)
     llama.generation_config.max_new_tokens = 7
-    fmt = convert(llama, max_position_embeddings=256, fma_query_mode="coarse", fma_scale_attn=False)
+    fmt = convert(llama, max_position_embeddings=256, fma_query_mode="coarse", fma_scale_attn=False,
+                  fma_sink_tokens=1)
     assert fmt.dtype == torch.float32 and not fmt.training
     config = fmt.config
     assert (config.max_position_embeddings, config.fma_block_size, config.fma_coarse_tokens) == (256, BLOCK, 2)
-    assert (config.fma_query_mode, config.fma_scale_attn) == ("coarse", False)
+    assert (config.fma_query_mode, config.fma_scale_attn, config.fma_sink_tokens) == ("coarse", False, 1)
+    assert all(layer.self_attn.fma.sink_tokens == 1 for layer in fmt.model.layers)
     # The frequencies belong to the pretrained model, not to the new length.
     assert config.rope_parameters == LLAMA3 and config.rope_theta == 5e5
     assert fmt.generation_config.max_new_tokens == 7 and fmt.generation_config is not llama.generation_config
@@ -187,9 +189,10 @@ def test_convert_llama_script(tmp_path):
     fmt = script("convert_llama").main([
         "--model_name_or_path", str(tmp_path / "llama"), "--output_dir", str(tmp_path / "fmt"),
         "--dense_output_dir", str(tmp_path / "dense"), "--fma_block_size", str(BLOCK), "--fma_coarse_tokens", "2",
-        "--max_position_embeddings", "128", "--fma_options", "fma_query_mode=coarse",
+        "--max_position_embeddings", "128", "--fma_options", "fma_query_mode=coarse,fma_sink_tokens=1",
     ])
     assert (fmt.config.max_position_embeddings, fmt.config.fma_query_mode) == (128, "coarse")
+    assert fmt.config.fma_sink_tokens == 1
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fmt")
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
     assert type(loaded) is FMTForCausalLM and type(dense) is LlamaForCausalLM
