@@ -277,7 +277,7 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
         valid = None
         if key_valid is not None:  # the bank's validity without its zero slot, filler keys never valid
             valid = self._bank_valid(key_valid, q.shape[2], coarse_k)[:, 1:]
-            valid = F.pad(valid, (0, length - valid.shape[1]), value=False)
+            valid = F.pad(valid, (0, length - valid.shape[1]), value=False) & plan.real  # + sink-only summaries (§3a)
         offsets = key_offsets(self.partition, plan, coarse_tokens, q.dtype if q.dtype == torch.float64
                               else torch.float32, q.device) if self.scale_attn else None
         return flex_fine_queries(self.partition, q, keys, values, plan, offsets, self.flex_kv_block, valid)

@@ -172,13 +172,15 @@ def block_mask(plan: FlexPlan, partition: Partition, kv_block: int, n_fine: int,
     leaves real (None: no padding mask; every block that can be full then is)."""
     m, causal = partition.block_size, partition.causal
     level, position, width = plan.level, plan.position, plan.width
-    real = plan.real if key_valid is None else key_valid & plan.real  # padding, and summaries of sinks only
+    real = plan.real if key_valid is None else key_valid
 
     sinks = partition.sink_tokens
 
     def mask_mod(b, h, q_idx, kv_idx):
         key = position[kv_idx]
-        fine = fine_member(q_idx, key, m, causal) | ((key < sinks) & partition.reads_sinks(q_idx // m))  # §3, §3a
+        fine = fine_member(q_idx, key, m, causal)  # §3
+        if sinks:  # §3a (only when there are sinks: the term trips Inductor's CPU template even when it is False)
+            fine = fine | ((key < sinks) & partition.reads_sinks(q_idx // m))
         legal = torch.where(level[kv_idx] == 0, fine, attends_group(q_idx // width[kv_idx], key, causal))
         return legal & (real[kv_idx] if key_valid is None else real[b, kv_idx])
 
