@@ -17,8 +17,8 @@ With --model_name_or_path: real checkpoints on real prompts (issue 11): an FMT c
 --prompt-lens tokens of held-out documents, each model and length in a fresh subprocess; time to first token,
 decoding tokens/s, cache bytes and peak resident memory:
             python scripts/bench_generate.py --model_name_or_path outputs/smollm2-fmt \
-                --dense_model_name_or_path outputs/smollm2-dense --prompt-lens 8192 32768 --new-tokens 16 \
-                --out outputs/bench_e2e.json
+                --dense_model_name_or_path outputs/smollm2-dense --prompt-lens 8192 32768 --new-tokens 32 \
+                --threads 2
 """
 
 import argparse
@@ -33,6 +33,7 @@ from benchmarks.generate import (DTYPES, byte_model_config, format_batch_table, 
                                  run_decode_benchmark, smollm2_shaped_config)
 
 DEFAULT_LENGTHS = [1024, 2048, 4096, 8192, 16384, 32768, 65536 - 64]
+CHECKPOINT_OUT = "outputs/bench_e2e.json"
 
 
 def main(argv=None):
@@ -44,7 +45,9 @@ def main(argv=None):
                    help="the model's longest sequence (sets FMA's levels)")
     p.add_argument("--layers", type=int, default=30, help="decoder layers (SmolLM2-135M: 30)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads; unset: torch's default")
-    p.add_argument("--out", default="outputs/bench_generate.png", help="plot path; <stem>.json beside it")
+    p.add_argument("--out", default="outputs/bench_generate.png",
+                   help="plot path; <stem>.json beside it (real-checkpoint mode: <stem>.json and <stem>.md, default "
+                        f"{CHECKPOINT_OUT})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=None,
                    help="throughput mode: these batch sizes on the byte model after a real prefill")
@@ -65,6 +68,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=DTYPES, help="real-checkpoint mode: weights dtype")
     args = p.parse_args(argv)
     if args.model_name_or_path:
+        if args.out == p.get_default("out"):
+            args.out = CHECKPOINT_OUT
         checkpoint_mode(args)
         return
     if args.threads:
