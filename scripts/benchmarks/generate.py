@@ -221,7 +221,7 @@ METHODS_CHECKPOINT = {
             "prompt plus the first token",
     "decode": "tokens/s after the first: (new_tokens - 1) / wall clock from the first new token to the last",
     "cache": "bytes of every tensor the cache returned by generate holds (FMTCache: every state tensor; "
-             "DynamicCache: keys + values), prompt and new tokens included",
+             "DynamicCache: keys + values): the prompt and every new token but the last, which is never fed back",
     "rss": "weights: the subprocess's resident set after loading the model and reading every weight once "
            "(interpreter, libraries, weights); peak: its ru_maxrss (getrusage high-water mark) after generate",
     "other_cores": "cores kept busy by other processes during the run (/proc/stat minus this benchmark's processes)",
