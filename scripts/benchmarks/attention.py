@@ -282,8 +282,8 @@ def system_info() -> dict:
 class CpuNeighbours:
     """Average number of cores other processes (and hypervisor steal) kept busy between start() and stop().
 
-    System-wide busy time from /proc/stat minus this process's own CPU time, over wall time. ``None`` where
-    /proc/stat is unavailable. The benchmark reports it per cell: on a shared machine it says which timings to
+    System-wide busy time from /proc/stat minus the CPU time of this process and of its children waited for, over
+    wall time (so a benchmark subprocess does not count as a neighbour). ``None`` where /proc/stat is unavailable. The benchmark reports it per cell: on a shared machine it says which timings to
     distrust (with every core given to torch threads, one busy neighbour can slow small parallel kernels
     many-fold).
     """
@@ -297,15 +297,20 @@ class CpuNeighbours:
         except (OSError, ValueError, IndexError, AttributeError):
             return None
 
+    @staticmethod
+    def _own_seconds() -> float:
+        times = os.times()
+        return time.process_time() + times.children_user + times.children_system
+
     def start(self) -> "CpuNeighbours":
-        self._busy, self._own, self._wall = self._busy_seconds(), time.process_time(), time.perf_counter()
+        self._busy, self._own, self._wall = self._busy_seconds(), self._own_seconds(), time.perf_counter()
         return self
 
     def stop(self) -> float | None:
         busy, wall = self._busy_seconds(), time.perf_counter() - self._wall
         if busy is None or self._busy is None or wall <= 0:
             return None
-        return max(0.0, (busy - self._busy - (time.process_time() - self._own)) / wall)
+        return max(0.0, (busy - self._busy - (self._own_seconds() - self._own)) / wall)
 
 
 def run_benchmark(lengths: Iterable[int], modes: Iterable[str] = ("causal",), passes: Iterable[str] = PASSES,
