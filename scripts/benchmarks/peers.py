@@ -83,7 +83,7 @@ def run_peer(name: str, module: nn.Module, query: torch.Tensor, key: torch.Tenso
     batch, heads, n, d = query.shape
     key, value = _repeat_kv(key, heads), _repeat_kv(value, heads)
     if name == "h_transformer_1d":
-        merge = lambda t: t.transpose(1, 2).reshape(batch, n, heads * d)  # noqa: E731
+        merge = lambda t: t.transpose(1, 2).reshape(batch, n, heads * d)
         out = module(torch.cat([merge(query), merge(key), merge(value)], dim=-1))
         return out.view(batch, n, heads, d).transpose(1, 2)
     return module(query, key, value)

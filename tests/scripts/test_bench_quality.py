@@ -7,18 +7,18 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
-import benchmarks.quality as quality
+from bench_quality import main
+from benchmarks import quality
 from benchmarks.peers import build_peer_module, run_peer
 from benchmarks.quality import (Corpus, RunSpec, SuiteConfig, default_suite, format_report, interleaved_timing,
-                                lm_batches, plot_extrapolation, plot_training, probe_batch, read_rows, run_suite)
-from bench_quality import main
+                                lm_batches, plot_extrapolation, plot_training, probe_batch, run_suite)
 from fma_reference import fine_keys
 
-TINY = dict(seq_len=128, batch_size=2, steps=2, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-            num_attention_heads=2, block_size=16, coarse_tokens=2, eval_batch_size=4, extrapolation=[1, 2],
-            extrapolation_tokens=300, probe_len=128, probe_batch_size=2, probe_steps=2, probe_eval_examples=3)
+TINY = {"seq_len": 128, "batch_size": 2, "steps": 2, "hidden_size": 16, "intermediate_size": 32,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "block_size": 16, "coarse_tokens": 2, "eval_batch_size": 4,
+        "extrapolation": [1, 2], "extrapolation_tokens": 300, "probe_len": 128, "probe_batch_size": 2,
+        "probe_steps": 2, "probe_eval_examples": 3}
 TEXTS = ["To be, or not to be, that is the question: " * 7, "Now is the winter of our discontent. " * 5]
 
 
@@ -81,17 +81,17 @@ def test_cli_runs_named_runs_and_writes_the_report(tmp_path, corpus, monkeypatch
 
 
 def test_probe_puts_the_answer_where_it_says():
-    n = 256
-    ids, labels, positions = probe_batch(torch.Generator().manual_seed(1), 32, n)
+    n, run = 256, 8
+    ids, labels, starts = probe_batch(torch.Generator().manual_seed(1), 32, n, run)
     values = torch.tensor(list(quality.PROBE_VALUES))
     for row in range(32):
-        answer = ids[row, n - 1]
-        assert positions[row] < n // 4 and ids[row, positions[row]] == answer and answer in values
+        answer, start = ids[row, n - 1], int(starts[row])
+        assert start + run <= n // 4 and (ids[row, start:start + run] == answer).all() and answer in values
         assert ids[row, n - 2] == quality.PROBE_QUESTION and labels[row, n - 1] == answer
         assert (labels[row, : n - 1] == -100).all()
-        # the stored value is the only value in the context: nothing nearer gives the answer away
-        assert torch.isin(ids[row, : n - 2], values).nonzero().flatten().tolist() == [positions[row]]
-    assert len(set(positions.tolist())) > 1 and len(set(ids[:, n - 1].tolist())) > 1
+        # the stored run is the only value in the context: nothing nearer gives the answer away
+        assert torch.isin(ids[row, : n - 2], values).nonzero().flatten().tolist() == list(range(start, start + run))
+    assert len(set(starts.tolist())) > 1 and len(set(ids[:, n - 1].tolist())) > 1
 
 
 def test_sliding_window_is_fma_without_its_far_field():
@@ -116,7 +116,7 @@ def test_h_transformer_adapter_is_the_package_module():
     batch, heads, n, d, m = 2, 3, 200, 8, 16
     package = CausalHAttention1D(heads * d, max_seq_len=256, heads=heads, dim_head=d, block_size=m).double()
     x = torch.randn(batch, n, heads * d, dtype=torch.float64)
-    split = lambda t: t.view(batch, n, heads, d).transpose(1, 2)  # noqa: E731
+    split = lambda t: t.view(batch, n, heads, d).transpose(1, 2)
     q, k, v = (split(t) for t in package.to_qkv(x).chunk(3, dim=-1))
     out = run_peer("h_transformer_1d", build_peer_module("h_transformer_1d", d, heads, m, n).double(), q, k, v)
     torch.testing.assert_close(package.to_out(out.transpose(1, 2).reshape(batch, n, heads * d)), package(x))
