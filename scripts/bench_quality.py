@@ -38,6 +38,8 @@ class CliArguments:
     timing: bool = field(default=False, metadata={"help": "Only time a training step of the main attentions, "
                                                           "interleaved, instead of training."})
     timing_repeats: int = field(default=5, metadata={"help": "Rounds of the interleaved timing."})
+    report_only: bool = field(default=False, metadata={"help": "Run nothing: only the report of --output_file's "
+                                                                 "rows (e.g. while the suite is still running)."})
     no_progress: bool = field(default=False, metadata={"help": "No progress bars."})
 
 
@@ -60,7 +62,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for row in rows:
             print(f"{row['name']:24s} {row['median_s']:.3f} s/step  x{row['relative']:.2f}")
         return rows
-    rows = run_suite(specs, cfg, cli.output_file, progress=not cli.no_progress)
+    if not cli.report_only:
+        run_suite(specs, cfg, cli.output_file, progress=not cli.no_progress)
     rows = read_rows(cli.output_file)
     tables = format_report(rows)
     print(tables)
@@ -69,6 +72,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         with open(os.path.join(cli.report_dir, "quality_tables.md"), "w", encoding="utf-8") as f:
             f.write(tables + "\n")
         plot_training(rows, os.path.join(cli.report_dir, "quality_training.png"))
+        if any(row.get("group") == "long" and "train_bits" in row for row in rows):
+            plot_training(rows, os.path.join(cli.report_dir, "quality_training_long.png"), group="long")
         plot_extrapolation(rows, os.path.join(cli.report_dir, "quality_extrapolation.png"))
     return rows
 

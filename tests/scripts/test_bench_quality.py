@@ -50,8 +50,10 @@ def test_every_attention_trains_scores_and_the_suite_resumes(tmp_path, corpus):
     with open(path, "a") as f:
         f.write(json.dumps({"name": "probe/dense", "group": "probe", "attention": "sdpa", "error": "boom"}) + "\n")
     more = [spec for spec in default_suite() if spec.name == "probe/dense"]
+    more.append(RunSpec("dense-3steps", attention="sdpa", steps=3, group="long"))
     rows = run_suite(specs + more, cfg, path, progress=False, corpus=corpus)
-    assert len(rows) == len(specs) + 2 and rows[-1]["name"] == "probe/dense" and 0 <= rows[-1]["accuracy"] <= 1
+    assert len(rows) == len(specs) + 3 and rows[-2]["name"] == "probe/dense" and 0 <= rows[-2]["accuracy"] <= 1
+    assert len(rows[-1]["train_bits"]) == 3  # a run's own step budget
     assert "probe/dense" in format_report(rows) and "boom" not in format_report(rows)
     assert plot_training(rows, str(tmp_path / "t.png")) and (tmp_path / "t.png").stat().st_size > 0
     assert plot_extrapolation(rows, str(tmp_path / "e.png")) and (tmp_path / "e.png").stat().st_size > 0
@@ -78,6 +80,9 @@ def test_cli_runs_named_runs_and_writes_the_report(tmp_path, corpus, monkeypatch
                                                               "quality_extrapolation.png"}
     with pytest.raises(ValueError, match="unknown run"):
         main(argv[:2] + ["--runs", "nope"])
+    # --report_only runs nothing, even for runs not in the file
+    monkeypatch.setattr(quality, "run_one", None)
+    assert len(main(argv[:2] + ["--report_only", "--no_progress"])) == 2
 
 
 def test_probe_puts_the_answer_where_it_says():
@@ -145,3 +150,5 @@ def test_bad_settings_name_the_field():
         RunSpec("x", attention="flash")
     with pytest.raises(ValueError, match="task"):
         RunSpec("x", task="mlm")
+    with pytest.raises(ValueError, match="steps"):
+        RunSpec("x", steps=0)
