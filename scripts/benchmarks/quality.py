@@ -104,6 +104,7 @@ class RunSpec:
     extrapolate: bool = False
     group: str = "main"  # which table the row belongs to: main, probe, seeds, ablation, long
     steps: int | None = None
+    probe_len: int | None = None  # a probe run's own sequence length (default: the suite's)
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTIONS:
@@ -112,6 +113,12 @@ class RunSpec:
             raise ValueError(f"`task` must be 'lm' or 'probe', got {self.task!r}")
         if self.steps is not None and self.steps < 1:
             raise ValueError(f"`steps` must be a positive integer, got {self.steps}")
+        if self.probe_len is not None and self.task != "probe":
+            raise ValueError(f"`probe_len` is for probe runs; {self.name!r} is a {self.task!r} run")
+
+    def length(self, cfg: SuiteConfig) -> int:
+        """The sequence length this run trains at."""
+        return cfg.seq_len if self.task == "lm" else self.probe_len or cfg.probe_len
 
 
 def default_suite() -> list[RunSpec]:
@@ -136,11 +143,13 @@ def default_suite() -> list[RunSpec]:
                                         ("p2", "fma_coarse_tokens", 2), ("p8", "fma_coarse_tokens", 8),
                                         ("noscale", "fma_scale_attn", False),
                                         ("zerosink", "fma_boundary", "zero_sink"))]
-    longer = [replace(spec, name=f"{spec.name}-300steps", steps=300, extrapolate=False, group="long")
+    # the value stored thousands of tokens before the question (FMA and dense; the window cannot reach it)
+    probe_far = [replace(spec, name=f"{spec.name}-4096", probe_len=4096) for spec in probe[:2]]
+    longer = [replace(spec, name=f"{spec.name}-240steps", steps=240, extrapolate=False, group="long")
               for spec in main[:3]]
     # Last: on CPU its causal prefix sums run ~5x slower than the others (no length extrapolation, for the budget).
     performer = [RunSpec("performer", attention="performer")]
-    return main + probe + seeds + ablation + longer + performer
+    return main + probe + seeds + ablation + probe_far + longer + performer
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -149,9 +158,9 @@ def default_suite() -> list[RunSpec]:
 def build_model(spec: RunSpec, cfg: SuiteConfig, tokenizer, max_len: int) -> FMTForCausalLM:
     """The shared model shape with ``spec``'s attention, initialised from ``spec.seed``. ``max_len`` is the longest
     input it will see (peers size buffers for it); ``max_position_embeddings`` is the training length."""
-    options = {"vocab_size": len(tokenizer), "hidden_size": cfg.hidden_size, "intermediate_size": cfg.intermediate_size,
-               "num_hidden_layers": cfg.num_hidden_layers, "num_attention_heads": cfg.num_attention_heads,
-               "max_position_embeddings": cfg.seq_len if spec.task == "lm" else cfg.probe_len,
+    options = {"vocab_size": len(tokenizer), "hidden_size": cfg.hidden_size,
+               "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
+               "num_attention_heads": cfg.num_attention_heads, "max_position_embeddings": spec.length(cfg),
                "fma_block_size": cfg.block_size, "fma_coarse_tokens": cfg.coarse_tokens,
                "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
                "eos_token_id": tokenizer.eos_token_id}
@@ -283,14 +292,15 @@ def probe_batches(batch_size: int, n: int, seed: int) -> Iterator[tuple[torch.Te
 
 
 @torch.no_grad()
-def probe_accuracy(model: FMTForCausalLM, cfg: SuiteConfig, seed: int = 12345, progress: bool = True) -> float:
+def probe_accuracy(model: FMTForCausalLM, cfg: SuiteConfig, n: int, seed: int = 12345, progress: bool = True
+                   ) -> float:
     """Fraction of held-out probe sequences (their own seed) whose value the model predicts after the ``?``."""
     generator = torch.Generator().manual_seed(seed)
     correct = 0
     batches = math.ceil(cfg.probe_eval_examples / cfg.eval_batch_size)
     for index in tqdm(range(batches), desc="probe eval", disable=not progress, mininterval=10):
         size = min(cfg.eval_batch_size, cfg.probe_eval_examples - index * cfg.eval_batch_size)
-        ids, labels, _ = probe_batch(generator, size, cfg.probe_len)
+        ids, labels, _ = probe_batch(generator, size, n)
         logits = model(input_ids=ids[:, :-1], use_cache=False, logits_to_keep=1).logits[:, -1]
         correct += int((logits.argmax(-1) == labels[:, -1]).sum())
     return correct / cfg.probe_eval_examples
@@ -335,7 +345,7 @@ def run_one(spec: RunSpec, cfg: SuiteConfig, tokenizer, corpus: Corpus | None, p
            "seed": spec.seed, "overrides": dict(spec.overrides)}
     if spec.attention in PEER_PACKAGES and (reason := peer_unavailable(spec.attention)) is not None:
         return {**row, "reason": reason}
-    n = cfg.seq_len if spec.task == "lm" else cfg.probe_len
+    n = spec.length(cfg)
     longest = n * max(cfg.extrapolation) if spec.extrapolate else n
     model = build_model(spec, cfg, tokenizer, longest)
     row["parameters"] = model.num_parameters()
@@ -354,7 +364,7 @@ def run_one(spec: RunSpec, cfg: SuiteConfig, tokenizer, corpus: Corpus | None, p
         if spec.extrapolate:
             row["extrapolation"] = extrapolation(model, tokenizer, corpus.test_texts, cfg, progress)
     else:
-        row["accuracy"] = probe_accuracy(model, cfg, progress=progress)
+        row["accuracy"] = probe_accuracy(model, cfg, n, progress=progress)
     row["eval_seconds"] = time.perf_counter() - start
     return row
 
@@ -459,11 +469,11 @@ def format_report(rows: list[dict]) -> str:
         relative = f"{100 * (row['bpb'] / reference - 1):+.1f}%" if reference else "—"
         out.append(f"| {row['name']} | {row['group']} | {row['attention']} | {_fmt(row['bpb'])} | {relative} | "
                    f"{_fmt(row['s_per_step'], 2)} | {row['peak_bytes'] / 2**20:.0f} | {row['parameters']:,} |")
-    out += ["", "| probe run | accuracy | s/step |", "|---|---|---|"]
+    out += ["", "| probe run | length | accuracy | s/step |", "|---|---|---|---|"]
     for row in rows:
         if row.get("task") == "probe":
             value = _fmt(row.get("accuracy")) if "accuracy" in row else f"not run: {row.get('reason') or row.get('error')}"
-            out.append(f"| {row['name']} | {value} | {_fmt(row.get('s_per_step'), 2)} |")
+            out.append(f"| {row['name']} | {row.get('seq_len', '')} | {value} | {_fmt(row.get('s_per_step'), 2)} |")
     extrapolated = [row for row in rows if row.get("extrapolation")]
     if extrapolated:
         contexts = [item["context"] for item in extrapolated[0]["extrapolation"]]

@@ -51,9 +51,11 @@ def test_every_attention_trains_scores_and_the_suite_resumes(tmp_path, corpus):
         f.write(json.dumps({"name": "probe/dense", "group": "probe", "attention": "sdpa", "error": "boom"}) + "\n")
     more = [spec for spec in default_suite() if spec.name == "probe/dense"]
     more.append(RunSpec("dense-3steps", attention="sdpa", steps=3, group="long"))
+    more.append(RunSpec("probe/fma-256", task="probe", group="probe", probe_len=256))
     rows = run_suite(specs + more, cfg, path, progress=False, corpus=corpus)
-    assert len(rows) == len(specs) + 3 and rows[-2]["name"] == "probe/dense" and 0 <= rows[-2]["accuracy"] <= 1
-    assert len(rows[-1]["train_bits"]) == 3  # a run's own step budget
+    assert len(rows) == len(specs) + 4 and rows[-3]["name"] == "probe/dense" and 0 <= rows[-3]["accuracy"] <= 1
+    assert len(rows[-2]["train_bits"]) == 3  # a run's own step budget
+    assert rows[-1]["seq_len"] == 256 and rows[-3]["seq_len"] == TINY["probe_len"]  # a probe's own length
     assert "probe/dense" in format_report(rows) and "boom" not in format_report(rows)
     assert plot_training(rows, str(tmp_path / "t.png")) and (tmp_path / "t.png").stat().st_size > 0
     assert plot_extrapolation(rows, str(tmp_path / "e.png")) and (tmp_path / "e.png").stat().st_size > 0
@@ -152,3 +154,5 @@ def test_bad_settings_name_the_field():
         RunSpec("x", task="mlm")
     with pytest.raises(ValueError, match="steps"):
         RunSpec("x", steps=0)
+    with pytest.raises(ValueError, match="probe_len"):
+        RunSpec("x", probe_len=4096)
