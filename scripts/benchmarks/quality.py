@@ -448,41 +448,49 @@ def _fmt(value, digits: int = 3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def format_report(rows: list[dict]) -> str:
-    """Markdown tables of the rows: language modelling (bpb, relative to dense, s/step, peak MiB), the probe, and
-    extrapolation. A row with a reason or an error shows it instead of numbers."""
+REPORT_SECTIONS = ("lm", "probe", "extrapolation")
+
+
+def format_report(rows: list[dict], sections: tuple[str, ...] = REPORT_SECTIONS) -> str:
+    """Markdown tables of the rows: language modelling (``lm``: bpb, relative to dense, s/step, peak MiB), the
+    ``probe`` and the ``extrapolation``; sections without rows are left out. A row with a reason or an error shows
+    it instead of numbers."""
     latest = {row["name"]: row for row in rows}  # a rerun (after an error) replaces the earlier row
     rows = list(latest.values())
     # "vs dense": against the dense row of the same seed and step budget
     dense = {(row["seed"], len(row["train_bits"])): row["bpb"] for row in rows
              if row.get("attention") == "sdpa" and row.get("task") == "lm" and "bpb" in row}
-    out = ["| run | group | attention | bpb (test) | vs dense | s/step | peak MiB | params |",
-           "|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        if row.get("task", "lm") != "lm":
-            continue
-        if "bpb" not in row:
-            out.append(f"| {row['name']} | {row['group']} | {row['attention']} | not run: "
-                       f"{row.get('reason') or row.get('error')} | | | | |")
-            continue
-        reference = dense.get((row["seed"], len(row["train_bits"])))
-        relative = f"{100 * (row['bpb'] / reference - 1):+.1f}%" if reference else "—"
-        out.append(f"| {row['name']} | {row['group']} | {row['attention']} | {_fmt(row['bpb'])} | {relative} | "
-                   f"{_fmt(row['s_per_step'], 2)} | {row['peak_bytes'] / 2**20:.0f} | {row['parameters']:,} |")
-    out += ["", "| probe run | length | accuracy | s/step |", "|---|---|---|---|"]
-    for row in rows:
-        if row.get("task") == "probe":
+    tables = []
+    lm = [row for row in rows if row.get("task", "lm") == "lm"]
+    if "lm" in sections and lm:
+        out = ["| run | group | attention | bpb (test) | vs dense | s/step | peak MiB | params |",
+               "|---|---|---|---|---|---|---|---|"]
+        for row in lm:
+            if "bpb" not in row:
+                out.append(f"| {row['name']} | {row['group']} | {row['attention']} | not run: "
+                           f"{row.get('reason') or row.get('error')} | | | | |")
+                continue
+            reference = dense.get((row["seed"], len(row["train_bits"])))
+            relative = f"{100 * (row['bpb'] / reference - 1):+.1f}%" if reference else "—"
+            out.append(f"| {row['name']} | {row['group']} | {row['attention']} | {_fmt(row['bpb'])} | {relative} | "
+                       f"{_fmt(row['s_per_step'], 2)} | {row['peak_bytes'] / 2**20:.0f} | {row['parameters']:,} |")
+        tables.append("\n".join(out))
+    probe = [row for row in rows if row.get("task") == "probe"]
+    if "probe" in sections and probe:
+        out = ["| probe run | length | accuracy | s/step |", "|---|---|---|---|"]
+        for row in probe:
             value = _fmt(row.get("accuracy")) if "accuracy" in row else f"not run: {row.get('reason') or row.get('error')}"
             out.append(f"| {row['name']} | {row.get('seq_len', '')} | {value} | {_fmt(row.get('s_per_step'), 2)} |")
+        tables.append("\n".join(out))
     extrapolated = [row for row in rows if row.get("extrapolation")]
-    if extrapolated:
+    if "extrapolation" in sections and extrapolated:
         contexts = [item["context"] for item in extrapolated[0]["extrapolation"]]
-        out += ["", "| run | " + " | ".join(f"bpb @ {c}" for c in contexts) + " |",
-                "|---|" + "---|" * len(contexts)]
+        out = ["| run | " + " | ".join(f"bpb @ {c}" for c in contexts) + " |", "|---|" + "---|" * len(contexts)]
         for row in extrapolated:
             cells = [_fmt(item["bpb"]) if "bpb" in item else "capped" for item in row["extrapolation"]]
             out.append(f"| {row['name']} | " + " | ".join(cells) + " |")
-    return "\n".join(out)
+        tables.append("\n".join(out))
+    return "\n\n".join(tables)
 
 
 def plot_training(rows: list[dict], path: str, smooth: int = 10, group: str = "main") -> str:
@@ -533,7 +541,7 @@ def plot_extrapolation(rows: list[dict], path: str) -> str:
     return path
 
 
-__all__ = ["ATTENTIONS", "Corpus", "RunSpec", "SuiteConfig", "build_model", "default_suite", "extrapolation",
+__all__ = ["ATTENTIONS", "REPORT_SECTIONS", "Corpus", "RunSpec", "SuiteConfig", "build_model", "default_suite", "extrapolation",
            "format_report", "held_out_bpb", "interleaved_timing", "lm_batches", "load_corpus_splits",
            "plot_extrapolation", "plot_training", "probe_accuracy", "probe_batch", "probe_batches", "read_rows",
            "run_one", "run_suite", "train"]

@@ -57,6 +57,7 @@ def test_every_attention_trains_scores_and_the_suite_resumes(tmp_path, corpus):
     assert len(rows[-2]["train_bits"]) == 3  # a run's own step budget
     assert rows[-1]["seq_len"] == 256 and rows[-3]["seq_len"] == TINY["probe_len"]  # a probe's own length
     assert "probe/dense" in format_report(rows) and "boom" not in format_report(rows)
+    assert format_report(rows, ("probe",)).startswith("| probe run") and "bpb @ 256" in format_report(rows)
     assert plot_training(rows, str(tmp_path / "t.png")) and (tmp_path / "t.png").stat().st_size > 0
     assert plot_extrapolation(rows, str(tmp_path / "e.png")) and (tmp_path / "e.png").stat().st_size > 0
 
