@@ -123,7 +123,7 @@ class RunSpec:
 
 def default_suite() -> list[RunSpec]:
     """Issue 10's runs: the main comparison, the long-range probe, a second seed for dense and FMA-depthwise, the
-    ablations over m, p, scale_attn and the boundary, and FMA-depthwise, dense and the sliding window again at 2.5x
+    ablations over m, p, scale_attn and the boundary, and FMA-depthwise, dense and the sliding window again at 2x
     the steps (does the ranking hold with more training?). Ordered so the headline rows finish first."""
     fine = lambda family, **kw: (("fma_downsample", family), *kw.items())
     main = [
