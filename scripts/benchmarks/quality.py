@@ -479,7 +479,8 @@ def format_report(rows: list[dict], sections: tuple[str, ...] = REPORT_SECTIONS)
     if "probe" in sections and probe:
         out = ["| probe run | length | accuracy | s/step |", "|---|---|---|---|"]
         for row in probe:
-            value = _fmt(row.get("accuracy")) if "accuracy" in row else f"not run: {row.get('reason') or row.get('error')}"
+            reason = row.get("reason") or row.get("error")
+            value = _fmt(row["accuracy"]) if "accuracy" in row else f"not run: {reason}"
             out.append(f"| {row['name']} | {row.get('seq_len', '')} | {value} | {_fmt(row.get('s_per_step'), 2)} |")
         tables.append("\n".join(out))
     extrapolated = [row for row in rows if row.get("extrapolation")]
@@ -541,7 +542,7 @@ def plot_extrapolation(rows: list[dict], path: str) -> str:
     return path
 
 
-__all__ = ["ATTENTIONS", "REPORT_SECTIONS", "Corpus", "RunSpec", "SuiteConfig", "build_model", "default_suite", "extrapolation",
-           "format_report", "held_out_bpb", "interleaved_timing", "lm_batches", "load_corpus_splits",
+__all__ = ["ATTENTIONS", "REPORT_SECTIONS", "Corpus", "RunSpec", "SuiteConfig", "build_model", "default_suite",
+           "extrapolation", "format_report", "held_out_bpb", "interleaved_timing", "lm_batches", "load_corpus_splits",
            "plot_extrapolation", "plot_training", "probe_accuracy", "probe_batch", "probe_batches", "read_rows",
            "run_one", "run_suite", "train"]
