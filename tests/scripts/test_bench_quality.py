@@ -1,0 +1,159 @@
+"""scripts/bench_quality.py and its engine (benchmarks.quality, benchmarks.peers) on tiny sizes: every attention
+trains and scores, rows are appended and resumed, the probe data says where its answer is, and the peers compute
+what they claim (the sliding window is FMA's level 0, the h-transformer-1d adapter is the package's module)."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from bench_quality import main
+from benchmarks import quality
+from benchmarks.peers import build_peer_module, run_peer
+from benchmarks.quality import (Corpus, RunSpec, SuiteConfig, default_suite, format_report, interleaved_timing,
+                                lm_batches, plot_extrapolation, plot_training, probe_batch, run_suite)
+from fma_reference import fine_keys
+
+TINY = {"seq_len": 128, "batch_size": 2, "steps": 2, "hidden_size": 16, "intermediate_size": 32,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "block_size": 16, "coarse_tokens": 2, "eval_batch_size": 4,
+        "extrapolation": [1, 2], "extrapolation_tokens": 300, "probe_len": 128, "probe_batch_size": 2,
+        "probe_steps": 2, "probe_eval_examples": 3}
+TEXTS = ["To be, or not to be, that is the question: " * 7, "Now is the winter of our discontent. " * 5]
+
+
+@pytest.fixture
+def corpus():
+    generator = torch.Generator().manual_seed(0)
+    return Corpus(torch.randint(256, (6, TINY["seq_len"]), generator=generator), TEXTS)
+
+
+def test_every_attention_trains_scores_and_the_suite_resumes(tmp_path, corpus):
+    cfg = SuiteConfig(**TINY)
+    path = str(tmp_path / "runs.jsonl")
+    specs = [spec for spec in default_suite() if spec.group == "main" or spec.name == "performer"]
+    rows = run_suite(specs, cfg, path, progress=False, corpus=corpus)
+    assert [row["name"] for row in rows] == [spec.name for spec in specs]
+    for row in rows:
+        assert "error" not in row, row.get("traceback")
+        assert math.isfinite(row["bpb"]) and row["bpb"] > 0 and row["s_per_step"] > 0 and row["peak_bytes"] > 0
+        assert len(row["train_bits"]) == cfg.steps and all(math.isfinite(b) for b in row["train_bits"])
+    by_name = {row["name"]: row for row in rows}
+    # length-free FMA, dense and the peers score at twice the training length; their 1x bpb is over fewer tokens
+    assert [item["context"] for item in by_name["fma-recursive"]["extrapolation"]] == [128, 256]
+    assert all(math.isfinite(item["bpb"]) for item in by_name["dense"]["extrapolation"])
+    # one model shape: dense and the peers run the FMA model's own weights (their modules add no parameters)
+    assert {by_name[name]["parameters"] for name in ("fma-depthwise", "dense", "sliding-window", "h-transformer-1d",
+                                                     "performer")} == {by_name["dense"]["parameters"]}
+
+    # resume: finished rows are skipped, an error row runs again, a new run is appended
+    with open(path, "a") as f:
+        f.write(json.dumps({"name": "probe/dense", "group": "probe", "attention": "sdpa", "error": "boom"}) + "\n")
+    more = [spec for spec in default_suite() if spec.name == "probe/dense"]
+    more.append(RunSpec("dense-3steps", attention="sdpa", steps=3, group="long"))
+    more.append(RunSpec("probe/fma-256", task="probe", group="probe", probe_len=256))
+    rows = run_suite(specs + more, cfg, path, progress=False, corpus=corpus)
+    assert len(rows) == len(specs) + 4 and rows[-3]["name"] == "probe/dense" and 0 <= rows[-3]["accuracy"] <= 1
+    assert len(rows[-2]["train_bits"]) == 3  # a run's own step budget
+    assert rows[-1]["seq_len"] == 256 and rows[-3]["seq_len"] == TINY["probe_len"]  # a probe's own length
+    assert "probe/dense" in format_report(rows) and "boom" not in format_report(rows)
+    assert format_report(rows, ("probe",)).startswith("| probe run") and "bpb @ 256" in format_report(rows)
+    assert plot_training(rows, str(tmp_path / "t.png")) and (tmp_path / "t.png").stat().st_size > 0
+    assert plot_extrapolation(rows, str(tmp_path / "e.png")) and (tmp_path / "e.png").stat().st_size > 0
+
+
+def test_a_peer_that_cannot_import_gets_a_row_with_the_reason(tmp_path, corpus, monkeypatch):
+    monkeypatch.setattr(quality, "peer_unavailable", lambda name: f"{name} is not installed")
+    rows = run_suite([RunSpec("h-transformer-1d", attention="h_transformer_1d")], SuiteConfig(**TINY),
+                     str(tmp_path / "runs.jsonl"), progress=False, corpus=corpus)
+    assert rows[0]["reason"] == "h_transformer_1d is not installed" and "bpb" not in rows[0]
+    assert "not run: h_transformer_1d is not installed" in format_report(rows)
+    # a reason row is final: resuming does not try it again
+    assert len(run_suite([RunSpec("h-transformer-1d", attention="h_transformer_1d")], SuiteConfig(**TINY),
+                         str(tmp_path / "runs.jsonl"), progress=False, corpus=corpus)) == 1
+
+
+def test_cli_runs_named_runs_and_writes_the_report(tmp_path, corpus, monkeypatch):
+    monkeypatch.setattr(quality, "load_corpus_splits", lambda cfg, tokenizer: corpus)
+    argv = ["--output_file", str(tmp_path / "q.jsonl"), "--runs", "dense,fma-avgpool", "--report_dir",
+            str(tmp_path / "img"), "--no_progress"] + [f"--{k}={v}" for k, v in TINY.items() if k != "extrapolation"]
+    rows = main(argv + ["--extrapolation", "1", "2"])
+    assert [row["name"] for row in rows] == ["dense", "fma-avgpool"]
+    assert {p.name for p in (tmp_path / "img").iterdir()} == {"quality_tables.md", "quality_training.png",
+                                                              "quality_extrapolation.png"}
+    with pytest.raises(ValueError, match="unknown run"):
+        main(argv[:2] + ["--runs", "nope"])
+    # --report_only runs nothing, even for runs not in the file
+    monkeypatch.setattr(quality, "run_one", None)
+    assert len(main(argv[:2] + ["--report_only", "--no_progress"])) == 2
+
+
+def test_probe_puts_the_answer_where_it_says():
+    n, run = 256, 8
+    ids, labels, starts = probe_batch(torch.Generator().manual_seed(1), 32, n, run)
+    values = torch.tensor(list(quality.PROBE_VALUES))
+    for row in range(32):
+        answer, start = ids[row, n - 1], int(starts[row])
+        assert start + run <= n // 4 and (ids[row, start:start + run] == answer).all() and answer in values
+        assert ids[row, n - 2] == quality.PROBE_QUESTION and labels[row, n - 1] == answer
+        assert (labels[row, : n - 1] == -100).all()
+        # the stored run is the only value in the context: nothing nearer gives the answer away
+        assert torch.isin(ids[row, : n - 2], values).nonzero().flatten().tolist() == list(range(start, start + run))
+    assert len(set(starts.tolist())) > 1 and len(set(ids[:, n - 1].tolist())) > 1
+
+
+def test_sliding_window_is_fma_without_its_far_field():
+    """The sliding peer equals float64 attention over exactly FMA's level-0 keys (the reference's `fine_keys`,
+    §3) at an awkward length, i.e. FMA with the coarse levels removed."""
+    torch.manual_seed(0)
+    batch, heads, n, d, m = 2, 3, 300, 8, 16
+    q, k, v = (torch.randn(batch, heads, n, d, dtype=torch.float64) for _ in range(3))
+    allowed = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        allowed[i, fine_keys(i, n, m, None, causal=True)[0]] = True
+    logits = (q @ k.transpose(-1, -2) / math.sqrt(d)).masked_fill(~allowed, float("-inf"))
+    expected = logits.softmax(-1) @ v
+    got = run_peer("sliding", build_peer_module("sliding", d, heads, m, n), q, k, v)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_h_transformer_adapter_is_the_package_module():
+    from h_transformer_1d.h_transformer_1d import CausalHAttention1D
+
+    torch.manual_seed(0)
+    batch, heads, n, d, m = 2, 3, 200, 8, 16
+    package = CausalHAttention1D(heads * d, max_seq_len=256, heads=heads, dim_head=d, block_size=m).double()
+    x = torch.randn(batch, n, heads * d, dtype=torch.float64)
+    split = lambda t: t.view(batch, n, heads, d).transpose(1, 2)
+    q, k, v = (split(t) for t in package.to_qkv(x).chunk(3, dim=-1))
+    out = run_peer("h_transformer_1d", build_peer_module("h_transformer_1d", d, heads, m, n).double(), q, k, v)
+    torch.testing.assert_close(package.to_out(out.transpose(1, 2).reshape(batch, n, heads * d)), package(x))
+
+
+def test_data_order_depends_on_the_seed_only():
+    blocks = torch.arange(40).view(10, 4)
+    first = [next(lm_batches(blocks, 3, seed=0))[0] for _ in range(2)]
+    assert torch.equal(first[0], first[1])
+    assert not torch.equal(first[0], next(lm_batches(blocks, 3, seed=1))[0])
+
+
+def test_interleaved_timing_reports_ratios_to_the_first():
+    specs = [spec for spec in default_suite() if spec.name in ("fma-depthwise", "dense")]
+    rows = interleaved_timing(specs, SuiteConfig(**TINY), repeats=2, progress=False)
+    assert [row["name"] for row in rows] == ["fma-depthwise", "dense"] and rows[0]["relative"] == 1.0
+    assert all(len(row["samples"]) == 2 and row["median_s"] > 0 for row in rows)
+
+
+def test_bad_settings_name_the_field():
+    with pytest.raises(ValueError, match="steps"):
+        SuiteConfig(steps=0)
+    with pytest.raises(ValueError, match="probe_len"):
+        SuiteConfig(probe_len=64, block_size=64)
+    with pytest.raises(ValueError, match="attention"):
+        RunSpec("x", attention="flash")
+    with pytest.raises(ValueError, match="task"):
+        RunSpec("x", task="mlm")
+    with pytest.raises(ValueError, match="steps"):
+        RunSpec("x", steps=0)
+    with pytest.raises(ValueError, match="probe_len"):
+        RunSpec("x", probe_len=4096)
