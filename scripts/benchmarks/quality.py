@@ -511,12 +511,7 @@ def plot_training(rows: list[dict], path: str, smooth: int = 10, group: str = "m
     ax.set_xlabel("step")
     ax.set_ylabel(f"training bits per token ({smooth}-step mean)")
     ax.set_title("Same model, data and budget; legend: held-out bits per byte")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, path)
 
 
 def plot_extrapolation(rows: list[dict], path: str) -> str:
@@ -534,6 +529,13 @@ def plot_extrapolation(rows: list[dict], path: str) -> str:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("evaluation context (tokens); trained at the first")
     ax.set_ylabel("held-out bits per byte")
+    return _save(fig, ax, path)
+
+
+def _save(fig, ax, path: str) -> str:
+    """Grid, legend, and the figure written to ``path`` (and closed)."""
+    import matplotlib.pyplot as plt
+
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
