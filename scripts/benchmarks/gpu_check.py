@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 
-from benchmarks.attention import DTYPES, measure_peak_memory, system_info
+from benchmarks.attention import DTYPES, _fmt_mib, measure_peak_memory, system_info
 from fmt_hf.model.fma_attention import FastMultipoleAttention
 from fmt_hf.model.fma_downsample import LENGTH_FREE_MODES
 from fmt_hf.model.fma_partition import num_levels
@@ -293,10 +293,6 @@ def _system(device: str) -> dict:
 
 def _fmt_seconds(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.2f} ms"
-
-
-def _fmt_mib(nbytes: int | None) -> str:
-    return "-" if nbytes is None else f"{nbytes / 2**20:.0f}"
 
 
 def target(n: int) -> float | None:
