@@ -72,6 +72,19 @@ def length_free(config: FMTConfig) -> bool:
     return config.fma_downsample in LENGTH_FREE_DOWNSAMPLE and config.fma_boundary == "mask"
 
 
+def sequence_cap(config: FMTConfig, attn_implementation: str | None = None) -> int | None:
+    """The longest sequence (cached tokens included) an FMT model of ``config`` accepts under ``attn_implementation``
+    (None: FMA, the architecture's default), or None when nothing caps it.
+
+    FMA with `fma_downsample` `"depthwise"` or `"full"` (or with `fma_boundary="zero_sink"`) has a hierarchy built
+    for `max_position_embeddings`; `"recursive"`, `"avgpool"` and the dense implementations (rotary embeddings, as
+    in Llama) have no hard limit -- quality beyond the training length is another matter (see `FMTConfig`).
+    """
+    if (attn_implementation or FMA_ATTN_IMPLEMENTATION) != FMA_ATTN_IMPLEMENTATION or length_free(config):
+        return None
+    return config.max_position_embeddings
+
+
 class FMTRMSNorm(nn.Module):
     """Root-mean-square layer normalisation, computed in float32 (as `LlamaRMSNorm`)."""
 
@@ -367,18 +380,9 @@ class FMTPreTrainedModel(PreTrainedModel):
 
     @property
     def max_sequence_length(self) -> int | None:
-        """The longest sequence (cached tokens included) this model accepts, or None when nothing caps it.
-
-        FMA with `fma_downsample` `"depthwise"` or `"full"` (or with `fma_boundary="zero_sink"`) has a hierarchy
-        built for `max_position_embeddings`; `"recursive"`, `"avgpool"` and the dense implementations (rotary
-        embeddings, as in Llama) have no hard limit -- quality beyond the training length is another matter (see
-        `FMTConfig`).
-        """
-        if self.config._attn_implementation != FMA_ATTN_IMPLEMENTATION:
-            return None
-        if length_free(self.config):
-            return None
-        return self.config.max_position_embeddings
+        """The longest sequence (cached tokens included) this model accepts, or None when nothing caps it
+        (:func:`sequence_cap` of its config and attention implementation)."""
+        return sequence_cap(self.config, self.config._attn_implementation)
 
     def get_correct_attn_implementation(self, requested_attention: str | None, is_init_check: bool = False) -> str:
         # FMA is this architecture's attention, so it is what "no preference" means; transformers' own default

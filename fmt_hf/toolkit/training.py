@@ -52,6 +52,7 @@ from transformers import (
 )
 
 from ..model import FMTConfig
+from ..model.modeling_fmt import sequence_cap
 from .classification import passage_classification
 from .data import CORPORA, DEFAULT_CORPUS, build_corpus, load_corpus, pack_documents, select_documents
 from .metrics import ACCURACY, LM_BITS
@@ -403,6 +404,15 @@ class TaskData:
     metrics: LanguageModelingMetrics | ClassificationMetrics | None
 
 
+def _sequence_cap(config: PreTrainedConfig, model_args: ModelArguments) -> int | None:
+    """The longest block the model trains on: an FMT model's :func:`~fmt_hf.model.modeling_fmt.sequence_cap` (none
+    for the length-free FMA families, e.g. a converted model with recursive downsamplers), else the config's
+    ``max_position_embeddings``."""
+    if isinstance(config, FMTConfig):
+        return sequence_cap(config, model_args.attn_implementation)
+    return getattr(config, "max_position_embeddings", None)
+
+
 def language_modeling_data(
     model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
     tokenizer: PreTrainedTokenizerBase, wanted: list[str],
@@ -422,7 +432,7 @@ def language_modeling_data(
             tokenizer,
             data_args.seq_len,
             task=model_args.task,
-            max_position_embeddings=getattr(config, "max_position_embeddings", None),
+            max_position_embeddings=_sequence_cap(config, model_args),
             num_proc=data_args.preprocessing_num_workers,
         )
     splits = {name: _first(blocks[name], data_args.max_train_samples if name == "train" else data_args.max_eval_samples)
@@ -456,7 +466,7 @@ def classification_data(
             seed=data_args.split_seed,
         )
     config = build_config(model_args, tokenizer, data_args.seq_len, labels=list(works["title"]))
-    max_position_embeddings = getattr(config, "max_position_embeddings", None)
+    max_position_embeddings = _sequence_cap(config, model_args)
     if max_position_embeddings is not None and data_args.seq_len > max_position_embeddings:
         raise ValueError(
             f"seq_len={data_args.seq_len} exceeds the model's max_position_embeddings={max_position_embeddings}"

@@ -115,6 +115,15 @@ def test_train_only_downsamplers(documents, tmp_path):
                          "--config_overrides", TINY_FMT + ",fma_downsample=avgpool"))
 
 
+def test_length_free_models_train_past_max_position_embeddings(documents, tmp_path):
+    """A recursive FMT (such as a converted Llama) has no length cap, so it trains on blocks longer than its
+    max_position_embeddings; a depthwise one refuses them (test_bad_input_fails_clearly)."""
+    overrides = TINY_FMT + ",max_position_embeddings=32,fma_downsample=recursive"
+    train(train_argv(tmp_path / "out", documents, "--do_train", "--max_steps", "1", "--config_overrides", overrides))
+    assert read_json(tmp_path / "out" / "config.json")["max_position_embeddings"] == 32
+    assert read_json(tmp_path / "out" / "trainer_state.json")["global_step"] == 1
+
+
 def test_resume_continues_step_count_and_loss(documents, tmp_path, monkeypatch):
     train(train_argv(tmp_path / "straight", documents, "--do_train", "--max_steps", "4", "--save_steps", "2"))
 
