@@ -5,8 +5,10 @@ weights, config, tokenizer, the modelling code (so the model loads with ``trust_
 ``fmt_hf``) and a ``README.md`` model card rendered through ``huggingface_hub``'s ``ModelCard``/``ModelCardData``
 from a Jinja template (``model_card_template.md``, package data beside this module). The card takes the architecture and
 FMA settings from the config, the training data and procedure from the run's ``training_setup.json`` and
-``Trainer`` files, and the evaluation results from ``eval_results.json`` (``train.py --do_eval``) and
-``eval_lm_*.json`` (``scripts/eval_lm.py``). :func:`push_to_hub` uploads that same folder in one commit.
+``Trainer`` files, and the evaluation results from ``eval_results.json`` (``train.py --do_eval``),
+``test_results.json`` (a classifier's ``--do_predict``) and ``eval_lm_*.json`` (``scripts/eval_lm.py``). The
+architecture recorded in the config decides the Auto class, the pipeline tag and the card's wording
+(:data:`MODEL_KINDS`). :func:`push_to_hub` uploads that same folder in one commit.
 """
 
 from __future__ import annotations
@@ -20,7 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from huggingface_hub import CommitInfo, EvalResult, HfApi, ModelCard, ModelCardData
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM, PreTrainedConfig
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForMaskedLM,
+    AutoModelForQuestionAnswering,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    PreTrainedConfig,
+)
 
 from .data import corpus_package
 from ..model.fma_partition import num_levels
@@ -31,6 +42,39 @@ DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
 """The model-card template of the ``fmt_hf`` repository (present in a clone or an editable install)."""
 
 TAGS = ["fmt", "fast-multipole-attention", "long-context", "custom_code"]
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """What a checkpoint's architecture is published as: the Auto class that loads it, its Hub pipeline tag, and
+    the words the card calls it."""
+
+    auto_class: type
+    pipeline_tag: str
+    description: str
+
+
+MODEL_KINDS = {
+    "FMTForCausalLM": ModelKind(AutoModelForCausalLM, "text-generation", "causal language model"),
+    "FMTForMaskedLM": ModelKind(AutoModelForMaskedLM, "fill-mask", "masked language model"),
+    "FMTForSequenceClassification": ModelKind(
+        AutoModelForSequenceClassification, "text-classification", "sequence classifier"),
+    "FMTForTokenClassification": ModelKind(AutoModelForTokenClassification, "token-classification", "token classifier"),
+    "FMTForQuestionAnswering": ModelKind(
+        AutoModelForQuestionAnswering, "question-answering", "extractive question-answering model"),
+    "FMTModel": ModelKind(AutoModel, "feature-extraction", "base model (hidden states, no head)"),
+}
+"""The FMT architectures ``push_to_hub.py`` publishes, by the name ``save_pretrained`` records in ``architectures``."""
+
+
+def model_kind(config: PreTrainedConfig) -> ModelKind:
+    """The kind of the checkpoint with ``config``: its recorded architecture (a config without one: the causal or
+    masked LM its ``is_causal`` says)."""
+    architecture = (config.architectures or ["FMTForCausalLM" if config.is_causal else "FMTForMaskedLM"])[0]
+    if architecture not in MODEL_KINDS:
+        raise ValueError(f"the checkpoint's architecture {architecture!r} is not one push_to_hub.py publishes: "
+                         f"{', '.join(MODEL_KINDS)}")
+    return MODEL_KINDS[architecture]
 
 
 @dataclass
@@ -103,7 +147,7 @@ def _training_summary(model_dir: str) -> dict[str, Any] | None:
 
 
 def _evaluations(model_dir: str, training: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Evaluation rows for the card: the Trainer's validation blocks, then every ``eval_lm_*.json``."""
+    """Language-model evaluation rows for the card: the Trainer's validation blocks, then every ``eval_lm_*.json``."""
     rows = []
     trainer_eval = _read_json(os.path.join(model_dir, "eval_results.json"))
     if trainer_eval is not None and "eval_perplexity" in trainer_eval:
@@ -131,6 +175,19 @@ def _evaluations(model_dir: str, training: dict[str, Any] | None) -> list[dict[s
     return rows
 
 
+def _accuracies(model_dir: str, training: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Classification rows for the card: ``train.py --task classification``'s validation (``--do_eval``) and test
+    (``--do_predict``) accuracy."""
+    rows = []
+    for split, file in (("validation", "eval_results.json"), ("test", "test_results.json")):
+        result = _read_json(os.path.join(model_dir, file))
+        prefix = "eval" if split == "validation" else "test"
+        if result is not None and f"{prefix}_accuracy" in result:
+            rows.append({"data": training["data_id"] if training else "unknown", "split": split,
+                         "accuracy": result[f"{prefix}_accuracy"]})
+    return rows
+
+
 def build_model_card(
     model_dir: str,
     config: PreTrainedConfig,
@@ -144,14 +201,15 @@ def build_model_card(
         raise FileNotFoundError(f"model card template {template_path} not found: pass --template")
     training = _training_summary(model_dir)
     evaluations = _evaluations(model_dir, training)
-    task = "text-generation" if config.is_causal else "fill-mask"
+    accuracies = _accuracies(model_dir, training)
+    kind = model_kind(config)
     model_name = repo_id.split("/")[-1]
     dataset_name = training["data"]["dataset_name"] if training else None
     # A Hub dataset goes in the card's metadata; a local folder is none.
     hub_dataset = dataset_name if dataset_name is not None and not os.path.exists(dataset_name) else None
     eval_results = [
         EvalResult(
-            task_type=task,
+            task_type=kind.pipeline_tag,
             dataset_type=row["data"],
             dataset_name=row["data"],
             dataset_split=row["split"],
@@ -162,28 +220,36 @@ def build_model_card(
         for row in evaluations
         for metric in ("bits_per_byte", "perplexity")
         if row[metric] is not None
+    ] + [
+        EvalResult(task_type=kind.pipeline_tag, dataset_type=row["data"], dataset_name=row["data"],
+                   dataset_split=row["split"], metric_type="accuracy", metric_value=round(row["accuracy"], 4))
+        for row in accuracies
     ]
     card_data = ModelCardData(
         model_name=model_name,
         license="apache-2.0",
         library_name="transformers",
-        pipeline_tag=task,
+        pipeline_tag=kind.pipeline_tag,
         tags=TAGS,
         datasets=[hub_dataset] if hub_dataset else None,
         eval_results=eval_results or None,
     )
+    classifies = kind.pipeline_tag in ("text-classification", "token-classification")
     return ModelCard.from_template(
         card_data,
         template_path=str(template_path),
         repo_id=repo_id,
         model_name=model_name,
         config=config,
+        kind=kind,
         is_causal=config.is_causal,
-        auto_class="AutoModelForCausalLM" if config.is_causal else "AutoModelForMaskedLM",
+        auto_class=kind.auto_class.__name__,
+        labels=list(config.id2label.values()) if classifies else None,
         num_parameters=f"{num_parameters / 1e6:.2f}M ({num_parameters:,})",
         fma_levels=num_levels(config.max_position_embeddings, config.fma_block_size),
         training=training,
         evaluations=evaluations,
+        accuracies=accuracies,
     )
 
 
@@ -203,8 +269,7 @@ def save_for_hub(
     config = AutoConfig.from_pretrained(model_dir)
     if config.model_type != "fmt":
         raise ValueError(f"{model_dir} holds a {config.model_type!r} model; push_to_hub.py publishes FMT models")
-    auto_class = AutoModelForCausalLM if config.is_causal else AutoModelForMaskedLM
-    model = auto_class.from_pretrained(model_dir)
+    model = model_kind(config).auto_class.from_pretrained(model_dir)
     tokenizer = load_tokenizer(tokenizer_name or model_dir)
     card = build_model_card(
         model_dir, model.config, model.num_parameters(), repo_id or Path(out_dir).resolve().name, template_path
@@ -236,4 +301,5 @@ def push_to_hub(args: PushArguments) -> CommitInfo | None:
         )
 
 
-__all__ = ["DEFAULT_TEMPLATE", "PushArguments", "build_model_card", "push_to_hub", "save_for_hub"]
+__all__ = ["DEFAULT_TEMPLATE", "MODEL_KINDS", "ModelKind", "PushArguments", "build_model_card", "model_kind", "push_to_hub",
+           "save_for_hub"]

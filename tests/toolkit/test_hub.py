@@ -11,9 +11,9 @@ import pytest
 import torch
 from huggingface_hub import HfApi, ModelCard
 from lm_helpers import play_excerpts, script, train_argv, write_documents
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from fmt_hf import FMTConfig, FMTForMaskedLM
+from fmt_hf import FMTConfig, FMTForMaskedLM, FMTForSequenceClassification
 from fmt_hf.toolkit.hub import PushArguments, push_to_hub
 
 pytestmark = pytest.mark.download  # registry corpora
@@ -133,6 +133,28 @@ def test_card_of_an_untracked_masked_lm(tmp_path):
     assert card.data.pipeline_tag == "fill-mask" and not card.data.eval_results
     assert "AutoModelForMaskedLM.from_pretrained" in card.text and "Not recorded" in card.text
     assert "No evaluation results were recorded" in card.text and "| Coarse levels at 256 tokens | 1 |" in card.text
+
+
+def test_card_and_weights_of_a_classifier(tmp_path):
+    """A sequence classifier is published as one: its head's weights, its pipeline tag, classes and accuracies."""
+    torch.manual_seed(0)
+    config = FMTConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                       max_position_embeddings=256, pad_token_id=256, id2label={0: "Hamlet", 1: "Macbeth"})
+    FMTForSequenceClassification(config).save_pretrained(tmp_path / "clf")
+    (tmp_path / "clf" / "eval_results.json").write_text('{"eval_accuracy": 0.75, "eval_loss": 0.5}')
+    (tmp_path / "clf" / "test_results.json").write_text('{"test_accuracy": 0.625}')
+    push_to_hub(PushArguments(model_dir=str(tmp_path / "clf"), local_dir=str(tmp_path / "out"), tokenizer_name="bytes"))
+    published = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    original = AutoModelForSequenceClassification.from_pretrained(tmp_path / "clf")
+    assert type(published).__name__ == "FMTForSequenceClassification"
+    assert torch.equal(published.score.weight, original.score.weight)
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.pipeline_tag == "text-classification"
+    assert {(r.dataset_split, r.metric_type, r.metric_value) for r in card.data.eval_results} == {
+        ("validation", "accuracy", 0.75), ("test", "accuracy", 0.625)}
+    assert "(FMT) sequence classifier" in card.text and "| Classes (2) | Hamlet, Macbeth |" in card.text
+    assert "| unknown | test | 0.6250 |" in card.text and "AutoModelForSequenceClassification.from_pretrained" in card.text
+    assert "language model" not in card.text and "generate(" not in card.text
 
 
 def test_bad_push_input_fails_clearly(tmp_path):
