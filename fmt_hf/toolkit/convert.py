@@ -128,7 +128,11 @@ class ConvertArguments:
     max_position_embeddings: int | None = field(
         default=None, metadata={"help": "Longest sequence of the FMT model; defaults to the source's."}
     )
-    fma_block_size: int = field(default=64, metadata={"help": "FMA's finest block m (exact for n <= 2m)."})
+    fma_block_size: int = field(
+        default=64,
+        metadata={"help": "FMA's finest block m (exact for n <= 2m). A pretrained model keeps most of its quality with "
+                          "m = 256 and --fma_options fma_sink_tokens=64 (README, `scripts/bench_conversion.py`)."},
+    )
     fma_coarse_tokens: int = field(default=4, metadata={"help": "FMA's summaries per group p."})
     fma_options: str | None = field(
         default=None,
