@@ -408,7 +408,7 @@ def _sequence_cap(config: PreTrainedConfig, model_args: ModelArguments) -> int |
     """The longest block the model trains on: an FMT model's :func:`~fmt_hf.model.modeling_fmt.sequence_cap` (none
     for the length-free FMA families, e.g. a converted model with recursive downsamplers), else the config's
     ``max_position_embeddings``."""
-    if isinstance(config, FMTConfig):
+    if config.model_type == FMTConfig.model_type:  # also an FMTConfig of Hub code (another class)
         return sequence_cap(config, model_args.attn_implementation)
     return getattr(config, "max_position_embeddings", None)
 
