@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
-from benchmarks.conversion import DEFAULT_SETTINGS, DENSE, format_table, load_source, run_grid
+from benchmarks.conversion import DEFAULT_SETTINGS, DENSE, format_table, run_grid
+from fmt_hf.toolkit.convert import load_llama
 from fmt_hf.toolkit.training import CorpusArguments
 
 
@@ -52,7 +53,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise ValueError(f"--split: no split {args.split!r}; the data has {', '.join(splits)}")
     documents = splits[args.split]
     texts = documents.select(range(min(args.max_documents, len(documents))))["text"]
-    model, tokenizer = load_source(args.model_name_or_path, args.gguf_file)
+    model, tokenizer = load_llama(args.model_name_or_path, args.gguf_file)
+    model.eval()
     rows = run_grid(model, tokenizer, texts, args.settings, args.context_lengths, args.output_file,
                     args.max_document_tokens, args.state_tokens, progress=not args.no_progress)
     print(format_table(rows))

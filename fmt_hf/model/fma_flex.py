@@ -169,7 +169,9 @@ def _transposed(num, indices, cols):
 def block_mask(plan: FlexPlan, partition: Partition, kv_block: int, n_fine: int,
                key_valid: torch.Tensor | None = None) -> BlockMask:
     """The BlockMask of ``plan`` with its exact ``mask_mod``; ``key_valid`` (B, keys) marks the keys a padding mask
-    leaves real (None: no padding mask; every block that can be full then is)."""
+    leaves real (None: no padding mask; every block that can be full then is). ``key_valid`` must already be False
+    where ``plan.real`` is (filler, summaries of sinks only): the caller ANDs them, because doing it here trips
+    Inductor's CPU template (``test_compiled_kernel_reads_the_block_lists``)."""
     m, causal = partition.block_size, partition.causal
     level, position, width = plan.level, plan.position, plan.width
     real = plan.real if key_valid is None else key_valid

@@ -145,16 +145,23 @@ class ConvertArguments:
     )
 
 
+def load_llama(model_name_or_path: str, gguf_file: str | None = None, dtype: str = "float32"):
+    """The source model and its tokenizer: a checkpoint folder or Hub id, or ``gguf_file`` inside that folder
+    (dequantized to plain float weights). ``dtype``: float32, bfloat16, float16, or auto (the checkpoint's)."""
+    gguf = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, **gguf)
+    if gguf_file:  # plain float weights, also where a GGUF kernel would keep them packed
+        gguf["quantization_config"] = GgufConfig(dequantize=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_name_or_path, dtype=dtype if dtype == "auto" else getattr(torch, dtype), **gguf
+    )
+    return model, tokenizer
+
+
 def convert_checkpoint(args: ConvertArguments) -> FMTForCausalLM:
     """Load the Llama checkpoint (or GGUF file) and its tokenizer, convert it and save the FMT checkpoint (and, with
     ``dense_output_dir``, the source) with the tokenizer; return the FMT model."""
-    gguf = {"gguf_file": args.gguf_file} if args.gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, **gguf)
-    if args.gguf_file:  # plain float weights, also where a GGUF kernel would keep them packed
-        gguf["quantization_config"] = GgufConfig(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model_name_or_path, dtype=args.dtype if args.dtype == "auto" else getattr(torch, args.dtype), **gguf
-    )
+    model, tokenizer = load_llama(args.model_name_or_path, args.gguf_file, args.dtype)
     fmt = convert_llama_to_fmt(
         model, args.max_position_embeddings, args.fma_block_size, args.fma_coarse_tokens,
         **parse_config_overrides(args.fma_options),
@@ -171,4 +178,5 @@ def convert_checkpoint(args: ConvertArguments) -> FMTForCausalLM:
     return fmt
 
 
-__all__ = ["FMA_OPTIONS", "ConvertArguments", "convert_checkpoint", "convert_llama_to_fmt", "fmt_config_from_llama"]
+__all__ = ["FMA_OPTIONS", "ConvertArguments", "convert_checkpoint", "convert_llama_to_fmt", "fmt_config_from_llama",
+           "load_llama"]

@@ -283,9 +283,9 @@ class CpuNeighbours:
     """Average number of cores other processes (and hypervisor steal) kept busy between start() and stop().
 
     System-wide busy time from /proc/stat minus the CPU time of this process and of its children waited for, over
-    wall time (so a benchmark subprocess does not count as a neighbour). ``None`` where /proc/stat is unavailable. The benchmark reports it per cell: on a shared machine it says which timings to
-    distrust (with every core given to torch threads, one busy neighbour can slow small parallel kernels
-    many-fold).
+    wall time (so a benchmark subprocess does not count as a neighbour). ``None`` where /proc/stat is unavailable.
+    The benchmark reports it per cell: on a shared machine it says which timings to distrust (with every core given
+    to torch threads, one busy neighbour can slow small parallel kernels many-fold).
     """
 
     @staticmethod

@@ -20,7 +20,6 @@ import time
 import evaluate
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 from benchmarks.quality import read_rows
 from fmt_hf import convert_llama_to_fmt
@@ -42,16 +41,6 @@ DEFAULT_SETTINGS = (
 )
 """The grid of the README's table: FMTConfig fields per setting (``fma_downsample`` defaults to ``recursive``, which
 at its average init equals ``avgpool`` and has no length cap)."""
-
-
-def load_source(model_name_or_path: str, gguf_file: str | None = None):
-    """The Llama model (float32) and its tokenizer, from a folder or Hub id, or a GGUF file in that folder."""
-    gguf = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(model_name_or_path, **gguf)
-    if gguf_file:
-        gguf["quantization_config"] = GgufConfig(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=torch.float32, **gguf).eval()
-    return model, tokenizer
 
 
 def setting_options(setting: str) -> dict:
@@ -88,16 +77,13 @@ def run_grid(model, tokenizer, texts: list[str], settings: list[str], context_le
     todo = [(s, c) for s in settings for c in context_lengths if (s, c) not in done]
     metric = evaluate.load(LM_BITS, keep_in_memory=True)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    converted: dict[str, torch.nn.Module] = {}
+    current, candidate, extra = None, model, {}
     for setting, context_length in tqdm(todo, desc="settings", unit="row", disable=not progress):
-        if setting == DENSE:
-            candidate, extra = model, {}
-        else:
-            if setting not in converted:
-                converted.clear()  # one converted copy at a time
-                converted[setting] = convert_llama_to_fmt(model, **setting_options(setting)).eval()
-            candidate = converted[setting]
-            extra = {"state_tokens": state_tokens, "state_vectors": state_vectors(candidate, state_tokens)}
+        if setting != current:  # todo is setting-major: one conversion (and one state count) per setting
+            current, candidate, extra = setting, model, {}
+            if setting != DENSE:
+                candidate = convert_llama_to_fmt(model, **setting_options(setting)).eval()
+                extra = {"state_tokens": state_tokens, "state_vectors": state_vectors(candidate, state_tokens)}
         start = time.perf_counter()
         scores = score_documents(candidate, tokenizer, texts, context_length, context_length - 1, batch_size=1,
                                  progress=progress, max_document_tokens=max_document_tokens)
@@ -135,4 +121,4 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DEFAULT_SETTINGS", "DENSE", "format_table", "load_source", "run_grid", "setting_options", "state_vectors"]
+__all__ = ["DEFAULT_SETTINGS", "DENSE", "format_table", "run_grid", "setting_options", "state_vectors"]
