@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -73,6 +74,12 @@ class EvalArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow a Hub checkpoint to run its own modelling code."}
     )
+    position_buckets: list[int] | None = field(
+        default=None,
+        metadata={"help": "Also report perplexity by where the target sits in its window, i.e. how many tokens of "
+                          "context it had: bucket boundaries, e.g. `512 2048` for positions [1, 512), [512, 2048) "
+                          "and [2048, context_length). Shows which distances a long-context model loses on."},
+    )
     output_file: str | None = field(
         default=None,
         metadata={"help": "JSON file for the results. Defaults to eval_lm_<split>_<context_length>.json inside a "
@@ -93,6 +100,11 @@ class EvalArguments:
             raise ValueError(f"--batch_size must be at least 1, got {self.batch_size}")
         if self.max_document_tokens is not None and self.max_document_tokens < 2:
             raise ValueError(f"--max_document_tokens must be at least 2, got {self.max_document_tokens}")
+        if self.position_buckets is not None:
+            edges = [1, *self.position_buckets, self.context_length]
+            if any(a >= b for a, b in zip(edges, edges[1:])):
+                raise ValueError(f"--position_buckets must increase strictly between 1 and --context_length="
+                                 f"{self.context_length}, got {self.position_buckets}")
         if self.output_file is None and os.path.isdir(self.model_name_or_path):
             self.output_file = os.path.join(
                 self.model_name_or_path, f"eval_lm_{self.split}_{self.context_length}.json"
@@ -149,9 +161,12 @@ def score_documents(
     batch_size: int = 8,
     progress: bool = True,
     max_document_tokens: int | None = None,
+    by_position: bool = False,
 ) -> dict[str, list]:
     """Per document: summed NLL in nats (``nll``), scored tokens (``num_tokens``) and their UTF-8 bytes
     (``num_bytes``) -- the inputs of the ``lm_bits`` metric -- from strided windows (:func:`strided_windows`).
+    ``by_position`` adds, per position ``j`` of a window (a target with ``j`` tokens of context in it), the summed
+    NLL of its targets (``position_nll``) and their count (``position_tokens``), over all documents.
 
     The tokenizer's BOS token, if it has one, is put before each document, so every document token is scored;
     without one, the first token is context only and its bytes are not counted. ``max_document_tokens`` keeps
@@ -174,23 +189,46 @@ def score_documents(
     # window and is dropped). Models whose forward has no `logits_to_keep` return every position.
     keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
     totals = {key: [0] * len(texts) for key in ("nll", "num_tokens", "num_bytes")}
+    position_nll = torch.zeros(context_length, dtype=torch.float64)
+    position_tokens = torch.zeros(context_length, dtype=torch.long)
     with tqdm(total=len(windows), desc="Scoring windows", unit="window", disable=not progress) as bar:
         for batch in _batches(windows, batch_size):
             targets = batch[0].end - batch[0].first_target
             inputs = torch.stack([token_ids[w.document][w.begin : w.end] for w in batch]).to(device)
             extra = {"logits_to_keep": targets + 1} if keeps_logits else {}
             logits = model(input_ids=inputs, use_cache=False, **extra).logits[:, -(targets + 1) : -1]
-            nll = F.cross_entropy(
+            token_nll = F.cross_entropy(
                 logits.float().flatten(0, 1), inputs[:, -targets:].flatten(), reduction="none"
-            ).view(len(batch), targets).sum(-1, dtype=torch.float64)
-            for window, window_nll in zip(batch, nll.tolist(), strict=True):
+            ).view(len(batch), targets).double().cpu()
+            length = inputs.shape[1]
+            position_nll[length - targets : length] += token_nll.sum(0)
+            position_tokens[length - targets : length] += len(batch)
+            for window, window_nll in zip(batch, token_nll.sum(-1).tolist(), strict=True):
                 totals["nll"][window.document] += window_nll
                 totals["num_tokens"][window.document] += targets
                 totals["num_bytes"][window.document] += sum(
                     token_bytes[window.document][window.first_target : window.end]
                 )
             bar.update(len(batch))
+    if by_position:
+        totals.update(position_nll=position_nll.tolist(), position_tokens=position_tokens.tolist())
     return totals
+
+
+def position_breakdown(position_nll: Sequence[float], position_tokens: Sequence[int],
+                       buckets: Sequence[int]) -> list[dict]:
+    """Perplexity per bucket of window positions (``score_documents(by_position=True)``'s sums; ``buckets`` the
+    boundaries between positions 1 and the window length): one row per bucket with its positions ``[first, end)``,
+    scored tokens, NLL per token and perplexity. Empty buckets are left out."""
+    edges = [1, *buckets, len(position_nll)]
+    rows = []
+    for first, end in zip(edges, edges[1:]):
+        tokens = sum(position_tokens[first:end])
+        if tokens:
+            nll = sum(position_nll[first:end]) / tokens
+            rows.append({"positions": [first, end], "num_tokens": tokens, "nll_per_token": nll,
+                         "perplexity": math.exp(nll)})
+    return rows
 
 
 def evaluate_lm(eval_args: EvalArguments, corpus_args: CorpusArguments, progress: bool = True) -> dict:
@@ -227,7 +265,12 @@ def evaluate_lm(eval_args: EvalArguments, corpus_args: CorpusArguments, progress
     scores = score_documents(
         model, tokenizer, documents["text"], eval_args.context_length, eval_args.stride, eval_args.batch_size,
         progress=progress, max_document_tokens=eval_args.max_document_tokens,
+        by_position=eval_args.position_buckets is not None,
     )
+    by_position = None
+    if eval_args.position_buckets is not None:
+        by_position = position_breakdown(scores.pop("position_nll"), scores.pop("position_tokens"),
+                                         eval_args.position_buckets)
     results = evaluate.load(LM_BITS, keep_in_memory=True).compute(**scores)
     results.update(
         model=eval_args.model_name_or_path,
@@ -238,10 +281,13 @@ def evaluate_lm(eval_args: EvalArguments, corpus_args: CorpusArguments, progress
         context_length=eval_args.context_length,
         stride=eval_args.stride,
     )
+    if by_position is not None:
+        results["by_position"] = by_position
     if eval_args.output_file is not None:
         with open(eval_args.output_file, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)
     return results
 
 
-__all__ = ["LM_EVAL_TASKS", "EvalArguments", "Window", "evaluate_lm", "score_documents", "strided_windows"]
+__all__ = ["LM_EVAL_TASKS", "EvalArguments", "Window", "evaluate_lm", "position_breakdown", "score_documents",
+           "strided_windows"]

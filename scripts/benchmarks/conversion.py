@@ -37,6 +37,8 @@ DEFAULT_SETTINGS = (
     "fma_block_size=128,fma_coarse_tokens=8,fma_sink_tokens=64",
     "fma_block_size=256,fma_coarse_tokens=4,fma_sink_tokens=64",
     "fma_block_size=256,fma_coarse_tokens=16,fma_sink_tokens=64",
+    "fma_block_size=384,fma_coarse_tokens=4,fma_sink_tokens=64",
+    "fma_block_size=448,fma_coarse_tokens=4,fma_sink_tokens=64",
     "fma_block_size=512,fma_coarse_tokens=32,fma_sink_tokens=64",
 )
 """The grid of the README's table: FMTConfig fields per setting (``fma_downsample`` defaults to ``recursive``, which

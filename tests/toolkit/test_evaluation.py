@@ -10,7 +10,7 @@ from lm_helpers import play_excerpts, script, write_documents
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fmt_hf import FMTConfig, FMTForCausalLM
-from fmt_hf.toolkit.evaluation import EvalArguments, score_documents, strided_windows
+from fmt_hf.toolkit.evaluation import EvalArguments, position_breakdown, score_documents, strided_windows
 from fmt_hf.toolkit.tokenizer import byte_tokenizer
 
 BYTE_IDS = {"vocab_size": 259, "pad_token_id": 256, "bos_token_id": 257, "eos_token_id": 257}
@@ -91,6 +91,38 @@ def test_max_document_tokens_scores_each_documents_first_tokens():
     assert cut["nll"] == pytest.approx(first["nll"], rel=1e-6)
 
 
+@pytest.mark.download  # registry corpora
+def test_scores_by_position_add_up_to_each_targets_own_loss():
+    model, tokenizer = tiny_llama(), byte_tokenizer()
+    texts = [play_excerpts()[0][:300], "Short één.", play_excerpts()[1][:130]]
+    scores = score_documents(model, tokenizer, texts, context_length=64, stride=24, batch_size=2, progress=False,
+                             by_position=True)
+    expected_nll, expected_tokens = torch.zeros(64, dtype=torch.float64), torch.zeros(64, dtype=torch.long)
+    for i, text in enumerate(texts):
+        ids = torch.tensor([tokenizer.bos_token_id] + list(text.encode("utf-8")))
+        for window in strided_windows(i, ids.numel(), 64, 24):
+            with torch.no_grad():
+                logits = model(ids[None, window.begin : window.end]).logits[0, :-1]
+            token_nll = torch.nn.functional.cross_entropy(logits, ids[window.begin + 1 : window.end], reduction="none")
+            positions = slice(window.first_target - window.begin, window.end - window.begin)
+            expected_nll[positions] += token_nll[positions.start - 1 : positions.stop - 1].double()
+            expected_tokens[positions] += 1
+    assert scores["position_tokens"] == expected_tokens.tolist()
+    assert scores["position_tokens"][0] == 0 and sum(scores["position_tokens"]) == sum(scores["num_tokens"])
+    torch.testing.assert_close(torch.tensor(scores["position_nll"], dtype=torch.float64), expected_nll, rtol=1e-5, atol=1e-6)
+    assert sum(scores["position_nll"]) == pytest.approx(sum(scores["nll"]), rel=1e-9)
+
+
+def test_position_breakdown_buckets_the_sums():
+    position_nll = [0.0, 2.0, 4.0, 0.0, 9.0, 3.0]  # positions 0..5; position 0 is never a target
+    position_tokens = [0, 1, 2, 0, 3, 1]
+    rows = position_breakdown(position_nll, position_tokens, [3, 4])
+    assert [row["positions"] for row in rows] == [[1, 3], [4, 6]]  # [3, 4) scored nothing: left out
+    assert [row["num_tokens"] for row in rows] == [3, 4]
+    assert [row["nll_per_token"] for row in rows] == pytest.approx([2.0, 3.0])
+    assert rows[1]["perplexity"] == pytest.approx(math.exp(3.0))
+
+
 def run_eval(tmp_path, model, *extra, context_length=128, stride=64):
     """scripts/eval_lm.py on `model` (saved with the byte tokenizer) over eight 1500-byte documents, split 6/1/1."""
     model.save_pretrained(tmp_path / "model")
@@ -115,6 +147,17 @@ def test_eval_lm_on_a_tiny_checkpoint(tmp_path, make_model):
 
 
 @pytest.mark.download  # registry corpora
+def test_eval_lm_reports_perplexity_by_position(tmp_path):
+    results = run_eval(tmp_path, tiny_fmt(), "--position_buckets", "32", "64")
+    rows = results["by_position"]
+    assert [row["positions"] for row in rows] == [[1, 32], [32, 64], [64, 128]]
+    assert sum(row["num_tokens"] for row in rows) == results["num_tokens"]
+    weighted = sum(row["nll_per_token"] * row["num_tokens"] for row in rows) / results["num_tokens"]
+    assert weighted == pytest.approx(results["nll_per_token"], rel=1e-9)
+    assert "by_position" not in run_eval(tmp_path, tiny_fmt())
+
+
+@pytest.mark.download  # registry corpora
 def test_fma_and_dense_attention_score_the_same_model(tmp_path):
     """FMA equals dense attention up to 2 * fma_block_size tokens: at context 32 the two agree."""
     fma = run_eval(tmp_path, tiny_fmt(), context_length=32, stride=16)
@@ -130,6 +173,10 @@ def test_bad_eval_input_fails_clearly(tmp_path):
         run_eval(tmp_path, tiny_fmt(), "--split", "dev")
     with pytest.raises(ValueError, match="--max_document_tokens must be at least 2"):
         EvalArguments(model_name_or_path="m", max_document_tokens=1)
+    for buckets in ([32, 16], [1], [64], [0, 8]):
+        with pytest.raises(ValueError, match="--position_buckets must increase strictly between 1 and "
+                                             "--context_length=64"):
+            EvalArguments(model_name_or_path="m", context_length=64, position_buckets=buckets)
     for stride in (0, 64):
         with pytest.raises(ValueError, match="--stride must be at least 1 and less than --context_length=64"):
             EvalArguments(model_name_or_path="m", context_length=64, stride=stride)
