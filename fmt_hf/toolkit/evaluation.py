@@ -21,6 +21,7 @@ import os
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import evaluate
 import torch
@@ -102,7 +103,7 @@ class EvalArguments:
             raise ValueError(f"--max_document_tokens must be at least 2, got {self.max_document_tokens}")
         if self.position_buckets is not None:
             edges = [1, *self.position_buckets, self.context_length]
-            if any(a >= b for a, b in zip(edges, edges[1:])):
+            if any(a >= b for a, b in pairwise(edges)):
                 raise ValueError(f"--position_buckets must increase strictly between 1 and --context_length="
                                  f"{self.context_length}, got {self.position_buckets}")
         if self.output_file is None and os.path.isdir(self.model_name_or_path):
@@ -222,7 +223,7 @@ def position_breakdown(position_nll: Sequence[float], position_tokens: Sequence[
     scored tokens, NLL per token and perplexity. Empty buckets are left out."""
     edges = [1, *buckets, len(position_nll)]
     rows = []
-    for first, end in zip(edges, edges[1:]):
+    for first, end in pairwise(edges):
         tokens = sum(position_tokens[first:end])
         if tokens:
             nll = sum(position_nll[first:end]) / tokens
