@@ -10,12 +10,7 @@ from lm_helpers import play_excerpts, script, write_documents
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fmt_hf import FMTConfig, FMTForCausalLM
-from fmt_hf.toolkit.evaluation import (
-    EvalArguments,
-    position_breakdown,
-    score_documents,
-    strided_windows,
-)
+from fmt_hf.toolkit.evaluation import EvalArguments, position_breakdown, score_documents, strided_windows
 from fmt_hf.toolkit.tokenizer import byte_tokenizer
 
 BYTE_IDS = {"vocab_size": 259, "pad_token_id": 256, "bos_token_id": 257, "eos_token_id": 257}
