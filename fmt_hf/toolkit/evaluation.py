@@ -275,6 +275,7 @@ def evaluate_lm(eval_args: EvalArguments, corpus_args: CorpusArguments, progress
     results = evaluate.load(LM_BITS, keep_in_memory=True).compute(**scores)
     results.update(
         model=eval_args.model_name_or_path,
+        attn_implementation=model.config._attn_implementation,  # what ran: an FMT checkpoint defaults to FMA
         data=corpus_args.data_id,
         split=eval_args.split,
         documents=len(documents),

@@ -162,6 +162,7 @@ def test_fma_and_dense_attention_score_the_same_model(tmp_path):
     """FMA equals dense attention up to 2 * fma_block_size tokens: at context 32 the two agree."""
     fma = run_eval(tmp_path, tiny_fmt(), context_length=32, stride=16)
     sdpa = run_eval(tmp_path, tiny_fmt(), "--attn_implementation", "sdpa", context_length=32, stride=16)
+    assert (fma["attn_implementation"], sdpa["attn_implementation"]) == ("fma", "sdpa")  # the results say which ran
     assert fma["bits_per_byte"] == pytest.approx(sdpa["bits_per_byte"], rel=1e-5)
 
 
