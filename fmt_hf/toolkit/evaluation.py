@@ -190,8 +190,9 @@ def score_documents(
     # window and is dropped). Models whose forward has no `logits_to_keep` return every position.
     keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
     totals = {key: [0] * len(texts) for key in ("nll", "num_tokens", "num_bytes")}
-    position_nll = torch.zeros(context_length, dtype=torch.float64)
-    position_tokens = torch.zeros(context_length, dtype=torch.long)
+    if by_position:
+        position_nll = torch.zeros(context_length, dtype=torch.float64)
+        position_tokens = torch.zeros(context_length, dtype=torch.long)
     with tqdm(total=len(windows), desc="Scoring windows", unit="window", disable=not progress) as bar:
         for batch in _batches(windows, batch_size):
             targets = batch[0].end - batch[0].first_target
@@ -200,11 +201,13 @@ def score_documents(
             logits = model(input_ids=inputs, use_cache=False, **extra).logits[:, -(targets + 1) : -1]
             token_nll = F.cross_entropy(
                 logits.float().flatten(0, 1), inputs[:, -targets:].flatten(), reduction="none"
-            ).view(len(batch), targets).double().cpu()
-            length = inputs.shape[1]
-            position_nll[length - targets : length] += token_nll.sum(0)
-            position_tokens[length - targets : length] += len(batch)
-            for window, window_nll in zip(batch, token_nll.sum(-1).tolist(), strict=True):
+            ).view(len(batch), targets)
+            if by_position:  # a batch's windows have one length: its targets sit at the same window positions
+                length = inputs.shape[1]
+                position_nll[length - targets : length] += token_nll.sum(0, dtype=torch.float64).cpu()
+                position_tokens[length - targets : length] += len(batch)
+            nll = token_nll.sum(-1, dtype=torch.float64)
+            for window, window_nll in zip(batch, nll.tolist(), strict=True):
                 totals["nll"][window.document] += window_nll
                 totals["num_tokens"][window.document] += targets
                 totals["num_bytes"][window.document] += sum(

@@ -109,7 +109,8 @@ def test_scores_by_position_add_up_to_each_targets_own_loss():
             expected_tokens[positions] += 1
     assert scores["position_tokens"] == expected_tokens.tolist()
     assert scores["position_tokens"][0] == 0 and sum(scores["position_tokens"]) == sum(scores["num_tokens"])
-    torch.testing.assert_close(torch.tensor(scores["position_nll"], dtype=torch.float64), expected_nll, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.tensor(scores["position_nll"], dtype=torch.float64), expected_nll,
+                               rtol=1e-5, atol=1e-6)
     assert sum(scores["position_nll"]) == pytest.approx(sum(scores["nll"]), rel=1e-9)
 
 
