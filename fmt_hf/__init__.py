@@ -20,9 +20,9 @@ from transformers import (
 )
 
 from .model import (
+    FastMultipoleAttention,
     FMABatchState,
     FMAState,
-    FastMultipoleAttention,
     FMTCache,
     FMTConfig,
     FMTForCausalLM,

@@ -27,16 +27,21 @@ from fmt_hf.toolkit.training import CorpusArguments
 
 @dataclass
 class ConversionBenchArguments:
-    model_name_or_path: str = field(metadata={"help": "Llama checkpoint: a local folder or Hub id, or the folder "
-                                                      "holding --gguf_file."})
+    model_name_or_path: str = field(
+        metadata={"help": "Llama checkpoint: a local folder or Hub id, or the folder holding --gguf_file."}
+    )
     output_file: str = field(metadata={"help": "JSON Lines file of the rows (appended; finished rows are skipped)."})
     gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --model_name_or_path."})
     settings: list[str] = field(
         default_factory=lambda: [DENSE, *DEFAULT_SETTINGS],
-        metadata={"help": f"`{DENSE}` (the source) and FMA settings, each comma-separated FMTConfig fma_* fields "
-                          "(fma_downsample defaults to recursive)."})
-    context_lengths: list[int] = field(default_factory=lambda: [2048, 8192],
-                                       metadata={"help": "Window lengths (stride: one less)."})
+        metadata={
+            "help": f"`{DENSE}` (the source) and FMA settings, each comma-separated FMTConfig fma_* fields "
+            "(fma_downsample defaults to recursive)."
+        },
+    )
+    context_lengths: list[int] = field(
+        default_factory=lambda: [2048, 8192], metadata={"help": "Window lengths (stride: one less)."}
+    )
     split: str = field(default="test", metadata={"help": "Split of the corpus to score."})
     max_documents: int = field(default=2, metadata={"help": "Score the split's first documents only."})
     max_document_tokens: int | None = field(default=8192, metadata={"help": "Tokens kept per document."})
@@ -55,8 +60,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     texts = documents.select(range(min(args.max_documents, len(documents))))["text"]
     model, tokenizer = load_llama(args.model_name_or_path, args.gguf_file)
     model.eval()
-    rows = run_grid(model, tokenizer, texts, args.settings, args.context_lengths, args.output_file,
-                    args.max_document_tokens, args.state_tokens, progress=not args.no_progress)
+    rows = run_grid(
+        model,
+        tokenizer,
+        texts,
+        args.settings,
+        args.context_lengths,
+        args.output_file,
+        args.max_document_tokens,
+        args.state_tokens,
+        progress=not args.no_progress,
+    )
     print(format_table(rows))
     return rows
 

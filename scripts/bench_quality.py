@@ -24,22 +24,41 @@ from dataclasses import dataclass, field
 import torch
 from transformers import HfArgumentParser
 
-from benchmarks.quality import (SuiteConfig, default_suite, format_report, interleaved_timing, plot_extrapolation,
-                                plot_training, read_rows, run_suite)
+from benchmarks.quality import (
+    SuiteConfig,
+    default_suite,
+    format_report,
+    interleaved_timing,
+    plot_extrapolation,
+    plot_training,
+    read_rows,
+    run_suite,
+)
 
 
 @dataclass
 class CliArguments:
-    output_file: str = field(metadata={"help": "JSON Lines file of the runs (appended; finished runs are skipped). "
-                                               "With --timing, the JSON file of the timing."})
+    output_file: str = field(
+        metadata={
+            "help": "JSON Lines file of the runs (appended; finished runs are skipped). "
+            "With --timing, the JSON file of the timing."
+        }
+    )
     runs: str | None = field(default=None, metadata={"help": "Comma-separated run names (default: every run)."})
     report_dir: str | None = field(
-        default=None, metadata={"help": "Write quality_tables.md and the PNG plots here after the runs."})
-    timing: bool = field(default=False, metadata={"help": "Only time a training step of the main attentions, "
-                                                          "interleaved, instead of training."})
+        default=None, metadata={"help": "Write quality_tables.md and the PNG plots here after the runs."}
+    )
+    timing: bool = field(
+        default=False,
+        metadata={"help": "Only time a training step of the main attentions, interleaved, instead of training."},
+    )
     timing_repeats: int = field(default=5, metadata={"help": "Rounds of the interleaved timing."})
-    report_only: bool = field(default=False, metadata={"help": "Run nothing: only the report of --output_file's "
-                                                                 "rows (e.g. while the suite is still running)."})
+    report_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Run nothing: only the report of --output_file's rows (e.g. while the suite is still running)."
+        },
+    )
     no_progress: bool = field(default=False, metadata={"help": "No progress bars."})
 
 
@@ -55,8 +74,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             raise ValueError(f"--runs: unknown run(s) {unknown}; runs: {', '.join(spec.name for spec in specs)}")
         specs = [spec for spec in specs if spec.name in wanted]
     if cli.timing:
-        rows = interleaved_timing([spec for spec in specs if spec.group == "main"], cfg, cli.timing_repeats,
-                                  progress=not cli.no_progress)
+        rows = interleaved_timing(
+            [spec for spec in specs if spec.group == "main"], cfg, cli.timing_repeats, progress=not cli.no_progress
+        )
         with open(cli.output_file, "w", encoding="utf-8") as f:
             json.dump({"config": cfg.__dict__, "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
         for row in rows:

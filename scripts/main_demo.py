@@ -84,45 +84,64 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         model_name_or_path=args.output_dir, split="test", context_length=args.seq_len, max_documents=args.eval_documents
     )
     test = evaluate_lm(eval_args, data_args)
-    print(f"validation, first {metrics['eval_samples']} packed {args.seq_len}-byte blocks: "
-          f"{metrics['eval_bits_per_byte']:.3f} bits per byte (perplexity {metrics['eval_perplexity']:.2f} per byte)")
-    print(f"test, {test['documents']} whole held-out plays ({test['num_bytes']:,} bytes), context "
-          f"{test['context_length']}, stride {test['stride']}: {test['bits_per_byte']:.3f} bits per byte")
+    print(
+        f"validation, first {metrics['eval_samples']} packed {args.seq_len}-byte blocks: "
+        f"{metrics['eval_bits_per_byte']:.3f} bits per byte (perplexity {metrics['eval_perplexity']:.2f} per byte)"
+    )
+    print(
+        f"test, {test['documents']} whole held-out plays ({test['num_bytes']:,} bytes), context "
+        f"{test['context_length']}, stride {test['stride']}: {test['bits_per_byte']:.3f} bits per byte"
+    )
     print("(a uniform guess over 256 byte values costs 8 bits per byte)")
 
     stage("4. Generation from a long held-out prompt")
     model = AutoModelForCausalLM.from_pretrained(args.output_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.output_dir)
-    print(f"reloaded {type(model).__name__}: {model.num_parameters() / 1e6:.2f}M parameters, "
-          f"{model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, FMA block "
-          f"{model.config.fma_block_size}, attention {model.config._attn_implementation}")
+    print(
+        f"reloaded {type(model).__name__}: {model.num_parameters() / 1e6:.2f}M parameters, "
+        f"{model.config.num_hidden_layers} layers, hidden {model.config.hidden_size}, FMA block "
+        f"{model.config.fma_block_size}, attention {model.config._attn_implementation}"
+    )
     play = data_args.load_documents()["test"][0]
     prompt = long_prompt(play["text"], args.seq_len - args.max_new_tokens - 1)
     inputs = tokenizer(tokenizer.bos_token + prompt, return_tensors="pt", add_special_tokens=False)
     torch.manual_seed(0)
     generate_started = time.perf_counter()
     generated = model.generate(
-        **inputs, max_new_tokens=args.max_new_tokens, do_sample=True, temperature=0.8, top_k=40,
-        return_dict_in_generate=True, pad_token_id=tokenizer.pad_token_id,
+        **inputs,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=True,
+        temperature=0.8,
+        top_k=40,
+        return_dict_in_generate=True,
+        pad_token_id=tokenizer.pad_token_id,
     )
-    continuation = tokenizer.decode(generated.sequences[0, inputs.input_ids.shape[1]:], skip_special_tokens=True)
-    print(f"prompt: {len(prompt.encode())} bytes from the middle of {play['title']} (held out), ending\n"
-          f"...{prompt[-300:]}")
-    print(f"\ncontinuation ({args.max_new_tokens} bytes, {time.perf_counter() - generate_started:.1f} s):\n"
-          f"{continuation}\n")
+    continuation = tokenizer.decode(generated.sequences[0, inputs.input_ids.shape[1] :], skip_special_tokens=True)
+    print(
+        f"prompt: {len(prompt.encode())} bytes from the middle of {play['title']} (held out), ending\n"
+        f"...{prompt[-300:]}"
+    )
+    print(
+        f"\ncontinuation ({args.max_new_tokens} bytes, {time.perf_counter() - generate_started:.1f} s):\n"
+        f"{continuation}\n"
+    )
     num_tokens = generated.sequences.shape[1]
     dense = dense_cache_bytes(model.config, 1, num_tokens, model.dtype)
     held = generated.cache.nbytes  # FMTCache: the multilevel coarse states of every layer
-    print(f"KV cache after {num_tokens} tokens: {held / 2**20:.2f} MiB (multilevel FMA cache); a dense cache would "
-          f"hold {dense / 2**20:.2f} MiB ({held / dense:.0%} of it)\n")
+    print(
+        f"KV cache after {num_tokens} tokens: {held / 2**20:.2f} MiB (multilevel FMA cache); a dense cache would "
+        f"hold {dense / 2**20:.2f} MiB ({held / dense:.0%} of it)\n"
+    )
 
     stage("5. Artifacts")
     hub_dir = save_for_hub(args.output_dir, os.path.join(args.output_dir, "hub"), repo_id="fmt-shakespeare-demo")
     print(f"model, tokenizer and FMT code:     {os.path.abspath(args.output_dir)}")
     print(f"training and validation metrics:   {os.path.abspath(os.path.join(args.output_dir, 'all_results.json'))}")
     print(f"test bits per byte:                {os.path.abspath(eval_args.output_file)}")
-    print(f"Hub-ready folder with model card:  {os.path.abspath(hub_dir)}  (README.md; publish with "
-          f"scripts/push_to_hub.py --model_dir {args.output_dir} --repo_id <user>/<name>)")
+    print(
+        f"Hub-ready folder with model card:  {os.path.abspath(hub_dir)}  (README.md; publish with "
+        f"scripts/push_to_hub.py --model_dir {args.output_dir} --repo_id <user>/<name>)"
+    )
     print(f"\ndone in {time.perf_counter() - started:.0f} s")
     return {"eval_bits_per_byte": metrics["eval_bits_per_byte"], "test_bits_per_byte": test["bits_per_byte"]}
 

@@ -14,9 +14,19 @@ torch.set_num_threads(1)
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "download: needs files from the package index (registry corpora, the "
-                            "transformers sdist); deselect with -m 'not download'")
+    config.addinivalue_line(
+        "markers",
+        "download: needs files from the package index (registry corpora, the "
+        "transformers sdist); deselect with -m 'not download'",
+    )
     # Markers that transformers' common model tests (downloaded by tests/test_modeling_fmt.py) put on their tests.
-    for marker in ("accelerate_tests", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test",
-                   "is_training_test", "slow", "torch_compile_test"):
+    for marker in (
+        "accelerate_tests",
+        "flash_attn_test",
+        "flash_attn_3_test",
+        "flash_attn_4_test",
+        "is_training_test",
+        "slow",
+        "torch_compile_test",
+    ):
         config.addinivalue_line("markers", f"{marker}: set by transformers' common model tests")

@@ -61,7 +61,7 @@ def decode(attn, q, k, v, prompt, chunks, valid=None):
         if i == q.shape[1]:
             return torch.cat(outs, 1), state
         c = min(c, q.shape[1] - i)
-        out, state = attn.step(state, q[:, i:i + c], k[:, i:i + c], v[:, i:i + c], valid[i:i + c])
+        out, state = attn.step(state, q[:, i : i + c], k[:, i : i + c], v[:, i : i + c], valid[i : i + c])
         outs.append(out)
         i += c
 
@@ -76,12 +76,19 @@ def decode_batch(attn, q, k, v, prompts, valid=None):
     batch, heads, n, _ = q.shape
     valid = torch.ones(batch, n, dtype=torch.bool) if valid is None else valid
     empty = attn.init_state(heads, k.shape[1], q.dtype)
-    state = FMABatchState.stack([attn.prefill(empty, q[b, :, :t], k[b, :, :t], v[b, :, :t], valid[b, :t]) if t
-                                 else empty for b, t in enumerate(prompts)])
+    state = FMABatchState.stack(
+        [
+            attn.prefill(empty, q[b, :, :t], k[b, :, :t], v[b, :, :t], valid[b, :t]) if t else empty
+            for b, t in enumerate(prompts)
+        ]
+    )
     outs = []
     for step in range(n - max(prompts)):
         at = torch.tensor(prompts) + step
         rows = torch.arange(batch)
-        outs.append(attn.step_batch(state, q[rows, :, at, None], k[rows, :, at, None], v[rows, :, at, None],
-                                    valid[rows, at, None]))
+        outs.append(
+            attn.step_batch(
+                state, q[rows, :, at, None], k[rows, :, at, None], v[rows, :, at, None], valid[rows, at, None]
+            )
+        )
     return [torch.cat(outs, 2)[b] for b in range(batch)], state

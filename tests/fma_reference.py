@@ -17,8 +17,13 @@ def _conv_levels(weight, bias, flat, width, groups):
     """conv1d of ``flat`` (N, d, n) with kernel = stride = ``width``: (N, n // width, p, d); ``weight`` (d, p, ...,
     width) as the package stores it (output channel c*p + r of the conv is coarse token r of channel c)."""
     d, p = weight.shape[:2]
-    out = F.conv1d(flat, weight.reshape(d * p, d // groups, width).to(flat.dtype), bias.reshape(-1).to(flat.dtype),
-                   stride=width, groups=groups)
+    out = F.conv1d(
+        flat,
+        weight.reshape(d * p, d // groups, width).to(flat.dtype),
+        bias.reshape(-1).to(flat.dtype),
+        stride=width,
+        groups=groups,
+    )
     return out.unflatten(1, (d, p)).permute(0, 3, 2, 1)
 
 
@@ -129,8 +134,7 @@ def reference_fma(attn, q, k, v, key_padding_mask=None):
         for i in range(n):
             # per entry: (H, s) logits and (H, s, d) values
             inside, outside = fine_keys(i, n, m, capacity, causal)
-            fine = [j for j in inside + sink_slots(i, n, m, causal, sink_tokens)
-                    if j < length and real[b, j]]
+            fine = [j for j in inside + sink_slots(i, n, m, causal, sink_tokens) if j < length and real[b, j]]
             logits = [torch.einsum("hd,hsd->hs", q[b, :, i], k[b, :, fine])]
             values = [v[b, :, fine]]
             sinks = outside if zero_sink else 0
@@ -138,14 +142,14 @@ def reference_fma(attn, q, k, v, key_padding_mask=None):
                 p = ck.shape[3]
                 if attn.query_mode == "coarse":
                     start = (i // (width // p)) * (width // p)
-                    query = q[b, :, start] if causal else q[b, :, start:start + width // p].mean(1)
+                    query = q[b, :, start] if causal else q[b, :, start : start + width // p].mean(1)
                 else:
                     query = q[b, :, i]
                 offset = math.log(width / p) if attn.scale_attn else 0.0
                 for g in coarse_slot_groups(i, width, causal):
                     if g < 0 or (capacity is not None and g >= capacity // width):
                         sinks += p if zero_sink else 0
-                    elif real[b, g * width:(g + 1) * width].any():
+                    elif real[b, g * width : (g + 1) * width].any():
                         # coarse token r stands for sub-window r of the group
                         tokens = [r for r in range(p) if g * width + (r + 1) * (width // p) > sink_tokens]
                         logits.append(torch.einsum("hd,hsd->hs", query, ck[b, :, g, tokens]) + offset)

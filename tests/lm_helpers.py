@@ -47,8 +47,25 @@ def train_argv(output_dir: Path, dataset: str | None, *extra: str, model_name_or
     else:
         model = ["--model_name_or_path", model_name_or_path]
     return [
-        "--output_dir", str(output_dir), *data, "--seq_len", "64", *model,
-        "--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--max_eval_samples", "16",
-        "--logging_steps", "1", "--learning_rate", "3e-3", "--dataloader_pin_memory", "False", "--disable_tqdm", "True",
+        "--output_dir",
+        str(output_dir),
+        *data,
+        "--seq_len",
+        "64",
+        *model,
+        "--per_device_train_batch_size",
+        "4",
+        "--per_device_eval_batch_size",
+        "8",
+        "--max_eval_samples",
+        "16",
+        "--logging_steps",
+        "1",
+        "--learning_rate",
+        "3e-3",
+        "--dataloader_pin_memory",
+        "False",
+        "--disable_tqdm",
+        "True",
         *extra,
     ]

@@ -51,14 +51,32 @@ def fetch() -> None:
             return
         sdist = os.path.join(root, f"transformers-{version}.tar.gz")
         if not os.path.isfile(sdist):
-            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
-                            f"transformers=={version}", "-d", root], check=True, timeout=600)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "download",
+                    "--no-deps",
+                    "--no-binary",
+                    ":all:",
+                    "--quiet",
+                    f"transformers=={version}",
+                    "-d",
+                    root,
+                ],
+                check=True,
+                timeout=600,
+            )
         staging = package_dir + ".partial"
         shutil.rmtree(staging, ignore_errors=True)
         with tarfile.open(sdist) as archive:
             prefix = f"transformers-{version}/tests/"
-            members = [m for m in archive.getmembers()
-                       if m.name.startswith(prefix) and m.name.count("/") == 2 and m.name.endswith(".py")]
+            members = [
+                m
+                for m in archive.getmembers()
+                if m.name.startswith(prefix) and m.name.count("/") == 2 and m.name.endswith(".py")
+            ]
             for member in members:
                 with archive.extractfile(member) as source:
                     target = os.path.join(staging, os.path.basename(member.name))

@@ -43,10 +43,18 @@ class FMTCacheLayer(CacheLayerMixin):
     def update(self, key_states, value_states, *args, **kwargs):
         raise NotImplementedError(
             "FMTCacheLayer holds multilevel coarse states, not full key/value tensors, so it cannot hand back the "
-            "past keys and values: use `attend`, which attends the new tokens to the past and stores them.")
+            "past keys and values: use `attend`, which attends the new tokens to the past and stores them."
+        )
 
-    def attend(self, fma: FastMultipoleAttention, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               key_padding_mask: torch.Tensor | None, lengths: list[int] | None = None) -> torch.Tensor:
+    def attend(
+        self,
+        fma: FastMultipoleAttention,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None,
+        lengths: list[int] | None = None,
+    ) -> torch.Tensor:
         """FMA output of new tokens over everything this layer has seen, then consume them (the FMT counterpart
         of a transformers cache layer's ``update``).
 
@@ -63,9 +71,12 @@ class FMTCacheLayer(CacheLayerMixin):
         if self.state is None or not any(self.state.lengths):
             output = fma(query, key, value, key_padding_mask=key_padding_mask)
             empty = fma.init_state(heads, key.shape[1], key.dtype, key.device)
-            self.state = FMABatchState.stack([fma.prefill(empty, q[:, :n], k[:, :n], v[:, :n], row_valid) if n
-                                              else empty
-                                              for n, q, k, v, row_valid in zip(lengths, query, key, value, valid)])
+            self.state = FMABatchState.stack(
+                [
+                    fma.prefill(empty, q[:, :n], k[:, :n], v[:, :n], row_valid) if n else empty
+                    for n, q, k, v, row_valid in zip(lengths, query, key, value, valid)
+                ]
+            )
         elif length == 1 and all(n == 1 for n in lengths):
             output = fma.step_batch(self.state, query, key, value, key_padding_mask)
         else:
@@ -74,8 +85,9 @@ class FMTCacheLayer(CacheLayerMixin):
             states = []
             for b in rows:
                 n = lengths[b]
-                output[b, :, :n], state = fma.step(self.state.row(b), query[b, :, :n], key[b, :, :n],
-                                                   value[b, :, :n], valid[b])
+                output[b, :, :n], state = fma.step(
+                    self.state.row(b), query[b, :, :n], key[b, :, :n], value[b, :, :n], valid[b]
+                )
                 states.append(state)
             if rows:
                 self.state.set_rows(rows, states)
@@ -119,7 +131,8 @@ class FMTCacheLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         raise NotImplementedError(
             "FMTCache cannot be cropped: it keeps coarse summaries, not the tokens a crop would roll back, so "
-            "assisted and prompt-lookup decoding are not supported with FMT.")
+            "assisted and prompt-lookup decoding are not supported with FMT."
+        )
 
     def offload(self):
         if self.state is not None:
@@ -147,9 +160,16 @@ class FMTCache(Cache):
     def __init__(self, num_hidden_layers: int):
         super().__init__(layers=[FMTCacheLayer() for _ in range(num_hidden_layers)])
 
-    def attend(self, layer_idx: int, fma: FastMultipoleAttention, query: torch.Tensor, key: torch.Tensor,
-               value: torch.Tensor, key_padding_mask: torch.Tensor | None = None,
-               lengths: list[int] | None = None) -> torch.Tensor:
+    def attend(
+        self,
+        layer_idx: int,
+        fma: FastMultipoleAttention,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        lengths: list[int] | None = None,
+    ) -> torch.Tensor:
         """:meth:`FMTCacheLayer.attend` of layer ``layer_idx``."""
         return self.layers[layer_idx].attend(fma, query, key, value, key_padding_mask, lengths)
 
@@ -166,4 +186,5 @@ class FMTCache(Cache):
     def activate_past_recording(self):
         raise NotImplementedError(
             "FMTCache cannot record and roll back its past: assisted and prompt-lookup decoding are not supported "
-            "with FMT; use greedy, sampling or beam search.")
+            "with FMT; use greedy, sampling or beam search."
+        )

@@ -199,8 +199,16 @@ class FMTConfig(PreTrainedConfig):
 
     def validate_sizes(self):
         """Part of `@strict` validation: sizes are positive and fit together."""
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
         if self.hidden_size % self.num_attention_heads != 0:
@@ -260,8 +268,8 @@ class FMTConfig(PreTrainedConfig):
             )
         if self.fma_kernel == "flex" and (self.fma_query_mode != "fine" or self.fma_boundary != "mask"):
             raise ValueError(
-                f"`fma_kernel` \"flex\" runs `fma_query_mode` \"fine\" with `fma_boundary` \"mask\"; got "
-                f"{self.fma_query_mode!r} and {self.fma_boundary!r} (use \"auto\" or \"gather\")."
+                f'`fma_kernel` "flex" runs `fma_query_mode` "fine" with `fma_boundary` "mask"; got '
+                f'{self.fma_query_mode!r} and {self.fma_boundary!r} (use "auto" or "gather").'
             )
         if not 0 <= self.fma_sink_tokens <= self.fma_block_size:
             raise ValueError(

@@ -89,33 +89,46 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
         kernel: str = "auto",
     ):
         super().__init__()
-        for name, value in (("head_dim", head_dim), ("max_seq_len", max_seq_len), ("block_size", block_size),
-                            ("coarse_tokens", coarse_tokens)):
+        for name, value in (
+            ("head_dim", head_dim),
+            ("max_seq_len", max_seq_len),
+            ("block_size", block_size),
+            ("coarse_tokens", coarse_tokens),
+        ):
             if name == "max_seq_len" and value is None:
                 continue
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if coarse_tokens > block_size or block_size % coarse_tokens:
             raise ValueError(f"coarse_tokens ({coarse_tokens}) must divide block_size ({block_size})")
-        for name, value, allowed in (("downsample", downsample, DOWNSAMPLE_MODES),
-                                     ("query_mode", query_mode, QUERY_MODES), ("boundary", boundary, BOUNDARY_MODES),
-                                     ("kernel", kernel, KERNELS)):
+        for name, value, allowed in (
+            ("downsample", downsample, DOWNSAMPLE_MODES),
+            ("query_mode", query_mode, QUERY_MODES),
+            ("boundary", boundary, BOUNDARY_MODES),
+            ("kernel", kernel, KERNELS),
+        ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         if kernel == "flex" and (query_mode != "fine" or boundary != "mask"):
-            raise ValueError(f"kernel='flex' runs query_mode='fine' with boundary='mask'; got query_mode="
-                             f"{query_mode!r}, boundary={boundary!r} (use kernel='gather' or 'auto')")
+            raise ValueError(
+                f"kernel='flex' runs query_mode='fine' with boundary='mask'; got query_mode="
+                f"{query_mode!r}, boundary={boundary!r} (use kernel='gather' or 'auto')"
+            )
         if kernel == "flex" and not FLEX_AVAILABLE:
-            raise ImportError(f"kernel='flex' needs torch.nn.attention.flex_attention, which torch "
-                              f"{torch.__version__} lacks (PyTorch >= 2.5 has it); use kernel='gather' or 'auto'")
+            raise ImportError(
+                f"kernel='flex' needs torch.nn.attention.flex_attention, which torch "
+                f"{torch.__version__} lacks (PyTorch >= 2.5 has it); use kernel='gather' or 'auto'"
+            )
         if not isinstance(sink_tokens, int) or isinstance(sink_tokens, bool) or not 0 <= sink_tokens <= block_size:
             raise ValueError(f"sink_tokens must be an integer in [0, block_size={block_size}], got {sink_tokens!r}")
         if max_seq_len is None and downsample not in LENGTH_FREE_MODES:
-            raise ValueError(f"max_seq_len=None (no length cap) needs a length-free downsample, one of "
-                             f"{LENGTH_FREE_MODES}; {downsample!r} holds weights for every level of a fixed "
-                             "max_seq_len")
+            raise ValueError(
+                f"max_seq_len=None (no length cap) needs a length-free downsample, one of "
+                f"{LENGTH_FREE_MODES}; {downsample!r} holds weights for every level of a fixed "
+                "max_seq_len"
+            )
         self.head_dim, self.max_seq_len = head_dim, max_seq_len
         self.block_size, self.coarse_tokens = block_size, coarse_tokens
         self.causal, self.query_mode, self.scale_attn, self.boundary = causal, query_mode, scale_attn, boundary
@@ -125,8 +138,16 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
         self.num_levels = None if max_seq_len is None else num_levels(max_seq_len, block_size)
         # Slots beyond the hierarchy built for max_seq_len are "outside the sequence" (zero sinks); slots between
         # the actual length and that capacity are padding (always masked). Without a cap there is no capacity.
-        self.partition = Partition(block_size, coarse_tokens, causal, self.num_levels, query_mode == "fine",
-                                   scale_attn, boundary == "zero_sink", sink_tokens)
+        self.partition = Partition(
+            block_size,
+            coarse_tokens,
+            causal,
+            self.num_levels,
+            query_mode == "fine",
+            scale_attn,
+            boundary == "zero_sink",
+            sink_tokens,
+        )
         self.capacity = self.partition.capacity
         # One downsampler for keys and one for values, each serving every level; shared by all heads.
         self.k_downsample = make_downsampler(downsample, head_dim, block_size, self.num_levels, coarse_tokens)
@@ -138,18 +159,21 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
 
     def extra_repr(self) -> str:
         levels = "per input" if self.num_levels is None else self.num_levels
-        return (f"head_dim={self.head_dim}, max_seq_len={self.max_seq_len}, block_size={self.block_size}, "
-                f"coarse_tokens={self.coarse_tokens}, levels={levels}, causal={self.causal}, "
-                f"query_mode={self.query_mode!r}, scale_attn={self.scale_attn}, boundary={self.boundary!r}, "
-                f"sink_tokens={self.sink_tokens}, kernel={self.kernel!r}")
+        return (
+            f"head_dim={self.head_dim}, max_seq_len={self.max_seq_len}, block_size={self.block_size}, "
+            f"coarse_tokens={self.coarse_tokens}, levels={levels}, causal={self.causal}, "
+            f"query_mode={self.query_mode!r}, scale_attn={self.scale_attn}, boundary={self.boundary!r}, "
+            f"sink_tokens={self.sink_tokens}, kernel={self.kernel!r}"
+        )
 
     # ------------------------------------------------------------------ validation
 
     def _check_inputs(self, q, k, v, key_padding_mask):
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4:
-                raise ValueError(f"{name} must be a 4-d tensor (batch, heads, seq_len, head_dim), got "
-                                 f"{getattr(t, 'shape', type(t))}")
+                raise ValueError(
+                    f"{name} must be a 4-d tensor (batch, heads, seq_len, head_dim), got {getattr(t, 'shape', type(t))}"
+                )
             if not t.is_floating_point():
                 raise ValueError(f"{name} must be a floating-point tensor, got {t.dtype}")
         if not (q.dtype == k.dtype == v.dtype):
@@ -169,13 +193,16 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
             raise ValueError(f"seq_len {seq_len} exceeds max_seq_len {self.max_seq_len} this layer was built for")
         if key_padding_mask is not None:
             if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (batch, seq_len):
-                raise ValueError(f"key_padding_mask must be a bool tensor of shape {(batch, seq_len)}, got "
-                                 f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
+                raise ValueError(
+                    f"key_padding_mask must be a bool tensor of shape {(batch, seq_len)}, got "
+                    f"{key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+                )
 
     # ------------------------------------------------------------------ forward
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Attend ``q`` (B, H, n, d) to ``k``, ``v`` (B, H_kv, n, d); returns (B, H, n, d).
 
         ``q`` is not pre-scaled. ``key_padding_mask`` (B, n), True for real tokens, excludes the others as keys
@@ -207,8 +234,9 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
         coarse_k = self.k_downsample(without_sinks(k, 0, self.sink_tokens, dim=2), levels)
         coarse_v = self.v_downsample(without_sinks(v, 0, self.sink_tokens, dim=2), levels)
         if flex:
-            out = self._flex_fine_queries(q[:, :, :n_fine], k[:, :, :n_fine], v[:, :, :n_fine], coarse_k, coarse_v,
-                                          key_valid, n)
+            out = self._flex_fine_queries(
+                q[:, :, :n_fine], k[:, :, :n_fine], v[:, :, :n_fine], coarse_k, coarse_v, key_valid, n
+            )
             return out[:, :, :n].to(input_dtype)
         # (B, H_kv, positions, group_heads, d): see the module docstring.
         queries = q.unflatten(1, (kv_heads, -1)).transpose(2, 3)
@@ -220,7 +248,7 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
         if self.query_mode == "fine":
             out = self._fine_queries(queries[:, :, :n_fine], bank_k, bank_v, *plans[0], bank_valid)
         else:
-            out = self._coarse_queries(queries * d ** -0.5, bank_k, bank_v, plans, bank_valid, n_fine)
+            out = self._coarse_queries(queries * d**-0.5, bank_k, bank_v, plans, bank_valid, n_fine)
         # (B, H_kv, n_fine, g, d) -> (B, H, n, d)
         return out.transpose(2, 3).flatten(1, 2)[:, :, :n].to(input_dtype)
 
@@ -245,7 +273,7 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
         group is real."""
         parts = [key_valid.new_ones(key_valid.shape[0], 1), key_valid[:, :n_fine]]
         for level, c in enumerate(coarse, start=1):
-            groups = key_valid.unflatten(1, (-1, self.group_width(level)))[:, :c.shape[2]].any(-1)
+            groups = key_valid.unflatten(1, (-1, self.group_width(level)))[:, : c.shape[2]].any(-1)
             parts.append(groups.repeat_interleave(c.shape[3], 1))
         return torch.cat(parts, 1)
 
@@ -278,8 +306,13 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
         if key_valid is not None:  # the bank's validity without its zero slot, filler keys never valid
             valid = self._bank_valid(key_valid, q.shape[2], coarse_k)[:, 1:]
             valid = F.pad(valid, (0, length - valid.shape[1]), value=False) & plan.real  # + sink-only summaries (§3a)
-        offsets = key_offsets(self.partition, plan, coarse_tokens, q.dtype if q.dtype == torch.float64
-                              else torch.float32, q.device) if self.scale_attn else None
+        offsets = (
+            key_offsets(
+                self.partition, plan, coarse_tokens, q.dtype if q.dtype == torch.float64 else torch.float32, q.device
+            )
+            if self.scale_attn
+            else None
+        )
         return flex_fine_queries(self.partition, q, keys, values, plan, offsets, self.flex_kv_block, valid)
 
     def _fine_queries(self, queries, bank_k, bank_v, index, bias, bank_valid):
@@ -298,21 +331,35 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
         slot_major = index.t().flatten()
         keys = bank_k.index_select(2, slot_major).view(batch * kv_heads, slots, blocks, dim).transpose(1, 2)
         values = bank_v.index_select(2, slot_major).view(batch * kv_heads, slots, blocks, dim).transpose(1, 2)
-        query_rows = (queries.unflatten(2, (blocks, -1)).permute(0, 1, 3, 4, 2, 5)
-                      .reshape(batch * kv_heads, block_rows, blocks, dim).transpose(1, 2))
+        query_rows = (
+            queries.unflatten(2, (blocks, -1))
+            .permute(0, 1, 3, 4, 2, 5)
+            .reshape(batch * kv_heads, block_rows, blocks, dim)
+            .transpose(1, 2)
+        )
         mask = bias[:, :, None, :].expand(-1, -1, heads, -1).reshape(1, blocks, block_rows, slots)
         dropout = self.dropout if self.training else 0.0
         if bank_valid is None:
-            out = F.scaled_dot_product_attention(query_rows, keys, values, attn_mask=mask, dropout_p=dropout,
-                                                 scale=dim ** -0.5)
+            out = F.scaled_dot_product_attention(
+                query_rows, keys, values, attn_mask=mask, dropout_p=dropout, scale=dim**-0.5
+            )
         else:
             # Padding differs per sequence: one call per sequence, its key/value heads sharing one mask, so the
             # mask is never materialised for every sequence and key/value head at once.
             padding = torch.where(bank_valid[:, index], 0.0, MASK_VALUE).to(mask.dtype)  # (B, blocks, S)
-            out = torch.cat([
-                F.scaled_dot_product_attention(query_rows[rows], keys[rows], values[rows], dropout_p=dropout,
-                                               attn_mask=mask + padding[b, :, None, :], scale=dim ** -0.5)
-                for b, rows in enumerate(slice(b * kv_heads, (b + 1) * kv_heads) for b in range(batch))])
+            out = torch.cat(
+                [
+                    F.scaled_dot_product_attention(
+                        query_rows[rows],
+                        keys[rows],
+                        values[rows],
+                        dropout_p=dropout,
+                        attn_mask=mask + padding[b, :, None, :],
+                        scale=dim**-0.5,
+                    )
+                    for b, rows in enumerate(slice(b * kv_heads, (b + 1) * kv_heads) for b in range(batch))
+                ]
+            )
         return out.reshape(batch, kv_heads, positions, heads, dim)
 
     def _attend_with_lse(self, queries, rows, bank_k, bank_v, index, bias, bank_valid):
@@ -358,14 +405,16 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
             out, lse = self._attend_with_lse(level_queries, p, bank_k, bank_v, index, bias, bank_valid)
             if merged is not None:
                 factor = resolution // sub_window
-                merged = _merge(merged[0].repeat_interleave(factor, 2), merged[1].repeat_interleave(factor, 2),
-                                lse, out)
+                merged = _merge(
+                    merged[0].repeat_interleave(factor, 2), merged[1].repeat_interleave(factor, 2), lse, out
+                )
             else:
                 merged = (lse, out)
             resolution = sub_window
         index, bias = plans[0]
-        out, lse = self._attend_with_lse(queries[:, :, :n_fine], self.block_size, bank_k, bank_v, index, bias,
-                                         bank_valid)
+        out, lse = self._attend_with_lse(
+            queries[:, :, :n_fine], self.block_size, bank_k, bank_v, index, bias, bank_valid
+        )
         if merged is None:
             return out
         coarse_lse = merged[0].repeat_interleave(resolution, 2)[:, :, :n_fine]

@@ -72,8 +72,14 @@ class DepthwiseDownsample(_LevelParameters, nn.Module):
                 weight.copy_(average_weights(width, self.coarse_tokens).expand_as(weight))
                 bias.zero_()
 
-    def forward(self, x: torch.Tensor, levels: int | None = None, *, level: int | None = None,
-                offsets: torch.Tensor | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        levels: int | None = None,
+        *,
+        level: int | None = None,
+        offsets: torch.Tensor | None = None,
+    ):
         """Summaries of levels ``1..levels``: ``x`` (..., n, d), n a multiple of the widest group used -> per level
         (..., n // w_l, p, d).
 
@@ -87,8 +93,7 @@ class DepthwiseDownsample(_LevelParameters, nn.Module):
         if offsets is not None:
             weight = getattr(self, f"weight_{level}")[:, :, offsets].to(x.dtype)  # (d, p, c)
             blocks, weight = x.unflatten(-2, (-1, self.widths[0])), weight.unflatten(-1, (-1, self.widths[0]))
-            return (torch.einsum("...btc,crbt->...brc", blocks, weight),
-                    getattr(self, f"bias_{level}").t().to(x.dtype))
+            return (torch.einsum("...btc,crbt->...brc", blocks, weight), getattr(self, f"bias_{level}").t().to(x.dtype))
         if levels == 0:
             return []
         # One channel-major copy serves every level: there each group is a contiguous run of w_l values, so a
@@ -96,8 +101,10 @@ class DepthwiseDownsample(_LevelParameters, nn.Module):
         channels = x.movedim(-1, 0).contiguous()  # (d, ..., n)
         weights = [w.to(x.dtype) for w in self.weights[:levels]]
         coarse = _DepthwiseLevels.apply(channels, *weights)
-        return [c.view(channels.shape[:-1] + (-1, self.coarse_tokens)).movedim(0, -1) + b.t().to(x.dtype)
-                for c, b in zip(coarse, self.biases)]
+        return [
+            c.view(channels.shape[:-1] + (-1, self.coarse_tokens)).movedim(0, -1) + b.t().to(x.dtype)
+            for c, b in zip(coarse, self.biases)
+        ]
 
 
 class _DepthwiseLevels(torch.autograd.Function):
@@ -150,14 +157,22 @@ class FullDownsample(_LevelParameters, nn.Module):
                 weight.copy_(torch.einsum("ck,rt->crkt", torch.eye(weight.shape[0]), average))
                 bias.zero_()
 
-    def forward(self, x: torch.Tensor, levels: int | None = None, *, level: int | None = None,
-                offsets: torch.Tensor | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        levels: int | None = None,
+        *,
+        level: int | None = None,
+        offsets: torch.Tensor | None = None,
+    ):
         """As :meth:`DepthwiseDownsample.forward`."""
         if offsets is not None:
             weight = getattr(self, f"weight_{level}")[..., offsets].to(x.dtype)  # (d_out, p, d_in, c)
             blocks, weight = x.unflatten(-2, (-1, self.widths[0])), weight.unflatten(-1, (-1, self.widths[0]))
-            return (torch.einsum("...btk,orkbt->...bro", blocks, weight),
-                    getattr(self, f"bias_{level}").t().to(x.dtype))
+            return (
+                torch.einsum("...btk,orkbt->...bro", blocks, weight),
+                getattr(self, f"bias_{level}").t().to(x.dtype),
+            )
         d = x.shape[-1]
         out = []
         for width, weight, bias in zip(self.widths[:levels], self.weights, self.biases):
@@ -224,8 +239,9 @@ class RecursiveDownsample(_LengthFree):
         with torch.no_grad():
             self.weight.copy_(average_weights(self.block_size, self.coarse_tokens).expand_as(self.weight))
             # pairs of children summaries (2r, 2r + 1) are averaged: the sub-window means of the parent
-            self.combine_weight.copy_(average_weights(2 * self.coarse_tokens, self.coarse_tokens)
-                                      .expand_as(self.combine_weight))
+            self.combine_weight.copy_(
+                average_weights(2 * self.coarse_tokens, self.coarse_tokens).expand_as(self.combine_weight)
+            )
             self.bias.zero_()
             self.combine_bias.zero_()
 
@@ -260,8 +276,7 @@ class RecursiveDownsample(_LengthFree):
         return torch.baddbmm(bias.unsqueeze(1), children, weight.transpose(1, 2))
 
 
-def make_downsampler(family: str, head_dim: int, block_size: int, levels: int | None,
-                     coarse_tokens: int) -> nn.Module:
+def make_downsampler(family: str, head_dim: int, block_size: int, levels: int | None, coarse_tokens: int) -> nn.Module:
     """A downsampler of the given family (one of :data:`DOWNSAMPLE_MODES`) for groups of ``block_size * 2**(l-1)``
     tokens at levels ``l = 1..levels``; ``levels`` is ignored (may be None) for the length-free families."""
     if family == "avgpool":

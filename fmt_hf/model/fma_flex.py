@@ -72,8 +72,10 @@ class FlexPlan(NamedTuple):
 def flex_plan(partition: Partition, n: int, coarse_tokens: tuple[int, ...], kv_block: int, device) -> FlexPlan:
     """:class:`FlexPlan` of a length-n input whose levels hold ``coarse_tokens[l-1]`` summaries per group, from
     :data:`PLANS`."""
-    return PLANS.get(("flex", partition, n, coarse_tokens, kv_block, str(device)),
-                     lambda: _build_flex_plan(partition, n, coarse_tokens, kv_block, device))
+    return PLANS.get(
+        ("flex", partition, n, coarse_tokens, kv_block, str(device)),
+        lambda: _build_flex_plan(partition, n, coarse_tokens, kv_block, device),
+    )
 
 
 def _build_flex_plan(partition, n, coarse_tokens, kv_block, device):
@@ -166,8 +168,9 @@ def _transposed(num, indices, cols):
     return col_num.int()[None, None], out[None, None]
 
 
-def block_mask(plan: FlexPlan, partition: Partition, kv_block: int, n_fine: int,
-               key_valid: torch.Tensor | None = None) -> BlockMask:
+def block_mask(
+    plan: FlexPlan, partition: Partition, kv_block: int, n_fine: int, key_valid: torch.Tensor | None = None
+) -> BlockMask:
     """The BlockMask of ``plan`` with its exact ``mask_mod``; ``key_valid`` (B, keys) marks the keys a padding mask
     leaves real (None: no padding mask; every block that can be full then is). ``key_valid`` must already be False
     where ``plan.real`` is (filler, summaries of sinks only): the caller ANDs them, because doing it here trips
@@ -187,18 +190,28 @@ def block_mask(plan: FlexPlan, partition: Partition, kv_block: int, n_fine: int,
         return legal & (real[kv_idx] if key_valid is None else real[b, kv_idx])
 
     lists = plan.lists if key_valid is None else plan.padded_lists
-    return BlockMask(seq_lengths=(n_fine, len(level)), kv_num_blocks=lists[0], kv_indices=lists[1],
-                     full_kv_num_blocks=lists[2], full_kv_indices=lists[3], q_num_blocks=lists[4],
-                     q_indices=lists[5], full_q_num_blocks=lists[6], full_q_indices=lists[7],
-                     BLOCK_SIZE=(m, kv_block), mask_mod=mask_mod)
+    return BlockMask(
+        seq_lengths=(n_fine, len(level)),
+        kv_num_blocks=lists[0],
+        kv_indices=lists[1],
+        full_kv_num_blocks=lists[2],
+        full_kv_indices=lists[3],
+        q_num_blocks=lists[4],
+        q_indices=lists[5],
+        full_q_num_blocks=lists[6],
+        full_q_indices=lists[7],
+        BLOCK_SIZE=(m, kv_block),
+        mask_mod=mask_mod,
+    )
 
 
-def key_offsets(partition: Partition, plan: FlexPlan, coarse_tokens: tuple[int, ...], dtype, device
-                ) -> torch.Tensor:
+def key_offsets(partition: Partition, plan: FlexPlan, coarse_tokens: tuple[int, ...], dtype, device) -> torch.Tensor:
     """Per key the logit offset of §4: ``log(w_l / p)`` for level-l summaries, 0 for fine keys and filler."""
+
     def build():
-        table = torch.tensor([0.0] + [partition.offset(level, p) for level, p in enumerate(coarse_tokens, 1)],
-                             dtype=dtype, device=device)
+        table = torch.tensor(
+            [0.0] + [partition.offset(level, p) for level, p in enumerate(coarse_tokens, 1)], dtype=dtype, device=device
+        )
         return table[plan.level.clamp(min=0).long()]
 
     return PLANS.get(("flex_offsets", partition, len(plan.level), coarse_tokens, str(device), dtype), build)
@@ -222,14 +235,27 @@ def kernel_options(block_size: int, kv_block: int, dtype: torch.dtype) -> dict:
     queries takes neither these tiles nor per-query-block lists of this shape."""
     wide = dtype != torch.float32
     backward = min(_tile(block_size, 64 if wide else 16), _tile(kv_block, 64 if wide else 16))
-    return {"fwd_BLOCK_M": _tile(block_size, 128 if wide else 64), "fwd_BLOCK_N": _tile(kv_block, 128 if wide else 32),
-            "bwd_BLOCK_M1": backward, "bwd_BLOCK_N1": backward, "bwd_BLOCK_M2": backward, "bwd_BLOCK_N2": backward,
-            "FORCE_USE_FLEX_ATTENTION": True}
+    return {
+        "fwd_BLOCK_M": _tile(block_size, 128 if wide else 64),
+        "fwd_BLOCK_N": _tile(kv_block, 128 if wide else 32),
+        "bwd_BLOCK_M1": backward,
+        "bwd_BLOCK_N1": backward,
+        "bwd_BLOCK_M2": backward,
+        "bwd_BLOCK_N2": backward,
+        "FORCE_USE_FLEX_ATTENTION": True,
+    }
 
 
-def flex_fine_queries(partition: Partition, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                      plan: FlexPlan, offsets: torch.Tensor | None, kv_block: int,
-                      key_valid: torch.Tensor | None = None) -> torch.Tensor:
+def flex_fine_queries(
+    partition: Partition,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    plan: FlexPlan,
+    offsets: torch.Tensor | None,
+    kv_block: int,
+    key_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Fine-query FMA in one FlexAttention call.
 
     ``queries`` (B, H, n_fine, d) unscaled; ``keys``/``values`` (B, H_kv, keys, d) in the layout of ``plan``;
@@ -239,28 +265,46 @@ def flex_fine_queries(partition: Partition, queries: torch.Tensor, keys: torch.T
     mask = block_mask(plan, partition, kv_block, queries.shape[2], key_valid)
     score_mod = None
     if offsets is not None:
+
         def score_mod(score, b, h, q_idx, kv_idx):
             return score + offsets[kv_idx]
 
     if queries.is_cuda:
-        return _compiled_flex_attention()(queries, keys, values, score_mod=score_mod, block_mask=mask,
-                                          enable_gqa=True,
-                                          kernel_options=kernel_options(partition.block_size, kv_block, queries.dtype))
+        return _compiled_flex_attention()(
+            queries,
+            keys,
+            values,
+            score_mod=score_mod,
+            block_mask=mask,
+            enable_gqa=True,
+            kernel_options=kernel_options(partition.block_size, kv_block, queries.dtype),
+        )
     return flex_attention(queries, keys, values, score_mod=score_mod, block_mask=mask, enable_gqa=True)
 
 
 def flex_unsupported(block_size: int, kv_block: int, head_dim: int, device: torch.device) -> str | None:
     """Why the flex path cannot run these sizes on ``device`` (None: it can)."""
     if not FLEX_AVAILABLE:
-        return (f"torch {torch.__version__} has no torch.nn.attention.flex_attention (PyTorch >= 2.5 does)")
+        return f"torch {torch.__version__} has no torch.nn.attention.flex_attention (PyTorch >= 2.5 does)"
     if device.type == "cuda":
         if block_size % CUDA_TILE or kv_block % CUDA_TILE:
-            return (f"FlexAttention's CUDA tiles need block_size ({block_size}) and the KV block ({kv_block}) to be "
-                    f"multiples of {CUDA_TILE}")
+            return (
+                f"FlexAttention's CUDA tiles need block_size ({block_size}) and the KV block ({kv_block}) to be "
+                f"multiples of {CUDA_TILE}"
+            )
         if head_dim < CUDA_TILE:
             return f"FlexAttention on CUDA needs head_dim >= {CUDA_TILE}, got {head_dim}"
     return None
 
 
-__all__ = ["FLEX_AVAILABLE", "KERNELS", "FlexPlan", "block_mask", "flex_fine_queries", "flex_plan",
-           "flex_unsupported", "kernel_options", "key_offsets"]
+__all__ = [
+    "FLEX_AVAILABLE",
+    "KERNELS",
+    "FlexPlan",
+    "block_mask",
+    "flex_fine_queries",
+    "flex_plan",
+    "flex_unsupported",
+    "kernel_options",
+    "key_offsets",
+]

@@ -51,8 +51,11 @@ def interaction_list(own_group: torch.Tensor, causal: bool) -> list[tuple[torch.
         return [(first, None), (first + 1, (g & 1) == 1)]
     odd = (g & 1) == 1
     # even G: G-2, G+2, G+3; odd G: G-3, G-2, G+2 (the 1D fast-multipole interaction list)
-    return [(torch.where(odd, g - 3, g - 2), None), (torch.where(odd, g - 2, g + 2), None),
-            (torch.where(odd, g + 2, g + 3), None)]
+    return [
+        (torch.where(odd, g - 3, g - 2), None),
+        (torch.where(odd, g - 2, g + 2), None),
+        (torch.where(odd, g + 2, g + 3), None),
+    ]
 
 
 def coarse_groups(own_group: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,8 +67,9 @@ def coarse_groups(own_group: torch.Tensor, causal: bool) -> tuple[torch.Tensor, 
     """
     slots = interaction_list(own_group, causal)
     groups = torch.stack([group for group, _ in slots], -1)
-    member = torch.stack([torch.ones_like(own_group, dtype=torch.bool) if member is None else member
-                          for _, member in slots], -1)
+    member = torch.stack(
+        [torch.ones_like(own_group, dtype=torch.bool) if member is None else member for _, member in slots], -1
+    )
     return groups, member
 
 
@@ -221,8 +225,10 @@ class Partition:
         unit's key set (m for a fine block, 1 for a coarse query group). With fine queries the first plan
         already includes every level's slots.
         """
-        return PLANS.get(("plans", self, n, coarse_tokens, str(device), dtype),
-                         lambda: self._build_plans(n, coarse_tokens, device, dtype))
+        return PLANS.get(
+            ("plans", self, n, coarse_tokens, str(device), dtype),
+            lambda: self._build_plans(n, coarse_tokens, device, dtype),
+        )
 
     def _build_plans(self, n, coarse_tokens, device, dtype):
         m, levels = self.block_size, len(coarse_tokens)
@@ -265,8 +271,7 @@ class Partition:
             # All queries of a fine block share their coarse slots: one key set per block.
             index, bias = [fine_index], [fine_bias]
             for level, (p, base) in enumerate(zip(coarse_tokens, bases), start=1):
-                level_index, level_bias = self._level_slots(level, p, blocks >> (level - 1), n, n_coarse, base,
-                                                            dtype)
+                level_index, level_bias = self._level_slots(level, p, blocks >> (level - 1), n, n_coarse, base, dtype)
                 index.append(level_index)
                 bias.append(level_bias[:, None, :].expand(-1, m, -1))
             return [(torch.cat(index, 1), torch.cat(bias, 2))]
@@ -303,8 +308,7 @@ class Partition:
 
     # ------------------------------------------------------------------ decoding: state biases (§8)
 
-    def state_bias(self, t: int, c: int, levels: int, new_groups: list[tuple[int, int]], dtype, device
-                   ) -> torch.Tensor:
+    def state_bias(self, t: int, c: int, levels: int, new_groups: list[tuple[int, int]], dtype, device) -> torch.Tensor:
         """Bias (c, S) of queries at ``t .. t+c-1`` over ``[fine ring (2m) | the c new tokens | per level: its
         ring of three complete groups and the groups ``first .. first+count-1`` the chunk adds (``new_groups[l-1]
         = (first, count)``), p slots each | the zero-sink slot (boundary="zero_sink") | the s sink tokens (§3a)]``:
@@ -320,9 +324,14 @@ class Partition:
 
     def _state_bias(self, t, c, levels, new_groups, dtype, device):
         """:meth:`state_bias` (B, c, S) of rows at lengths ``t`` (B,), each taking c tokens."""
-        return torch.cat([self._fine_state_bias(t, c, dtype, device),
-                          self._coarse_state_bias(t, c, levels, new_groups, dtype, device),
-                          self._sink_state_bias(t, c, dtype, device)], -1)
+        return torch.cat(
+            [
+                self._fine_state_bias(t, c, dtype, device),
+                self._coarse_state_bias(t, c, levels, new_groups, dtype, device),
+                self._sink_state_bias(t, c, dtype, device),
+            ],
+            -1,
+        )
 
     def _sink_state_bias(self, t, c, dtype, device):
         """Sink part (B, c, s) for rows at lengths ``t`` (B,): the state's ``s`` sink tokens, read by queries whose
@@ -383,13 +392,23 @@ def _step_bias(partition: Partition, lengths: tuple[int, ...], levels: int, dtyp
     def coarse_part(t):  # the levels' slots, then the sink tokens' (§3a)
         position = torch.tensor([t], device=device)
         new_groups = [(position // partition.group_width(level), 0) for level in range(1, levels + 1)]
-        return torch.cat([partition._coarse_state_bias(position, 1, levels, new_groups, dtype, device)[0, 0],
-                          partition._sink_state_bias(position, 1, dtype, device)[0, 0]])
+        return torch.cat(
+            [
+                partition._coarse_state_bias(position, 1, levels, new_groups, dtype, device)[0, 0],
+                partition._sink_state_bias(position, 1, dtype, device)[0, 0],
+            ]
+        )
 
     # Rows are gathered from per-position parts cached in PLANS, so a step costs lookups, not a computation: the
     # fine part repeats with period 2m once t >= 2m, the coarse part (with the sinks') is constant within a block.
-    fine = [PLANS.get(("fine_step", partition, t % (2 * m), min(t // m, 2), str(device), dtype),
-                      lambda: fine_part(t)) for t in lengths]
-    coarse = [PLANS.get(("coarse_step", partition, t // m, levels, str(device), dtype),
-                        lambda: coarse_part(t)) for t in lengths]
+    fine = [
+        PLANS.get(
+            ("fine_step", partition, t % (2 * m), min(t // m, 2), str(device), dtype), functools.partial(fine_part, t)
+        )
+        for t in lengths
+    ]
+    coarse = [
+        PLANS.get(("coarse_step", partition, t // m, levels, str(device), dtype), functools.partial(coarse_part, t))
+        for t in lengths
+    ]
     return torch.cat([torch.stack(fine), torch.stack(coarse)], 1)

@@ -62,8 +62,15 @@ class _Tensors:
 
     def map_tensors(self, fn, **changes):
         """A copy with ``fn`` applied to every tensor (e.g. a device move), and fields ``changes`` replaced."""
-        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)
-                                if isinstance(getattr(self, f.name), torch.Tensor)}, **changes)
+        return replace(
+            self,
+            **{
+                f.name: fn(getattr(self, f.name))
+                for f in fields(self)
+                if isinstance(getattr(self, f.name), torch.Tensor)
+            },
+            **changes,
+        )
 
 
 @dataclass(frozen=True)
@@ -117,16 +124,30 @@ class FMAState(_Tensors):
     @property
     def num_vectors(self) -> int:
         """Key/value vectors of size d held per key/value head: ``4m + 2s + 8pL``."""
-        kv = (self.fine_k, self.fine_v, self.partial_k, self.partial_v, self.groups_k, self.groups_v, self.sink_k,
-              self.sink_v)
+        kv = (
+            self.fine_k,
+            self.fine_v,
+            self.partial_k,
+            self.partial_v,
+            self.groups_k,
+            self.groups_v,
+            self.sink_k,
+            self.sink_v,
+        )
         return sum(t.numel() // t.shape[-1] for t in kv) // self.fine_k.shape[0]
 
     def with_levels(self, levels: int) -> FMAState:
         """This state holding ``levels`` coarse levels (at least): new ones (derived families) are empty rings."""
         if levels <= self.num_levels:
             return self
-        return replace(self, **{name: _grow_levels(getattr(self, name), levels, fill, dim=0)
-                                for name, fill in _NEW_LEVEL_FILL.items() if getattr(self, name) is not None})
+        return replace(
+            self,
+            **{
+                name: _grow_levels(getattr(self, name), levels, fill, dim=0)
+                for name, fill in _NEW_LEVEL_FILL.items()
+                if getattr(self, name) is not None
+            },
+        )
 
 
 # What a level added to a state holds until its groups are computed (partial sums exist only for direct families,
@@ -177,10 +198,17 @@ class FMABatchState(_Tensors):
         """The rows ``states`` as one batch holding at least ``levels`` levels."""
         levels = max([levels] + [state.num_levels for state in states])
         held = [state.with_levels(levels) for state in states]
-        tensors = {name: torch.stack([getattr(state, name) for state in held]) for name in _TENSOR_FIELDS
-                   if getattr(held[0], name) is not None}
-        return cls([state.length for state in states], [state.num_levels for state in states],
-                   [state.holes for state in states], **tensors)
+        tensors = {
+            name: torch.stack([getattr(state, name) for state in held])
+            for name in _TENSOR_FIELDS
+            if getattr(held[0], name) is not None
+        }
+        return cls(
+            [state.length for state in states],
+            [state.num_levels for state in states],
+            [state.holes for state in states],
+            **tensors,
+        )
 
     @property
     def num_levels(self) -> int:
@@ -189,11 +217,12 @@ class FMABatchState(_Tensors):
 
     def row(self, b: int) -> FMAState:
         """Row ``b`` alone, with the levels it holds (a copy: the batch is updated in place)."""
+
         def take(name):
             tensor = getattr(self, name)
             if tensor is None:
                 return None
-            return (tensor[b, :self.levels[b]] if name in _LEVEL_FIELDS else tensor[b]).clone()
+            return (tensor[b, : self.levels[b]] if name in _LEVEL_FIELDS else tensor[b]).clone()
 
         return FMAState(self.lengths[b], **{name: take(name) for name in _TENSOR_FIELDS}, holes=self.holes[b])
 
@@ -214,8 +243,12 @@ class FMABatchState(_Tensors):
     def index_select(self, rows: list[int]) -> FMABatchState:
         """A new batch of the given rows (repeated, reordered), e.g. for beams: copies."""
         index = torch.tensor(rows, device=self.fine_k.device)
-        return self.map_tensors(lambda t: t.index_select(0, index), lengths=[self.lengths[b] for b in rows],
-                                levels=[self.levels[b] for b in rows], holes=[self.holes[b] for b in rows])
+        return self.map_tensors(
+            lambda t: t.index_select(0, index),
+            lengths=[self.lengths[b] for b in rows],
+            levels=[self.levels[b] for b in rows],
+            holes=[self.holes[b] for b in rows],
+        )
 
 
 @dataclass(frozen=True)
@@ -258,7 +291,8 @@ class IncrementalDecoding:
             raise ValueError(
                 'boundary="zero_sink" without a length cap (max_seq_len=None) counts sinks for the levels the whole '
                 "input needs, so an output depends on the input's length and no decoding state can reproduce it: "
-                'build the layer with a max_seq_len, or use boundary="mask"')
+                'build the layer with a max_seq_len, or use boundary="mask"'
+            )
         dtype = _softmax_dtype(dtype)
         m, p, d, s = self.block_size, self.coarse_tokens, self.head_dim, self.sink_tokens
         levels = 0 if self._derives_levels else self.num_levels  # derived levels are added as they are needed
@@ -269,14 +303,26 @@ class IncrementalDecoding:
         def real(*shape):
             return torch.ones(*shape, dtype=torch.bool, device=device)
 
-        return FMAState(0, zeros(kv_heads, 2 * m, d), zeros(kv_heads, 2 * m, d), zeros(levels, kv_heads, p, d),
-                        zeros(levels, kv_heads, p, d), zeros(levels, kv_heads, 3, p, d),
-                        zeros(levels, kv_heads, 3, p, d), real(2 * m), ~real(levels), real(levels, 3),
-                        zeros(kv_heads, s, d), zeros(kv_heads, s, d), real(s),
-                        zeros(levels, heads, d) if self.query_mode == "coarse" else None)
+        return FMAState(
+            0,
+            zeros(kv_heads, 2 * m, d),
+            zeros(kv_heads, 2 * m, d),
+            zeros(levels, kv_heads, p, d),
+            zeros(levels, kv_heads, p, d),
+            zeros(levels, kv_heads, 3, p, d),
+            zeros(levels, kv_heads, 3, p, d),
+            real(2 * m),
+            ~real(levels),
+            real(levels, 3),
+            zeros(kv_heads, s, d),
+            zeros(kv_heads, s, d),
+            real(s),
+            zeros(levels, heads, d) if self.query_mode == "coarse" else None,
+        )
 
-    def prefill(self, state: FMAState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                valid: torch.Tensor | None = None) -> FMAState:
+    def prefill(
+        self, state: FMAState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> FMAState:
         """Consume tokens whose attention output was computed elsewhere (e.g. by ``forward`` over a whole prompt):
         ``q`` (H, c, d), ``k``/``v`` (H_kv, c, d) of one sequence; ``valid`` (c,) bool marks real tokens (None:
         all), the others are holes, as ``forward``'s ``key_padding_mask``. Only the tail the state keeps is
@@ -286,8 +332,9 @@ class IncrementalDecoding:
         updates = self._level_updates(state, k, v, valid, tail_only=True)
         return self._advance(state.with_levels(len(updates or [])), q, k, v, valid, updates)
 
-    def step(self, state: FMAState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             valid: torch.Tensor | None = None) -> tuple[torch.Tensor, FMAState]:
+    def step(
+        self, state: FMAState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, FMAState]:
         """Attend ``c`` new tokens of one sequence to its past and to each other, then consume them.
 
         ``q`` (H, c, d), ``k``/``v`` (H_kv, c, d) at positions ``state.length + [0, c)``; ``valid`` as in
@@ -305,8 +352,9 @@ class IncrementalDecoding:
         out = self._attend_chunk(state, q, k, v, valid, updates)
         return out.to(out_dtype), self._advance(state, q, k, v, valid, updates)
 
-    def step_batch(self, state: FMABatchState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   valid: torch.Tensor | None = None) -> torch.Tensor:
+    def step_batch(
+        self, state: FMABatchState, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Attend one new token per row to that row's past, then consume it (``state`` is updated in place).
 
         ``q`` (B, H, 1, d), ``k``/``v`` (B, H_kv, 1, d), row b at position ``state.lengths[b]``; ``valid`` (B, 1)
@@ -331,23 +379,30 @@ class IncrementalDecoding:
             q, k, v = q * keep, k * keep, v * keep
         completing = [b for b, t in enumerate(state.lengths) if (t + 1) % m == 0]
         if self._derives_levels:  # these rows' whole consumption, alone, from the state before this step
-            consumed = [self.prefill(state.row(b), q[b, :, None], k[b, :, None], v[b, :, None],
-                                     None if valid is None else valid[b, None]) for b in completing]
+            consumed = [
+                self.prefill(
+                    state.row(b), q[b, :, None], k[b, :, None], v[b, :, None], None if valid is None else valid[b, None]
+                )
+                for b in completing
+            ]
 
         # Logits and values by part (fine ring, the token, every level's ring of groups): no concatenated copy of
         # the state. A key/value head's g query heads are rows.
         t = torch.tensor(state.lengths, device=q.device)
-        queries = (q * d ** -0.5).view(batch, kv_heads, heads // kv_heads, d)
+        queries = (q * d**-0.5).view(batch, kv_heads, heads // kv_heads, d)
         level_queries = queries[:, None].expand(-1, levels, -1, -1, -1)  # (B, L, H_kv, g, d)
         if self.query_mode == "coarse" and levels:
             level_queries = self._batch_level_queries(state, t, q)  # (B, L, H, d)
             state.level_queries = level_queries  # the queries of the sub-windows open after this token
-            level_queries = (level_queries * d ** -0.5).view(batch, levels, kv_heads, -1, d)
+            level_queries = (level_queries * d**-0.5).view(batch, levels, kv_heads, -1, d)
         # Levels as batch dimensions in the rings' own (B, L, H_kv) order: the rings are read in place (an einsum
         # ordering its batch dimensions by the output would copy them every step); only the small logits move.
         level_logits = level_queries @ state.groups_k.flatten(3, 4).transpose(-1, -2)  # (B, L, H_kv, g, 3p)
-        logits = [queries @ state.fine_k.transpose(-1, -2), (queries * k[:, :, None]).sum(-1, keepdim=True),
-                  level_logits.permute(0, 2, 3, 1, 4).flatten(3)]
+        logits = [
+            queries @ state.fine_k.transpose(-1, -2),
+            (queries * k[:, :, None]).sum(-1, keepdim=True),
+            level_logits.permute(0, 2, 3, 1, 4).flatten(3),
+        ]
         if self.boundary == "zero_sink":
             logits.append(logits[1].new_zeros(logits[1].shape))  # the zero-sink slot: logit 0, value 0
         if self.sink_tokens:  # the sink tokens (§3a), last
@@ -361,12 +416,15 @@ class IncrementalDecoding:
             slots_valid.append(state.sink_valid)
             bias = bias.masked_fill(~torch.cat(slots_valid, 1), MASK_VALUE)
         probs = torch.softmax(torch.cat(logits, -1) + bias[:, None, None], -1)  # (B, H_kv, g, S)
-        fine, own = probs[..., :2 * m], probs[..., 2 * m:2 * m + 1]
-        coarse = probs[..., 2 * m + 1:2 * m + 1 + levels * 3 * p].unflatten(-1, (levels, 3 * p))
-        out = (fine @ state.fine_v + own * v[:, :, None]
-               + (coarse.permute(0, 3, 1, 2, 4) @ state.groups_v.flatten(3, 4)).sum(1))
+        fine, own = probs[..., : 2 * m], probs[..., 2 * m : 2 * m + 1]
+        coarse = probs[..., 2 * m + 1 : 2 * m + 1 + levels * 3 * p].unflatten(-1, (levels, 3 * p))
+        out = (
+            fine @ state.fine_v
+            + own * v[:, :, None]
+            + (coarse.permute(0, 3, 1, 2, 4) @ state.groups_v.flatten(3, 4)).sum(1)
+        )
         if self.sink_tokens:
-            out = out + probs[..., -self.sink_tokens:] @ state.sink_v
+            out = out + probs[..., -self.sink_tokens :] @ state.sink_v
         out = out.reshape(batch, heads, 1, d)
 
         rows, slots = torch.arange(batch, device=q.device), t % (2 * m)
@@ -395,8 +453,10 @@ class IncrementalDecoding:
         ends = torch.tensor([state.lengths[b] for b in rows], device=index.device)  # positions consumed
         block_start = ends - m
         slots = block_start[:, None] % (2 * m) + torch.arange(m, device=index.device)  # (R, m): the block's slots
-        blocks = {name: getattr(state, f"fine_{name}")[index[:, None], :, slots].permute(2, 0, 1, 3).flatten(1, 2)
-                  for name in ("k", "v")}  # (H_kv, R*m, d): the rows' blocks side by side
+        blocks = {
+            name: getattr(state, f"fine_{name}")[index[:, None], :, slots].permute(2, 0, 1, 3).flatten(1, 2)
+            for name in ("k", "v")
+        }  # (H_kv, R*m, d): the rows' blocks side by side
         block_valid = state.fine_valid[index[:, None], slots].any(1)
         if any(state.lengths[b] - m < self.sink_tokens for b in rows):  # the downsamplers read sinks as zeros (§3a)
             keep = (block_start[:, None] + torch.arange(m, device=index.device) >= self.sink_tokens).flatten()
@@ -422,9 +482,12 @@ class IncrementalDecoding:
         t, take = state.length, min(self.sink_tokens - state.length, k.shape[1])
         if take <= 0:
             return state
-        return replace(state, sink_k=ring_write(state.sink_k, t, k[:, :take]),
-                       sink_v=ring_write(state.sink_v, t, v[:, :take]),
-                       sink_valid=ring_write(state.sink_valid, t, _real(valid, k)[:take], dim=0))
+        return replace(
+            state,
+            sink_k=ring_write(state.sink_k, t, k[:, :take]),
+            sink_v=ring_write(state.sink_v, t, v[:, :take]),
+            sink_valid=ring_write(state.sink_valid, t, _real(valid, k)[:take], dim=0),
+        )
 
     @staticmethod
     def _new_tokens(state, q, k, v, valid):
@@ -451,10 +514,15 @@ class IncrementalDecoding:
             return self._derived_updates(state, k, v, valid)
         # the block's earlier tokens wait in the fine ring; the downsamplers read sink tokens as zeros (§3a)
         tokens_k, tokens_v = (
-            without_sinks(torch.cat([ring_read(ring, block_start, t), new], 1)[:, :end - block_start], block_start,
-                          self.sink_tokens) for ring, new in ((state.fine_k, k), (state.fine_v, v)))
+            without_sinks(
+                torch.cat([ring_read(ring, block_start, t), new], 1)[:, : end - block_start],
+                block_start,
+                self.sink_tokens,
+            )
+            for ring, new in ((state.fine_k, k), (state.fine_v, v))
+        )
         tokens_valid = torch.cat([ring_read(state.fine_valid, block_start, t, dim=0), _real(valid, k)])
-        tokens_valid = tokens_valid[:end - block_start]
+        tokens_valid = tokens_valid[: end - block_start]
         updates = []
         for level in range(1, state.num_levels + 1):
             width = self.partition.group_width(level)
@@ -465,13 +533,15 @@ class IncrementalDecoding:
             n_complete = end_group - first
             # a group is valid when it holds a real token: count them like the sums below
             real = positions.new_zeros((end - 1) // width - first + 1)
-            real.index_add_(0, positions // width - first, tokens_valid[start - block_start:].long())
+            real.index_add_(0, positions // width - first, tokens_valid[start - block_start :].long())
             if first == t // width:
                 real[0] += state.partial_valid[level - 1]
             summed = {}
-            for name, family, tokens, partial in (("k", self.k_downsample, tokens_k, state.partial_k[level - 1]),
-                                                  ("v", self.v_downsample, tokens_v, state.partial_v[level - 1])):
-                x = tokens[:, start - block_start:]
+            for name, family, tokens, partial in (
+                ("k", self.k_downsample, tokens_k, state.partial_k[level - 1]),
+                ("v", self.v_downsample, tokens_v, state.partial_v[level - 1]),
+            ):
+                x = tokens[:, start - block_start :]
                 block_sums, bias = family(x, level=level, offsets=positions % width)  # (H_kv, c' / m, p, d)
                 group_sums = x.new_zeros(x.shape[0], (end - 1) // width - first + 1, *block_sums.shape[-2:])
                 group_sums.index_add_(1, positions[::m] // width - first, block_sums)
@@ -480,8 +550,17 @@ class IncrementalDecoding:
                 new_partial = group_sums[:, n_complete] if end > end_group * width else torch.zeros_like(partial)
                 summed[name] = (group_sums[:, :n_complete] + bias, new_partial)
             partial_valid = real[n_complete] > 0 if end > end_group * width else real.new_zeros((), dtype=torch.bool)
-            updates.append(LevelUpdate(first, summed["k"][0], summed["v"][0], real[:n_complete] > 0,
-                                       summed["k"][1], summed["v"][1], partial_valid))
+            updates.append(
+                LevelUpdate(
+                    first,
+                    summed["k"][0],
+                    summed["v"][0],
+                    real[:n_complete] > 0,
+                    summed["k"][1],
+                    summed["v"][1],
+                    partial_valid,
+                )
+            )
         return updates
 
     def _derived_updates(self, state, k, v, valid) -> list[LevelUpdate]:
@@ -491,8 +570,7 @@ class IncrementalDecoding:
         from its children, all of which are still stored then (a query first needs level l+1 when level l's
         fourth group completes, and the ring holds the three before it)."""
         t, c, m = state.length, k.shape[1], self.block_size
-        levels = num_levels(t + c + 1, m) if self.num_levels is None else min(num_levels(t + c + 1, m),
-                                                                                self.num_levels)
+        levels = num_levels(t + c + 1, m) if self.num_levels is None else min(num_levels(t + c + 1, m), self.num_levels)
         levels = max(levels, state.num_levels)
         if levels == 0:
             return []
@@ -501,26 +579,36 @@ class IncrementalDecoding:
         start = 0 if state.num_levels == 0 else t // m * m
         end = (t + c) // m * m
         blocks = {}
-        for name, family, ring, new in (("k", self.k_downsample, state.fine_k, k), ("v", self.v_downsample,
-                                                                                   state.fine_v, v)):
-            tokens = torch.cat([ring_read(ring, start, t), new], 1)[:, :end - start]
+        for name, family, ring, new in (
+            ("k", self.k_downsample, state.fine_k, k),
+            ("v", self.v_downsample, state.fine_v, v),
+        ):
+            tokens = torch.cat([ring_read(ring, start, t), new], 1)[:, : end - start]
             blocks[name] = family(without_sinks(tokens, start, self.sink_tokens), 1)[0]  # (H_kv, blocks, p, d)
-        tokens_valid = torch.cat([ring_read(state.fine_valid, start, t, dim=0), _real(valid, k)])[:end - start]
+        tokens_valid = torch.cat([ring_read(state.fine_valid, start, t, dim=0), _real(valid, k)])[: end - start]
         updates = [LevelUpdate(start // m, blocks["k"], blocks["v"], tokens_valid.view(-1, m).any(1))]
         for level in range(2, levels + 1):
             children, new_level = updates[-1], level > state.num_levels
             # Children stored before the chunk (the ring, if the level existed) then those the chunk completed.
             before = t // self.partition.group_width(level - 1)
-            stored = ring_positions(before - 1, 3, k.device) if level - 1 <= state.num_levels else \
-                torch.zeros(0, dtype=torch.long, device=k.device)
+            stored = (
+                ring_positions(before - 1, 3, k.device)
+                if level - 1 <= state.num_levels
+                else torch.zeros(0, dtype=torch.long, device=k.device)
+            )
             stored = stored[(stored >= 0) & (stored < children.first_group)].sort().values
             first_child = int(stored[0]) if len(stored) else children.first_group
             merged = {}
             for name in ("k", "v", "valid"):
                 ring = getattr(state, f"groups_{name}")[level - 2] if len(stored) else None
                 new = getattr(children, f"complete_{name}")
-                merged[name] = torch.cat([ring.index_select(1 if name != "valid" else 0, stored % 3), new],
-                                         1 if name != "valid" else 0) if ring is not None else new
+                merged[name] = (
+                    torch.cat(
+                        [ring.index_select(1 if name != "valid" else 0, stored % 3), new], 1 if name != "valid" else 0
+                    )
+                    if ring is not None
+                    else new
+                )
             last_child = first_child + merged["valid"].shape[0] - 1
             # Parents g whose children 2g, 2g+1 are both at hand; an existing level takes only those completed now.
             lowest = first_child if new_level else max(first_child, before - before % 2)
@@ -541,16 +629,22 @@ class IncrementalDecoding:
         if state.holes:  # without holes every flag stays True
             changed["fine_valid"] = ring_write(state.fine_valid, t, _real(valid, k), dim=0)
         if updates:
-            changed["groups_valid"] = torch.stack([ring_write(ring, u.first_group, u.complete_valid, dim=0)
-                                                   for ring, u in zip(state.groups_valid, updates)])
+            changed["groups_valid"] = torch.stack(
+                [
+                    ring_write(ring, u.first_group, u.complete_valid, dim=0)
+                    for ring, u in zip(state.groups_valid, updates)
+                ]
+            )
             if updates[0].partial_k is not None:  # direct families keep partial sums
                 changed["partial_k"] = torch.stack([u.partial_k for u in updates])
                 changed["partial_v"] = torch.stack([u.partial_v for u in updates])
                 changed["partial_valid"] = torch.stack([u.partial_valid for u in updates])
-            changed["groups_k"] = torch.stack([ring_write(ring, u.first_group, u.complete_k)
-                                               for ring, u in zip(state.groups_k, updates)])
-            changed["groups_v"] = torch.stack([ring_write(ring, u.first_group, u.complete_v)
-                                               for ring, u in zip(state.groups_v, updates)])
+            changed["groups_k"] = torch.stack(
+                [ring_write(ring, u.first_group, u.complete_k) for ring, u in zip(state.groups_k, updates)]
+            )
+            changed["groups_v"] = torch.stack(
+                [ring_write(ring, u.first_group, u.complete_v) for ring, u in zip(state.groups_v, updates)]
+            )
         if state.level_queries is not None and state.num_levels:
             level_queries = []
             for level in range(1, state.num_levels + 1):
@@ -577,7 +671,7 @@ class IncrementalDecoding:
         heads, c, d = q.shape
         kv_heads, t, p = k.shape[0], state.length, self.coarse_tokens
         rows = heads // kv_heads * c  # (g heads, c positions) per key/value head
-        queries = (q * d ** -0.5).reshape(kv_heads, rows, d)
+        queries = (q * d**-0.5).reshape(kv_heads, rows, d)
 
         keys, values = [torch.cat([state.fine_k, k], 1)], [torch.cat([state.fine_v, v], 1)]
         slots_valid = [state.fine_valid, _real(valid, k)]
@@ -597,7 +691,7 @@ class IncrementalDecoding:
             slots_valid.append(torch.cat([state.groups_valid[level - 1], new_valid]).repeat_interleave(p))
             level_q = queries
             if self.query_mode == "coarse":
-                level_q = (self._level_query_rows(state, q, level) * d ** -0.5).reshape(kv_heads, rows, d)
+                level_q = (self._level_query_rows(state, q, level) * d**-0.5).reshape(kv_heads, rows, d)
             logits.append(level_q @ level_keys.transpose(-1, -2))
         if self.boundary == "zero_sink":
             logits.append(queries.new_zeros(kv_heads, rows, 1))
@@ -616,7 +710,9 @@ class IncrementalDecoding:
     def _batch_level_queries(self, state, t, q):
         """Coarse query mode, one token per row at positions ``t`` (B,): per level, the query of its sub-window of
         ``w_l / p`` tokens -- its own when it opens one, else the stored one. (B, L, H, d)."""
-        sub_windows = torch.tensor([self.partition.group_width(level) // self.coarse_tokens
-                                    for level in range(1, state.num_levels + 1)], device=t.device)
+        sub_windows = torch.tensor(
+            [self.partition.group_width(level) // self.coarse_tokens for level in range(1, state.num_levels + 1)],
+            device=t.device,
+        )
         opens = t[:, None] % sub_windows == 0  # (B, L)
         return torch.where(opens[..., None, None], q[:, None], state.level_queries)

@@ -299,8 +299,15 @@ class FMTAttention(nn.Module):
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
         if is_fmt_cache(cache):
-            attn_output = cache.attend(self.layer_idx, self.fma, query_states, key_states, value_states,
-                                       attention_mask, kwargs.get("fma_lengths"))
+            attn_output = cache.attend(
+                self.layer_idx,
+                self.fma,
+                query_states,
+                key_states,
+                value_states,
+                attention_mask,
+                kwargs.get("fma_lengths"),
+            )
             return self.o_proj(attn_output.transpose(1, 2).reshape(*input_shape, -1)), None
         if cache is not None:
             key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
@@ -584,7 +591,8 @@ class FMTModel(FMTPreTrainedModel):
         if attention_mask.shape[0] != batch or attention_mask.shape[1] not in (seq_len, past + seq_len):
             raise ValueError(
                 f"attention_mask shape {tuple(attention_mask.shape)} does not match the inputs ({batch}, {seq_len})"
-                + (f" after {past} cached tokens" if past else "") + "."
+                + (f" after {past} cached tokens" if past else "")
+                + "."
             )
         key_padding_mask = attention_mask[:, -seq_len:].to(device=inputs_embeds.device, dtype=torch.bool)
         if bool(key_padding_mask.all()):
@@ -606,8 +614,9 @@ def _shift_rows(tensor: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     seq_len = tensor.shape[1]
     source = torch.arange(seq_len, device=tensor.device) + shift[:, None]
     inside = (source >= 0) & (source < seq_len)
-    gathered = tensor.gather(1, source.clamp(0, seq_len - 1).view(*source.shape, *[1] * (tensor.dim() - 2))
-                             .expand_as(tensor))
+    gathered = tensor.gather(
+        1, source.clamp(0, seq_len - 1).view(*source.shape, *[1] * (tensor.dim() - 2)).expand_as(tensor)
+    )
     return gathered * inside.view(*inside.shape, *[1] * (tensor.dim() - 2))
 
 
@@ -702,8 +711,11 @@ class FMTForCausalLM(FMTLanguageModel, GenerationMixin):
         limit = self.max_sequence_length
         if limit is not None and max_cache_length > limit:
             new_tokens = generation_config.max_new_tokens
-            asked = (f"a prompt of {max_cache_length + 1 - new_tokens} tokens plus max_new_tokens={new_tokens}"
-                     if new_tokens is not None else f"max_length={generation_config.max_length}")
+            asked = (
+                f"a prompt of {max_cache_length + 1 - new_tokens} tokens plus max_new_tokens={new_tokens}"
+                if new_tokens is not None
+                else f"max_length={generation_config.max_length}"
+            )
             raise ValueError(
                 f"generate() would run {max_cache_length} positions through the model ({asked}), but it holds at "
                 f"most max_position_embeddings={limit}: its FMA downsamplers ({self.config.fma_downsample!r}) have "
@@ -859,12 +871,23 @@ class FMTForSequenceClassification(FMTGenericHead, GenericForSequenceClassificat
                     "time."
                 )
             return super().forward(
-                input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache, **kwargs,
+                input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+                inputs_embeds=inputs_embeds,
+                labels=labels,
+                use_cache=use_cache,
+                **kwargs,
             )
         outputs: BaseModelOutputWithPast = self.model(
-            input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-            inputs_embeds=inputs_embeds, use_cache=False, **kwargs,
+            input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            **kwargs,
         )
         hidden_states = outputs.last_hidden_state
         if attention_mask is not None:

@@ -51,8 +51,10 @@ def passage_classification(
         raise ValueError(f"a classifier needs at least two works, got {len(titles)}")
     if len(set(titles)) != len(titles):
         raise ValueError("each work must have its own title: the titles are the class names")
-    held_out = {split: max(1, round(fraction * regions))
-                for split, fraction in (("validation", validation_fraction), ("test", test_fraction))}
+    held_out = {
+        split: max(1, round(fraction * regions))
+        for split, fraction in (("validation", validation_fraction), ("test", test_fraction))
+    }
     n_train = regions - sum(held_out.values())
     if n_train < 1:
         raise ValueError(

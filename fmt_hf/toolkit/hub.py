@@ -33,8 +33,8 @@ from transformers import (
     PreTrainedConfig,
 )
 
-from .data import corpus_package
 from ..model.fma_partition import num_levels
+from .data import corpus_package
 from .tokenizer import BYTE_TOKENIZER, load_tokenizer
 from .training import TRAINING_SETUP_NAME, DataArguments
 
@@ -58,10 +58,12 @@ MODEL_KINDS = {
     "FMTForCausalLM": ModelKind(AutoModelForCausalLM, "text-generation", "causal language model"),
     "FMTForMaskedLM": ModelKind(AutoModelForMaskedLM, "fill-mask", "masked language model"),
     "FMTForSequenceClassification": ModelKind(
-        AutoModelForSequenceClassification, "text-classification", "sequence classifier"),
+        AutoModelForSequenceClassification, "text-classification", "sequence classifier"
+    ),
     "FMTForTokenClassification": ModelKind(AutoModelForTokenClassification, "token-classification", "token classifier"),
     "FMTForQuestionAnswering": ModelKind(
-        AutoModelForQuestionAnswering, "question-answering", "extractive question-answering model"),
+        AutoModelForQuestionAnswering, "question-answering", "extractive question-answering model"
+    ),
     "FMTModel": ModelKind(AutoModel, "feature-extraction", "base model (hidden states, no head)"),
 }
 """The FMT architectures ``push_to_hub.py`` publishes, by the name ``save_pretrained`` records in ``architectures``."""
@@ -72,8 +74,10 @@ def model_kind(config: PreTrainedConfig) -> ModelKind:
     masked LM its ``is_causal`` says)."""
     architecture = (config.architectures or ["FMTForCausalLM" if config.is_causal else "FMTForMaskedLM"])[0]
     if architecture not in MODEL_KINDS:
-        raise ValueError(f"the checkpoint's architecture {architecture!r} is not one push_to_hub.py publishes: "
-                         f"{', '.join(MODEL_KINDS)}")
+        raise ValueError(
+            f"the checkpoint's architecture {architecture!r} is not one push_to_hub.py publishes: "
+            f"{', '.join(MODEL_KINDS)}"
+        )
     return MODEL_KINDS[architecture]
 
 
@@ -84,13 +88,14 @@ class PushArguments:
     model_dir: str = field(metadata={"help": "Checkpoint folder written by scripts/train.py (its --output_dir)."})
     repo_id: str | None = field(
         default=None,
-        metadata={"help": "Hub repository (`user/name`) to create or update. Without it, only --local_dir is "
-                          "written."},
+        metadata={"help": "Hub repository (`user/name`) to create or update. Without it, only --local_dir is written."},
     )
     local_dir: str | None = field(
         default=None,
-        metadata={"help": "Write the repository folder here (no network needed); with --repo_id this folder is "
-                          "what gets uploaded."},
+        metadata={
+            "help": "Write the repository folder here (no network needed); with --repo_id this folder is "
+            "what gets uploaded."
+        },
     )
     template: str = field(default=str(DEFAULT_TEMPLATE), metadata={"help": "Jinja template of the model card."})
     tokenizer_name: str | None = field(
@@ -130,7 +135,8 @@ def _training_summary(model_dir: str) -> dict[str, Any] | None:
         )
     tokenizer = setup["model"]["tokenizer_name"] or setup["model"]["model_name_or_path"] or BYTE_TOKENIZER
     tokenizer_description = (
-        "UTF-8 bytes (`fmt_hf`'s byte-level tokenizer, one token per byte)" if tokenizer == BYTE_TOKENIZER
+        "UTF-8 bytes (`fmt_hf`'s byte-level tokenizer, one token per byte)"
+        if tokenizer == BYTE_TOKENIZER
         else f"tokenized with `{tokenizer}`"
     )
     train_results = _read_json(os.path.join(model_dir, "train_results.json")) or {}
@@ -152,26 +158,30 @@ def _evaluations(model_dir: str, training: dict[str, Any] | None) -> list[dict[s
     trainer_eval = _read_json(os.path.join(model_dir, "eval_results.json"))
     if trainer_eval is not None and "eval_perplexity" in trainer_eval:
         seq_len = training["data"]["seq_len"] if training else None
-        rows.append({
-            "data": training["data_id"] if training else "unknown",
-            "split": "validation",
-            "protocol": "packed blocks" if seq_len is None else f"packed {seq_len}-token blocks",
-            "context_length": seq_len if seq_len is not None else "–",
-            "bits_per_byte": trainer_eval.get("eval_bits_per_byte"),
-            "bits_per_token": trainer_eval["eval_bits_per_token"],
-            "perplexity": trainer_eval["eval_perplexity"],
-        })
+        rows.append(
+            {
+                "data": training["data_id"] if training else "unknown",
+                "split": "validation",
+                "protocol": "packed blocks" if seq_len is None else f"packed {seq_len}-token blocks",
+                "context_length": seq_len if seq_len is not None else "–",
+                "bits_per_byte": trainer_eval.get("eval_bits_per_byte"),
+                "bits_per_token": trainer_eval["eval_bits_per_token"],
+                "perplexity": trainer_eval["eval_perplexity"],
+            }
+        )
     for path in sorted(glob.glob(os.path.join(glob.escape(model_dir), "eval_lm_*.json"))):
         result = _read_json(path)
-        rows.append({
-            "data": result["data"],
-            "split": result["split"],
-            "protocol": f"whole documents, strided windows (stride {result['stride']})",
-            "context_length": result["context_length"],
-            "bits_per_byte": result["bits_per_byte"],
-            "bits_per_token": result["bits_per_token"],
-            "perplexity": result["perplexity"],
-        })
+        rows.append(
+            {
+                "data": result["data"],
+                "split": result["split"],
+                "protocol": f"whole documents, strided windows (stride {result['stride']})",
+                "context_length": result["context_length"],
+                "bits_per_byte": result["bits_per_byte"],
+                "bits_per_token": result["bits_per_token"],
+                "perplexity": result["perplexity"],
+            }
+        )
     return rows
 
 
@@ -183,8 +193,13 @@ def _accuracies(model_dir: str, training: dict[str, Any] | None) -> list[dict[st
         result = _read_json(os.path.join(model_dir, file))
         prefix = "eval" if split == "validation" else "test"
         if result is not None and f"{prefix}_accuracy" in result:
-            rows.append({"data": training["data_id"] if training else "unknown", "split": split,
-                         "accuracy": result[f"{prefix}_accuracy"]})
+            rows.append(
+                {
+                    "data": training["data_id"] if training else "unknown",
+                    "split": split,
+                    "accuracy": result[f"{prefix}_accuracy"],
+                }
+            )
     return rows
 
 
@@ -221,8 +236,14 @@ def build_model_card(
         for metric in ("bits_per_byte", "perplexity")
         if row[metric] is not None
     ] + [
-        EvalResult(task_type=kind.pipeline_tag, dataset_type=row["data"], dataset_name=row["data"],
-                   dataset_split=row["split"], metric_type="accuracy", metric_value=round(row["accuracy"], 4))
+        EvalResult(
+            task_type=kind.pipeline_tag,
+            dataset_type=row["data"],
+            dataset_name=row["data"],
+            dataset_split=row["split"],
+            metric_type="accuracy",
+            metric_value=round(row["accuracy"], 4),
+        )
         for row in accuracies
     ]
     card_data = ModelCardData(
@@ -301,5 +322,13 @@ def push_to_hub(args: PushArguments) -> CommitInfo | None:
         )
 
 
-__all__ = ["DEFAULT_TEMPLATE", "MODEL_KINDS", "ModelKind", "PushArguments", "build_model_card", "model_kind", "push_to_hub",
-           "save_for_hub"]
+__all__ = [
+    "DEFAULT_TEMPLATE",
+    "MODEL_KINDS",
+    "ModelKind",
+    "PushArguments",
+    "build_model_card",
+    "model_kind",
+    "push_to_hub",
+    "save_for_hub",
+]

@@ -93,26 +93,33 @@ class ModelArguments:
 
     task: Task = field(
         default="clm",
-        metadata={"help": "Causal language modelling (`clm`, next-token prediction), masked language modelling "
-                          "(`mlm`, bidirectional), or `classification`: which work a long passage comes from (a "
-                          "sequence classifier, pooled at the last token of a causal model and over all tokens of "
-                          "a bidirectional one)."},
+        metadata={
+            "help": "Causal language modelling (`clm`, next-token prediction), masked language modelling "
+            "(`mlm`, bidirectional), or `classification`: which work a long passage comes from (a "
+            "sequence classifier, pooled at the last token of a causal model and over all tokens of "
+            "a bidirectional one)."
+        },
     )
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Checkpoint (local folder or Hub id) to start from. Leave unset to train an FMT from "
-                          "scratch."},
+        metadata={
+            "help": "Checkpoint (local folder or Hub id) to start from. Leave unset to train an FMT from scratch."
+        },
     )
     config_overrides: str | None = field(
         default=None,
-        metadata={"help": "Only when training from scratch: comma-separated FMTConfig fields overriding the "
-                          "defaults, e.g. `hidden_size=128,num_hidden_layers=2,fma_block_size=32` (`is_causal=False` "
-                          "for a bidirectional classifier). `max_position_embeddings` defaults to --seq_len."},
+        metadata={
+            "help": "Only when training from scratch: comma-separated FMTConfig fields overriding the "
+            "defaults, e.g. `hidden_size=128,num_hidden_layers=2,fma_block_size=32` (`is_causal=False` "
+            "for a bidirectional classifier). `max_position_embeddings` defaults to --seq_len."
+        },
     )
     tokenizer_name: str | None = field(
         default=None,
-        metadata={"help": f"Tokenizer folder or Hub id, or `{BYTE_TOKENIZER}` for the byte-level tokenizer. "
-                          "Defaults to the checkpoint's tokenizer, or bytes when training from scratch."},
+        metadata={
+            "help": f"Tokenizer folder or Hub id, or `{BYTE_TOKENIZER}` for the byte-level tokenizer. "
+            "Defaults to the checkpoint's tokenizer, or bytes when training from scratch."
+        },
     )
     attn_implementation: str | None = field(
         default=None,
@@ -124,8 +131,10 @@ class ModelArguments:
     )
     train_only_downsamplers: bool = field(
         default=False,
-        metadata={"help": "Freeze every weight but the FMA downsamplers: uptraining a model converted from a dense "
-                          "checkpoint (scripts/convert_llama.py), whose other weights are already trained."},
+        metadata={
+            "help": "Freeze every weight but the FMA downsamplers: uptraining a model converted from a dense "
+            "checkpoint (scripts/convert_llama.py), whose other weights are already trained."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -146,18 +155,20 @@ class CorpusArguments:
     )
     dataset_name: str | None = field(
         default=None,
-        metadata={"help": "Dataset for `datasets.load_dataset` (a Hub id or a local folder) instead of --corpus; "
-                          "one row per document."},
+        metadata={
+            "help": "Dataset for `datasets.load_dataset` (a Hub id or a local folder) instead of --corpus; "
+            "one row per document."
+        },
     )
-    dataset_config_name: str | None = field(
-        default=None, metadata={"help": "Configuration name of --dataset_name."}
-    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration name of --dataset_name."})
     text_column: str = field(default="text", metadata={"help": "Text column of --dataset_name."})
     works: str | None = field(
         default=None,
-        metadata={"help": "Regular expression keeping the documents whose title it matches (default: all), e.g. "
-                          "`^(Henry|Richard)` for Shakespeare's nine histories, `^(?!Henry|Richard)` for the other "
-                          "plays. For --task classification the works kept are the classes."},
+        metadata={
+            "help": "Regular expression keeping the documents whose title it matches (default: all), e.g. "
+            "`^(Henry|Richard)` for Shakespeare's nine histories, `^(?!Henry|Richard)` for the other "
+            "plays. For --task classification the works kept are the classes."
+        },
     )
     validation_fraction: float = field(
         default=0.1, metadata={"help": "Fraction of the documents held out for validation."}
@@ -168,8 +179,9 @@ class CorpusArguments:
     )
     corpus_cache_dir: str | None = field(
         default=None,
-        metadata={"help": "Where registry corpora are downloaded (default: $FMT_HF_CACHE/corpora or "
-                          "~/.cache/fmt_hf/corpora)."},
+        metadata={
+            "help": "Where registry corpora are downloaded (default: $FMT_HF_CACHE/corpora or ~/.cache/fmt_hf/corpora)."
+        },
     )
 
     @property
@@ -213,9 +225,7 @@ class DataArguments(CorpusArguments):
         default=1024,
         metadata={"help": "Tokens per packed training block; for classification, the longest passage in tokens."},
     )
-    mlm_probability: float = field(
-        default=0.15, metadata={"help": "Fraction of tokens masked for --task mlm."}
-    )
+    mlm_probability: float = field(default=0.15, metadata={"help": "Fraction of tokens masked for --task mlm."})
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Keep only the first N training blocks (quick runs)."}
     )
@@ -228,13 +238,17 @@ class DataArguments(CorpusArguments):
     )
     passage_chars: int | None = field(
         default=None,
-        metadata={"help": "Classification: characters per passage (default --seq_len; with the byte tokenizer a "
-                          "character of the corpora is a token). Passages are truncated to --seq_len tokens."},
+        metadata={
+            "help": "Classification: characters per passage (default --seq_len; with the byte tokenizer a "
+            "character of the corpora is a token). Passages are truncated to --seq_len tokens."
+        },
     )
     regions_per_work: int = field(
         default=10,
-        metadata={"help": "Classification: each work is cut into this many regions, assigned to train, validation "
-                          "and test by --validation_fraction and --test_fraction."},
+        metadata={
+            "help": "Classification: each work is cut into this many regions, assigned to train, validation "
+            "and test by --validation_fraction and --test_fraction."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -389,8 +403,9 @@ class ClassificationMetrics:
         return logits.argmax(-1)
 
     def __call__(self, prediction: EvalPrediction) -> dict[str, float]:
-        return self.metric.compute(predictions=prediction.predictions.tolist(),
-                                   references=prediction.label_ids.tolist())
+        return self.metric.compute(
+            predictions=prediction.predictions.tolist(), references=prediction.label_ids.tolist()
+        )
 
 
 @dataclass
@@ -414,8 +429,11 @@ def _sequence_cap(config: PreTrainedConfig, model_args: ModelArguments) -> int |
 
 
 def language_modeling_data(
-    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
-    tokenizer: PreTrainedTokenizerBase, wanted: list[str],
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    tokenizer: PreTrainedTokenizerBase,
+    wanted: list[str],
 ) -> TaskData:
     """``clm``/``mlm``: the corpus split by document and packed into ``seq_len``-token blocks."""
     if "test" in wanted:
@@ -435,8 +453,10 @@ def language_modeling_data(
             max_position_embeddings=_sequence_cap(config, model_args),
             num_proc=data_args.preprocessing_num_workers,
         )
-    splits = {name: _first(blocks[name], data_args.max_train_samples if name == "train" else data_args.max_eval_samples)
-              for name in wanted}
+    splits = {
+        name: _first(blocks[name], data_args.max_train_samples if name == "train" else data_args.max_eval_samples)
+        for name in wanted
+    }
     metrics = None
     if "validation" in splits:
         metrics = LanguageModelingMetrics(
@@ -450,8 +470,11 @@ def language_modeling_data(
 
 
 def classification_data(
-    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments,
-    tokenizer: PreTrainedTokenizerBase, wanted: list[str],
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    tokenizer: PreTrainedTokenizerBase,
+    wanted: list[str],
 ) -> TaskData:
     """``classification``: passages labelled by their work, from held-out regions of every work for evaluation
     (:func:`fmt_hf.toolkit.classification.passage_classification`), tokenized up to ``seq_len`` tokens."""
@@ -512,9 +535,7 @@ def _write_training_setup(
         json.dump(setup, f, indent=2)
 
 
-def train(
-    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
-) -> dict[str, float]:
+def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict[str, float]:
     """Train (``--do_train``) and/or evaluate (``--do_eval``, and ``--do_predict`` for classification) a language
     model or a classifier; return the metrics.
 
@@ -532,7 +553,9 @@ def train(
     """
     _setup_logging(training_args)
     logger.warning(
-        "Process rank %d of %d, device %s", training_args.process_index, training_args.world_size,
+        "Process rank %d of %d, device %s",
+        training_args.process_index,
+        training_args.world_size,
         training_args.device,
     )
     if not (training_args.do_train or training_args.do_eval or training_args.do_predict):
@@ -540,8 +563,15 @@ def train(
     set_seed(training_args.seed)
 
     tokenizer = load_tokenizer(model_args.tokenizer_name or model_args.model_name_or_path or BYTE_TOKENIZER)
-    wanted = [name for name, flag in (("train", training_args.do_train), ("validation", training_args.do_eval),
-                                      ("test", training_args.do_predict)) if flag]
+    wanted = [
+        name
+        for name, flag in (
+            ("train", training_args.do_train),
+            ("validation", training_args.do_eval),
+            ("test", training_args.do_predict),
+        )
+        if flag
+    ]
     build_data = classification_data if model_args.task == "classification" else language_modeling_data
     data = build_data(model_args, data_args, training_args, tokenizer, wanted)
     train_dataset = data.splits.get("train")
@@ -550,8 +580,11 @@ def train(
     model = build_model(model_args, data.config, len(tokenizer))
     if model_args.train_only_downsamplers:
         trainable = freeze_all_but_downsamplers(model)
-        logger.info("Training only the FMA downsamplers: %.2fM of %.2fM parameters", trainable / 1e6,
-                    model.num_parameters() / 1e6)
+        logger.info(
+            "Training only the FMA downsamplers: %.2fM of %.2fM parameters",
+            trainable / 1e6,
+            model.num_parameters() / 1e6,
+        )
     trainer = Trainer(
         model=model,
         args=training_args,
@@ -582,8 +615,10 @@ def train(
         trainer.save_metrics("eval", eval_metrics)
         results.update(eval_metrics)
     if "test" in data.splits:
-        test_metrics = {**trainer.evaluate(data.splits["test"], metric_key_prefix="test"),
-                        "test_samples": len(data.splits["test"])}
+        test_metrics = {
+            **trainer.evaluate(data.splits["test"], metric_key_prefix="test"),
+            "test_samples": len(data.splits["test"]),
+        }
         trainer.log_metrics("test", test_metrics)
         trainer.save_metrics("test", test_metrics)
         results.update(test_metrics)

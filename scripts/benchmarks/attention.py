@@ -43,8 +43,9 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -60,13 +61,13 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 METHODS = {
     "time": "wall clock of one call (forward under no_grad, or forward + backward(random grad)); FMA and SDPA "
-            "interleaved after one untimed warm-up each; median of the samples",
+    "interleaved after one untimed warm-up each; median of the samples",
     "memory": "peak bytes held by PyTorch's CPU allocator during one call beyond what was live before it "
-              "(torch.profiler profile_memory events replayed in order; inputs excluded, outputs/activations/"
-              "grads included)",
+    "(torch.profiler profile_memory events replayed in order; inputs excluded, outputs/activations/"
+    "grads included)",
     "flops": "FMA: 4*B*H*d per (query, key slot) pair, slots 2m+2pL causal / 3m+3pL bidir per fine query "
-             "(L = levels used at n), downsampling excluded; fwd+bwd = 3x fwd. SDPA (csv/json only): "
-             "4*B*H*d*n^2 bidir, 4*B*H*d*n(n+1)/2 causal",
+    "(L = levels used at n), downsampling excluded; fwd+bwd = 3x fwd. SDPA (csv/json only): "
+    "4*B*H*d*n^2 bidir, 4*B*H*d*n(n+1)/2 causal",
 }
 
 
@@ -108,8 +109,13 @@ def fma_pairs(n: int, block_size: int, coarse_tokens: int, causal: bool, query_m
 
 
 def fma_flops(n: int, cfg: BenchConfig, causal: bool, backward: bool) -> float:
-    fwd = 4.0 * cfg.batch * cfg.heads * cfg.head_dim * fma_pairs(n, cfg.block_size, cfg.coarse_tokens, causal,
-                                                                  cfg.query_mode)
+    fwd = (
+        4.0
+        * cfg.batch
+        * cfg.heads
+        * cfg.head_dim
+        * fma_pairs(n, cfg.block_size, cfg.coarse_tokens, causal, cfg.query_mode)
+    )
     return 3.0 * fwd if backward else fwd
 
 
@@ -190,10 +196,18 @@ class _Cell:
         self.q, self.k, self.v = (torch.randn(shape, dtype=dtype).requires_grad_(backward) for _ in range(3))
         self.grad = torch.randn(shape, dtype=dtype) if backward else None
         families = {"fma": cfg.downsample, **{f"fma_{family}": family for family in cfg.compare_downsample}}
-        self.attns = {impl: FastMultipoleAttention(cfg.head_dim, n, block_size=cfg.block_size,
-                                                   coarse_tokens=cfg.coarse_tokens, causal=causal, downsample=family,
-                                                   query_mode=cfg.query_mode).to(dtype)
-                      for impl, family in families.items()}
+        self.attns = {
+            impl: FastMultipoleAttention(
+                cfg.head_dim,
+                n,
+                block_size=cfg.block_size,
+                coarse_tokens=cfg.coarse_tokens,
+                causal=causal,
+                downsample=family,
+                query_mode=cfg.query_mode,
+            ).to(dtype)
+            for impl, family in families.items()
+        }
         self.causal, self.backward = causal, backward
 
     def _forward(self, impl: str) -> torch.Tensor:
@@ -228,7 +242,7 @@ def _measure_cell(n: int, mode: str, pass_: str, cfg: BenchConfig, status: Calla
     for impl in impls:  # warm-up doubles as the memory measurement
         status(f"n={n} {mode} {pass_} {impl} warm-up+memory")
         cell.reset()
-        peak[impl], elapsed = measure_peak_memory(lambda: cell.call(impl))
+        peak[impl], elapsed = measure_peak_memory(partial(cell.call, impl))
         spent[impl] += elapsed
         if elapsed >= cfg.budget_s:
             times[impl].append(elapsed)
@@ -246,15 +260,21 @@ def _measure_cell(n: int, mode: str, pass_: str, cfg: BenchConfig, status: Calla
                 continue
             status(f"n={n} {mode} {pass_} {impl} rep {len(times[impl]) + 1}")
             cell.reset()
-            elapsed = _timed(lambda: cell.call(impl))
+            elapsed = _timed(partial(cell.call, impl))
             times[impl].append(elapsed)
             spent[impl] += elapsed
         round_ += 1
     cell = None  # drop this cell's tensors before the next one is allocated
     gc.collect()
 
-    row = {"n": n, "mode": mode, "pass": pass_, "levels": num_levels(n, cfg.block_size),
-           "fma_flops": fma_flops(n, cfg, causal, backward), "sdpa_flops": dense_flops(n, cfg, causal, backward)}
+    row = {
+        "n": n,
+        "mode": mode,
+        "pass": pass_,
+        "levels": num_levels(n, cfg.block_size),
+        "fma_flops": fma_flops(n, cfg, causal, backward),
+        "sdpa_flops": dense_flops(n, cfg, causal, backward),
+    }
     for impl in implementations(cfg):
         samples = times.get(impl, [])
         row[f"{impl}_times_s"] = samples
@@ -265,8 +285,9 @@ def _measure_cell(n: int, mode: str, pass_: str, cfg: BenchConfig, status: Calla
             row[f"{impl}_gflops"] = row[f"{impl}_flops"] / row[f"{impl}_median_s"] / 1e9 if samples else None
         else:  # another downsampler: its time relative to the main FMA's
             row[f"ratio_{impl}_over_fma"] = row[f"{impl}_median_s"] / row["fma_median_s"]
-    row["ratio_sdpa_over_fma"] = (row["sdpa_median_s"] / row["fma_median_s"]
-                                  if row["sdpa_median_s"] is not None else None)
+    row["ratio_sdpa_over_fma"] = (
+        row["sdpa_median_s"] / row["fma_median_s"] if row["sdpa_median_s"] is not None else None
+    )
     return row
 
 
@@ -275,8 +296,14 @@ def system_info() -> dict:
     with contextlib.suppress(OSError):
         with open("/proc/cpuinfo") as f:
             cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "cpu": cpu,
-            "python": platform.python_version(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    return {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "python": platform.python_version(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
 
 
 class CpuNeighbours:
@@ -302,7 +329,7 @@ class CpuNeighbours:
         times = os.times()
         return time.process_time() + times.children_user + times.children_system
 
-    def start(self) -> "CpuNeighbours":
+    def start(self) -> CpuNeighbours:
         self._busy, self._own, self._wall = self._busy_seconds(), self._own_seconds(), time.perf_counter()
         return self
 
@@ -313,9 +340,17 @@ class CpuNeighbours:
         return max(0.0, (busy - self._busy - (self._own_seconds() - self._own)) / wall)
 
 
-def run_benchmark(lengths: Iterable[int], modes: Iterable[str] = ("causal",), passes: Iterable[str] = PASSES,
-                  cfg: BenchConfig | None = None, *, matmul_size: int = 2048, matmul_repeats: int = 5,
-                  progress: bool = True, desc: str = "bench") -> tuple[list[dict], dict]:
+def run_benchmark(
+    lengths: Iterable[int],
+    modes: Iterable[str] = ("causal",),
+    passes: Iterable[str] = PASSES,
+    cfg: BenchConfig | None = None,
+    *,
+    matmul_size: int = 2048,
+    matmul_repeats: int = 5,
+    progress: bool = True,
+    desc: str = "bench",
+) -> tuple[list[dict], dict]:
     """Measure every (length, mode, pass) cell; return (rows, metadata).
 
     The matmul rate is sampled before and after the sweep (the machine may be shared and noisy) and its pooled
@@ -358,10 +393,18 @@ def run_benchmark(lengths: Iterable[int], modes: Iterable[str] = ("causal",), pa
     matmul_gflops = statistics.median(matmul + matmul_after)
     for row in rows:
         row["fma_fraction_of_matmul"] = row["fma_gflops"] / matmul_gflops
-    meta = {"config": asdict(cfg), "system": {**system_info(), "other_cores": neighbours.stop()},
-            "methods": METHODS,
-            "matmul": {"size": matmul_size, "dtype": cfg.dtype, "gflops_before": matmul,
-                       "gflops_after": matmul_after, "gflops_median": matmul_gflops}}
+    meta = {
+        "config": asdict(cfg),
+        "system": {**system_info(), "other_cores": neighbours.stop()},
+        "methods": METHODS,
+        "matmul": {
+            "size": matmul_size,
+            "dtype": cfg.dtype,
+            "gflops_before": matmul,
+            "gflops_after": matmul_after,
+            "gflops_median": matmul_gflops,
+        },
+    }
     return rows, meta
 
 
@@ -381,8 +424,21 @@ def _fmt_mib(nbytes: int | None) -> str:
 def format_table(rows: list[dict], meta: dict) -> str:
     """Plain-text table of the sweep plus the conventions behind each column."""
     compared = meta["config"]["compare_downsample"]  # per family: its time, its ratio to FMA, its memory
-    header = ["n", "mode", "pass", "L", "FMA", "SDPA", "SDPA/FMA", "FMA MiB", "SDPA MiB", "FMA GF/s",
-              "% matmul", "reps F/S", "others"]
+    header = [
+        "n",
+        "mode",
+        "pass",
+        "L",
+        "FMA",
+        "SDPA",
+        "SDPA/FMA",
+        "FMA MiB",
+        "SDPA MiB",
+        "FMA GF/s",
+        "% matmul",
+        "reps F/S",
+        "others",
+    ]
     for family in compared:
         header[-1:-1] = [f"FMA {family}", f"{family}/FMA", f"{family} MiB"]
     body = []
@@ -390,16 +446,29 @@ def format_table(rows: list[dict], meta: dict) -> str:
         extra = []
         for family in compared:
             impl = f"fma_{family}"
-            extra += [_fmt_time(r[f"{impl}_median_s"]), f"{r[f'ratio_{impl}_over_fma']:.3f}",
-                      _fmt_mib(r[f"{impl}_peak_bytes"])]
-        body.append([
-            str(r["n"]), r["mode"], r["pass"], str(r["levels"]), _fmt_time(r["fma_median_s"]),
-            _fmt_time(r["sdpa_median_s"]),
-            "-" if r["ratio_sdpa_over_fma"] is None else f"{r['ratio_sdpa_over_fma']:.2f}x",
-            _fmt_mib(r["fma_peak_bytes"]), _fmt_mib(r["sdpa_peak_bytes"]), f"{r['fma_gflops']:.3g}",
-            f"{100 * r['fma_fraction_of_matmul']:.2g}%", f"{len(r['fma_times_s'])}/{len(r['sdpa_times_s'])}",
-            *extra, _fmt_cores(r.get("other_cores")),
-        ])
+            extra += [
+                _fmt_time(r[f"{impl}_median_s"]),
+                f"{r[f'ratio_{impl}_over_fma']:.3f}",
+                _fmt_mib(r[f"{impl}_peak_bytes"]),
+            ]
+        body.append(
+            [
+                str(r["n"]),
+                r["mode"],
+                r["pass"],
+                str(r["levels"]),
+                _fmt_time(r["fma_median_s"]),
+                _fmt_time(r["sdpa_median_s"]),
+                "-" if r["ratio_sdpa_over_fma"] is None else f"{r['ratio_sdpa_over_fma']:.2f}x",
+                _fmt_mib(r["fma_peak_bytes"]),
+                _fmt_mib(r["sdpa_peak_bytes"]),
+                f"{r['fma_gflops']:.3g}",
+                f"{100 * r['fma_fraction_of_matmul']:.2g}%",
+                f"{len(r['fma_times_s'])}/{len(r['sdpa_times_s'])}",
+                *extra,
+                _fmt_cores(r.get("other_cores")),
+            ]
+        )
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
     lines.append("  ".join("-" * w for w in widths))
@@ -409,7 +478,8 @@ def format_table(rows: list[dict], meta: dict) -> str:
         "",
         f"B={cfg['batch']} H={cfg['heads']} d={cfg['head_dim']} {cfg['dtype']}, m={cfg['block_size']} "
         f"p={cfg['coarse_tokens']} query_mode={cfg['query_mode']} downsample={cfg['downsample']}"
-        + "".join(f" (and {family})" for family in compared) + "; "
+        + "".join(f" (and {family})" for family in compared)
+        + "; "
         f"torch {sysinfo['torch']}, {sysinfo['threads']} threads, {sysinfo['cpu']}",
         f"matmul {mm['size']}^3 {mm['dtype']}: median {mm['gflops_median']:.1f} GFLOP/s "
         f"(before {statistics.median(mm['gflops_before']):.1f}, after {statistics.median(mm['gflops_after']):.1f})",
@@ -435,17 +505,24 @@ def plot_results(rows: list[dict], path: str, title: str = "FMA vs dense SDPA") 
 
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.8))
     # FMA layers with other downsamplers (compare_downsample) are the rows' "ratio_fma_<family>_over_fma" keys
-    compared = [key[len("ratio_"):-len("_over_fma")] for key in (rows[0] if rows else {})
-                if key.startswith("ratio_fma_")]
-    styles = {"fma": ("C0", "FMA"), "sdpa": ("C3", "SDPA"),
-              **{impl: (f"C{4 + i}", f"FMA {impl[4:]}") for i, impl in enumerate(compared)}}
+    compared = [
+        key[len("ratio_") : -len("_over_fma")] for key in (rows[0] if rows else {}) if key.startswith("ratio_fma_")
+    ]
+    styles = {
+        "fma": ("C0", "FMA"),
+        "sdpa": ("C3", "SDPA"),
+        **{impl: (f"C{4 + i}", f"FMA {impl[4:]}") for i, impl in enumerate(compared)},
+    }
     markers = {"causal": "o", "bidir": "s"}
     lines = {"fwd": "--", "fwd+bwd": "-"}
     series = sorted({(r["mode"], r["pass"]) for r in rows})
     for impl, (color, name) in styles.items():
         for mode, pass_ in series:
-            pts = sorted((r["n"], r[f"{impl}_median_s"], r[f"{impl}_peak_bytes"]) for r in rows
-                         if r["mode"] == mode and r["pass"] == pass_ and r[f"{impl}_median_s"] is not None)
+            pts = sorted(
+                (r["n"], r[f"{impl}_median_s"], r[f"{impl}_peak_bytes"])
+                for r in rows
+                if r["mode"] == mode and r["pass"] == pass_ and r[f"{impl}_median_s"] is not None
+            )
             if not pts:
                 continue
             ns = [p[0] for p in pts]
@@ -467,10 +544,27 @@ def plot_results(rows: list[dict], path: str, title: str = "FMA vs dense SDPA") 
     return path
 
 
-CSV_FIELDS = ["n", "mode", "pass", "levels", "fma_median_s", "sdpa_median_s", "ratio_sdpa_over_fma",
-              "fma_peak_bytes", "sdpa_peak_bytes", "fma_flops", "fma_gflops", "fma_fraction_of_matmul",
-              "sdpa_flops", "sdpa_gflops", "fma_times_s", "sdpa_times_s", "fma_warmup_counted",
-              "sdpa_warmup_counted", "other_cores"]
+CSV_FIELDS = [
+    "n",
+    "mode",
+    "pass",
+    "levels",
+    "fma_median_s",
+    "sdpa_median_s",
+    "ratio_sdpa_over_fma",
+    "fma_peak_bytes",
+    "sdpa_peak_bytes",
+    "fma_flops",
+    "fma_gflops",
+    "fma_fraction_of_matmul",
+    "sdpa_flops",
+    "sdpa_gflops",
+    "fma_times_s",
+    "sdpa_times_s",
+    "fma_warmup_counted",
+    "sdpa_warmup_counted",
+    "other_cores",
+]
 
 
 def write_results(rows: list[dict], meta: dict, png_path: str) -> tuple[str, str]:
@@ -485,8 +579,9 @@ def write_results(rows: list[dict], meta: dict, png_path: str) -> tuple[str, str
         writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: (" ".join(f"{t:.6g}" for t in v) if isinstance(v, list) else v)
-                             for k, v in row.items()})
+            writer.writerow(
+                {k: (" ".join(f"{t:.6g}" for t in v) if isinstance(v, list) else v) for k, v in row.items()}
+            )
     with open(json_path, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     return csv_path, json_path
@@ -504,9 +599,18 @@ def fine_level_mask(n: int, block_size: int, causal: bool) -> torch.Tensor:
     return near
 
 
-def dense_agreement(n: int, causal: bool = True, dtype: torch.dtype = torch.float32, *, max_seq_len: int | None = None,
-                    heads: int = 4, head_dim: int = 64, seed: int = 0, local_baseline: bool = False,
-                    **fma_kwargs) -> dict:
+def dense_agreement(
+    n: int,
+    causal: bool = True,
+    dtype: torch.dtype = torch.float32,
+    *,
+    max_seq_len: int | None = None,
+    heads: int = 4,
+    head_dim: int = 64,
+    seed: int = 0,
+    local_baseline: bool = False,
+    **fma_kwargs,
+) -> dict:
     """FMA (fresh module, default average init) against dense SDPA on one random N(0, 1) q, k, v.
 
     Returns ``max_abs`` (max |FMA - dense|) and ``rel`` (||FMA - dense||_F / ||dense||_F); with
@@ -519,8 +623,13 @@ def dense_agreement(n: int, causal: bool = True, dtype: torch.dtype = torch.floa
     with torch.no_grad():
         out = attn(q, k, v)
         dense = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        result = {"n": n, "causal": causal, "dtype": str(dtype).replace("torch.", ""),
-                  "max_abs": (out - dense).abs().max().item(), "rel": ((out - dense).norm() / dense.norm()).item()}
+        result = {
+            "n": n,
+            "causal": causal,
+            "dtype": str(dtype).replace("torch.", ""),
+            "max_abs": (out - dense).abs().max().item(),
+            "rel": ((out - dense).norm() / dense.norm()).item(),
+        }
         if local_baseline:
             local = F.scaled_dot_product_attention(q, k, v, attn_mask=fine_level_mask(n, attn.block_size, causal))
             result["local_rel"] = ((local - dense).norm() / dense.norm()).item()

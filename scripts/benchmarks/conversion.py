@@ -68,8 +68,17 @@ def state_vectors(model, tokens: int) -> int | None:
     return state.num_vectors
 
 
-def run_grid(model, tokenizer, texts: list[str], settings: list[str], context_lengths: list[int], path: str,
-             max_document_tokens: int | None = None, state_tokens: int = 32768, progress: bool = True) -> list[dict]:
+def run_grid(
+    model,
+    tokenizer,
+    texts: list[str],
+    settings: list[str],
+    context_lengths: list[int],
+    path: str,
+    max_document_tokens: int | None = None,
+    state_tokens: int = 32768,
+    progress: bool = True,
+) -> list[dict]:
     """Score the source (``dense``) and each converted setting at each context length, appending a JSON row per
     (setting, context length) to ``path`` and skipping those already there; return every row of ``path``."""
     for setting in settings:
@@ -87,10 +96,24 @@ def run_grid(model, tokenizer, texts: list[str], settings: list[str], context_le
                 candidate = convert_llama_to_fmt(model, **setting_options(setting)).eval()
                 extra = {"state_tokens": state_tokens, "state_vectors": state_vectors(candidate, state_tokens)}
         start = time.perf_counter()
-        scores = score_documents(candidate, tokenizer, texts, context_length, context_length - 1, batch_size=1,
-                                 progress=progress, max_document_tokens=max_document_tokens)
-        row = {"setting": setting, "context_length": context_length, **metric.compute(**scores), **extra,
-               "seconds": round(time.perf_counter() - start, 1), "threads": torch.get_num_threads()}
+        scores = score_documents(
+            candidate,
+            tokenizer,
+            texts,
+            context_length,
+            context_length - 1,
+            batch_size=1,
+            progress=progress,
+            max_document_tokens=max_document_tokens,
+        )
+        row = {
+            "setting": setting,
+            "context_length": context_length,
+            **metric.compute(**scores),
+            **extra,
+            "seconds": round(time.perf_counter() - start, 1),
+            "threads": torch.get_num_threads(),
+        }
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
     return read_rows(path)

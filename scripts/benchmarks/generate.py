@@ -45,35 +45,51 @@ from .attention import CpuNeighbours, system_info
 
 METHODS = {
     "caches": "random tensors of the right shape: dense DynamicCache (1, kv_heads, n, head_dim) per layer; FMT "
-              "states of length n (their size does not depend on n); no prefill",
+    "states of length n (their size does not depend on n); no prefill",
     "time": "wall clock of one single-token forward under no_grad; FMT and dense interleaved after one warm-up "
-            "each; median over the steps",
+    "each; median over the steps",
     "bytes": "FMT: every tensor of every layer's state; dense: key + value tensors",
 }
 
 
 METHODS_BATCH = {
     "caches": "real prefills: a batch of random prompts of prompt_len tokens through model(..., use_cache=True); FMT "
-              "with FMTCache, dense SDPA with DynamicCache",
+    "with FMTCache, dense SDPA with DynamicCache",
     "time": "wall clock of `steps` consecutive single-token forwards under no_grad (one whole fine block: every row "
-            "completes one block in it), divided by steps; every (implementation, batch) pair in turn, rotating "
-            "the order each repeat; median over repeats. tokens/s = batch / step time",
+    "completes one block in it), divided by steps; every (implementation, batch) pair in turn, rotating "
+    "the order each repeat; median over repeats. tokens/s = batch / step time",
 }
 
 
 def byte_model_config(max_position_embeddings: int, **overrides) -> FMTConfig:
     """The project's byte-level model shape (scripts/main_demo.py): 4 layers, hidden 256, 4 heads, block 64."""
-    options = dict(vocab_size=260, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                   num_attention_heads=4, fma_block_size=64, max_position_embeddings=max_position_embeddings)
+    options = dict(
+        vocab_size=260,
+        hidden_size=256,
+        intermediate_size=768,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        fma_block_size=64,
+        max_position_embeddings=max_position_embeddings,
+    )
     options.update(overrides)
     return FMTConfig(**options)
 
 
 def smollm2_shaped_config(max_position_embeddings: int, **overrides) -> FMTConfig:
     """An FMT config with SmolLM2-135M's shape (random weights are enough to time a decoding step)."""
-    options = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                   num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=100000.0,
-                   tie_word_embeddings=True, max_position_embeddings=max_position_embeddings)
+    options = dict(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        max_position_embeddings=max_position_embeddings,
+    )
     options.update(overrides)
     return FMTConfig(**options)
 
@@ -85,8 +101,14 @@ def filled_fmt_cache(model: FMTForCausalLM, length: int, generator: torch.Genera
     for layer, cache_layer in zip(model.model.layers, cache.layers):
         fma = layer.self_attn.fma
         state = fma.init_state(config.num_attention_heads, config.num_key_value_heads, model.dtype)
-        state = state.map_tensors(lambda t: t if t.dtype == torch.bool else  # validity flags stay "all real"
-                                  torch.randn(t.shape, generator=generator, dtype=t.dtype))
+        state = state.map_tensors(
+            lambda t: (
+                t
+                if t.dtype == torch.bool
+                # validity flags stay "all real"
+                else torch.randn(t.shape, generator=generator, dtype=t.dtype)
+            )
+        )
         # What `FMTCacheLayer.attend` would have left after `length` tokens of a batch of one.
         cache_layer.state = FMABatchState.stack([dataclasses.replace(state, length=length)])
         cache_layer.seen_tokens, cache_layer.is_initialized = length, True
@@ -99,8 +121,11 @@ def filled_dense_cache(model: FMTForCausalLM, length: int, generator: torch.Gene
     cache = DynamicCache(config=config)
     shape = (1, config.num_key_value_heads, length, config.head_dim)
     for layer_idx in range(config.num_hidden_layers):
-        cache.update(torch.randn(shape, generator=generator, dtype=model.dtype),
-                     torch.randn(shape, generator=generator, dtype=model.dtype), layer_idx)
+        cache.update(
+            torch.randn(shape, generator=generator, dtype=model.dtype),
+            torch.randn(shape, generator=generator, dtype=model.dtype),
+            layer_idx,
+        )
     return cache
 
 
@@ -118,24 +143,29 @@ def _step_seconds(model: FMTForCausalLM, implementation: str, cache, token: torc
 
 
 @torch.no_grad()
-def run_decode_benchmark(lengths: list[int], steps: int = 8, config: FMTConfig | None = None, seed: int = 0,
-                         progress: bool = True) -> tuple[list[dict], dict]:
+def run_decode_benchmark(
+    lengths: list[int], steps: int = 8, config: FMTConfig | None = None, seed: int = 0, progress: bool = True
+) -> tuple[list[dict], dict]:
     """Median per-token decoding time and cache bytes of FMT and dense attention at each context length."""
     from tqdm.auto import tqdm
 
     if config is None:
         config = smollm2_shaped_config(max(lengths) + steps + 1)
     if max(lengths) + steps + 1 > config.max_position_embeddings:
-        raise ValueError(f"lengths up to {max(lengths)} plus {steps + 1} decoding steps exceed "
-                         f"max_position_embeddings={config.max_position_embeddings}")
+        raise ValueError(
+            f"lengths up to {max(lengths)} plus {steps + 1} decoding steps exceed "
+            f"max_position_embeddings={config.max_position_embeddings}"
+        )
     torch.manual_seed(seed)
     model = FMTForCausalLM(config).eval()
     generator = torch.Generator().manual_seed(seed)
     rows = []
     bar = tqdm(total=len(lengths) * 2 * (steps + 1), desc="decode steps", disable=not progress)
     for length in lengths:
-        caches = {"fma": filled_fmt_cache(model, length, generator),
-                  "sdpa": filled_dense_cache(model, length, generator)}
+        caches = {
+            "fma": filled_fmt_cache(model, length, generator),
+            "sdpa": filled_dense_cache(model, length, generator),
+        }
         held = {name: cache_bytes(cache) for name, cache in caches.items()}
         times = {"fma": [], "sdpa": []}
         neighbours = CpuNeighbours().start()
@@ -143,35 +173,68 @@ def run_decode_benchmark(lengths: list[int], steps: int = 8, config: FMTConfig |
             order = ("fma", "sdpa") if step % 2 else ("sdpa", "fma")
             for implementation in order:
                 token = torch.randint(0, config.vocab_size, (1, 1), generator=generator)
-                seconds, caches[implementation] = _step_seconds(model, implementation, caches[implementation],
-                                                                token, length + step)
+                seconds, caches[implementation] = _step_seconds(
+                    model, implementation, caches[implementation], token, length + step
+                )
                 if step:
                     times[implementation].append(seconds)
                 bar.update()
         fma_s, dense_s = statistics.median(times["fma"]), statistics.median(times["sdpa"])
-        rows.append({"context": length, "fmt_ms": 1e3 * fma_s, "dense_ms": 1e3 * dense_s,
-                     "speedup": dense_s / fma_s, "fmt_cache_bytes": held["fma"],
-                     "dense_cache_bytes": held["sdpa"],
-                     "cache_ratio": held["sdpa"] / held["fma"], "other_cores": neighbours.stop()})
+        rows.append(
+            {
+                "context": length,
+                "fmt_ms": 1e3 * fma_s,
+                "dense_ms": 1e3 * dense_s,
+                "speedup": dense_s / fma_s,
+                "fmt_cache_bytes": held["fma"],
+                "dense_cache_bytes": held["sdpa"],
+                "cache_ratio": held["sdpa"] / held["fma"],
+                "other_cores": neighbours.stop(),
+            }
+        )
         del caches
     bar.close()
-    meta = {"system": system_info(), "methods": METHODS, "steps": steps,
-            "model": {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                                      "num_key_value_heads", "head_dim", "max_position_embeddings",
-                                                      "fma_block_size", "fma_coarse_tokens", "fma_downsample")}}
+    meta = {
+        "system": system_info(),
+        "methods": METHODS,
+        "steps": steps,
+        "model": {
+            k: getattr(config, k)
+            for k in (
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "max_position_embeddings",
+                "fma_block_size",
+                "fma_coarse_tokens",
+                "fma_downsample",
+            )
+        },
+    }
     return rows, meta
 
 
 @torch.no_grad()
-def run_batch_benchmark(batch_sizes: list[int], prompt_len: int, steps: int, repeats: int,
-                        config: FMTConfig, seed: int = 0, progress: bool = True) -> tuple[list[dict], dict]:
+def run_batch_benchmark(
+    batch_sizes: list[int],
+    prompt_len: int,
+    steps: int,
+    repeats: int,
+    config: FMTConfig,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[list[dict], dict]:
     """Per-step decoding time and tokens per second of FMT and dense attention at each batch size, after a real
     prefill of ``prompt_len`` tokens per row (see :data:`METHODS_BATCH`)."""
     from tqdm.auto import tqdm
 
     if prompt_len + repeats * steps + 1 > config.max_position_embeddings:
-        raise ValueError(f"prompt_len={prompt_len} plus {repeats} x {steps} steps exceed "
-                         f"max_position_embeddings={config.max_position_embeddings}")
+        raise ValueError(
+            f"prompt_len={prompt_len} plus {repeats} x {steps} steps exceed "
+            f"max_position_embeddings={config.max_position_embeddings}"
+        )
     torch.manual_seed(seed)
     model = FMTForCausalLM(config).eval()
     generator = torch.Generator().manual_seed(seed)
@@ -199,31 +262,55 @@ def run_batch_benchmark(batch_sizes: list[int], prompt_len: int, steps: int, rep
     rows = []
     for batch in batch_sizes:
         fma_s, dense_s = (statistics.median(times[implementation, batch]) for implementation in ("fma", "sdpa"))
-        rows.append({"batch": batch, "fmt_ms": 1e3 * fma_s, "dense_ms": 1e3 * dense_s,
-                     "fmt_tokens_per_s": batch / fma_s, "dense_tokens_per_s": batch / dense_s})
+        rows.append(
+            {
+                "batch": batch,
+                "fmt_ms": 1e3 * fma_s,
+                "dense_ms": 1e3 * dense_s,
+                "fmt_tokens_per_s": batch / fma_s,
+                "dense_tokens_per_s": batch / dense_s,
+            }
+        )
     for row in rows:
         row["fmt_step_vs_batch_1"] = row["fmt_ms"] / rows[0]["fmt_ms"]
-    meta = {"system": system_info(), "methods": METHODS_BATCH, "prompt_len": prompt_len, "steps": steps,
-            "repeats": repeats, "other_cores": other_cores,
-            "model": {k: getattr(config, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                                      "num_key_value_heads", "head_dim", "max_position_embeddings",
-                                                      "fma_block_size", "fma_coarse_tokens", "fma_downsample")}}
+    meta = {
+        "system": system_info(),
+        "methods": METHODS_BATCH,
+        "prompt_len": prompt_len,
+        "steps": steps,
+        "repeats": repeats,
+        "other_cores": other_cores,
+        "model": {
+            k: getattr(config, k)
+            for k in (
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "num_key_value_heads",
+                "head_dim",
+                "max_position_embeddings",
+                "fma_block_size",
+                "fma_coarse_tokens",
+                "fma_downsample",
+            )
+        },
+    }
     return rows, meta
 
 
 METHODS_CHECKPOINT = {
     "prompt": "the first prompt_len tokens (the FMT checkpoint's tokenizer, its default special tokens) of held-out "
-              "documents joined by blank lines; the same ids for both models",
+    "documents joined by blank lines; the same ids for both models",
     "process": "every (model, prompt length) in a fresh Python subprocess, one at a time: load the checkpoint, then "
-               "one greedy model.generate with min_new_tokens = max_new_tokens (every run decodes the same count) "
-               "and the model's own cache: FMTCache under FMA, DynamicCache under sdpa",
+    "one greedy model.generate with min_new_tokens = max_new_tokens (every run decodes the same count) "
+    "and the model's own cache: FMTCache under FMA, DynamicCache under sdpa",
     "ttft": "wall clock from calling generate to the first new token reaching its streamer: prefill of the whole "
-            "prompt plus the first token",
+    "prompt plus the first token",
     "decode": "tokens/s after the first: (new_tokens - 1) / wall clock from the first new token to the last",
     "cache": "bytes of every tensor the cache returned by generate holds (FMTCache: every state tensor; "
-             "DynamicCache: keys + values): the prompt and every new token but the last, which is never fed back",
+    "DynamicCache: keys + values): the prompt and every new token but the last, which is never fed back",
     "rss": "weights: the subprocess's resident set after loading the model and reading every weight once "
-           "(interpreter, libraries, weights); peak: its ru_maxrss (getrusage high-water mark) after generate",
+    "(interpreter, libraries, weights); peak: its ru_maxrss (getrusage high-water mark) after generate",
     "other_cores": "cores kept busy by other processes during the run (/proc/stat minus this benchmark's processes)",
 }
 DTYPES = ("float32", "bfloat16", "float16")
@@ -264,31 +351,50 @@ def cache_bytes(cache) -> int:
 
 
 @torch.no_grad()
-def generate_once(model_name_or_path: str, attn_implementation: str | None, prompt_ids: list[int], new_tokens: int,
-                  dtype: str = "float32", threads: int | None = None) -> dict:
+def generate_once(
+    model_name_or_path: str,
+    attn_implementation: str | None,
+    prompt_ids: list[int],
+    new_tokens: int,
+    dtype: str = "float32",
+    threads: int | None = None,
+) -> dict:
     """Load a checkpoint, greedily generate ``new_tokens`` after ``prompt_ids`` with its own cache and measure the
     run (:data:`METHODS_CHECKPOINT`). Run it alone in a fresh process: the resident-set figures are the process's.
     ``attn_implementation`` None keeps the checkpoint's (FMA for an FMT checkpoint)."""
     if threads:
         torch.set_num_threads(threads)
-    model = AutoModelForCausalLM.from_pretrained(model_name_or_path, dtype=getattr(torch, dtype),
-                                                 attn_implementation=attn_implementation).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        model_name_or_path, dtype=getattr(torch, dtype), attn_implementation=attn_implementation
+    ).eval()
     for parameter in model.parameters():  # read every weight once: a memory-mapped checkpoint loads pages lazily
         parameter.sum()
     input_ids = torch.tensor([prompt_ids])
     weights_rss = _resident_bytes()
     clock = _TokenClock()
     start = time.perf_counter()
-    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, streamer=clock, return_dict_in_generate=True)
+    out = model.generate(
+        input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        streamer=clock,
+        return_dict_in_generate=True,
+    )
     first, last = clock.times[0], clock.times[-1]
-    return {"ttft_s": first - start,
-            "decode_tokens_per_s": (len(clock.times) - 1) / (last - first) if last > first else None,
-            "generated_ids": out.sequences[0, len(prompt_ids):].tolist(),
-            "cache_bytes": cache_bytes(out.cache), "cache_class": type(out.cache).__name__,
-            "weights_rss_bytes": weights_rss, "peak_rss_bytes": _peak_resident_bytes(),
-            "model_class": type(model).__name__, "attn_implementation": model.config._attn_implementation,
-            "threads": torch.get_num_threads()}
+    return {
+        "ttft_s": first - start,
+        "decode_tokens_per_s": (len(clock.times) - 1) / (last - first) if last > first else None,
+        "generated_ids": out.sequences[0, len(prompt_ids) :].tolist(),
+        "cache_bytes": cache_bytes(out.cache),
+        "cache_class": type(out.cache).__name__,
+        "weights_rss_bytes": weights_rss,
+        "peak_rss_bytes": _peak_resident_bytes(),
+        "model_class": type(model).__name__,
+        "attn_implementation": model.config._attn_implementation,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def _generate_in_subprocess(spec: dict, folder: Path) -> dict:
@@ -297,11 +403,18 @@ def _generate_in_subprocess(spec: dict, folder: Path) -> dict:
     spec_path.write_text(json.dumps(spec))
     result_path.unlink(missing_ok=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(path for path in sys.path if path))
-    done = subprocess.run([sys.executable, "-m", __name__, str(spec_path), str(result_path)], env=env,
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", __name__, str(spec_path), str(result_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode:
-        raise RuntimeError(f"generation subprocess for {spec['model_name_or_path']} at {len(spec['prompt_ids'])} "
-                           f"tokens failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
+        raise RuntimeError(
+            f"generation subprocess for {spec['model_name_or_path']} at {len(spec['prompt_ids'])} "
+            f"tokens failed (exit {done.returncode}):\n{done.stderr[-4000:]}"
+        )
     return json.loads(result_path.read_text())
 
 
@@ -314,8 +427,9 @@ def prompt_token_ids(tokenizer, texts, length: int) -> list[int]:
         ids = tokenizer(joined).input_ids  # the whole join, so tokens across a document boundary merge as usual
         if len(ids) >= length:
             return ids[:length]
-    raise ValueError(f"the prompt documents hold {0 if joined is None else len(ids)} tokens, fewer than the "
-                     f"prompt length {length}")
+    raise ValueError(
+        f"the prompt documents hold {0 if joined is None else len(ids)} tokens, fewer than the prompt length {length}"
+    )
 
 
 def _median(values):
@@ -327,10 +441,18 @@ def _leading_agreement(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def run_checkpoint_benchmark(model_name_or_path: str, prompt_lens: list[int], new_tokens: int, texts,
-                             dense_model_name_or_path: str | None = None, repeats: int = 1, dtype: str = "float32",
-                             threads: int | None = None, show_tokens: int = 20,
-                             progress: bool = True) -> tuple[list[dict], list[dict], dict]:
+def run_checkpoint_benchmark(
+    model_name_or_path: str,
+    prompt_lens: list[int],
+    new_tokens: int,
+    texts,
+    dense_model_name_or_path: str | None = None,
+    repeats: int = 1,
+    dtype: str = "float32",
+    threads: int | None = None,
+    show_tokens: int = 20,
+    progress: bool = True,
+) -> tuple[list[dict], list[dict], dict]:
     """Generation from real prompts with a real FMT checkpoint against a dense model (see :data:`METHODS_CHECKPOINT`).
 
     The FMT checkpoint runs under FMA with an FMTCache. The dense side, loaded with ``attn_implementation="sdpa"``
@@ -345,38 +467,67 @@ def run_checkpoint_benchmark(model_name_or_path: str, prompt_lens: list[int], ne
     if not prompt_lens or min(prompt_lens) < 1:
         raise ValueError(f"prompt_lens must be positive token counts, got {prompt_lens}")
     if new_tokens < 2:
-        raise ValueError(f"new_tokens must be at least 2 (decoding speed is measured after the first), "
-                         f"got {new_tokens}")
+        raise ValueError(
+            f"new_tokens must be at least 2 (decoding speed is measured after the first), got {new_tokens}"
+        )
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     tokenizer = AutoTokenizer.from_pretrained(model_name_or_path)
-    if (dense_model_name_or_path is not None
-            and AutoTokenizer.from_pretrained(dense_model_name_or_path).get_vocab() != tokenizer.get_vocab()):
-        raise ValueError(f"dense_model_name_or_path {dense_model_name_or_path} has another tokenizer than "
-                         f"{model_name_or_path}: the two models must read the same prompt ids")
+    if (
+        dense_model_name_or_path is not None
+        and AutoTokenizer.from_pretrained(dense_model_name_or_path).get_vocab() != tokenizer.get_vocab()
+    ):
+        raise ValueError(
+            f"dense_model_name_or_path {dense_model_name_or_path} has another tokenizer than "
+            f"{model_name_or_path}: the two models must read the same prompt ids"
+        )
     prompt = prompt_token_ids(tokenizer, texts, max(prompt_lens))
     models = {"fmt": (model_name_or_path, None), "dense": (dense_model_name_or_path or model_name_or_path, "sdpa")}
-    runs = [(repeat, length, name) for repeat in range(repeats) for length in prompt_lens
-            for name in (("fmt", "dense") if repeat % 2 == 0 else ("dense", "fmt"))]
+    runs = [
+        (repeat, length, name)
+        for repeat in range(repeats)
+        for length in prompt_lens
+        for name in (("fmt", "dense") if repeat % 2 == 0 else ("dense", "fmt"))
+    ]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_generate_") as folder:
         for repeat, length, name in tqdm(runs, desc="generate runs", disable=not progress):
             path, implementation = models[name]
-            spec = {"model_name_or_path": path, "attn_implementation": implementation, "prompt_ids": prompt[:length],
-                    "new_tokens": new_tokens, "dtype": dtype, "threads": threads}
+            spec = {
+                "model_name_or_path": path,
+                "attn_implementation": implementation,
+                "prompt_ids": prompt[:length],
+                "new_tokens": new_tokens,
+                "dtype": dtype,
+                "threads": threads,
+            }
             neighbours = CpuNeighbours().start()
             result = _generate_in_subprocess(spec, Path(folder))
-            rows.append({"model": name, "model_name_or_path": path, "prompt_len": length, "repeat": repeat, **result,
-                         "other_cores": neighbours.stop()})
+            rows.append(
+                {
+                    "model": name,
+                    "model_name_or_path": path,
+                    "prompt_len": length,
+                    "repeat": repeat,
+                    **result,
+                    "other_cores": neighbours.stop(),
+                }
+            )
     summary = []
     for length in prompt_lens:
         entry = {"prompt_len": length}
         for name in models:
             mine = [row for row in rows if row["model"] == name and row["prompt_len"] == length]
-            for key in ("ttft_s", "decode_tokens_per_s", "cache_bytes", "weights_rss_bytes", "peak_rss_bytes",
-                        "other_cores"):
+            for key in (
+                "ttft_s",
+                "decode_tokens_per_s",
+                "cache_bytes",
+                "weights_rss_bytes",
+                "peak_rss_bytes",
+                "other_cores",
+            ):
                 entry[f"{name}_{key}"] = _median([row[key] for row in mine])
             entry[f"{name}_text"] = tokenizer.decode(mine[0]["generated_ids"][:show_tokens])
             entry[f"{name}_ids"] = mine[0]["generated_ids"]
@@ -387,51 +538,76 @@ def run_checkpoint_benchmark(model_name_or_path: str, prompt_lens: list[int], ne
         entry["peak_rss_ratio"] = entry["dense_peak_rss_bytes"] / entry["fmt_peak_rss_bytes"]
         entry["same_leading_tokens"] = _leading_agreement(entry["fmt_ids"], entry["dense_ids"])
         summary.append(entry)
-    meta = {"system": system_info(), "methods": METHODS_CHECKPOINT, "new_tokens": new_tokens, "repeats": repeats,
-            "dtype": dtype, "threads": threads, "models": {name: {"model_name_or_path": path,
-                                                                  "attn_implementation": implementation}
-                                                           for name, (path, implementation) in models.items()}}
+    meta = {
+        "system": system_info(),
+        "methods": METHODS_CHECKPOINT,
+        "new_tokens": new_tokens,
+        "repeats": repeats,
+        "dtype": dtype,
+        "threads": threads,
+        "models": {
+            name: {"model_name_or_path": path, "attn_implementation": implementation}
+            for name, (path, implementation) in models.items()
+        },
+    }
     return rows, summary, meta
 
 
 def format_checkpoint_table(summary: list[dict]) -> str:
     """A markdown table: per prompt length, FMT and dense (medians over repeats), then FMT's gain as ratios."""
     mib = 2**20
-    lines = [("| prompt tokens | model | TTFT (s) | decode (tok/s) | cache (MiB) | peak RSS (MiB) | weights RSS (MiB) "
-              "| other cores |"), "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        (
+            "| prompt tokens | model | TTFT (s) | decode (tok/s) | cache (MiB) | peak RSS (MiB) | weights RSS (MiB) "
+            "| other cores |"
+        ),
+        "|---|---|---|---|---|---|---|---|",
+    ]
 
     def number(value, digits):
         return "-" if value is None else f"{value:.{digits}f}"
 
     for s in summary:
         for name, label in (("fmt", "FMT (FMTCache)"), ("dense", "dense (DynamicCache)")):
-            lines.append(f"| {s['prompt_len']} | {label} | {number(s[f'{name}_ttft_s'], 2)} | "
-                         f"{number(s[f'{name}_decode_tokens_per_s'], 2)} | {s[f'{name}_cache_bytes'] / mib:.1f} | "
-                         f"{s[f'{name}_peak_rss_bytes'] / mib:.0f} | {s[f'{name}_weights_rss_bytes'] / mib:.0f} | "
-                         f"{number(s[f'{name}_other_cores'], 2)} |")
+            lines.append(
+                f"| {s['prompt_len']} | {label} | {number(s[f'{name}_ttft_s'], 2)} | "
+                f"{number(s[f'{name}_decode_tokens_per_s'], 2)} | {s[f'{name}_cache_bytes'] / mib:.1f} | "
+                f"{s[f'{name}_peak_rss_bytes'] / mib:.0f} | {s[f'{name}_weights_rss_bytes'] / mib:.0f} | "
+                f"{number(s[f'{name}_other_cores'], 2)} |"
+            )
         decode = "-" if s["decode_speedup"] is None else f"{s['decode_speedup']:.2f}x"
-        lines.append(f"| {s['prompt_len']} | FMT gain | {s['ttft_speedup']:.2f}x | {decode} | "
-                     f"{s['cache_ratio']:.1f}x | {s['peak_rss_ratio']:.2f}x | | |")
+        lines.append(
+            f"| {s['prompt_len']} | FMT gain | {s['ttft_speedup']:.2f}x | {decode} | "
+            f"{s['cache_ratio']:.1f}x | {s['peak_rss_ratio']:.2f}x | | |"
+        )
     return "\n".join(lines)
 
 
 def format_batch_table(rows: list[dict]) -> str:
-    lines = [f"{'batch':>6} {'FMT ms/step':>12} {'dense ms/step':>14} {'FMT tok/s':>10} {'dense tok/s':>12} "
-             f"{'FMT step / batch-' + str(rows[0]['batch']):>20}"]
+    lines = [
+        f"{'batch':>6} {'FMT ms/step':>12} {'dense ms/step':>14} {'FMT tok/s':>10} {'dense tok/s':>12} "
+        f"{'FMT step / batch-' + str(rows[0]['batch']):>20}"
+    ]
     for r in rows:
-        lines.append(f"{r['batch']:>6} {r['fmt_ms']:>12.1f} {r['dense_ms']:>14.1f} {r['fmt_tokens_per_s']:>10.0f} "
-                     f"{r['dense_tokens_per_s']:>12.0f} {r['fmt_step_vs_batch_1']:>19.1f}x")
+        lines.append(
+            f"{r['batch']:>6} {r['fmt_ms']:>12.1f} {r['dense_ms']:>14.1f} {r['fmt_tokens_per_s']:>10.0f} "
+            f"{r['dense_tokens_per_s']:>12.0f} {r['fmt_step_vs_batch_1']:>19.1f}x"
+        )
     return "\n".join(lines)
 
 
 def format_decode_table(rows: list[dict]) -> str:
-    lines = [f"{'context':>8} {'FMT ms/tok':>11} {'dense ms/tok':>13} {'speedup':>8} {'FMT cache':>10} "
-             f"{'dense cache':>12} {'smaller':>8} {'other cores':>12}"]
+    lines = [
+        f"{'context':>8} {'FMT ms/tok':>11} {'dense ms/tok':>13} {'speedup':>8} {'FMT cache':>10} "
+        f"{'dense cache':>12} {'smaller':>8} {'other cores':>12}"
+    ]
     for r in rows:
         other = "-" if r["other_cores"] is None else f"{r['other_cores']:.2f}"
-        lines.append(f"{r['context']:>8} {r['fmt_ms']:>11.1f} {r['dense_ms']:>13.1f} {r['speedup']:>7.1f}x "
-                     f"{r['fmt_cache_bytes'] / 2**20:>8.2f}MB {r['dense_cache_bytes'] / 2**20:>10.1f}MB "
-                     f"{r['cache_ratio']:>7.1f}x {other:>12}")
+        lines.append(
+            f"{r['context']:>8} {r['fmt_ms']:>11.1f} {r['dense_ms']:>13.1f} {r['speedup']:>7.1f}x "
+            f"{r['fmt_cache_bytes'] / 2**20:>8.2f}MB {r['dense_cache_bytes'] / 2**20:>10.1f}MB "
+            f"{r['cache_ratio']:>7.1f}x {other:>12}"
+        )
     return "\n".join(lines)
 
 

@@ -47,13 +47,13 @@ TARGETS = {8192: 1.0, 65536: 5.0, 131072: 10.0}
 
 METHODS = {
     "exactness": "device layer vs the same rounded weights/inputs in float64 on CPU through the gather path; "
-                 "output and gradients (q, k, v, downsampler weights) for one random output gradient; max abs and "
-                 "relative Frobenius error",
+    "output and gradients (q, k, v, downsampler weights) for one random output gradient; max abs and "
+    "relative Frobenius error",
     "time": "causal forward+backward (forward only without a backward: FlexAttention on CPU); implementations "
-            "alternate after a first call (compilation, reported as first_call_s) and one warm-up; median of the "
-            "samples; CUDA events on CUDA, wall clock elsewhere",
+    "alternate after a first call (compilation, reported as first_call_s) and one warm-up; median of the "
+    "samples; CUDA events on CUDA, wall clock elsewhere",
     "memory": "CUDA: max_memory_allocated during one call minus memory allocated before it; CPU: allocator peak "
-              "from torch.profiler memory events",
+    "from torch.profiler memory events",
 }
 
 
@@ -85,13 +85,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_layer(cfg: CheckConfig, n: int, kernel: str, dtype: torch.dtype, device, perturb: float = 0.0
-               ) -> FastMultipoleAttention:
+def make_layer(
+    cfg: CheckConfig, n: int, kernel: str, dtype: torch.dtype, device, perturb: float = 0.0
+) -> FastMultipoleAttention:
     """A causal FMA layer for length ``n`` (no cap for the length-free families), learned weights moved off their
     average init by ``perturb`` x N(0, 1) so that they matter."""
     max_len = None if cfg.downsample in LENGTH_FREE_MODES else n
-    layer = FastMultipoleAttention(cfg.head_dim, max_len, block_size=cfg.block_size, coarse_tokens=cfg.coarse_tokens,
-                                   downsample=cfg.downsample, kernel=kernel)
+    layer = FastMultipoleAttention(
+        cfg.head_dim,
+        max_len,
+        block_size=cfg.block_size,
+        coarse_tokens=cfg.coarse_tokens,
+        downsample=cfg.downsample,
+        kernel=kernel,
+    )
     if perturb:
         with torch.no_grad():
             for param in layer.parameters():
@@ -146,11 +153,15 @@ class _Timed:
         torch.manual_seed(cfg.seed)
         self.backward = self.device.type == "cuda"  # FlexAttention has no backward elsewhere
         shapes = [(cfg.batch, cfg.heads, n, cfg.head_dim)] + [(cfg.batch, cfg.kv_heads, n, cfg.head_dim)] * 2
-        self.inputs = [torch.randn(shape, device=self.device, dtype=dtype).requires_grad_(self.backward)
-                       for shape in shapes]
+        self.inputs = [
+            torch.randn(shape, device=self.device, dtype=dtype).requires_grad_(self.backward) for shape in shapes
+        ]
         self.grad = torch.randn(shapes[0], device=self.device, dtype=dtype)
-        self.layers = {f"fma_{kernel}": make_layer(cfg, n, kernel, dtype, self.device) for kernel in ("gather", "flex")
-                       if f"fma_{kernel}" in cfg.implementations}
+        self.layers = {
+            f"fma_{kernel}": make_layer(cfg, n, kernel, dtype, self.device)
+            for kernel in ("gather", "flex")
+            if f"fma_{kernel}" in cfg.implementations
+        }
         self.gqa = cfg.kv_heads != cfg.heads
 
     def call(self, impl: str) -> None:
@@ -167,6 +178,7 @@ class _Timed:
     def _sdpa(self) -> torch.Tensor:
         if self.device.type == "cuda":
             from torch.nn.attention import SDPBackend, sdpa_kernel
+
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 return F.scaled_dot_product_attention(*self.inputs, is_causal=True, enable_gqa=self.gqa)
         return F.scaled_dot_product_attention(*self.inputs, is_causal=True, enable_gqa=self.gqa)
@@ -197,7 +209,7 @@ class _Timed:
 
 def _growth(impl: str, ratio: float) -> float:
     """How much longer a call gets when n grows by ``ratio``: quadratic for dense attention, about n log n for FMA."""
-    return ratio ** 2 if impl == "sdpa" else ratio * 1.2
+    return ratio**2 if impl == "sdpa" else ratio * 1.2
 
 
 def time_length(cfg: CheckConfig, n: int, previous: dict, status: Callable[[str], None]) -> dict:
@@ -260,8 +272,7 @@ def run_check(cfg: CheckConfig, out_dir: str, status: Callable[[str], None] = pr
         if name not in DTYPES:
             raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {name!r}")
     os.makedirs(out_dir, exist_ok=True)
-    result = {"config": asdict(cfg), "system": _system(cfg.device), "methods": METHODS, "exactness": [],
-              "timing": []}
+    result = {"config": asdict(cfg), "system": _system(cfg.device), "methods": METHODS, "exactness": [], "timing": []}
     for n in cfg.exact_lengths:
         for dtype_name in cfg.exact_dtypes:
             for kernel in ("flex", "gather"):
@@ -271,9 +282,13 @@ def run_check(cfg: CheckConfig, out_dir: str, status: Callable[[str], None] = pr
                 try:
                     row = check_exactness(cfg, n, dtype_name, kernel)
                 except Exception as error:  # noqa: BLE001 - see time_length
-                    row = {"n": n, "dtype": dtype_name, "kernel": kernel,
-                           "error": f"{type(error).__name__}: {str(error)[:300]}",
-                           "traceback": traceback.format_exc()[-3000:]}
+                    row = {
+                        "n": n,
+                        "dtype": dtype_name,
+                        "kernel": kernel,
+                        "error": f"{type(error).__name__}: {str(error)[:300]}",
+                        "traceback": traceback.format_exc()[-3000:],
+                    }
                 result["exactness"].append(row)
                 write_results(result, out_dir)
     previous: dict = {}
@@ -303,12 +318,18 @@ def target(n: int) -> float | None:
 
 def format_markdown(result: dict) -> str:
     cfg, system = result["config"], result["system"]
-    lines = [f"# FMA kernels on {system.get('gpu', cfg['device'])}", "",
-             f"torch {system['torch']}, causal, batch {cfg['batch']}, {cfg['heads']} heads ({cfg['kv_heads']} "
-             f"key/value), d = {cfg['head_dim']}, m = {cfg['block_size']}, p = {cfg['coarse_tokens']}, "
-             f"downsample {cfg['downsample']}, flex KV block {cfg['flex_kv_block'] or cfg['block_size']}.", "",
-             "## Exactness against float64 on the CPU", "",
-             "| n | dtype | kernel | out max abs | out rel | worst grad rel (of) |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# FMA kernels on {system.get('gpu', cfg['device'])}",
+        "",
+        f"torch {system['torch']}, causal, batch {cfg['batch']}, {cfg['heads']} heads ({cfg['kv_heads']} "
+        f"key/value), d = {cfg['head_dim']}, m = {cfg['block_size']}, p = {cfg['coarse_tokens']}, "
+        f"downsample {cfg['downsample']}, flex KV block {cfg['flex_kv_block'] or cfg['block_size']}.",
+        "",
+        "## Exactness against float64 on the CPU",
+        "",
+        "| n | dtype | kernel | out max abs | out rel | worst grad rel (of) |",
+        "|---|---|---|---|---|---|",
+    ]
     for row in result["exactness"]:
         if "error" in row:
             lines.append(f"| {row['n']} | {row['dtype']} | {row['kernel']} | error: {row['error']} | | |")
@@ -316,13 +337,20 @@ def format_markdown(result: dict) -> str:
         grads = {k: v for k, v in row.items() if k.startswith("grad_")}
         worst = max(grads, key=lambda k: grads[k]["rel"]) if grads else None
         worst_text = f"{grads[worst]['rel']:.2e} ({worst[5:]})" if worst else "no backward"
-        lines.append(f"| {row['n']} | {row['dtype']} | {row['kernel']} | {row['out']['max_abs']:.2e} | "
-                     f"{row['out']['rel']:.2e} | {worst_text} |")
+        lines.append(
+            f"| {row['n']} | {row['dtype']} | {row['kernel']} | {row['out']['max_abs']:.2e} | "
+            f"{row['out']['rel']:.2e} | {worst_text} |"
+        )
     timing = result["timing"]
     pass_ = next((row["pass"] for row in timing if row.get("pass")), "fwd+bwd")
-    lines += ["", f"## Time ({pass_}, {cfg['dtype']}; median) and peak memory (MiB)", "",
-              "| n | L | SDPA | FMA gather | FMA flex | SDPA/gather | SDPA/flex | target | SDPA MiB | gather MiB | "
-              "flex MiB | flex first call |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"## Time ({pass_}, {cfg['dtype']}; median) and peak memory (MiB)",
+        "",
+        "| n | L | SDPA | FMA gather | FMA flex | SDPA/gather | SDPA/flex | target | SDPA MiB | gather MiB | "
+        "flex MiB | flex first call |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for row in timing:
         if "error" in row:
             lines.append(f"| {row['n']} | {row['levels']} | {row['error']} |" + " |" * 9)
@@ -331,8 +359,12 @@ def format_markdown(result: dict) -> str:
         goal = target(row["n"])
         met = "" if goal is None or ratios[1] is None else (" met" if ratios[1] >= goal else " missed")
         cells = [str(row["n"]), str(row["levels"])]
-        cells += [_fmt_seconds(row.get(f"{impl}_median_s")) if f"{impl}_skipped" not in row
-                  else f"skipped ({row[f'{impl}_skipped']})" for impl in IMPLEMENTATIONS]
+        cells += [
+            _fmt_seconds(row.get(f"{impl}_median_s"))
+            if f"{impl}_skipped" not in row
+            else f"skipped ({row[f'{impl}_skipped']})"
+            for impl in IMPLEMENTATIONS
+        ]
         cells += ["-" if r is None else f"{r:.2f}x" for r in ratios]
         cells += ["-" if goal is None else f">= {goal:g}x{met}"]
         cells += [_fmt_mib(row.get(f"{impl}_peak_bytes")) for impl in IMPLEMENTATIONS]

@@ -55,15 +55,17 @@ def build_peer_module(name: str, head_dim: int, heads: int, block_size: int, max
     if name == "sliding":
         from local_attention import LocalAttention
 
-        return LocalAttention(window_size=block_size, causal=True, look_backward=1, autopad=True,
-                              use_rotary_pos_emb=False)
+        return LocalAttention(
+            window_size=block_size, causal=True, look_backward=1, autopad=True, use_rotary_pos_emb=False
+        )
     if name == "h_transformer_1d":
         from h_transformer_1d.h_transformer_1d import CausalHAttention1D
 
         # It pads to a power of two, so its mask must cover the next power of two of the longest input.
         size = 2 ** math.ceil(math.log2(max(max_seq_len, 2 * block_size)))
-        module = CausalHAttention1D(heads * head_dim, max_seq_len=size, heads=heads, dim_head=head_dim,
-                                    block_size=block_size)
+        module = CausalHAttention1D(
+            heads * head_dim, max_seq_len=size, heads=heads, dim_head=head_dim, block_size=block_size
+        )
         return _identity_projections(module)
     if name == "performer":
         with contextlib.redirect_stdout(io.StringIO()):  # it prints that the CUDA kernel is absent
@@ -83,7 +85,10 @@ def run_peer(name: str, module: nn.Module, query: torch.Tensor, key: torch.Tenso
     batch, heads, n, d = query.shape
     key, value = _repeat_kv(key, heads), _repeat_kv(value, heads)
     if name == "h_transformer_1d":
-        merge = lambda t: t.transpose(1, 2).reshape(batch, n, heads * d)
+
+        def merge(t):
+            return t.transpose(1, 2).reshape(batch, n, heads * d)
+
         out = module(torch.cat([merge(query), merge(key), merge(value)], dim=-1))
         return out.view(batch, n, heads, d).transpose(1, 2)
     return module(query, key, value)
@@ -108,6 +113,7 @@ def attach_peer(model: nn.Module, name: str, max_seq_len: int) -> None:
     for layer in model.model.layers:
         attention = layer.self_attn
         attention.peer_name = name
-        attention.peer = build_peer_module(name, config.head_dim, config.num_attention_heads, config.fma_block_size,
-                                           max_seq_len)
+        attention.peer = build_peer_module(
+            name, config.head_dim, config.num_attention_heads, config.fma_block_size, max_seq_len
+        )
     model.set_attn_implementation(name)

@@ -81,14 +81,29 @@ class SuiteConfig:
     corpus: str = "shakespeare"
 
     def __post_init__(self) -> None:
-        for name in ("seq_len", "batch_size", "steps", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                     "block_size", "coarse_tokens", "eval_batch_size", "probe_len", "probe_batch_size", "probe_steps",
-                     "probe_eval_examples", "extrapolation_tokens"):
+        for name in (
+            "seq_len",
+            "batch_size",
+            "steps",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "block_size",
+            "coarse_tokens",
+            "eval_batch_size",
+            "probe_len",
+            "probe_batch_size",
+            "probe_steps",
+            "probe_eval_examples",
+            "extrapolation_tokens",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}")
         if self.probe_len < 8 * self.block_size:
-            raise ValueError(f"`probe_len` ({self.probe_len}) must be at least 8 * block_size ({8 * self.block_size}) "
-                             "so that the stored value lies beyond the near field")
+            raise ValueError(
+                f"`probe_len` ({self.probe_len}) must be at least 8 * block_size ({8 * self.block_size}) "
+                "so that the stored value lies beyond the near field"
+            )
 
 
 @dataclass(frozen=True)
@@ -125,7 +140,10 @@ def default_suite() -> list[RunSpec]:
     """Issue 10's runs: the main comparison, the long-range probe, a second seed for dense and FMA-depthwise, the
     ablations over m, p, scale_attn and the boundary, and FMA-depthwise, dense and the sliding window again at 2x
     the steps (does the ranking hold with more training?). Ordered so the headline rows finish first."""
-    fine = lambda family, **kw: (("fma_downsample", family), *kw.items())
+
+    def fine(family, **kw):
+        return (("fma_downsample", family), *kw.items())
+
     main = [
         RunSpec("fma-depthwise", overrides=fine("depthwise")),
         RunSpec("dense", attention="sdpa", extrapolate=True),
@@ -135,18 +153,26 @@ def default_suite() -> list[RunSpec]:
         RunSpec("fma-avgpool", overrides=fine("avgpool"), extrapolate=True),
         RunSpec("fma-coarse-queries", overrides=fine("depthwise", fma_query_mode="coarse")),
     ]
-    probe = [RunSpec(f"probe/{spec.name}", spec.attention, spec.overrides, task="probe", group="probe")
-             for spec in main[:3]]
+    probe = [
+        RunSpec(f"probe/{spec.name}", spec.attention, spec.overrides, task="probe", group="probe") for spec in main[:3]
+    ]
     seeds = [replace(spec, name=f"{spec.name}-seed1", seed=1, extrapolate=False, group="seeds") for spec in main[:2]]
-    ablation = [RunSpec(f"fma-depthwise-{tag}", overrides=fine("depthwise", **{key: value}), group="ablation")
-                for tag, key, value in (("m32", "fma_block_size", 32), ("m128", "fma_block_size", 128),
-                                        ("p2", "fma_coarse_tokens", 2), ("p8", "fma_coarse_tokens", 8),
-                                        ("noscale", "fma_scale_attn", False),
-                                        ("zerosink", "fma_boundary", "zero_sink"))]
+    ablation = [
+        RunSpec(f"fma-depthwise-{tag}", overrides=fine("depthwise", **{key: value}), group="ablation")
+        for tag, key, value in (
+            ("m32", "fma_block_size", 32),
+            ("m128", "fma_block_size", 128),
+            ("p2", "fma_coarse_tokens", 2),
+            ("p8", "fma_coarse_tokens", 8),
+            ("noscale", "fma_scale_attn", False),
+            ("zerosink", "fma_boundary", "zero_sink"),
+        )
+    ]
     # the value stored thousands of tokens before the question (FMA and dense; the window cannot reach it)
     probe_far = [replace(spec, name=f"{spec.name}-4096", probe_len=4096) for spec in probe[:2]]
-    longer = [replace(spec, name=f"{spec.name}-240steps", steps=240, extrapolate=False, group="long")
-              for spec in main[:3]]
+    longer = [
+        replace(spec, name=f"{spec.name}-240steps", steps=240, extrapolate=False, group="long") for spec in main[:3]
+    ]
     # Last: on CPU its causal prefix sums run ~5x slower than the others (no length extrapolation, for the budget).
     performer = [RunSpec("performer", attention="performer")]
     return main + probe + seeds + ablation + probe_far + longer + performer
@@ -158,12 +184,19 @@ def default_suite() -> list[RunSpec]:
 def build_model(spec: RunSpec, cfg: SuiteConfig, tokenizer, max_len: int) -> FMTForCausalLM:
     """The shared model shape with ``spec``'s attention, initialised from ``spec.seed``. ``max_len`` is the longest
     input it will see (peers size buffers for it); ``max_position_embeddings`` is the training length."""
-    options = {"vocab_size": len(tokenizer), "hidden_size": cfg.hidden_size,
-               "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
-               "num_attention_heads": cfg.num_attention_heads, "max_position_embeddings": spec.length(cfg),
-               "fma_block_size": cfg.block_size, "fma_coarse_tokens": cfg.coarse_tokens,
-               "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
-               "eos_token_id": tokenizer.eos_token_id}
+    options = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.num_hidden_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "max_position_embeddings": spec.length(cfg),
+        "fma_block_size": cfg.block_size,
+        "fma_coarse_tokens": cfg.coarse_tokens,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
     options.update(dict(spec.overrides))
     torch.manual_seed(spec.seed)
     model = FMTForCausalLM(FMTConfig(**options))
@@ -178,8 +211,11 @@ def optimizer_and_schedule(model: torch.nn.Module, cfg: SuiteConfig, steps: int)
     """AdamW (0.9, 0.95), weight decay on matrices only, linear warm-up then cosine decay to 10%."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": rest, "weight_decay": 0.0}], lr=cfg.learning_rate, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=cfg.learning_rate,
+        betas=(0.9, 0.95),
+    )
 
     def factor(step: int) -> float:
         if step < cfg.warmup_steps:
@@ -190,8 +226,14 @@ def optimizer_and_schedule(model: torch.nn.Module, cfg: SuiteConfig, steps: int)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def train(model: FMTForCausalLM, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], cfg: SuiteConfig, steps: int,
-          desc: str = "train", progress: bool = True) -> dict:
+def train(
+    model: FMTForCausalLM,
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]],
+    cfg: SuiteConfig,
+    steps: int,
+    desc: str = "train",
+    progress: bool = True,
+) -> dict:
     """``steps`` optimizer steps on ``batches`` of (input_ids, labels); returns per-step bits per token, the median
     step time (first step excluded: it runs under the memory profiler) and the first step's peak memory."""
     optimizer, schedule = optimizer_and_schedule(model, cfg, steps)
@@ -251,7 +293,7 @@ def lm_batches(blocks: torch.Tensor, batch_size: int, seed: int) -> Iterator[tup
     while True:
         order = torch.randperm(len(blocks), generator=generator)
         for start in range(0, len(order) - batch_size + 1, batch_size):
-            batch = blocks[order[start:start + batch_size]]
+            batch = blocks[order[start : start + batch_size]]
             yield batch, batch
 
 
@@ -261,8 +303,9 @@ PROBE_FILLER = b"0123456789"
 PROBE_QUESTION = ord("?")
 
 
-def probe_batch(generator: torch.Generator, batch_size: int, n: int, run: int = 32
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def probe_batch(
+    generator: torch.Generator, batch_size: int, n: int, run: int = 32
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Long-range recall: ``n`` random digits with one value letter written ``run`` times in a row at a random
     start in the first quarter, then ``?`` and the value at the end. Returns (input_ids, labels, start of each
     value's run): labels are -100 but at the answer (position ``n - 1``, predicted from the ``?`` at ``n - 2``),
@@ -292,8 +335,7 @@ def probe_batches(batch_size: int, n: int, seed: int) -> Iterator[tuple[torch.Te
 
 
 @torch.no_grad()
-def probe_accuracy(model: FMTForCausalLM, cfg: SuiteConfig, n: int, seed: int = 12345, progress: bool = True
-                   ) -> float:
+def probe_accuracy(model: FMTForCausalLM, cfg: SuiteConfig, n: int, seed: int = 12345, progress: bool = True) -> float:
     """Fraction of held-out probe sequences (their own seed) whose value the model predicts after the ``?``."""
     generator = torch.Generator().manual_seed(seed)
     correct = 0
@@ -309,11 +351,26 @@ def probe_accuracy(model: FMTForCausalLM, cfg: SuiteConfig, n: int, seed: int = 
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
-def held_out_bpb(model: FMTForCausalLM, tokenizer, texts: list[str], context: int, batch_size: int,
-                 max_tokens: int | None = None, progress: bool = True) -> dict:
+def held_out_bpb(
+    model: FMTForCausalLM,
+    tokenizer,
+    texts: list[str],
+    context: int,
+    batch_size: int,
+    max_tokens: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Bits per byte over ``texts`` with windows of ``context`` tokens, stride ``context // 2`` (as eval_lm.py)."""
-    scores = score_documents(model, tokenizer, texts, context, max(1, context // 2), batch_size, progress=progress,
-                             max_document_tokens=max_tokens)
+    scores = score_documents(
+        model,
+        tokenizer,
+        texts,
+        context,
+        max(1, context // 2),
+        batch_size,
+        progress=progress,
+        max_document_tokens=max_tokens,
+    )
     result = evaluate.load(LM_BITS, keep_in_memory=True).compute(**scores)
     return {"bpb": result["bits_per_byte"], "num_bytes": result["num_bytes"]}
 
@@ -326,13 +383,22 @@ def extrapolation(model: FMTForCausalLM, tokenizer, texts: list[str], cfg: Suite
     for multiple in cfg.extrapolation:
         context = multiple * cfg.seq_len
         if cap is not None and context > cap:
-            rows.append({"multiple": multiple, "context": context,
-                         "reason": f"capped at max_position_embeddings={cap} (fma_downsample="
-                                   f"{model.config.fma_downsample})"})
+            rows.append(
+                {
+                    "multiple": multiple,
+                    "context": context,
+                    "reason": f"capped at max_position_embeddings={cap} (fma_downsample={model.config.fma_downsample})",
+                }
+            )
             continue
         batch = max(1, cfg.eval_batch_size // multiple)
-        rows.append({"multiple": multiple, "context": context,
-                     **held_out_bpb(model, tokenizer, texts, context, batch, cfg.extrapolation_tokens, progress)})
+        rows.append(
+            {
+                "multiple": multiple,
+                "context": context,
+                **held_out_bpb(model, tokenizer, texts, context, batch, cfg.extrapolation_tokens, progress),
+            }
+        )
     return rows
 
 
@@ -341,8 +407,14 @@ def extrapolation(model: FMTForCausalLM, tokenizer, texts: list[str], cfg: Suite
 
 def run_one(spec: RunSpec, cfg: SuiteConfig, tokenizer, corpus: Corpus | None, progress: bool = True) -> dict:
     """Train and evaluate one run; the JSON row (a peer that cannot import gives a row with its ``reason``)."""
-    row = {"name": spec.name, "group": spec.group, "attention": spec.attention, "task": spec.task,
-           "seed": spec.seed, "overrides": dict(spec.overrides)}
+    row = {
+        "name": spec.name,
+        "group": spec.group,
+        "attention": spec.attention,
+        "task": spec.task,
+        "seed": spec.seed,
+        "overrides": dict(spec.overrides),
+    }
     if spec.attention in PEER_PACKAGES and (reason := peer_unavailable(spec.attention)) is not None:
         return {**row, "reason": reason}
     n = spec.length(cfg)
@@ -351,16 +423,29 @@ def run_one(spec: RunSpec, cfg: SuiteConfig, tokenizer, corpus: Corpus | None, p
     row["parameters"] = model.num_parameters()
     start = time.perf_counter()
     if spec.task == "lm":
-        history = train(model, lm_batches(corpus.train_blocks, cfg.batch_size, spec.seed), cfg,
-                        spec.steps or cfg.steps, desc=spec.name, progress=progress)
+        history = train(
+            model,
+            lm_batches(corpus.train_blocks, cfg.batch_size, spec.seed),
+            cfg,
+            spec.steps or cfg.steps,
+            desc=spec.name,
+            progress=progress,
+        )
     else:
-        history = train(model, probe_batches(cfg.probe_batch_size, n, 1000 + spec.seed), cfg,
-                        spec.steps or cfg.probe_steps, desc=spec.name, progress=progress)
+        history = train(
+            model,
+            probe_batches(cfg.probe_batch_size, n, 1000 + spec.seed),
+            cfg,
+            spec.steps or cfg.probe_steps,
+            desc=spec.name,
+            progress=progress,
+        )
     row.update(history, train_seconds=time.perf_counter() - start, seq_len=n)
     start = time.perf_counter()
     if spec.task == "lm":
-        row.update(held_out_bpb(model, tokenizer, corpus.test_texts, n, cfg.eval_batch_size, cfg.max_test_tokens,
-                                progress))
+        row.update(
+            held_out_bpb(model, tokenizer, corpus.test_texts, n, cfg.eval_batch_size, cfg.max_test_tokens, progress)
+        )
         if spec.extrapolate:
             row["extrapolation"] = extrapolation(model, tokenizer, corpus.test_texts, cfg, progress)
     else:
@@ -382,8 +467,9 @@ def finished(rows: list[dict]) -> set[str]:
     return {row["name"] for row in rows if "error" not in row}
 
 
-def run_suite(specs: list[RunSpec], cfg: SuiteConfig, path: str, progress: bool = True,
-              corpus: Corpus | None = None) -> list[dict]:
+def run_suite(
+    specs: list[RunSpec], cfg: SuiteConfig, path: str, progress: bool = True, corpus: Corpus | None = None
+) -> list[dict]:
     """Run every spec not yet in ``path``, appending each row as it finishes; returns all rows of ``path``.
     ``corpus`` defaults to :func:`load_corpus_splits` (loaded only when a language-modelling run is left).
 
@@ -397,15 +483,24 @@ def run_suite(specs: list[RunSpec], cfg: SuiteConfig, path: str, progress: bool 
     tokenizer = byte_tokenizer()
     if corpus is None and any(spec.task == "lm" for spec in todo):
         corpus = load_corpus_splits(cfg, tokenizer)
-    meta = {"config": asdict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "machine": platform.processor() or platform.machine()}
+    meta = {
+        "config": asdict(cfg),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+    }
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     for spec in tqdm(todo, desc="suite", unit="run", disable=not progress):
         try:
             row = run_one(spec, cfg, tokenizer, corpus, progress)
         except Exception as error:  # noqa: BLE001 -- recorded, the suite goes on
-            row = {"name": spec.name, "group": spec.group, "attention": spec.attention,
-                   "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc(limit=5)}
+            row = {
+                "name": spec.name,
+                "group": spec.group,
+                "attention": spec.attention,
+                "error": f"{type(error).__name__}: {error}",
+                "traceback": traceback.format_exc(limit=5),
+            }
         row["meta"] = meta
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
@@ -437,8 +532,10 @@ def interleaved_timing(specs: list[RunSpec], cfg: SuiteConfig, repeats: int = 5,
             index = (round_ + offset) % len(specs)
             samples[index].append(step(index))
     medians = [statistics.median(s) for s in samples]
-    return [{"name": spec.name, "median_s": median, "relative": median / medians[0], "samples": s}
-            for spec, median, s in zip(specs, medians, samples, strict=True)]
+    return [
+        {"name": spec.name, "median_s": median, "relative": median / medians[0], "samples": s}
+        for spec, median, s in zip(specs, medians, samples, strict=True)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -458,22 +555,31 @@ def format_report(rows: list[dict], sections: tuple[str, ...] = REPORT_SECTIONS)
     latest = {row["name"]: row for row in rows}  # a rerun (after an error) replaces the earlier row
     rows = list(latest.values())
     # "vs dense": against the dense row of the same seed and step budget
-    dense = {(row["seed"], len(row["train_bits"])): row["bpb"] for row in rows
-             if row.get("attention") == "sdpa" and row.get("task") == "lm" and "bpb" in row}
+    dense = {
+        (row["seed"], len(row["train_bits"])): row["bpb"]
+        for row in rows
+        if row.get("attention") == "sdpa" and row.get("task") == "lm" and "bpb" in row
+    }
     tables = []
     lm = [row for row in rows if row.get("task", "lm") == "lm"]
     if "lm" in sections and lm:
-        out = ["| run | group | attention | bpb (test) | vs dense | s/step | peak MiB | params |",
-               "|---|---|---|---|---|---|---|---|"]
+        out = [
+            "| run | group | attention | bpb (test) | vs dense | s/step | peak MiB | params |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for row in lm:
             if "bpb" not in row:
-                out.append(f"| {row['name']} | {row['group']} | {row['attention']} | not run: "
-                           f"{row.get('reason') or row.get('error')} | | | | |")
+                out.append(
+                    f"| {row['name']} | {row['group']} | {row['attention']} | not run: "
+                    f"{row.get('reason') or row.get('error')} | | | | |"
+                )
                 continue
             reference = dense.get((row["seed"], len(row["train_bits"])))
             relative = f"{100 * (row['bpb'] / reference - 1):+.1f}%" if reference else "—"
-            out.append(f"| {row['name']} | {row['group']} | {row['attention']} | {_fmt(row['bpb'])} | {relative} | "
-                       f"{_fmt(row['s_per_step'], 2)} | {row['peak_bytes'] / 2**20:.0f} | {row['parameters']:,} |")
+            out.append(
+                f"| {row['name']} | {row['group']} | {row['attention']} | {_fmt(row['bpb'])} | {relative} | "
+                f"{_fmt(row['s_per_step'], 2)} | {row['peak_bytes'] / 2**20:.0f} | {row['parameters']:,} |"
+            )
         tables.append("\n".join(out))
     probe = [row for row in rows if row.get("task") == "probe"]
     if "probe" in sections and probe:
@@ -544,7 +650,27 @@ def _save(fig, ax, path: str) -> str:
     return path
 
 
-__all__ = ["ATTENTIONS", "REPORT_SECTIONS", "Corpus", "RunSpec", "SuiteConfig", "build_model", "default_suite",
-           "extrapolation", "format_report", "held_out_bpb", "interleaved_timing", "lm_batches", "load_corpus_splits",
-           "plot_extrapolation", "plot_training", "probe_accuracy", "probe_batch", "probe_batches", "read_rows",
-           "run_one", "run_suite", "train"]
+__all__ = [
+    "ATTENTIONS",
+    "REPORT_SECTIONS",
+    "Corpus",
+    "RunSpec",
+    "SuiteConfig",
+    "build_model",
+    "default_suite",
+    "extrapolation",
+    "format_report",
+    "held_out_bpb",
+    "interleaved_timing",
+    "lm_batches",
+    "load_corpus_splits",
+    "plot_extrapolation",
+    "plot_training",
+    "probe_accuracy",
+    "probe_batch",
+    "probe_batches",
+    "read_rows",
+    "run_one",
+    "run_suite",
+    "train",
+]

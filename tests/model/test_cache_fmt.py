@@ -10,10 +10,23 @@ from fmt_hf import FMTCache, FMTConfig, FMTForCausalLM, FMTModel
 
 
 def tiny(layers=2, query_mode="fine", downsample="depthwise", dtype=torch.float64, **overrides):
-    options = dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                   fma_block_size=4, fma_coarse_tokens=2, fma_query_mode=query_mode, fma_downsample=downsample,
-                   pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    options = dict(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        fma_block_size=4,
+        fma_coarse_tokens=2,
+        fma_query_mode=query_mode,
+        fma_downsample=downsample,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     options.update(overrides)
     torch.manual_seed(0)
     model = FMTForCausalLM(FMTConfig(**options)).to(dtype).eval()
@@ -36,8 +49,10 @@ def recompute_greedy(model, ids, steps):
     return ids
 
 
-@pytest.mark.parametrize("layers,query_mode,downsample", [
-    (1, "fine", "depthwise"), (2, "fine", "avgpool"), (2, "coarse", "depthwise"), (3, "coarse", "full")])
+@pytest.mark.parametrize(
+    "layers,query_mode,downsample",
+    [(1, "fine", "depthwise"), (2, "fine", "avgpool"), (2, "coarse", "depthwise"), (3, "coarse", "full")],
+)
 def test_greedy_generate_equals_recomputation(layers, query_mode, downsample):
     model = tiny(layers, query_mode, downsample)
     for length in (1, 8, 13, 32, 45):  # block 4, group widths 4, 8, 16, 32
@@ -46,8 +61,9 @@ def test_greedy_generate_equals_recomputation(layers, query_mode, downsample):
         assert torch.equal(out, recompute_greedy(model, ids, 20))
 
 
-@pytest.mark.parametrize("query_mode,downsample,sink_tokens", [
-    ("fine", "depthwise", 1), ("coarse", "avgpool", 4), ("fine", "recursive", 3)])
+@pytest.mark.parametrize(
+    "query_mode,downsample,sink_tokens", [("fine", "depthwise", 1), ("coarse", "avgpool", 4), ("fine", "recursive", 3)]
+)
 def test_greedy_generate_with_sink_tokens_equals_recomputation(query_mode, downsample, sink_tokens):
     """Sink tokens (§3a) through generate: prompts shorter and longer than s, and a left-padded batch whose rows
     fill their sinks at different steps."""
@@ -59,10 +75,10 @@ def test_greedy_generate_with_sink_tokens_equals_recomputation(query_mode, downs
     rows = [prompt(30, seed=3)[0], prompt(2, seed=4)[0], prompt(9, seed=5)[0]]
     ids, mask = torch.zeros(3, 30, dtype=torch.long), torch.zeros(3, 30, dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, 30 - len(row):], mask[i, 30 - len(row):] = row, 1
+        ids[i, 30 - len(row) :], mask[i, 30 - len(row) :] = row, 1
     batched = model.generate(ids, attention_mask=mask, max_new_tokens=15, do_sample=False)
     for i, row in enumerate(rows):
-        assert torch.equal(batched[i, 30:], recompute_greedy(model, row[None], 15)[0, len(row):])
+        assert torch.equal(batched[i, 30:], recompute_greedy(model, row[None], 15)[0, len(row) :])
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
@@ -73,7 +89,7 @@ def test_decoding_logits_equal_full_forward(dtype, tolerance, query_mode):
     out = model(ids[:, :29], use_cache=True)
     cache, logits = out.cache, [out.logits]
     for t in range(29, 90):
-        out = model(ids[:, t:t + 1], cache=cache)
+        out = model(ids[:, t : t + 1], cache=cache)
         cache, logits = out.cache, logits + [out.logits]
     assert isinstance(cache, FMTCache) and cache.get_seq_length() == 90
     torch.testing.assert_close(torch.cat(logits, 1), model(ids, use_cache=False).logits, rtol=0, atol=tolerance)
@@ -86,7 +102,7 @@ def test_half_precision_decoding_follows_the_full_forward(dtype):
     out = model(ids[:, :20], use_cache=True)
     cache, logits = out.cache, [out.logits]
     for t in range(20, 70):  # crosses block (4) and group (8, 16, 32) boundaries: partial sums and completions
-        out = model(ids[:, t:t + 1], cache=cache)
+        out = model(ids[:, t : t + 1], cache=cache)
         cache, logits = out.cache, logits + [out.logits]
     assert cache.layers[0].state.partial_k.dtype == torch.float32  # sums of shares kept in float32
     full = model(ids, use_cache=False).logits
@@ -96,11 +112,16 @@ def test_half_precision_decoding_follows_the_full_forward(dtype):
 def test_chunked_prefill_equals_one_shot():
     model = tiny()
     ids = prompt(77)
-    one_shot = model.generate(ids, max_new_tokens=10, do_sample=False, output_logits=True,
-                              return_dict_in_generate=True)
+    one_shot = model.generate(ids, max_new_tokens=10, do_sample=False, output_logits=True, return_dict_in_generate=True)
     for chunk in (16, 25):
-        chunked = model.generate(ids, max_new_tokens=10, do_sample=False, prefill_chunk_size=chunk,
-                                 output_logits=True, return_dict_in_generate=True)
+        chunked = model.generate(
+            ids,
+            max_new_tokens=10,
+            do_sample=False,
+            prefill_chunk_size=chunk,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         assert torch.equal(chunked.sequences, one_shot.sequences)
         torch.testing.assert_close(torch.stack(chunked.logits), torch.stack(one_shot.logits), rtol=0, atol=1e-12)
         for a, b in zip(chunked.cache.layers, one_shot.cache.layers):
@@ -132,12 +153,12 @@ def test_left_padded_batch_equals_rows_alone():
     ids = torch.zeros(3, 37, dtype=torch.long)
     mask = torch.zeros(3, 37, dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, 37 - len(row):] = row
-        mask[i, 37 - len(row):] = 1
+        ids[i, 37 - len(row) :] = row
+        mask[i, 37 - len(row) :] = 1
     batched = model.generate(ids, attention_mask=mask, max_new_tokens=15, do_sample=False)
     for i, row in enumerate(rows):
         alone = model.generate(row[None], max_new_tokens=15, do_sample=False)
-        assert torch.equal(batched[i, 37:], alone[0, len(row):])
+        assert torch.equal(batched[i, 37:], alone[0, len(row) :])
 
 
 def test_beam_search_sampling_and_return_sequences_run():
@@ -146,8 +167,9 @@ def test_beam_search_sampling_and_return_sequences_run():
     beams = model.generate(ids, max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False)
     assert beams.shape == (4, 38)
     # Beam search with one beam is greedy search: the reordering must keep every beam's own state.
-    assert torch.equal(model.generate(ids, max_new_tokens=8, num_beams=1, do_sample=False),
-                       recompute_greedy(model, ids, 8))
+    assert torch.equal(
+        model.generate(ids, max_new_tokens=8, num_beams=1, do_sample=False), recompute_greedy(model, ids, 8)
+    )
     torch.manual_seed(0)
     samples = model.generate(ids, max_new_tokens=8, do_sample=True, num_return_sequences=3)
     assert samples.shape == (6, 38)
@@ -241,8 +263,12 @@ def test_holes_in_the_mask_under_a_cache_equal_recomputation(query_mode):
     out = model(cached[:, :41], attention_mask=full_mask[:, :41], position_ids=positions[:, :41], use_cache=True)
     cache, logits = out.cache, [out.logits]
     for t in range(41, 66):
-        out = model(cached[:, t:t + 1], attention_mask=full_mask[:, :t + 1], position_ids=positions[:, t:t + 1],
-                    cache=cache)
+        out = model(
+            cached[:, t : t + 1],
+            attention_mask=full_mask[:, : t + 1],
+            position_ids=positions[:, t : t + 1],
+            cache=cache,
+        )
         cache, logits = out.cache, logits + [out.logits]
     reference = model(cached, attention_mask=full_mask, position_ids=positions, use_cache=False).logits
     real = full_mask.bool()
@@ -260,7 +286,7 @@ def test_bf16_decoding_after_a_long_prompt_follows_the_full_forward():
     out = bf16(ids[:, :2600], use_cache=True)
     cache, logits = out.cache, []
     for t in range(2600, 2640):
-        out = bf16(ids[:, t:t + 1], cache=cache)
+        out = bf16(ids[:, t : t + 1], cache=cache)
         cache, logits = out.cache, logits + [out.logits]
     full_error = (bf16(ids, use_cache=False).logits[:, 2600:].double() - reference).abs().max()
     cached_error = (torch.cat(logits, 1).double() - reference).abs().max()
@@ -282,8 +308,9 @@ def test_decoding_runs_without_float64():
     for query_mode, boundary in (("fine", "mask"), ("coarse", "zero_sink")):
         model = tiny(query_mode=query_mode, fma_boundary=boundary, dtype=torch.bfloat16)
         with NoFloat64():
-            model.generate(prompt(45), attention_mask=torch.ones(1, 45, dtype=torch.long), max_new_tokens=12,
-                           do_sample=False)
+            model.generate(
+                prompt(45), attention_mask=torch.ones(1, 45, dtype=torch.long), max_new_tokens=12, do_sample=False
+            )
 
 
 @pytest.mark.parametrize("downsample,query_mode", [("recursive", "fine"), ("recursive", "coarse"), ("avgpool", "fine")])
@@ -312,8 +339,8 @@ def left_padded(lengths, seed=6):
     ids = torch.zeros(len(lengths), width, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, length in enumerate(lengths):
-        ids[i, width - length:] = prompt(length, seed=seed + i)[0]
-        mask[i, width - length:] = 1
+        ids[i, width - length :] = prompt(length, seed=seed + i)[0]
+        mask[i, width - length :] = 1
     return ids, mask
 
 
@@ -323,22 +350,32 @@ def test_batched_generate_modes_equal_recomputation(downsample):
     sampling with a seed, num_return_sequences, beams -- cached equals recomputed without a cache."""
     model = tiny(downsample=downsample)
     ids, mask = left_padded([29, 17, 6])
-    for options in (dict(do_sample=True, num_return_sequences=2), dict(num_beams=3, num_return_sequences=2),
-                    dict(do_sample=False)):
+    for options in (
+        dict(do_sample=True, num_return_sequences=2),
+        dict(num_beams=3, num_return_sequences=2),
+        dict(do_sample=False),
+    ):
         outputs = []
         for use_cache in (True, False):
             torch.manual_seed(5)
-            outputs.append(model.generate(ids, attention_mask=mask, max_new_tokens=21, use_cache=use_cache,
-                                          **options))
+            outputs.append(model.generate(ids, attention_mask=mask, max_new_tokens=21, use_cache=use_cache, **options))
         assert torch.equal(*outputs), options
 
 
 def test_chunked_prefill_of_a_left_padded_batch_equals_one_shot():
     model = tiny()
     ids, mask = left_padded([45, 30, 11])
-    one_shot = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, output_logits=True,
-                              return_dict_in_generate=True)
-    chunked = model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, prefill_chunk_size=16,
-                             output_logits=True, return_dict_in_generate=True)
+    one_shot = model.generate(
+        ids, attention_mask=mask, max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    chunked = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=12,
+        do_sample=False,
+        prefill_chunk_size=16,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     assert torch.equal(chunked.sequences, one_shot.sequences)
     torch.testing.assert_close(torch.stack(chunked.logits), torch.stack(one_shot.logits), rtol=0, atol=1e-12)

@@ -66,9 +66,20 @@ def test_float_fields_accept_ints():
 
 def test_json_and_save_pretrained_round_trip(tmp_path):
     config = FMTConfig(
-        vocab_size=100, hidden_size=64, num_attention_heads=4, num_key_value_heads=1, fma_block_size=32,
-        fma_coarse_tokens=8, fma_downsample="full", fma_query_mode="coarse", fma_boundary="zero_sink",
-        fma_scale_attn=False, fma_sink_tokens=5, is_causal=False, tie_word_embeddings=True, pad_token_id=0,
+        vocab_size=100,
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        fma_block_size=32,
+        fma_coarse_tokens=8,
+        fma_downsample="full",
+        fma_query_mode="coarse",
+        fma_boundary="zero_sink",
+        fma_scale_attn=False,
+        fma_sink_tokens=5,
+        is_causal=False,
+        tie_word_embeddings=True,
+        pad_token_id=0,
     )
     assert FMTConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
     config.save_pretrained(tmp_path)
@@ -82,8 +93,14 @@ def test_json_and_save_pretrained_round_trip(tmp_path):
     assert loaded.fma_sink_tokens == 5
 
 
-LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 5e5,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
 
 
 def test_rope_parameters_in_the_transformers_5_form(tmp_path):
@@ -92,7 +109,10 @@ def test_rope_parameters_in_the_transformers_5_form(tmp_path):
     config = FMTConfig(rope_parameters=dict(LLAMA3_ROPE), attention_bias=True, mlp_bias=True)
     assert config.rope_theta == 5e5 and config.rope_parameters == LLAMA3_ROPE
     assert FMTConfig(rope_scaling={"rope_type": "linear", "factor": 2.0}).rope_parameters == {
-        "rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0}
+        "rope_type": "linear",
+        "factor": 2.0,
+        "rope_theta": 10000.0,
+    }
     config.save_pretrained(tmp_path)
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert (loaded.rope_parameters, loaded.attention_bias, loaded.mlp_bias) == (LLAMA3_ROPE, True, True)

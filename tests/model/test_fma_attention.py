@@ -5,22 +5,28 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-
 from fma_helpers import D, make, qkv, with_identity_pooling
 from fma_reference import reference_fma
+
 from fmt_hf.model.fma_attention import FastMultipoleAttention
 
-
-OPTIONS = list(itertools.product([True, False], ["fine", "coarse"], ["depthwise", "full", "avgpool", "recursive"],
-                                 [True, False], ["mask", "zero_sink"]))
-LENGTH_FREE_OPTIONS = list(itertools.product([True, False], ["fine", "coarse"], ["recursive", "avgpool"],
-                                             ["mask", "zero_sink"]))
+OPTIONS = list(
+    itertools.product(
+        [True, False],
+        ["fine", "coarse"],
+        ["depthwise", "full", "avgpool", "recursive"],
+        [True, False],
+        ["mask", "zero_sink"],
+    )
+)
+LENGTH_FREE_OPTIONS = list(
+    itertools.product([True, False], ["fine", "coarse"], ["recursive", "avgpool"], ["mask", "zero_sink"])
+)
 
 
 @pytest.mark.parametrize("causal,query_mode,downsample,scale_attn,boundary", OPTIONS)
 def test_matches_reference_for_every_option(causal, query_mode, downsample, scale_attn, boundary):
-    attn = make(causal=causal, query_mode=query_mode, downsample=downsample, scale_attn=scale_attn,
-                boundary=boundary)
+    attn = make(causal=causal, query_mode=query_mode, downsample=downsample, scale_attn=scale_attn, boundary=boundary)
     for n in (3, 37, 64):  # L = 0, 3, 3; only 64 is the built length and a power of two
         q, k, v = qkv(n, batch=1)
         torch.testing.assert_close(attn(q, k, v), reference_fma(attn, q, k, v), rtol=0, atol=1e-12)
@@ -45,22 +51,28 @@ def test_length_free_layer_equals_a_capped_one_under_mask(causal, query_mode):
     free.load_state_dict(capped.state_dict())
     q, k, v = qkv(300, batch=1)
     for n in (37, 129, 300):
-        torch.testing.assert_close(free(q[:, :, :n], k[:, :, :n], v[:, :, :n]),
-                                   capped(q[:, :, :n], k[:, :, :n], v[:, :, :n]), rtol=0, atol=1e-13)
+        torch.testing.assert_close(
+            free(q[:, :, :n], k[:, :, :n], v[:, :, :n]),
+            capped(q[:, :, :n], k[:, :, :n], v[:, :, :n]),
+            rtol=0,
+            atol=1e-13,
+        )
     if causal:
         full = free(q, k, v)
-        torch.testing.assert_close(free(q[:, :, :37], k[:, :, :37], v[:, :, :37]), full[:, :, :37],
-                                   rtol=0, atol=1e-13)
+        torch.testing.assert_close(free(q[:, :, :37], k[:, :, :37], v[:, :, :37]), full[:, :, :37], rtol=0, atol=1e-13)
 
 
-@pytest.mark.parametrize("causal,query_mode,downsample", list(itertools.product(
-    [True, False], ["fine", "coarse"], ["depthwise", "recursive", "avgpool"])))
+@pytest.mark.parametrize(
+    "causal,query_mode,downsample",
+    list(itertools.product([True, False], ["fine", "coarse"], ["depthwise", "recursive", "avgpool"])),
+)
 def test_sink_tokens_match_reference(causal, query_mode, downsample):
     """§3a at lengths that are no power of two, s = 1, 3 and m (= 4: level 1's group 0 holds sink tokens only),
     with grouped-query heads."""
     for sink_tokens, n in ((1, 200), (3, 333), (4, 1000)):
-        attn = make(causal=causal, query_mode=query_mode, downsample=downsample, max_seq_len=1024,
-                    sink_tokens=sink_tokens)
+        attn = make(
+            causal=causal, query_mode=query_mode, downsample=downsample, max_seq_len=1024, sink_tokens=sink_tokens
+        )
         q, k, v = qkv(n, batch=1, heads=6, kv_heads=2, seed=n)
         torch.testing.assert_close(attn(q, k, v), reference_fma(attn, q, k, v), rtol=0, atol=1e-12)
 
@@ -159,10 +171,11 @@ def test_identity_pooling_is_dense_attention(causal, query_mode):
     """§6: one fine token per coarse token at every level -> exactly dense attention (tests partition + softmax)."""
     attn = with_identity_pooling(make(perturb=False, causal=causal, query_mode=query_mode))
     # bidirectional groups partly past the end are zero-padded (§7), so use lengths of whole widest groups
-    for n in ((5, 19, 37, 64) if causal else (24, 48, 64)):
+    for n in (5, 19, 37, 64) if causal else (24, 48, 64):
         q, k, v = qkv(n)
-        dense = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
-                                               is_causal=causal)
+        dense = F.scaled_dot_product_attention(
+            q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=causal
+        )
         torch.testing.assert_close(attn(q, k, v), dense, rtol=0, atol=1e-12)
 
 
@@ -278,23 +291,26 @@ def test_memory_is_not_quadratic():
     assert peak < 8192 * 8192 * 4 / 4
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    (dict(coarse_tokens=8), "coarse_tokens"),
-    (dict(coarse_tokens=3), "coarse_tokens"),
-    (dict(block_size=0), "block_size"),
-    (dict(max_seq_len=-1), "max_seq_len"),
-    (dict(max_seq_len=None), "max_seq_len=None"),
-    (dict(max_seq_len=None, downsample="full"), "max_seq_len=None"),
-    (dict(head_dim=2.5), "head_dim"),
-    (dict(downsample="conv"), "downsample"),
-    (dict(query_mode="medium"), "query_mode"),
-    (dict(boundary="wrap"), "boundary"),
-    (dict(dropout=1.0), "dropout"),
-    (dict(sink_tokens=-1), "sink_tokens"),
-    (dict(sink_tokens=5), "sink_tokens"),  # more than block_size = 4
-    (dict(sink_tokens=True), "sink_tokens"),
-    (dict(sink_tokens=1.0), "sink_tokens"),
-])
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        (dict(coarse_tokens=8), "coarse_tokens"),
+        (dict(coarse_tokens=3), "coarse_tokens"),
+        (dict(block_size=0), "block_size"),
+        (dict(max_seq_len=-1), "max_seq_len"),
+        (dict(max_seq_len=None), "max_seq_len=None"),
+        (dict(max_seq_len=None, downsample="full"), "max_seq_len=None"),
+        (dict(head_dim=2.5), "head_dim"),
+        (dict(downsample="conv"), "downsample"),
+        (dict(query_mode="medium"), "query_mode"),
+        (dict(boundary="wrap"), "boundary"),
+        (dict(dropout=1.0), "dropout"),
+        (dict(sink_tokens=-1), "sink_tokens"),
+        (dict(sink_tokens=5), "sink_tokens"),  # more than block_size = 4
+        (dict(sink_tokens=True), "sink_tokens"),
+        (dict(sink_tokens=1.0), "sink_tokens"),
+    ],
+)
 def test_bad_constructor_arguments(kwargs, message):
     options = dict(head_dim=D, max_seq_len=64, block_size=4, coarse_tokens=2)
     options.update(kwargs)

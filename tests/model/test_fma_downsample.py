@@ -5,9 +5,9 @@ import itertools
 
 import pytest
 import torch
-
-from fma_helpers import D, F64, make, qkv
+from fma_helpers import F64, D, make, qkv
 from fma_reference import downsample as reference_downsample
+
 from fmt_hf.model.fma_attention import FastMultipoleAttention
 from fmt_hf.model.fma_downsample import AvgPoolDownsample, RecursiveDownsample
 
@@ -17,8 +17,9 @@ def test_downsampler_gradcheck(downsample):
     attn = make(downsample=downsample, max_seq_len=16, block_size=2, coarse_tokens=1, head_dim=2)
     x = torch.randn(1, 1, 16, 2, dtype=F64, requires_grad=True)
     params = list(attn.k_downsample.parameters())
-    assert torch.autograd.gradcheck(lambda x, *ps: torch.cat([c.flatten() for c in attn.k_downsample(x, 2)]),
-                                    (x, *params))
+    assert torch.autograd.gradcheck(
+        lambda x, *ps: torch.cat([c.flatten() for c in attn.k_downsample(x, 2)]), (x, *params)
+    )
 
 
 def perturbed_recursive(head_dim=D, block_size=4, coarse_tokens=2, seed=0):
@@ -34,8 +35,9 @@ def test_recursive_gradcheck_through_four_levels():
     """p = 2 and four levels: the shared map U is used three times in a row, its gradient sums all three."""
     module = perturbed_recursive(head_dim=2, block_size=4, coarse_tokens=2)
     x = torch.randn(2, 1, 32, 2, dtype=F64, requires_grad=True)  # level 4 groups 32 tokens: one group
-    assert torch.autograd.gradcheck(lambda x, *ps: torch.cat([c.flatten() for c in module(x, 4)]),
-                                    (x, *module.parameters()))
+    assert torch.autograd.gradcheck(
+        lambda x, *ps: torch.cat([c.flatten() for c in module(x, 4)]), (x, *module.parameters())
+    )
 
 
 def test_average_init_equals_avgpool():
@@ -47,8 +49,9 @@ def test_average_init_equals_avgpool():
         torch.testing.assert_close(learned(q, k, v), avg(q, k, v), rtol=0, atol=1e-13)
 
 
-@pytest.mark.parametrize("causal,query_mode,block_size", list(itertools.product(
-    [True, False], ["fine", "coarse"], [4, 8])))
+@pytest.mark.parametrize(
+    "causal,query_mode,block_size", list(itertools.product([True, False], ["fine", "coarse"], [4, 8]))
+)
 def test_untrained_recursive_equals_avgpool_at_any_length(causal, query_mode, block_size):
     """§7a: U averages children summaries 2r and 2r + 1, so every level of an untrained recursive layer is the
     sub-window mean -- at lengths that are no power of two and need up to 6 levels."""
@@ -97,5 +100,6 @@ def test_combine_builds_the_next_level_from_two_children(family):
         children = lower.unflatten(2, (-1, 2)).flatten(3, 4)  # (B, H, parents, 2p, d): first child's p first
         torch.testing.assert_close(module.combine(children), upper, rtol=0, atol=1e-13)
     # one parent from two loose children, as a state holds them
-    torch.testing.assert_close(module.combine(torch.cat([levels[1][0, 0, 2], levels[1][0, 0, 3]])),
-                               levels[2][0, 0, 1], rtol=0, atol=1e-13)
+    torch.testing.assert_close(
+        module.combine(torch.cat([levels[1][0, 0, 2], levels[1][0, 0, 3]])), levels[2][0, 0, 1], rtol=0, atol=1e-13
+    )

@@ -30,8 +30,13 @@ def both_paths(attn, q, k, v, key_padding_mask=None):
 @pytest.mark.parametrize("downsample", ["depthwise", "full", "recursive", "avgpool"])
 def test_flex_equals_reference_and_gather(causal, downsample):
     """float64, grouped-query heads, lengths that are no power of two (L = 3 and 5 levels at m = 8)."""
-    attn = make(causal=causal, downsample=downsample, block_size=8, coarse_tokens=2,
-                max_seq_len=None if downsample in ("recursive", "avgpool") else 1024)
+    attn = make(
+        causal=causal,
+        downsample=downsample,
+        block_size=8,
+        coarse_tokens=2,
+        max_seq_len=None if downsample in ("recursive", "avgpool") else 1024,
+    )
     for n in (130, 333):
         q, k, v = qkv(n, batch=1)
         flex, gather = both_paths(attn, q, k, v)
@@ -49,13 +54,19 @@ def test_flex_equals_gather_at_a_longer_length(causal):
     torch.testing.assert_close(flex, gather, rtol=0, atol=1e-13)
 
 
-@pytest.mark.parametrize("block_size,coarse_tokens,scale_attn", [(12, 3, True), (8, 8, True), (16, 4, False),
-                                                                  (4, 1, True)])
+@pytest.mark.parametrize(
+    "block_size,coarse_tokens,scale_attn", [(12, 3, True), (8, 8, True), (16, 4, False), (4, 1, True)]
+)
 def test_flex_for_other_block_sizes(block_size, coarse_tokens, scale_attn):
     """m not a power of two, p = m (one summary per token), no offsets (no score_mod), p = 1."""
     for causal in (True, False):
-        attn = make(causal=causal, block_size=block_size, coarse_tokens=coarse_tokens, scale_attn=scale_attn,
-                    max_seq_len=block_size * 32)
+        attn = make(
+            causal=causal,
+            block_size=block_size,
+            coarse_tokens=coarse_tokens,
+            scale_attn=scale_attn,
+            max_seq_len=block_size * 32,
+        )
         q, k, v = qkv(block_size * 9 + 5, batch=2)
         flex, gather = both_paths(attn, q, k, v)
         torch.testing.assert_close(flex, gather, rtol=0, atol=1e-13)
@@ -97,8 +108,9 @@ def test_flex_key_padding(causal):
 def test_flex_with_sink_tokens(causal, sink_tokens):
     """§3a: the sinks are extra fine keys of blocks >= 2, and summaries of sinks only are masked (s = m = 8 makes
     whole level-1 summaries of sinks only); with and without a key padding mask (a padded sink included)."""
-    attn = make(causal=causal, downsample="recursive", block_size=8, coarse_tokens=2, max_seq_len=None,
-                sink_tokens=sink_tokens)
+    attn = make(
+        causal=causal, downsample="recursive", block_size=8, coarse_tokens=2, max_seq_len=None, sink_tokens=sink_tokens
+    )
     q, k, v = qkv(150, batch=2)
     mask = torch.ones(2, 150, dtype=torch.bool)
     mask[1, 0] = False
@@ -141,18 +153,21 @@ def test_flex_keeps_low_precision_inputs(dtype, monkeypatch):
 
 # ---------------------------------------------------------------------- the block mask as a kernel reads it
 
+
 def kernel_view(mask, n_fine, keys):
     """(n_fine, keys) pairs a block-sparse kernel computes: ``mask_mod`` inside listed partial blocks, everything
     inside listed full blocks, nothing elsewhere; and the dense mask_mod itself (what eager FlexAttention uses)."""
     q_block, kv_block = mask.BLOCK_SIZE
     legal = mask.mask_mod(torch.tensor(0), torch.tensor(0), torch.arange(n_fine)[:, None], torch.arange(keys)[None])
     view = torch.zeros(n_fine, keys, dtype=torch.bool)
-    for lists, partial in (((mask.kv_num_blocks, mask.kv_indices), True),
-                           ((mask.full_kv_num_blocks, mask.full_kv_indices), False)):
+    for lists, partial in (
+        ((mask.kv_num_blocks, mask.kv_indices), True),
+        ((mask.full_kv_num_blocks, mask.full_kv_indices), False),
+    ):
         if lists[0] is None:
             continue
         for row in range(n_fine // q_block):
-            for col in lists[1][0, 0, row, :lists[0][0, 0, row]].tolist():
+            for col in lists[1][0, 0, row, : lists[0][0, 0, row]].tolist():
                 rows, cols = slice(row * q_block, (row + 1) * q_block), slice(col * kv_block, (col + 1) * kv_block)
                 assert not view[rows, cols].any(), "a block listed twice"
                 view[rows, cols] = legal[rows, cols] if partial else True
@@ -162,7 +177,7 @@ def kernel_view(mask, n_fine, keys):
 def dense_blocks(num, indices, cols):
     out = torch.zeros(indices.shape[2], cols, dtype=torch.bool)
     for row in range(indices.shape[2]):
-        out[row, indices[0, 0, row, :num[0, 0, row]].long()] = True
+        out[row, indices[0, 0, row, : num[0, 0, row]].long()] = True
     return out
 
 
@@ -178,16 +193,19 @@ def position_multiplicity(legal, plan, n, m):
         elif level[key] > 0:
             start = position[key] * width[key]
             p = int(((level == level[key]) & (position == position[key])).sum())
-            counts[readers, start:min(start + width[key], n)] += 1 / p
+            counts[readers, start : min(start + width[key], n)] += 1 / p
     return counts
 
 
 @pytest.mark.parametrize("causal", [True, False])
-@pytest.mark.parametrize("n,block_size,coarse_tokens,kv_block", [
-    (200, 8, 2, 8), (333, 8, 4, 16), (333, 16, 4, 8), (130, 4, 2, 4), (97, 12, 3, 12), (16, 8, 2, 8)])
+@pytest.mark.parametrize(
+    "n,block_size,coarse_tokens,kv_block",
+    [(200, 8, 2, 8), (333, 8, 4, 16), (333, 16, 4, 8), (130, 4, 2, 4), (97, 12, 3, 12), (16, 8, 2, 8)],
+)
 def test_block_lists_cover_every_legal_pair_exactly_once(causal, n, block_size, coarse_tokens, kv_block):
-    attn = FastMultipoleAttention(8, None, block_size=block_size, coarse_tokens=coarse_tokens, causal=causal,
-                                  downsample="recursive")
+    attn = FastMultipoleAttention(
+        8, None, block_size=block_size, coarse_tokens=coarse_tokens, causal=causal, downsample="recursive"
+    )
     m, levels = block_size, num_levels(n, block_size)
     n_fine = -(-n // m) * m
     plan = flex_plan(attn.partition, n, (coarse_tokens,) * levels, kv_block, "cpu")
@@ -208,8 +226,10 @@ def test_block_lists_cover_every_legal_pair_exactly_once(causal, n, block_size, 
             tensors = mask.as_tuple(flatten=True)[2:10]
             if tensors[kv_lists[0]] is None:
                 continue
-            assert torch.equal(dense_blocks(*[tensors[i] for i in kv_lists], cols),
-                               dense_blocks(*[tensors[i] for i in q_lists], n_fine // m).T)
+            assert torch.equal(
+                dense_blocks(*[tensors[i] for i in kv_lists], cols),
+                dense_blocks(*[tensors[i] for i in q_lists], n_fine // m).T,
+            )
     # ... and the allowed pairs are the §3 partition: every (query, token) pair covered exactly once.
     expected = multiplicity(n, m, levels, causal).double()
     torch.testing.assert_close(position_multiplicity(legal, plan, n, m), expected, rtol=0, atol=1e-12)
@@ -232,8 +252,9 @@ def test_block_mask_is_built_from_blocks_not_a_dense_mask(monkeypatch):
     assert levels == 9 and mask.kv_indices.shape[-1] + mask.full_kv_indices.shape[-1] <= 2 + levels + 1
     blocks = torch.arange(n // 64)
     # rows use a level l once they reach query 2 w_l; the previous fine block is full from the second row on
-    expected = 1 + (blocks >= 1).int() + sum((blocks * 64 >= 2 * (64 << (level - 1))).int()
-                                             for level in range(1, levels + 1))
+    expected = (
+        1 + (blocks >= 1).int() + sum((blocks * 64 >= 2 * (64 << (level - 1))).int() for level in range(1, levels + 1))
+    )
     # at most that: levels 8 and 9 (32 and 16 summaries) share the bank's last KV block
     assert (per_row <= expected).all() and int(per_row.max()) == 2 + levels - 1
     assert torch.equal(mask.full_kv_num_blocks[0, 0], (blocks >= 1).int())
@@ -243,6 +264,7 @@ def test_block_mask_is_built_from_blocks_not_a_dense_mask(monkeypatch):
 
 
 # ---------------------------------------------------------------------- choosing the path
+
 
 def test_kernel_choice(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
@@ -266,20 +288,29 @@ def test_kernel_choice(monkeypatch):
 
 
 def test_kernel_options_divide_the_blocks():
-    assert kernel_options(64, 64, torch.bfloat16) == {"fwd_BLOCK_M": 64, "fwd_BLOCK_N": 64, "bwd_BLOCK_M1": 64,
-                                                      "bwd_BLOCK_N1": 64, "bwd_BLOCK_M2": 64, "bwd_BLOCK_N2": 64,
-                                                      "FORCE_USE_FLEX_ATTENTION": True}
+    assert kernel_options(64, 64, torch.bfloat16) == {
+        "fwd_BLOCK_M": 64,
+        "fwd_BLOCK_N": 64,
+        "bwd_BLOCK_M1": 64,
+        "bwd_BLOCK_N1": 64,
+        "bwd_BLOCK_M2": 64,
+        "bwd_BLOCK_N2": 64,
+        "FORCE_USE_FLEX_ATTENTION": True,
+    }
     options = kernel_options(256, 48, torch.bfloat16)
     assert options["fwd_BLOCK_M"] == 128 and options["fwd_BLOCK_N"] == 16 and options["bwd_BLOCK_M1"] == 16
     options = kernel_options(64, 64, torch.float32)
     assert options["fwd_BLOCK_M"] == 64 and options["fwd_BLOCK_N"] == 32 and options["bwd_BLOCK_N2"] == 16
 
 
-@pytest.mark.parametrize("kwargs,error,message", [
-    (dict(kernel="triton"), ValueError, "kernel"),
-    (dict(kernel="flex", query_mode="coarse"), ValueError, "query_mode='fine'"),
-    (dict(kernel="flex", boundary="zero_sink"), ValueError, "boundary='mask'"),
-])
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        (dict(kernel="triton"), ValueError, "kernel"),
+        (dict(kernel="flex", query_mode="coarse"), ValueError, "query_mode='fine'"),
+        (dict(kernel="flex", boundary="zero_sink"), ValueError, "boundary='mask'"),
+    ],
+)
 def test_bad_kernel_arguments(kwargs, error, message):
     with pytest.raises(error, match=message):
         FastMultipoleAttention(8, 64, block_size=4, coarse_tokens=2, **kwargs)
@@ -294,11 +325,22 @@ def test_flex_without_flex_attention_is_an_error(monkeypatch):
 
 # ---------------------------------------------------------------------- through the model
 
+
 @pytest.mark.parametrize("model_class", [FMTForCausalLM, FMTForMaskedLM])
 def test_model_logits_equal_under_either_kernel(model_class):
-    config = dict(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=256, fma_block_size=8, fma_coarse_tokens=2,
-                  fma_downsample="recursive", pad_token_id=0)
+    config = dict(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        fma_block_size=8,
+        fma_coarse_tokens=2,
+        fma_downsample="recursive",
+        pad_token_id=0,
+    )
     torch.manual_seed(0)
     gather = model_class(FMTConfig(**config, fma_kernel="gather")).double().eval()
     flex = model_class(FMTConfig(**config, fma_kernel="flex")).double().eval()
@@ -327,16 +369,23 @@ def full_width(mask, partition, n_fine, keys, kv_block):
         if x is None:
             return None
         out = torch.zeros(*x.shape[:-1], max(cols, x.shape[-1]), dtype=x.dtype)
-        out[..., :x.shape[-1]] = x
+        out[..., : x.shape[-1]] = x
         return out
 
     kv_cols, q_cols = keys // kv_block, n_fine // partition.block_size
-    return BlockMask(seq_lengths=mask.seq_lengths, kv_num_blocks=mask.kv_num_blocks,
-                     kv_indices=pad(mask.kv_indices, kv_cols), full_kv_num_blocks=mask.full_kv_num_blocks,
-                     full_kv_indices=pad(mask.full_kv_indices, kv_cols), q_num_blocks=mask.q_num_blocks,
-                     q_indices=pad(mask.q_indices, q_cols), full_q_num_blocks=mask.full_q_num_blocks,
-                     full_q_indices=pad(mask.full_q_indices, q_cols), BLOCK_SIZE=mask.BLOCK_SIZE,
-                     mask_mod=mask.mask_mod)
+    return BlockMask(
+        seq_lengths=mask.seq_lengths,
+        kv_num_blocks=mask.kv_num_blocks,
+        kv_indices=pad(mask.kv_indices, kv_cols),
+        full_kv_num_blocks=mask.full_kv_num_blocks,
+        full_kv_indices=pad(mask.full_kv_indices, kv_cols),
+        q_num_blocks=mask.q_num_blocks,
+        q_indices=pad(mask.q_indices, q_cols),
+        full_q_num_blocks=mask.full_q_num_blocks,
+        full_q_indices=pad(mask.full_q_indices, q_cols),
+        BLOCK_SIZE=mask.BLOCK_SIZE,
+        mask_mod=mask.mask_mod,
+    )
 
 
 def test_compiled_kernel_reads_the_block_lists(monkeypatch):
@@ -344,6 +393,7 @@ def test_compiled_kernel_reads_the_block_lists(monkeypatch):
     that skips unlisted blocks and the mask of full ones). The mask and offsets must lower to elementwise code, and
     the lists must give the gather path's output (float32). Causal without padding reads the full/partial split,
     bidirectional with a padding mask the all-partial lists."""
+
     def wide_block_mask(plan, partition, kv_block, n_fine, key_valid=None):
         mask = block_mask(plan, partition, kv_block, n_fine, key_valid)
         return full_width(mask, partition, n_fine, len(plan.level), kv_block)

@@ -41,8 +41,9 @@ def test_kernel_coverage_with_sink_tokens(causal, sink_tokens):
     softmax, so a row's weights need not sum to 1; but every legal key, sink tokens included, carries one equal
     share (multiplicity 1) and every other key none."""
     n = 61 if causal else 48
-    attn = with_identity_pooling(make(perturb=False, causal=causal, head_dim=n, max_seq_len=64,
-                                      sink_tokens=sink_tokens))
+    attn = with_identity_pooling(
+        make(perturb=False, causal=causal, head_dim=n, max_seq_len=64, sink_tokens=sink_tokens)
+    )
     q = torch.zeros(1, 1, n, n, dtype=F64)
     v = torch.eye(n, dtype=F64)[None, None]
     weights = attn(q, torch.zeros_like(v), v)[0, 0]

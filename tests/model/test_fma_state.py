@@ -4,14 +4,14 @@ import itertools
 
 import pytest
 import torch
-
 from fma_helpers import F64, decode, decode_batch, make, qkv
+
 from fmt_hf.model.fma_attention import FastMultipoleAttention
 from fmt_hf.model.fma_partition import num_levels
 
-
-STATE_OPTIONS = list(itertools.product(["fine", "coarse"], ["depthwise", "full", "avgpool", "recursive"],
-                                      ["mask", "zero_sink"]))
+STATE_OPTIONS = list(
+    itertools.product(["fine", "coarse"], ["depthwise", "full", "avgpool", "recursive"], ["mask", "zero_sink"])
+)
 
 
 @pytest.mark.parametrize("query_mode,downsample,boundary", STATE_OPTIONS)
@@ -42,8 +42,9 @@ def test_chunked_prefill_state_equals_one_shot():
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("query_mode,downsample", list(itertools.product(
-    ["fine", "coarse"], ["depthwise", "full", "avgpool", "recursive"])))
+@pytest.mark.parametrize(
+    "query_mode,downsample", list(itertools.product(["fine", "coarse"], ["depthwise", "full", "avgpool", "recursive"]))
+)
 @pytest.mark.parametrize("sink_tokens", [1, 4])
 def test_decoding_with_sink_tokens_equals_full_forward(query_mode, downsample, sink_tokens):
     """§3a through prefill, chunks and single steps, from prompts shorter than s too (the steps fill the sink
@@ -73,8 +74,9 @@ def test_decoding_with_sink_tokens_without_a_length_cap():
         assert state.num_levels == num_levels(151, 4)
 
 
-@pytest.mark.parametrize("query_mode,downsample", [("fine", "depthwise"), ("coarse", "full"), ("fine", "avgpool"),
-                                                   ("coarse", "recursive")])
+@pytest.mark.parametrize(
+    "query_mode,downsample", [("fine", "depthwise"), ("coarse", "full"), ("fine", "avgpool"), ("coarse", "recursive")]
+)
 def test_batched_steps_with_sink_tokens_equal_rows_alone(query_mode, downsample):
     """Rows at different positions, some still filling their sink tokens in the batched steps, some with holes
     (one a sink token), each equal to its full forward (§3a)."""
@@ -86,8 +88,8 @@ def test_batched_steps_with_sink_tokens_equal_rows_alone(query_mode, downsample)
     prompts = [0, 1, 13, 2]
     outs, state = decode_batch(attn, q, k, v, prompts, valid)
     for b, prompt in enumerate(prompts):
-        full = attn(q[b:b + 1], k[b:b + 1], v[b:b + 1], key_padding_mask=valid[b:b + 1])[0]
-        torch.testing.assert_close(outs[b], full[:, prompt:prompt + 47], rtol=0, atol=1e-10)
+        full = attn(q[b : b + 1], k[b : b + 1], v[b : b + 1], key_padding_mask=valid[b : b + 1])[0]
+        torch.testing.assert_close(outs[b], full[:, prompt : prompt + 47], rtol=0, atol=1e-10)
     for b in range(4):  # every row holds its own sink tokens (masked ones zeroed, as in forward)
         torch.testing.assert_close(state.sink_k[b], k[b, :, :3] * valid[b, :3, None], rtol=0, atol=0)
         assert state.sink_valid[b].tolist() == valid[b, :3].tolist()
@@ -142,7 +144,7 @@ def test_derived_levels_grow_with_the_length():
     state = attn.init_state(4, 2, F64)
     assert state.num_levels == 0
     for t in range(300):
-        _, state = attn.step(state, q[0, :, t:t + 1], k[0, :, t:t + 1], v[0, :, t:t + 1])
+        _, state = attn.step(state, q[0, :, t : t + 1], k[0, :, t : t + 1], v[0, :, t : t + 1])
         levels = num_levels(t + 2, 4)
         assert state.num_levels == levels
         assert state.num_vectors == 4 * 4 + 6 * 2 * levels <= 4 * 4 + 8 * 2 * levels
@@ -181,8 +183,8 @@ def test_batched_steps_equal_rows_alone(query_mode, downsample, boundary):
     prompts = [0, 13, 33, 50]
     outs, state = decode_batch(attn, q, k, v, prompts, valid)
     for b, prompt in enumerate(prompts):
-        full = attn(q[b:b + 1], k[b:b + 1], v[b:b + 1], key_padding_mask=valid[b:b + 1])[0]
-        torch.testing.assert_close(outs[b], full[:, prompt:prompt + 27], rtol=0, atol=1e-12)
+        full = attn(q[b : b + 1], k[b : b + 1], v[b : b + 1], key_padding_mask=valid[b : b + 1])[0]
+        torch.testing.assert_close(outs[b], full[:, prompt : prompt + 27], rtol=0, atol=1e-12)
     assert state.lengths == [t + 27 for t in prompts] and state.holes == [False, True, False, True]
 
 
@@ -195,8 +197,9 @@ def test_batched_steps_with_levels_that_grow_per_row(query_mode, downsample):
     prompts = [0, 5, 70]
     outs, state = decode_batch(attn, q, k, v, prompts)
     for b, prompt in enumerate(prompts):
-        torch.testing.assert_close(outs[b], attn(q[b:b + 1], k[b:b + 1], v[b:b + 1])[0, :, prompt:prompt + 80],
-                                   rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            outs[b], attn(q[b : b + 1], k[b : b + 1], v[b : b + 1])[0, :, prompt : prompt + 80], rtol=0, atol=1e-12
+        )
     assert state.levels == [num_levels(t + 81, 4) for t in prompts] and state.num_levels == max(state.levels)
     row = state.row(0)  # a row alone holds its own levels, and matches stepping it alone
     _, alone = decode(attn, q[0, :, :80], k[0, :, :80], v[0, :, :80], 0, [1])

@@ -45,10 +45,25 @@ else:
         sequence_classification_class = FMTForSequenceClassification
         base_model_class = FMTModel
 
-        def __init__(self, parent, batch_size=4, seq_length=20, is_training=True, vocab_size=99, hidden_size=32,
-                     intermediate_size=37, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                     max_position_embeddings=32, fma_block_size=4, fma_coarse_tokens=2, pad_token_id=0,
-                     num_labels=3, type_sequence_label_size=2):
+        def __init__(
+            self,
+            parent,
+            batch_size=4,
+            seq_length=20,
+            is_training=True,
+            vocab_size=99,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=32,
+            fma_block_size=4,
+            fma_coarse_tokens=2,
+            pad_token_id=0,
+            num_labels=3,
+            type_sequence_label_size=2,
+        ):
             self.parent = parent
             self.batch_size, self.seq_length, self.is_training = batch_size, seq_length, is_training
             self.vocab_size, self.hidden_size, self.intermediate_size = vocab_size, hidden_size, intermediate_size
@@ -60,11 +75,17 @@ else:
 
         def get_config(self) -> FMTConfig:
             return FMTConfig(
-                vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
-                num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
-                num_key_value_heads=self.num_key_value_heads, max_position_embeddings=self.max_position_embeddings,
-                fma_block_size=self.fma_block_size, fma_coarse_tokens=self.fma_coarse_tokens,
-                pad_token_id=self.pad_token_id, num_labels=self.num_labels,
+                vocab_size=self.vocab_size,
+                hidden_size=self.hidden_size,
+                intermediate_size=self.intermediate_size,
+                num_hidden_layers=self.num_hidden_layers,
+                num_attention_heads=self.num_attention_heads,
+                num_key_value_heads=self.num_key_value_heads,
+                max_position_embeddings=self.max_position_embeddings,
+                fma_block_size=self.fma_block_size,
+                fma_coarse_tokens=self.fma_coarse_tokens,
+                pad_token_id=self.pad_token_id,
+                num_labels=self.num_labels,
             )
 
         def prepare_config_and_inputs_for_common(self):
@@ -73,8 +94,14 @@ else:
             return self.get_config(), {"input_ids": input_ids, "attention_mask": attention_mask}
 
     class FMTCommonModelTest(_common.ModelTesterMixin, _common.TrainingTesterMixin, unittest.TestCase):
-        all_model_classes = (FMTModel, FMTForCausalLM, FMTForMaskedLM, FMTForSequenceClassification,
-                             FMTForTokenClassification, FMTForQuestionAnswering)
+        all_model_classes = (
+            FMTModel,
+            FMTForCausalLM,
+            FMTForMaskedLM,
+            FMTForSequenceClassification,
+            FMTForTokenClassification,
+            FMTForQuestionAnswering,
+        )
         # The generation suite (tests/generation/test_utils.py) is not in the sdist, and FMT has no KV cache yet:
         # `test_generate_recomputes_whole_sequence` above checks FMT's generate() instead.
         all_generative_model_classes = ()
@@ -104,8 +131,9 @@ else:
 
         def setUp(self):
             self.model_tester = FMTModelTester(self)
-            self.config_tester = _common.ConfigTester(self, config_class=FMTConfig, hidden_size=48,
-                                                      num_attention_heads=4)
+            self.config_tester = _common.ConfigTester(
+                self, config_class=FMTConfig, hidden_size=48, num_attention_heads=4
+            )
 
         def test_config(self):
             self.config_tester.run_common_tests()
@@ -116,14 +144,18 @@ else:
 
         # Same expansion as the mixin's, so that the skip replaces each generated test.
         @parameterized.expand([("linear",), ("dynamic",), ("yarn",)])
-        @unittest.skip("Runs inputs of 1.5 x max_position_embeddings, which FMT refuses (its FMA hierarchy is built "
-                       "for that length), and 'dynamic' RoPE; tests/toolkit/test_convert.py checks linear, llama3 and "
-                       "yarn against Llama's rotary embeddings")
+        @unittest.skip(
+            "Runs inputs of 1.5 x max_position_embeddings, which FMT refuses (its FMA hierarchy is built "
+            "for that length), and 'dynamic' RoPE; tests/toolkit/test_convert.py checks linear, llama3 and "
+            "yarn against Llama's rotary embeddings"
+        )
         def test_model_rope_scaling_from_config(self, scaling_type):
             pass
 
-        @unittest.skip("Its 'dynamic' RoPE part: FMTConfig refuses rope types whose frequencies change with the length "
-                       "(keys are rotated once, then summarised and cached); the linear part is covered by "
-                       "tests/toolkit/test_convert.py")
+        @unittest.skip(
+            "Its 'dynamic' RoPE part: FMTConfig refuses rope types whose frequencies change with the length "
+            "(keys are rotated once, then summarised and cached); the linear part is covered by "
+            "tests/toolkit/test_convert.py"
+        )
         def test_model_rope_scaling_frequencies(self):
             pass

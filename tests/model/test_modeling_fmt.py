@@ -33,15 +33,31 @@ from fmt_hf.model.configuration_fmt import FMT_AUTO_MAP
 
 BLOCK = 8  # FMA block size of the tiny models: sequences longer than 2 * BLOCK = 16 use coarse levels
 MAX_LEN = 128  # 3 coarse levels at BLOCK = 8
-CODE_FILES = ("configuration_fmt.py", "modeling_fmt.py", "cache_fmt.py", "fma_attention.py", "fma_partition.py",
-              "fma_downsample.py", "fma_state.py", "fma_flex.py")
+CODE_FILES = (
+    "configuration_fmt.py",
+    "modeling_fmt.py",
+    "cache_fmt.py",
+    "fma_attention.py",
+    "fma_partition.py",
+    "fma_downsample.py",
+    "fma_state.py",
+    "fma_flex.py",
+)
 
 
 def tiny_config(**overrides) -> FMTConfig:
     kwargs = dict(
-        vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=MAX_LEN, fma_block_size=BLOCK, fma_coarse_tokens=2,
-        pad_token_id=0, initializer_range=0.2,  # a wide init makes attention patterns (and so errors) visible
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=MAX_LEN,
+        fma_block_size=BLOCK,
+        fma_coarse_tokens=2,
+        pad_token_id=0,
+        initializer_range=0.2,  # a wide init makes attention patterns (and so errors) visible
     )
     kwargs.update(overrides)
     return FMTConfig(**kwargs)
@@ -182,8 +198,11 @@ def test_remote_code_loads_without_fmt_hf(tmp_path):
     shutil.copytree(tmp_path / "saved_mlm", tmp_path / "hub" / "mlm")
     with torch.no_grad():
         expected = {
-            "ids": ids, "clm_logits": clm(ids).logits, "clm_hidden": clm.model(ids).last_hidden_state,
-            "mlm_logits": mlm(ids).logits, "mlm_hidden": mlm.model(ids).last_hidden_state,
+            "ids": ids,
+            "clm_logits": clm(ids).logits,
+            "clm_hidden": clm.model(ids).last_hidden_state,
+            "mlm_logits": mlm(ids).logits,
+            "mlm_hidden": mlm.model(ids).last_hidden_state,
         }
     torch.save(expected, tmp_path / "expected.pt")
     (tmp_path / "check.py").write_text(REMOTE_SCRIPT)
@@ -192,9 +211,19 @@ def test_remote_code_loads_without_fmt_hf(tmp_path):
     env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
     result = subprocess.run(
         # -I: no PYTHONPATH, no user site, no script or working directory on sys.path.
-        [sys.executable, "-I", str(tmp_path / "check.py"), str(tmp_path / "hub" / "clm"),
-         str(tmp_path / "hub" / "mlm"), str(tmp_path / "expected.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-I",
+            str(tmp_path / "check.py"),
+            str(tmp_path / "hub" / "clm"),
+            str(tmp_path / "hub" / "mlm"),
+            str(tmp_path / "expected.pt"),
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0 and "REMOTE_OK" in result.stdout, result.stdout + result.stderr
 
@@ -234,6 +263,7 @@ def test_push_to_hub_uploads_weights_code_and_auto_map(tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- attention implementations
+
 
 def test_fma_is_the_default_and_dense_is_opt_in(tmp_path):
     model = make(FMTForCausalLM)
@@ -367,6 +397,7 @@ def test_bf16_forward_and_backward(model_class):
 
 # ----------------------------------------------------------------------------- outputs and training
 
+
 def test_output_hidden_states():
     model = make(FMTModel)
     ids = random_ids(2, 40)
@@ -441,8 +472,8 @@ def test_generate_left_padded_batch_matches_single_prompts():
     ids = torch.zeros(2, 9, dtype=torch.long)
     mask = torch.zeros(2, 9, dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        ids[row, 9 - len(prompt):] = prompt
-        mask[row, 9 - len(prompt):] = 1
+        ids[row, 9 - len(prompt) :] = prompt
+        mask[row, 9 - len(prompt) :] = 1
     batched = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
     for row, prompt in enumerate(prompts):
         alone = model.generate(prompt[None], max_new_tokens=6, do_sample=False, pad_token_id=0)
@@ -450,6 +481,7 @@ def test_generate_left_padded_batch_matches_single_prompts():
 
 
 # ----------------------------------------------------------------------------- heads, tying, initialisation
+
 
 @pytest.mark.parametrize("model_class", [FMTForCausalLM, FMTForMaskedLM], ids=lambda c: c.__name__)
 def test_tied_embeddings(model_class, tmp_path):
@@ -475,8 +507,12 @@ def test_heads_force_their_attention_mode_without_touching_the_callers_config():
 def fma_reference_state(config: FMTConfig) -> dict:
     """The parameters a freshly built FastMultipoleAttention starts with (its own initialisation)."""
     return FastMultipoleAttention(
-        config.head_dim, config.max_position_embeddings, block_size=config.fma_block_size,
-        coarse_tokens=config.fma_coarse_tokens, causal=config.is_causal, downsample=config.fma_downsample,
+        config.head_dim,
+        config.max_position_embeddings,
+        block_size=config.fma_block_size,
+        coarse_tokens=config.fma_coarse_tokens,
+        causal=config.is_causal,
+        downsample=config.fma_downsample,
     ).state_dict()
 
 
@@ -526,8 +562,11 @@ def test_device_map_with_disk_offload(tmp_path):
 
 # ----------------------------------------------------------------------------- input errors
 
-@pytest.mark.parametrize("downsample,boundary", [("depthwise", "mask"), ("full", "mask"), ("avgpool", "zero_sink"),
-                                                 ("recursive", "zero_sink")])
+
+@pytest.mark.parametrize(
+    "downsample,boundary",
+    [("depthwise", "mask"), ("full", "mask"), ("avgpool", "zero_sink"), ("recursive", "zero_sink")],
+)
 def test_too_long_input_raises_under_fma_with_a_capped_hierarchy(downsample, boundary):
     model = make(FMTForCausalLM, fma_downsample=downsample, fma_boundary=boundary)
     assert model.max_sequence_length == MAX_LEN
@@ -556,8 +595,10 @@ def test_recursive_model_runs_at_four_times_its_training_length_and_reloads(mode
             if "downsample" in name:
                 parameter.add_(0.2 * torch.randn_like(parameter))
     assert model.max_sequence_length is None and model.model.layers[0].self_attn.fma.max_seq_len is None
-    assert model.num_parameters() == make(model_class, fma_downsample="recursive",
-                                          max_position_embeddings=8192).num_parameters()
+    assert (
+        model.num_parameters()
+        == make(model_class, fma_downsample="recursive", max_position_embeddings=8192).num_parameters()
+    )
     options = {"use_cache": False} if model.config.is_causal else {}
     ids = random_ids(2, 4 * 64)  # 4 coarse levels at block 8; 2 at the training length
     logits = model(ids, **options).logits

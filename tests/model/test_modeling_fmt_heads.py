@@ -89,7 +89,7 @@ def test_sequence_classification_of_a_padded_batch_equals_rows_alone(is_causal, 
     # FMA aligns each row to its first real token; dense attention keeps left-padded rows at shifted positions,
     # which rotary embeddings see only through their float32 angles.
     atol = 1e-6 if (attn, side) == ("sdpa", "left") else 1e-10
-    for row, length in enumerate(lengths):
+    for row in range(len(lengths)):
         alone = model(ids[row : row + 1][mask[row : row + 1].bool()][None]).logits
         torch.testing.assert_close(batched[row : row + 1], alone, rtol=0, atol=atol)
     # Causal pooling finds the last real token by pad_token_id (as transformers does), and no token before it reads
@@ -149,8 +149,9 @@ def test_token_classification_and_question_answering(is_causal):
     assert (moved > 0) != is_causal
 
 
-@pytest.mark.parametrize("model_class", [FMTForSequenceClassification, FMTForTokenClassification],
-                         ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "model_class", [FMTForSequenceClassification, FMTForTokenClassification], ids=lambda c: c.__name__
+)
 @pytest.mark.parametrize("num_labels", [0, -1])
 def test_classifier_without_labels_is_refused(model_class, num_labels):
     with pytest.raises(ValueError, match=rf"{model_class.__name__} needs `num_labels` >= 1"):
@@ -203,7 +204,10 @@ def test_heads_load_as_hub_code_without_fmt_hf(tmp_path):
     env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
     result = subprocess.run(
         [sys.executable, "-I", str(tmp_path / "check.py"), str(tmp_path / "hub"), str(tmp_path / "expected.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0 and "REMOTE_HEADS_OK" in result.stdout, result.stdout + result.stderr
-

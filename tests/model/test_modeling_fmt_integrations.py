@@ -24,10 +24,20 @@ def tokenizer():
 
 def tiny(model_class, tokenizer, **overrides):
     """A tiny byte-level FMT whose 64-token context has two coarse FMA levels."""
-    config = FMTConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, max_position_embeddings=64, fma_block_size=8, fma_coarse_tokens=2,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id, **overrides)
+    config = FMTConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        fma_block_size=8,
+        fma_coarse_tokens=2,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **overrides,
+    )
     torch.manual_seed(0)
     return model_class(config).eval()
 
@@ -38,13 +48,17 @@ def batch(tokenizer, n=2, length=48):
 
 # ----------------------------------------------------------------------------- PEFT
 
-@pytest.mark.parametrize("model_class, task_type", [(FMTForCausalLM, "CAUSAL_LM"),
-                                                     (FMTForSequenceClassification, "SEQ_CLS")],
-                         ids=["causal-lm", "sequence-classification"])
+
+@pytest.mark.parametrize(
+    "model_class, task_type",
+    [(FMTForCausalLM, "CAUSAL_LM"), (FMTForSequenceClassification, "SEQ_CLS")],
+    ids=["causal-lm", "sequence-classification"],
+)
 def test_lora_trains_the_adapters_and_downsamplers_only(model_class, task_type, tokenizer, tmp_path):
     model = tiny(model_class, tokenizer, **({"num_labels": 3} if task_type == "SEQ_CLS" else {}))
-    config = peft.LoraConfig(task_type=task_type, r=4, lora_alpha=8, target_modules=PROJECTIONS,
-                             modules_to_save=DOWNSAMPLERS)
+    config = peft.LoraConfig(
+        task_type=task_type, r=4, lora_alpha=8, target_modules=PROJECTIONS, modules_to_save=DOWNSAMPLERS
+    )
     lora = peft.get_peft_model(model, config)
     trainable = {name for name, p in lora.named_parameters() if p.requires_grad}
     # LoRA on every projection of every layer; the downsamplers (and a classifier's head) trained in full.
@@ -70,8 +84,9 @@ def test_lora_trains_the_adapters_and_downsamplers_only(model_class, task_type, 
     assert (after - before).abs().max() > 1e-4
 
     lora.save_pretrained(tmp_path / "adapter")
-    reloaded = peft.PeftModel.from_pretrained(tiny(model_class, tokenizer, **(
-        {"num_labels": 3} if task_type == "SEQ_CLS" else {})), tmp_path / "adapter").eval()
+    reloaded = peft.PeftModel.from_pretrained(
+        tiny(model_class, tokenizer, **({"num_labels": 3} if task_type == "SEQ_CLS" else {})), tmp_path / "adapter"
+    ).eval()
     torch.testing.assert_close(reloaded(input_ids=ids).logits, after)
     merged = reloaded.merge_and_unload()
     assert type(merged) is model_class
@@ -79,9 +94,16 @@ def test_lora_trains_the_adapters_and_downsamplers_only(model_class, task_type, 
 
 
 def test_lora_generates_with_the_multilevel_cache(tokenizer):
-    lora = peft.get_peft_model(tiny(FMTForCausalLM, tokenizer),
-                               peft.LoraConfig(task_type="CAUSAL_LM", r=4, target_modules=PROJECTIONS,
-                                               modules_to_save=DOWNSAMPLERS, init_lora_weights=False))
+    lora = peft.get_peft_model(
+        tiny(FMTForCausalLM, tokenizer),
+        peft.LoraConfig(
+            task_type="CAUSAL_LM",
+            r=4,
+            target_modules=PROJECTIONS,
+            modules_to_save=DOWNSAMPLERS,
+            init_lora_weights=False,
+        ),
+    )
     prompt = batch(tokenizer, n=1, length=30)
     generated = lora.generate(input_ids=prompt, max_new_tokens=20, do_sample=False)
     # Decoding through FMTCache equals recomputing the whole sequence at every step.
@@ -93,6 +115,7 @@ def test_lora_generates_with_the_multilevel_cache(tokenizer):
 
 
 # ----------------------------------------------------------------------------- pipelines and streamers
+
 
 def test_text_generation_pipeline_from_a_saved_folder(tokenizer, tmp_path):
     model = tiny(FMTForCausalLM, tokenizer)
@@ -115,8 +138,13 @@ def test_fill_mask_pipeline_predicts_the_masked_byte(tokenizer):
 
 def test_text_classification_pipeline_names_the_works(tokenizer):
     labels = ["Hamlet", "Macbeth", "The Tempest"]
-    model = tiny(FMTForSequenceClassification, tokenizer, is_causal=False, id2label=dict(enumerate(labels)),
-                 label2id={name: i for i, name in enumerate(labels)})
+    model = tiny(
+        FMTForSequenceClassification,
+        tokenizer,
+        is_causal=False,
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
     classify = pipeline("text-classification", model=model, tokenizer=tokenizer, device="cpu", top_k=None)
     scores = classify(["Something is rotten in the state of Denmark.", "Double, double toil"])
     for row, text in zip(scores, ["Something is rotten in the state of Denmark.", "Double, double toil"]):
@@ -131,14 +159,16 @@ def test_text_streamer_prints_what_generate_returns(tokenizer):
     inputs = tokenizer("Now is the winter", return_tensors="pt")
     printed = io.StringIO()
     with redirect_stdout(printed):
-        output = model.generate(**inputs, max_new_tokens=16, do_sample=False,
-                                streamer=TextStreamer(tokenizer, skip_prompt=True))
-    assert printed.getvalue() == tokenizer.decode(output[0, inputs.input_ids.shape[1]:]) + "\n"
+        output = model.generate(
+            **inputs, max_new_tokens=16, do_sample=False, streamer=TextStreamer(tokenizer, skip_prompt=True)
+        )
+    assert printed.getvalue() == tokenizer.decode(output[0, inputs.input_ids.shape[1] :]) + "\n"
 
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
-    thread = threading.Thread(target=model.generate,
-                              kwargs=dict(**inputs, max_new_tokens=16, do_sample=False, streamer=streamer))
+    thread = threading.Thread(
+        target=model.generate, kwargs=dict(**inputs, max_new_tokens=16, do_sample=False, streamer=streamer)
+    )
     thread.start()
     streamed = "".join(streamer)
     thread.join()
-    assert streamed == tokenizer.decode(output[0, inputs.input_ids.shape[1]:])
+    assert streamed == tokenizer.decode(output[0, inputs.input_ids.shape[1] :])

@@ -7,10 +7,10 @@ import random
 
 import pytest
 import torch
+from bench_conversion import main
 from lm_helpers import write_documents
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from bench_conversion import main
 from benchmarks.conversion import DENSE, format_table, setting_options, state_vectors
 from fmt_hf import convert_llama_to_fmt
 from fmt_hf.toolkit.tokenizer import byte_tokenizer
@@ -22,8 +22,15 @@ SINKS = "fma_block_size=16,fma_coarse_tokens=4,fma_sink_tokens=4"
 
 def tiny_llama():
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=256, **BYTE_IDS)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        **BYTE_IDS,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -35,8 +42,16 @@ def run(tmp_path, *extra):
     rng = random.Random(0)
     texts = [" ".join(rng.choice(words) for _ in range(80))[:400] for _ in range(8)]
     documents = write_documents(tmp_path / "documents", texts)
-    argv = ["--model_name_or_path", str(tmp_path / "llama"), "--dataset_name", documents, "--no_progress",
-            "--output_file", str(tmp_path / "rows.jsonl"), *extra]
+    argv = [
+        "--model_name_or_path",
+        str(tmp_path / "llama"),
+        "--dataset_name",
+        documents,
+        "--no_progress",
+        "--output_file",
+        str(tmp_path / "rows.jsonl"),
+        *extra,
+    ]
     return main(argv)
 
 

@@ -7,18 +7,43 @@ import math
 
 import pytest
 import torch
-
 from bench_quality import main
-from benchmarks import quality
-from benchmarks.peers import build_peer_module, run_peer
-from benchmarks.quality import (Corpus, RunSpec, SuiteConfig, default_suite, format_report, interleaved_timing,
-                                lm_batches, plot_extrapolation, plot_training, probe_batch, run_suite)
 from fma_reference import fine_keys
 
-TINY = {"seq_len": 128, "batch_size": 2, "steps": 2, "hidden_size": 16, "intermediate_size": 32,
-        "num_hidden_layers": 1, "num_attention_heads": 2, "block_size": 16, "coarse_tokens": 2, "eval_batch_size": 4,
-        "extrapolation": [1, 2], "extrapolation_tokens": 300, "probe_len": 128, "probe_batch_size": 2,
-        "probe_steps": 2, "probe_eval_examples": 3}
+from benchmarks import quality
+from benchmarks.peers import build_peer_module, run_peer
+from benchmarks.quality import (
+    Corpus,
+    RunSpec,
+    SuiteConfig,
+    default_suite,
+    format_report,
+    interleaved_timing,
+    lm_batches,
+    plot_extrapolation,
+    plot_training,
+    probe_batch,
+    run_suite,
+)
+
+TINY = {
+    "seq_len": 128,
+    "batch_size": 2,
+    "steps": 2,
+    "hidden_size": 16,
+    "intermediate_size": 32,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "block_size": 16,
+    "coarse_tokens": 2,
+    "eval_batch_size": 4,
+    "extrapolation": [1, 2],
+    "extrapolation_tokens": 300,
+    "probe_len": 128,
+    "probe_batch_size": 2,
+    "probe_steps": 2,
+    "probe_eval_examples": 3,
+}
 TEXTS = ["To be, or not to be, that is the question: " * 7, "Now is the winter of our discontent. " * 5]
 
 
@@ -43,8 +68,10 @@ def test_every_attention_trains_scores_and_the_suite_resumes(tmp_path, corpus):
     assert [item["context"] for item in by_name["fma-recursive"]["extrapolation"]] == [128, 256]
     assert all(math.isfinite(item["bpb"]) for item in by_name["dense"]["extrapolation"])
     # one model shape: dense and the peers run the FMA model's own weights (their modules add no parameters)
-    assert {by_name[name]["parameters"] for name in ("fma-depthwise", "dense", "sliding-window", "h-transformer-1d",
-                                                     "performer")} == {by_name["dense"]["parameters"]}
+    assert {
+        by_name[name]["parameters"]
+        for name in ("fma-depthwise", "dense", "sliding-window", "h-transformer-1d", "performer")
+    } == {by_name["dense"]["parameters"]}
 
     # resume: finished rows are skipped, an error row runs again, a new run is appended
     with open(path, "a") as f:
@@ -64,23 +91,48 @@ def test_every_attention_trains_scores_and_the_suite_resumes(tmp_path, corpus):
 
 def test_a_peer_that_cannot_import_gets_a_row_with_the_reason(tmp_path, corpus, monkeypatch):
     monkeypatch.setattr(quality, "peer_unavailable", lambda name: f"{name} is not installed")
-    rows = run_suite([RunSpec("h-transformer-1d", attention="h_transformer_1d")], SuiteConfig(**TINY),
-                     str(tmp_path / "runs.jsonl"), progress=False, corpus=corpus)
+    rows = run_suite(
+        [RunSpec("h-transformer-1d", attention="h_transformer_1d")],
+        SuiteConfig(**TINY),
+        str(tmp_path / "runs.jsonl"),
+        progress=False,
+        corpus=corpus,
+    )
     assert rows[0]["reason"] == "h_transformer_1d is not installed" and "bpb" not in rows[0]
     assert "not run: h_transformer_1d is not installed" in format_report(rows)
     # a reason row is final: resuming does not try it again
-    assert len(run_suite([RunSpec("h-transformer-1d", attention="h_transformer_1d")], SuiteConfig(**TINY),
-                         str(tmp_path / "runs.jsonl"), progress=False, corpus=corpus)) == 1
+    assert (
+        len(
+            run_suite(
+                [RunSpec("h-transformer-1d", attention="h_transformer_1d")],
+                SuiteConfig(**TINY),
+                str(tmp_path / "runs.jsonl"),
+                progress=False,
+                corpus=corpus,
+            )
+        )
+        == 1
+    )
 
 
 def test_cli_runs_named_runs_and_writes_the_report(tmp_path, corpus, monkeypatch):
     monkeypatch.setattr(quality, "load_corpus_splits", lambda cfg, tokenizer: corpus)
-    argv = ["--output_file", str(tmp_path / "q.jsonl"), "--runs", "dense,fma-avgpool", "--report_dir",
-            str(tmp_path / "img"), "--no_progress"] + [f"--{k}={v}" for k, v in TINY.items() if k != "extrapolation"]
+    argv = [
+        "--output_file",
+        str(tmp_path / "q.jsonl"),
+        "--runs",
+        "dense,fma-avgpool",
+        "--report_dir",
+        str(tmp_path / "img"),
+        "--no_progress",
+    ] + [f"--{k}={v}" for k, v in TINY.items() if k != "extrapolation"]
     rows = main(argv + ["--extrapolation", "1", "2"])
     assert [row["name"] for row in rows] == ["dense", "fma-avgpool"]
-    assert {p.name for p in (tmp_path / "img").iterdir()} == {"quality_tables.md", "quality_training.png",
-                                                              "quality_extrapolation.png"}
+    assert {p.name for p in (tmp_path / "img").iterdir()} == {
+        "quality_tables.md",
+        "quality_training.png",
+        "quality_extrapolation.png",
+    }
     with pytest.raises(ValueError, match="unknown run"):
         main(argv[:2] + ["--runs", "nope"])
     # --report_only runs nothing, even for runs not in the file
@@ -94,7 +146,7 @@ def test_probe_puts_the_answer_where_it_says():
     values = torch.tensor(list(quality.PROBE_VALUES))
     for row in range(32):
         answer, start = ids[row, n - 1], int(starts[row])
-        assert start + run <= n // 4 and (ids[row, start:start + run] == answer).all() and answer in values
+        assert start + run <= n // 4 and (ids[row, start : start + run] == answer).all() and answer in values
         assert ids[row, n - 2] == quality.PROBE_QUESTION and labels[row, n - 1] == answer
         assert (labels[row, : n - 1] == -100).all()
         # the stored run is the only value in the context: nothing nearer gives the answer away
@@ -124,7 +176,10 @@ def test_h_transformer_adapter_is_the_package_module():
     batch, heads, n, d, m = 2, 3, 200, 8, 16
     package = CausalHAttention1D(heads * d, max_seq_len=256, heads=heads, dim_head=d, block_size=m).double()
     x = torch.randn(batch, n, heads * d, dtype=torch.float64)
-    split = lambda t: t.view(batch, n, heads, d).transpose(1, 2)
+
+    def split(t):
+        return t.view(batch, n, heads, d).transpose(1, 2)
+
     q, k, v = (split(t) for t in package.to_qkv(x).chunk(3, dim=-1))
     out = run_peer("h_transformer_1d", build_peer_module("h_transformer_1d", d, heads, m, n).double(), q, k, v)
     torch.testing.assert_close(package.to_out(out.transpose(1, 2).reshape(batch, n, heads * d)), package(x))

@@ -5,16 +5,23 @@ import json
 
 import pytest
 import torch
+from lm_helpers import script
 
-from benchmarks.generate import (dense_cache_bytes, filled_dense_cache, format_decode_table, generate_once,
-                                 plot_decode, prompt_token_ids, run_checkpoint_benchmark, run_decode_benchmark,
-                                 smollm2_shaped_config)
-from benchmarks.attention import (BenchConfig, fma_pairs, format_table, plot_results, run_benchmark,
-                                 write_results)
+from benchmarks.attention import BenchConfig, fma_pairs, format_table, plot_results, run_benchmark, write_results
+from benchmarks.generate import (
+    dense_cache_bytes,
+    filled_dense_cache,
+    format_decode_table,
+    generate_once,
+    plot_decode,
+    prompt_token_ids,
+    run_checkpoint_benchmark,
+    run_decode_benchmark,
+    smollm2_shaped_config,
+)
 from fmt_hf import FMTForCausalLM
 from fmt_hf.toolkit.data import build_corpus
 from fmt_hf.toolkit.tokenizer import byte_tokenizer
-from lm_helpers import script
 
 
 def test_fma_pairs_count_the_slots_of_section_3():
@@ -23,13 +30,15 @@ def test_fma_pairs_count_the_slots_of_section_3():
     assert fma_pairs(1024, 64, 4, causal=False) == 1024 * (3 * 64 + 3 * 4 * 3)
     # coarse queries: one per sub-window of w_l / p tokens at level l
     assert fma_pairs(1024, 64, 4, causal=True, query_mode="coarse") == 1024 * 2 * 64 + sum(
-        1024 * 4 // (64 << (level - 1)) * 2 * 4 for level in (1, 2, 3))
+        1024 * 4 // (64 << (level - 1)) * 2 * 4 for level in (1, 2, 3)
+    )
 
 
 def test_attention_benchmark_runs_end_to_end(tmp_path):
     cfg = BenchConfig(heads=2, head_dim=16, block_size=32, coarse_tokens=4, repeats=2, budget_s=0.0)
-    rows, meta = run_benchmark([256, 300], ("causal", "bidir"), ("fwd", "fwd+bwd"), cfg, matmul_size=64,
-                               matmul_repeats=1, progress=False)
+    rows, meta = run_benchmark(
+        [256, 300], ("causal", "bidir"), ("fwd", "fwd+bwd"), cfg, matmul_size=64, matmul_repeats=1, progress=False
+    )
     assert len(rows) == 8
     for row in rows:
         assert row["fma_median_s"] > 0 and row["sdpa_median_s"] > 0 and row["fma_peak_bytes"] > 0
@@ -44,10 +53,17 @@ def test_attention_benchmark_runs_end_to_end(tmp_path):
 
 def test_attention_benchmark_compares_downsamplers(tmp_path):
     """--compare-downsample: other FMA families timed in the same cells, with their time relative to the main one."""
-    cfg = BenchConfig(heads=2, head_dim=16, block_size=16, coarse_tokens=4, repeats=2, budget_s=30.0,
-                      compare_downsample=("recursive", "avgpool"), sdpa_max_n=0)
-    rows, meta = run_benchmark([300], ("causal",), ("fwd+bwd",), cfg, matmul_size=64, matmul_repeats=1,
-                               progress=False)
+    cfg = BenchConfig(
+        heads=2,
+        head_dim=16,
+        block_size=16,
+        coarse_tokens=4,
+        repeats=2,
+        budget_s=30.0,
+        compare_downsample=("recursive", "avgpool"),
+        sdpa_max_n=0,
+    )
+    rows, meta = run_benchmark([300], ("causal",), ("fwd+bwd",), cfg, matmul_size=64, matmul_repeats=1, progress=False)
     (row,) = rows
     assert row["sdpa_median_s"] is None and len(row["fma_times_s"]) == 2
     for family in ("recursive", "avgpool"):
@@ -61,9 +77,18 @@ def test_attention_benchmark_compares_downsamplers(tmp_path):
 
 
 def test_decode_benchmark_counts_both_caches(tmp_path):
-    config = smollm2_shaped_config(512, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, fma_block_size=8,
-                                   fma_coarse_tokens=2)
+    config = smollm2_shaped_config(
+        512,
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        fma_block_size=8,
+        fma_coarse_tokens=2,
+    )
     rows, meta = run_decode_benchmark([64, 300], steps=2, config=config, progress=False)
     levels = FMTForCausalLM(config).model.layers[0].self_attn.fma.num_levels
     # 4m + 8pL vectors x kv heads x d x fp32, plus one validity byte per fine slot, partial sum and stored group
@@ -81,9 +106,19 @@ def test_decode_benchmark_counts_both_caches(tmp_path):
 
 def _tiny_fmt_checkpoint(folder):
     """A random 2-layer FMT (m = 16, length-free recursive downsampler) with the byte tokenizer, saved to folder."""
-    config = smollm2_shaped_config(256, vocab_size=260, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, fma_block_size=16,
-                                   fma_coarse_tokens=2, fma_downsample="recursive")
+    config = smollm2_shaped_config(
+        256,
+        vocab_size=260,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        fma_block_size=16,
+        fma_coarse_tokens=2,
+        fma_downsample="recursive",
+    )
     torch.manual_seed(0)
     model = FMTForCausalLM(config).eval()
     model.save_pretrained(folder)
@@ -96,9 +131,21 @@ def test_checkpoint_benchmark_runs_each_model_in_its_own_process(tmp_path):
     """--model_name_or_path: FMT and dense each in a fresh subprocess; the numbers count what they claim."""
     model = _tiny_fmt_checkpoint(tmp_path / "fmt")
     out = tmp_path / "e2e.json"
-    script("bench_generate").main([
-        "--model_name_or_path", str(tmp_path / "fmt"), "--prompt-lens", "300", "--new-tokens", "4", "--threads", "1",
-        "--out", str(out), "--no-progress"])
+    script("bench_generate").main(
+        [
+            "--model_name_or_path",
+            str(tmp_path / "fmt"),
+            "--prompt-lens",
+            "300",
+            "--new-tokens",
+            "4",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     result = json.loads(out.read_text())
     (s,) = result["summary"]
     for name in ("fmt", "dense"):
@@ -135,8 +182,12 @@ def test_checkpoint_benchmark_refuses_bad_settings(tmp_path):
     with pytest.raises(ValueError, match="fewer than the prompt length 500"):
         prompt_token_ids(byte_tokenizer(), ["a" * 200, "b" * 200], 500)
     assert prompt_token_ids(byte_tokenizer(), ["ab", "cd"], 5) == list(b"ab\n\nc")
-    for kwargs, field in (({"new_tokens": 1}, "new_tokens"), ({"prompt_lens": [0]}, "prompt_lens"),
-                          ({"repeats": 0}, "repeats"), ({"dtype": "int8"}, "dtype")):
+    for kwargs, field in (
+        ({"new_tokens": 1}, "new_tokens"),
+        ({"prompt_lens": [0]}, "prompt_lens"),
+        ({"repeats": 0}, "repeats"),
+        ({"dtype": "int8"}, "dtype"),
+    ):
         arguments = {"prompt_lens": [8], "new_tokens": 4, **kwargs}
         with pytest.raises(ValueError, match=field):
             run_checkpoint_benchmark(str(tmp_path / "fmt"), texts=["x" * 100], progress=False, **arguments)

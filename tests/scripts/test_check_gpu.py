@@ -4,18 +4,38 @@ writes a row per length and implementation, and its exactness rows measure what 
 import json
 
 import pytest
-from benchmarks.gpu_check import CheckConfig, check_exactness, target
 from lm_helpers import script
 
+from benchmarks.gpu_check import CheckConfig, check_exactness, target
 from fmt_hf.model.fma_flex import FLEX_AVAILABLE
 
 pytestmark = pytest.mark.skipif(not FLEX_AVAILABLE, reason="this torch has no FlexAttention")
 
 
 def test_cpu_dry_run_writes_every_row(tmp_path, capsys):
-    script("check_gpu").main(["--device", "cpu", "--lengths", "256", "512", "--heads", "4", "--kv-heads", "2",
-                              "--head-dim", "16", "--block-size", "16", "--exact-lengths", "100", "--repeats", "2",
-                              "--out", str(tmp_path)])
+    script("check_gpu").main(
+        [
+            "--device",
+            "cpu",
+            "--lengths",
+            "256",
+            "512",
+            "--heads",
+            "4",
+            "--kv-heads",
+            "2",
+            "--head-dim",
+            "16",
+            "--block-size",
+            "16",
+            "--exact-lengths",
+            "100",
+            "--repeats",
+            "2",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [row["n"] for row in result["timing"]] == [256, 512]
     for row in result["timing"]:
@@ -33,8 +53,9 @@ def test_cpu_dry_run_writes_every_row(tmp_path, capsys):
 
 
 def test_exactness_is_measured_against_float64():
-    cfg = CheckConfig(device="cpu", heads=2, kv_heads=1, head_dim=16, block_size=8, coarse_tokens=2,
-                      downsample="recursive")
+    cfg = CheckConfig(
+        device="cpu", heads=2, kv_heads=1, head_dim=16, block_size=8, coarse_tokens=2, downsample="recursive"
+    )
     float32 = check_exactness(cfg, 100, "float32", "flex")
     assert not float32["backward"] and 0 < float32["out"]["rel"] < 1e-5
     bf16 = check_exactness(cfg, 100, "bfloat16", "gather")  # the gather path runs a backward on CPU

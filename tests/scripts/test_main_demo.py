@@ -11,12 +11,24 @@ pytestmark = pytest.mark.download  # registry corpora
 
 def test_main_demo_runs_every_stage(tmp_path, capsys):
     out = tmp_path / "demo"
-    results = script("main_demo").main([
-        "--output_dir", str(out), "--max_steps", "2", "--seq_len", "128", "--max_eval_samples", "8",
-        "--eval_documents", "1", "--max_new_tokens", "16",
-        "--config_overrides", "hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,"
-                              "fma_block_size=16",
-    ])
+    results = script("main_demo").main(
+        [
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "2",
+            "--seq_len",
+            "128",
+            "--max_eval_samples",
+            "8",
+            "--eval_documents",
+            "1",
+            "--max_new_tokens",
+            "16",
+            "--config_overrides",
+            "hidden_size=32,intermediate_size=64,num_hidden_layers=1,num_attention_heads=2,fma_block_size=16",
+        ]
+    )
     printed = capsys.readouterr().out
 
     assert all(math.isfinite(v) and 0 < v < 9 for v in results.values())

@@ -23,9 +23,11 @@ def test_every_split_has_every_work_and_evaluation_text_is_held_out():
         assert set(passages[split]["label"]) == {0, 1, 2}
         for row in passages[split]:
             assert len(row["text"]) == 90 and f"<{row['label']}:" in row["text"]  # the label is the source work
+
     # No evaluation character sits inside any training passage, nor validation inside test.
     def offsets(split):
         return {(row["label"], chunk) for row in passages[split] for chunk in row["text"].split("<")[1:-1]}
+
     train, validation, test = offsets("train"), offsets("validation"), offsets("test")
     assert not (train & validation) and not (train & test) and not (validation & test)
 
@@ -62,8 +64,11 @@ def test_works_are_chosen_by_title():
         (works(), {"passage_chars": 0}, "passage_chars must be at least 1"),
         (works(), {"passage_chars": 90, "regions": 2}, "2 regions per work cannot fill"),
         (works(), {"passage_chars": 500}, "no validation passage of 500 characters fits"),
-        (datasets.Dataset.from_list([{"title": "A", "text": "x" * 900}] * 2), {"passage_chars": 9},
-         "each work must have its own title"),
+        (
+            datasets.Dataset.from_list([{"title": "A", "text": "x" * 900}] * 2),
+            {"passage_chars": 9},
+            "each work must have its own title",
+        ),
     ],
 )
 def test_bad_input_fails_clearly(documents, kwargs, message):

@@ -22,8 +22,14 @@ from fmt_hf.toolkit.tokenizer import byte_tokenizer
 
 BLOCK = 8  # fma_block_size of the conversions: FMA is exact up to 16 tokens
 VOCAB = 259  # the byte tokenizer's, so that the script test can save one
-LLAMA3 = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 16}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "rope_theta": 5e5,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+}
 
 SOURCES = {
     "tied-gqa": {"tie_word_embeddings": True},
@@ -36,16 +42,31 @@ SOURCES = {
     "rope-theta": {"rope_parameters": {"rope_type": "default", "rope_theta": 523.0}},
     "rope-llama3": {"rope_parameters": dict(LLAMA3)},
     "rope-linear": {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 3.0}},
-    "rope-yarn": {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
-                                      "original_max_position_embeddings": 16}},
+    "rope-yarn": {
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "rope_theta": 1e4,
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+        }
+    },
 }
 
 
 def tiny_llama(seed=0, **overrides) -> LlamaForCausalLM:
     """A float64 Llama with every weight random (biases and norms too, so that none is trivially 0 or 1)."""
-    kwargs = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=64, pad_token_id=256, bos_token_id=257,
-                  eos_token_id=257)
+    kwargs = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=256,
+        bos_token_id=257,
+        eos_token_id=257,
+    )
     kwargs.update(overrides)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(**kwargs)).to(torch.float64).eval()
@@ -106,8 +127,7 @@ def test_fma_differs_beyond_two_blocks_and_starts_from_average_downsamplers():
 def test_options_dtype_and_generation_config_carry_over():
     llama = tiny_llama(rope_parameters=dict(LLAMA3)).to(torch.float32)
     llama.generation_config.max_new_tokens = 7
-    fmt = convert(llama, max_position_embeddings=256, fma_query_mode="coarse", fma_scale_attn=False,
-                  fma_sink_tokens=1)
+    fmt = convert(llama, max_position_embeddings=256, fma_query_mode="coarse", fma_scale_attn=False, fma_sink_tokens=1)
     assert fmt.dtype == torch.float32 and not fmt.training
     config = fmt.config
     assert (config.max_position_embeddings, config.fma_block_size, config.fma_coarse_tokens) == (256, BLOCK, 2)
@@ -177,7 +197,11 @@ def test_converted_checkpoint_loads_as_hub_code(tmp_path):
     result = subprocess.run(
         # -I: no PYTHONPATH, no user site, no script or working directory on sys.path.
         [sys.executable, "-I", str(tmp_path / "check.py"), str(tmp_path / "hub"), str(tmp_path / "expected.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0 and "REMOTE_OK" in result.stdout, result.stdout + result.stderr
 
@@ -186,11 +210,24 @@ def test_convert_llama_script(tmp_path):
     llama = tiny_llama(rope_parameters=dict(LLAMA3)).to(torch.float32)
     llama.save_pretrained(tmp_path / "llama")
     byte_tokenizer().save_pretrained(tmp_path / "llama")
-    fmt = script("convert_llama").main([
-        "--model_name_or_path", str(tmp_path / "llama"), "--output_dir", str(tmp_path / "fmt"),
-        "--dense_output_dir", str(tmp_path / "dense"), "--fma_block_size", str(BLOCK), "--fma_coarse_tokens", "2",
-        "--max_position_embeddings", "128", "--fma_options", "fma_query_mode=coarse,fma_sink_tokens=1",
-    ])
+    fmt = script("convert_llama").main(
+        [
+            "--model_name_or_path",
+            str(tmp_path / "llama"),
+            "--output_dir",
+            str(tmp_path / "fmt"),
+            "--dense_output_dir",
+            str(tmp_path / "dense"),
+            "--fma_block_size",
+            str(BLOCK),
+            "--fma_coarse_tokens",
+            "2",
+            "--max_position_embeddings",
+            "128",
+            "--fma_options",
+            "fma_query_mode=coarse,fma_sink_tokens=1",
+        ]
+    )
     assert (fmt.config.max_position_embeddings, fmt.config.fma_query_mode) == (128, "coarse")
     assert fmt.config.fma_sink_tokens == 1
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fmt")

@@ -18,15 +18,28 @@ BYTE_IDS = {"vocab_size": 259, "pad_token_id": 256, "bos_token_id": 257, "eos_to
 
 def tiny_fmt(max_positions=128):
     torch.manual_seed(0)
-    config = FMTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                       max_position_embeddings=max_positions, fma_block_size=16, **BYTE_IDS)
+    config = FMTConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=max_positions,
+        fma_block_size=16,
+        **BYTE_IDS,
+    )
     return FMTForCausalLM(config).eval()
 
 
 def tiny_llama():
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         max_position_embeddings=256, **BYTE_IDS)
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=256,
+        **BYTE_IDS,
+    )
     return LlamaForCausalLM(config).eval()
 
 
@@ -82,10 +95,17 @@ def test_scores_match_the_perplexity_guide_loop(make_model):
 def test_max_document_tokens_scores_each_documents_first_tokens():
     model, tokenizer = tiny_llama(), byte_tokenizer()
     texts = [play_excerpts()[0][:300], "Short één.", play_excerpts()[1][:130]]
-    cut = score_documents(model, tokenizer, texts, context_length=64, stride=24, progress=False,
-                          max_document_tokens=100)
-    first = score_documents(model, tokenizer, [t.encode("utf-8")[:99].decode("utf-8") for t in texts],
-                            context_length=64, stride=24, progress=False)
+    cut = score_documents(
+        model, tokenizer, texts, context_length=64, stride=24, progress=False, max_document_tokens=100
+    )
+    first = score_documents(
+        model,
+        tokenizer,
+        [t.encode("utf-8")[:99].decode("utf-8") for t in texts],
+        context_length=64,
+        stride=24,
+        progress=False,
+    )
     assert cut["num_tokens"] == first["num_tokens"] == [99, 12, 99]  # the BOS is one of the 100 tokens
     assert cut["num_bytes"] == first["num_bytes"]
     assert cut["nll"] == pytest.approx(first["nll"], rel=1e-6)
@@ -95,8 +115,9 @@ def test_max_document_tokens_scores_each_documents_first_tokens():
 def test_scores_by_position_add_up_to_each_targets_own_loss():
     model, tokenizer = tiny_llama(), byte_tokenizer()
     texts = [play_excerpts()[0][:300], "Short één.", play_excerpts()[1][:130]]
-    scores = score_documents(model, tokenizer, texts, context_length=64, stride=24, batch_size=2, progress=False,
-                             by_position=True)
+    scores = score_documents(
+        model, tokenizer, texts, context_length=64, stride=24, batch_size=2, progress=False, by_position=True
+    )
     expected_nll, expected_tokens = torch.zeros(64, dtype=torch.float64), torch.zeros(64, dtype=torch.long)
     for i, text in enumerate(texts):
         ids = torch.tensor([tokenizer.bos_token_id] + list(text.encode("utf-8")))
@@ -109,8 +130,9 @@ def test_scores_by_position_add_up_to_each_targets_own_loss():
             expected_tokens[positions] += 1
     assert scores["position_tokens"] == expected_tokens.tolist()
     assert scores["position_tokens"][0] == 0 and sum(scores["position_tokens"]) == sum(scores["num_tokens"])
-    torch.testing.assert_close(torch.tensor(scores["position_nll"], dtype=torch.float64), expected_nll,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(scores["position_nll"], dtype=torch.float64), expected_nll, rtol=1e-5, atol=1e-6
+    )
     assert sum(scores["position_nll"]) == pytest.approx(sum(scores["nll"]), rel=1e-9)
 
 
@@ -129,8 +151,17 @@ def run_eval(tmp_path, model, *extra, context_length=128, stride=64):
     model.save_pretrained(tmp_path / "model")
     byte_tokenizer().save_pretrained(tmp_path / "model")
     documents = write_documents(tmp_path / "documents", play_excerpts(count=8, chars=1500))
-    argv = ["--model_name_or_path", str(tmp_path / "model"), "--dataset_name", documents,
-            "--context_length", str(context_length), "--stride", str(stride), *extra]
+    argv = [
+        "--model_name_or_path",
+        str(tmp_path / "model"),
+        "--dataset_name",
+        documents,
+        "--context_length",
+        str(context_length),
+        "--stride",
+        str(stride),
+        *extra,
+    ]
     return script("eval_lm").main(argv)
 
 
@@ -176,8 +207,9 @@ def test_bad_eval_input_fails_clearly(tmp_path):
     with pytest.raises(ValueError, match="--max_document_tokens must be at least 2"):
         EvalArguments(model_name_or_path="m", max_document_tokens=1)
     for buckets in ([32, 16], [1], [64], [0, 8]):
-        with pytest.raises(ValueError, match="--position_buckets must increase strictly between 1 and "
-                                             "--context_length=64"):
+        with pytest.raises(
+            ValueError, match="--position_buckets must increase strictly between 1 and --context_length=64"
+        ):
             EvalArguments(model_name_or_path="m", context_length=64, position_buckets=buckets)
     for stride in (0, 64):
         with pytest.raises(ValueError, match="--stride must be at least 1 and less than --context_length=64"):

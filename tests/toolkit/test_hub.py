@@ -18,8 +18,14 @@ from fmt_hf.toolkit.hub import PushArguments, push_to_hub
 
 pytestmark = pytest.mark.download  # registry corpora
 
-REPOSITORY_DATA = {"README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                   "tokenizer_config.json"}
+REPOSITORY_DATA = {
+    "README.md",
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+}
 
 
 def assert_repository_files(names):
@@ -35,8 +41,18 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("trained")
     documents = write_documents(root / "documents", play_excerpts())
     script("train").main(train_argv(root / "model", documents, "--do_train", "--do_eval", "--max_steps", "3"))
-    script("eval_lm").main(["--model_name_or_path", str(root / "model"), "--dataset_name", documents,
-                            "--context_length", "64", "--stride", "32"])
+    script("eval_lm").main(
+        [
+            "--model_name_or_path",
+            str(root / "model"),
+            "--dataset_name",
+            documents,
+            "--context_length",
+            "64",
+            "--stride",
+            "32",
+        ]
+    )
     return root / "model"
 
 
@@ -72,17 +88,27 @@ def test_local_dir_is_a_hub_repository_that_loads_with_remote_code(trained, tmp_
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
     assert "custom_code" in card.data.tags and card.data.license == "apache-2.0"
     metrics = {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
-    assert set(metrics) == {("validation", "bits_per_byte"), ("validation", "perplexity"),
-                            ("test", "bits_per_byte"), ("test", "perplexity")}
+    assert set(metrics) == {
+        ("validation", "bits_per_byte"),
+        ("validation", "perplexity"),
+        ("test", "bits_per_byte"),
+        ("test", "perplexity"),
+    }
     assert 6 < metrics[("test", "bits_per_byte")] < 8.5
     text = card.text
-    for expected in ("| Layers | 2 |", "| Hidden size / MLP size | 32 / 64",
-                     "| Finest block `fma_block_size` (m) | 16 |", "| Coarse levels at 64 tokens | 1 |",
-                     "| Downsampling `fma_downsample` | depthwise |",
-                     "for 3 steps", "UTF-8 bytes",
-                     "| test | whole documents, strided windows (stride 32) | 64 |",
-                     "## Intended use and limitations", "import fmt_hf",
-                     'AutoModelForCausalLM.from_pretrained("user-fmt-tiny", trust_remote_code=True)'):
+    for expected in (
+        "| Layers | 2 |",
+        "| Hidden size / MLP size | 32 / 64",
+        "| Finest block `fma_block_size` (m) | 16 |",
+        "| Coarse levels at 64 tokens | 1 |",
+        "| Downsampling `fma_downsample` | depthwise |",
+        "for 3 steps",
+        "UTF-8 bytes",
+        "| test | whole documents, strided windows (stride 32) | 64 |",
+        "## Intended use and limitations",
+        "import fmt_hf",
+        'AutoModelForCausalLM.from_pretrained("user-fmt-tiny", trust_remote_code=True)',
+    ):
         assert expected in text, expected
 
     # Loads as a Hub download does: in a fresh interpreter that cannot import fmt_hf.
@@ -95,7 +121,11 @@ def test_local_dir_is_a_hub_repository_that_loads_with_remote_code(trained, tmp_
     env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
     result = subprocess.run(
         [sys.executable, "-I", str(tmp_path / "check.py"), str(folder), str(tmp_path / "expected.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0 and "REMOTE_OK transformers_modules" in result.stdout, result.stdout + result.stderr
 
@@ -104,15 +134,30 @@ def test_push_uploads_the_same_folder_in_one_commit(trained, tmp_path):
     uploaded = {}
 
     def upload_folder(self, *, repo_id, folder_path, **kwargs):
-        uploaded.update(repo_id=repo_id, files={p: open(os.path.join(folder_path, p), "rb").read()
-                                                for p in os.listdir(folder_path)}, **kwargs)
+        uploaded.update(
+            repo_id=repo_id,
+            files={p: open(os.path.join(folder_path, p), "rb").read() for p in os.listdir(folder_path)},
+            **kwargs,
+        )
         return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/0")
 
-    with mock.patch.object(HfApi, "create_repo", return_value=SimpleNamespace(repo_id="user/fmt-tiny")) as create, \
-            mock.patch.object(HfApi, "create_branch") as branch, \
-            mock.patch.object(HfApi, "upload_folder", upload_folder):
-        push("--model_dir", trained, "--repo_id", "user/fmt-tiny", "--private", "True", "--local_dir", tmp_path / "out",
-             "--commit_message", "First FMT")
+    with (
+        mock.patch.object(HfApi, "create_repo", return_value=SimpleNamespace(repo_id="user/fmt-tiny")) as create,
+        mock.patch.object(HfApi, "create_branch") as branch,
+        mock.patch.object(HfApi, "upload_folder", upload_folder),
+    ):
+        push(
+            "--model_dir",
+            trained,
+            "--repo_id",
+            "user/fmt-tiny",
+            "--private",
+            "True",
+            "--local_dir",
+            tmp_path / "out",
+            "--commit_message",
+            "First FMT",
+        )
 
     create.assert_called_once_with("user/fmt-tiny", private=True, exist_ok=True)
     branch.assert_not_called()
@@ -126,8 +171,16 @@ def test_push_uploads_the_same_folder_in_one_commit(trained, tmp_path):
 def test_card_of_an_untracked_masked_lm(tmp_path):
     """A checkpoint without train.py's records still gets a card: masked-LM loading, nothing invented."""
     torch.manual_seed(0)
-    FMTForMaskedLM(FMTConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                             num_attention_heads=2, max_position_embeddings=256)).save_pretrained(tmp_path / "mlm")
+    FMTForMaskedLM(
+        FMTConfig(
+            vocab_size=259,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=256,
+        )
+    ).save_pretrained(tmp_path / "mlm")
     push_to_hub(PushArguments(model_dir=str(tmp_path / "mlm"), local_dir=str(tmp_path / "out"), tokenizer_name="bytes"))
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert card.data.pipeline_tag == "fill-mask" and not card.data.eval_results
@@ -138,8 +191,16 @@ def test_card_of_an_untracked_masked_lm(tmp_path):
 def test_card_and_weights_of_a_classifier(tmp_path):
     """A sequence classifier is published as one: its head's weights, its pipeline tag, classes and accuracies."""
     torch.manual_seed(0)
-    config = FMTConfig(vocab_size=259, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                       max_position_embeddings=256, pad_token_id=256, id2label={0: "Hamlet", 1: "Macbeth"})
+    config = FMTConfig(
+        vocab_size=259,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=256,
+        id2label={0: "Hamlet", 1: "Macbeth"},
+    )
     FMTForSequenceClassification(config).save_pretrained(tmp_path / "clf")
     (tmp_path / "clf" / "eval_results.json").write_text('{"eval_accuracy": 0.75, "eval_loss": 0.5}')
     (tmp_path / "clf" / "test_results.json").write_text('{"test_accuracy": 0.625}')
@@ -151,16 +212,20 @@ def test_card_and_weights_of_a_classifier(tmp_path):
     card = ModelCard.load(tmp_path / "out" / "README.md")
     assert card.data.pipeline_tag == "text-classification"
     assert {(r.dataset_split, r.metric_type, r.metric_value) for r in card.data.eval_results} == {
-        ("validation", "accuracy", 0.75), ("test", "accuracy", 0.625)}
+        ("validation", "accuracy", 0.75),
+        ("test", "accuracy", 0.625),
+    }
     assert "(FMT) sequence classifier" in card.text and "| Classes (2) | Hamlet, Macbeth |" in card.text
-    assert "| unknown | test | 0.6250 |" in card.text and "AutoModelForSequenceClassification.from_pretrained" in card.text
+    assert "| unknown | test | 0.6250 |" in card.text
+    assert "AutoModelForSequenceClassification.from_pretrained" in card.text
     assert "language model" not in card.text and "generate(" not in card.text
 
 
 def test_bad_push_input_fails_clearly(tmp_path):
     with pytest.raises(ValueError, match="give --repo_id .* and/or --local_dir"):
         PushArguments(model_dir="anything")
-    LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                                 vocab_size=259)).save_pretrained(tmp_path / "llama")
+    LlamaForCausalLM(
+        LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=259)
+    ).save_pretrained(tmp_path / "llama")
     with pytest.raises(ValueError, match="holds a 'llama' model; push_to_hub.py publishes FMT models"):
         push("--model_dir", tmp_path / "llama", "--local_dir", tmp_path / "out")

@@ -45,7 +45,7 @@ def test_continuation_questions_ask_for_the_lines_that_follow(documents):
         context, choices, label = question["context"], question["choices"], question["label"]
         assert len(context) == 300 and context.endswith("\n") and len(set(choices)) == 4
         source = next(t for t in texts if context in t)
-        follows = [source[source.index(context) + len(context):].startswith(choice) for choice in choices]
+        follows = [source[source.index(context) + len(context) :].startswith(choice) for choice in choices]
         assert follows == [i == label for i in range(4)]  # only the answer follows the passage
         assert all(choice.endswith("\n") and len(choice) <= 100 for choice in choices)  # whole lines
     again = build(documents=documents, context_chars=300, continuation_chars=100, questions_per_document=5)["test"]
@@ -59,10 +59,18 @@ def test_continuation_questions_need_long_enough_documents(documents):
 
 def test_fmt_checkpoint_runs_through_lm_eval_hf_model(documents, tmp_path):
     tokenizer = byte_tokenizer()
-    config = FMTConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                       num_attention_heads=2, max_position_embeddings=256, fma_block_size=16,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-                       eos_token_id=tokenizer.eos_token_id)
+    config = FMTConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=256,
+        fma_block_size=16,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(0)
     model = FMTForCausalLM(config).eval()
     model.save_pretrained(tmp_path / "model")
@@ -75,8 +83,12 @@ def test_fmt_checkpoint_runs_through_lm_eval_hf_model(documents, tmp_path):
     def run(task, **metadata):
         manager = TaskManager(include_path=fmt_hf.LM_EVAL_TASKS, include_defaults=False, metadata=metadata)
         output = lm_eval.simple_evaluate(
-            model="hf", model_args=f"pretrained={tmp_path / 'model'},trust_remote_code=True", tasks=[task],
-            task_manager=manager, device="cpu", batch_size=4,
+            model="hf",
+            model_args=f"pretrained={tmp_path / 'model'},trust_remote_code=True",
+            tasks=[task],
+            task_manager=manager,
+            device="cpu",
+            batch_size=4,
         )
         return output["results"][task]
 
@@ -89,6 +101,11 @@ def test_fmt_checkpoint_runs_through_lm_eval_hf_model(documents, tmp_path):
     assert perplexity["bits_per_byte,none"] == pytest.approx(-logprobs.item() / math.log(2) / len(text), rel=1e-4)
     assert 7 < perplexity["bits_per_byte,none"] < 9  # an untrained byte model: about log2(259)
 
-    choice = run("fmt_heldout_continuation", documents=documents, context_chars=120, continuation_chars=60,
-                 questions_per_document=2)
+    choice = run(
+        "fmt_heldout_continuation",
+        documents=documents,
+        context_chars=120,
+        continuation_chars=60,
+        questions_per_document=2,
+    )
     assert 0 <= choice["acc,none"] <= 1 and 0 <= choice["acc_norm,none"] <= 1

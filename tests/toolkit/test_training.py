@@ -95,24 +95,44 @@ def test_mlm_trains_and_reports_perplexity(documents, tmp_path):
 
 def test_eval_only_from_a_checkpoint(documents, tmp_path):
     train(train_argv(tmp_path / "trained", documents, "--do_train", "--max_steps", "2"))
-    metrics = train(train_argv(tmp_path / "evaluated", documents, "--do_eval",
-                               model_name_or_path=str(tmp_path / "trained")))
+    metrics = train(
+        train_argv(tmp_path / "evaluated", documents, "--do_eval", model_name_or_path=str(tmp_path / "trained"))
+    )
     assert "train_loss" not in metrics and metrics["eval_bits_per_byte"] > 0
 
 
 def test_train_only_downsamplers(documents, tmp_path):
     train(train_argv(tmp_path / "start", documents, "--do_train", "--max_steps", "1"))
     start = AutoModelForCausalLM.from_pretrained(tmp_path / "start")
-    train(train_argv(tmp_path / "uptrained", documents, "--do_train", "--max_steps", "2", "--train_only_downsamplers",
-                     model_name_or_path=str(tmp_path / "start")))
+    train(
+        train_argv(
+            tmp_path / "uptrained",
+            documents,
+            "--do_train",
+            "--max_steps",
+            "2",
+            "--train_only_downsamplers",
+            model_name_or_path=str(tmp_path / "start"),
+        )
+    )
     uptrained = AutoModelForCausalLM.from_pretrained(tmp_path / "uptrained").state_dict()
     changed = {name for name, weight in start.state_dict().items() if not torch.equal(weight, uptrained[name])}
     downsamplers = {name for name in uptrained if "_downsample." in name}
     assert changed == downsamplers and downsamplers
     assert read_json(tmp_path / "uptrained" / "training_setup.json")["model"]["train_only_downsamplers"]
     with pytest.raises(ValueError, match="no FMA downsampler weights to train"):
-        train(train_argv(tmp_path / "avgpool", documents, "--do_train", "--max_steps", "1", "--train_only_downsamplers",
-                         "--config_overrides", TINY_FMT + ",fma_downsample=avgpool"))
+        train(
+            train_argv(
+                tmp_path / "avgpool",
+                documents,
+                "--do_train",
+                "--max_steps",
+                "1",
+                "--train_only_downsamplers",
+                "--config_overrides",
+                TINY_FMT + ",fma_downsample=avgpool",
+            )
+        )
 
 
 def test_length_free_models_train_past_max_position_embeddings(documents, tmp_path):
@@ -136,8 +156,19 @@ def test_resume_continues_step_count_and_loss(documents, tmp_path, monkeypatch):
 
     monkeypatch.setattr(Trainer, "training_step", counted_training_step)
     checkpoint = tmp_path / "straight" / "checkpoint-2"
-    train(train_argv(tmp_path / "resumed", documents, "--do_train", "--max_steps", "4", "--save_steps", "2",
-                     "--resume_from_checkpoint", str(checkpoint)))
+    train(
+        train_argv(
+            tmp_path / "resumed",
+            documents,
+            "--do_train",
+            "--max_steps",
+            "4",
+            "--save_steps",
+            "2",
+            "--resume_from_checkpoint",
+            str(checkpoint),
+        )
+    )
 
     assert steps_run == [3, 4]  # the resumed run trains the last two steps only
     assert read_json(tmp_path / "resumed" / "trainer_state.json")["global_step"] == 4
@@ -151,11 +182,26 @@ def test_two_process_ddp_run_completes(documents, tmp_path):
     # `accelerate launch --cpu` starts one process whatever --num_processes says (accelerate 1.15); the
     # multi-process launcher plus the Trainer's --use_cpu gives DDP over gloo on one machine.
     accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
-    command = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
-               str(REPO / "scripts" / "train.py"), "--use_cpu",
-               *train_argv(tmp_path, documents, "--do_train", "--do_eval", "--max_steps", "3"),
-               "--max_eval_samples", "17"]
+    command = [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        "0",
+        str(REPO / "scripts" / "train.py"),
+        "--use_cpu",
+        *train_argv(tmp_path, documents, "--do_train", "--do_eval", "--max_steps", "3"),
+        "--max_eval_samples",
+        "17",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per process on a 2-core machine
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -171,8 +217,11 @@ def test_two_process_ddp_run_completes(documents, tmp_path):
     "data, extra, message",
     [
         (None, ["--corpus", "enwik8"], "unknown corpus 'enwik8'; valid corpora: shakespeare, kjv"),
-        ("documents", ["--config_overrides", TINY_FMT + ",max_position_embeddings=32"],
-         "seq_len=64 exceeds the model's max_position_embeddings=32"),
+        (
+            "documents",
+            ["--config_overrides", TINY_FMT + ",max_position_embeddings=32"],
+            "seq_len=64 exceeds the model's max_position_embeddings=32",
+        ),
         ("blank_documents", [], "split 'train' has fewer than seq_len=64 tokens"),
         ("two_documents", [], "2 documents cannot fill train, validation"),
         ("documents", ["--max_train_samples", "0"], "--max_train_samples must be at least 1"),
@@ -196,6 +245,7 @@ def test_config_overrides_need_a_model_from_scratch():
 
 # ----------------------------------------------------------------------------- long-document classification
 
+
 @pytest.fixture(scope="module")
 def works(tmp_path_factory):
     """Three titled works (play openings) as a local dataset folder: the classes of --task classification."""
@@ -207,13 +257,36 @@ def works(tmp_path_factory):
 
 
 def classification_argv(output_dir, works, *extra, **kwargs):
-    return train_argv(output_dir, works, "--task", "classification", "--regions_per_work", "5",
-                      "--validation_fraction", "0.2", "--test_fraction", "0.2", *extra, **kwargs)
+    return train_argv(
+        output_dir,
+        works,
+        "--task",
+        "classification",
+        "--regions_per_work",
+        "5",
+        "--validation_fraction",
+        "0.2",
+        "--test_fraction",
+        "0.2",
+        *extra,
+        **kwargs,
+    )
 
 
 def test_classifier_from_scratch_trains_and_reports_accuracy(works, tmp_path):
-    metrics = train(classification_argv(tmp_path, works, "--do_train", "--do_eval", "--do_predict", "--max_steps", "3",
-                                        "--config_overrides", TINY_FMT + ",is_causal=False"))
+    metrics = train(
+        classification_argv(
+            tmp_path,
+            works,
+            "--do_train",
+            "--do_eval",
+            "--do_predict",
+            "--max_steps",
+            "3",
+            "--config_overrides",
+            TINY_FMT + ",is_causal=False",
+        )
+    )
     assert read_json(tmp_path / "trainer_state.json")["global_step"] == 3
     # 3 works x 1200-character held-out regions give 3 x 18 passages of 64 characters; --max_eval_samples keeps 16.
     assert metrics["eval_num_examples"] == metrics["test_num_examples"] == 16
@@ -229,8 +302,17 @@ def test_classifier_from_scratch_trains_and_reports_accuracy(works, tmp_path):
 @pytest.mark.parametrize("lm_task", ["clm", "mlm"])
 def test_classifier_fine_tuned_from_a_language_model(documents, works, lm_task, tmp_path):
     train(train_argv(tmp_path / "lm", documents, "--task", lm_task, "--do_train", "--max_steps", "2"))
-    metrics = train(classification_argv(tmp_path / "classifier", works, "--do_train", "--do_eval", "--max_steps", "2",
-                                        model_name_or_path=str(tmp_path / "lm")))
+    metrics = train(
+        classification_argv(
+            tmp_path / "classifier",
+            works,
+            "--do_train",
+            "--do_eval",
+            "--max_steps",
+            "2",
+            model_name_or_path=str(tmp_path / "lm"),
+        )
+    )
     assert 0 <= metrics["eval_accuracy"] <= 1
     lm = (AutoModelForCausalLM if lm_task == "clm" else AutoModelForMaskedLM).from_pretrained(tmp_path / "lm")
     classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / "classifier")
@@ -245,8 +327,10 @@ def test_classifier_fine_tuned_from_a_language_model(documents, works, lm_task, 
         (["--works", "Play 1"], "a classifier needs at least two works, got 1"),
         (["--works", "Hamlet"], "no document title matches 'Hamlet'"),
         (["--passage_chars", "5000"], "no train passage of 5000 characters fits"),
-        (["--config_overrides", TINY_FMT + ",max_position_embeddings=32"],
-         "seq_len=64 exceeds the model's max_position_embeddings=32"),
+        (
+            ["--config_overrides", TINY_FMT + ",max_position_embeddings=32"],
+            "seq_len=64 exceeds the model's max_position_embeddings=32",
+        ),
     ],
 )
 def test_classification_bad_input_fails_clearly(works, tmp_path, extra, message):

@@ -20,13 +20,21 @@ import datasets
 from fmt_hf.toolkit.data import build_corpus
 
 
-def _documents(corpus: str = "shakespeare", works: str | None = None, documents: str | None = None,
-               split: str = "test", split_seed: int = 0, validation_fraction: float = 0.1, test_fraction: float = 0.1,
-               **_) -> datasets.Dataset:
+def _documents(
+    corpus: str = "shakespeare",
+    works: str | None = None,
+    documents: str | None = None,
+    split: str = "test",
+    split_seed: int = 0,
+    validation_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    **_,
+) -> datasets.Dataset:
     if documents is not None:
         return datasets.load_dataset("json", data_files=documents, split="train")
-    return build_corpus(corpus, validation_fraction=validation_fraction, test_fraction=test_fraction, seed=split_seed,
-                        titles=works)[split]
+    return build_corpus(
+        corpus, validation_fraction=validation_fraction, test_fraction=test_fraction, seed=split_seed, titles=works
+    )[split]
 
 
 def held_out_documents(**kwargs) -> dict[str, datasets.Dataset]:
@@ -53,8 +61,9 @@ def _next_lines(text: str, start: int, chars: int) -> str:
     return piece[: end + 1] if end > 0 else piece
 
 
-def continuation_choices(context_chars: int = 1024, continuation_chars: int = 160, questions_per_document: int = 25,
-                         seed: int = 0, **kwargs) -> dict[str, datasets.Dataset]:
+def continuation_choices(
+    context_chars: int = 1024, continuation_chars: int = 160, questions_per_document: int = 25, seed: int = 0, **kwargs
+) -> dict[str, datasets.Dataset]:
     """`fmt_heldout_continuation`: per held-out document, `questions_per_document` passages of `context_chars`
     characters ending at a line break, each with four choices: the lines that follow it (at most
     `continuation_chars` characters) and three runs of lines of the same length limit from elsewhere in the held-out
@@ -63,8 +72,11 @@ def continuation_choices(context_chars: int = 1024, continuation_chars: int = 16
     rng = random.Random(seed)
 
     def starts(text: str) -> list[int]:  # line starts with a full passage before and a non-blank run after
-        return [i + 1 for i, c in enumerate(text) if c == "\n" and context_chars <= i + 1 < len(text)
-                and _next_lines(text, i + 1, continuation_chars).strip()]
+        return [
+            i + 1
+            for i, c in enumerate(text)
+            if c == "\n" and context_chars <= i + 1 < len(text) and _next_lines(text, i + 1, continuation_chars).strip()
+        ]
 
     candidates = [starts(text) for text in texts]
     sources = [d for d, found in enumerate(candidates) if found]
