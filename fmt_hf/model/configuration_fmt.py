@@ -135,7 +135,8 @@ class FMTConfig(PreTrainedConfig):
             `"flex"`: one PyTorch FlexAttention call reading the key bank in place through a block mask (compiled on
             CUDA, eager and slow elsewhere; needs `fma_query_mode="fine"` and `fma_boundary="mask"`; bf16/fp16
             inputs stay in their dtype; training with `attention_dropout > 0` falls back to `"gather"`). `"auto"`:
-            `"flex"` on CUDA where it applies, `"gather"` otherwise.
+            `"gather"`; `"flex"` only on the device kinds where it has been checked (`FLEX_VERIFIED_DEVICES` in
+            `fma_attention.py`: none yet, so `"flex"` is opt-in until a GPU run of `scripts/check_gpu.py` passes).
         fma_sink_tokens (`int`, *optional*, defaults to 0):
             FMA's sink tokens `s` (`0 <= s <= fma_block_size`, docs/fma.md §3a): every query past the second block
             also attends the first `s` positions exactly, and the coarse summaries leave them out. Pretrained

@@ -24,6 +24,9 @@ from .fma_state import FMAState, IncrementalDecoding, _softmax_dtype, without_si
 
 QUERY_MODES = ("fine", "coarse")
 BOUNDARY_MODES = ("mask", "zero_sink")
+# Device kinds on which kernel="auto" takes the FlexAttention path: those where `scripts/check_gpu.py` (exactness
+# against the gather path, then timings) has passed. None yet -- until a GPU run passes, "flex" is opt-in everywhere.
+FLEX_VERIFIED_DEVICES: tuple[str, ...] = ()
 
 
 def _merge(lse_a, out_a, lse_b, out_b):
@@ -61,8 +64,10 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
             over the bank in place with a block mask built from the partition (``fma_flex.py``): compiled on CUDA,
             eager elsewhere (materialises the scores: tests only); fine queries and ``boundary="mask"`` only, and in
             training with ``dropout > 0`` it falls back to ``"gather"`` (FlexAttention has no dropout);
-            ``"auto"`` (default) -- ``"flex"`` on CUDA where it applies, ``"gather"`` otherwise. Both paths compute
-            the same function; ``"flex"`` keeps bf16/fp16 inputs in their dtype, ``"gather"`` computes in float32.
+            ``"auto"`` (default) -- ``"gather"``, and ``"flex"`` only on the device kinds in
+            ``FLEX_VERIFIED_DEVICES`` (none yet: the flex path has not run on a GPU; ``scripts/check_gpu.py`` is
+            the check that admits CUDA). Both paths compute the same function; ``"flex"`` keeps bf16/fp16 inputs
+            in their dtype, ``"gather"`` computes in float32.
         sink_tokens: ``s`` (``0 <= s <= block_size``), the *sink tokens* of §3a: every query whose level-0 band
             misses position ``j < s`` attends it exactly, as an extra fine slot, and the downsamplers read these
             positions as zeros. For models that park attention on their first tokens (pretrained LLMs: §3a).
@@ -287,8 +292,8 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
         if self.training and self.dropout:  # FlexAttention has no dropout
             return False
         why = flex_unsupported(self.block_size, self.flex_kv_block, self.head_dim, device)
-        if self.kernel == "auto":
-            return device.type == "cuda" and why is None
+        if self.kernel == "auto":  # only a path that has run on this kind of device
+            return device.type in FLEX_VERIFIED_DEVICES and why is None
         if why is not None:
             raise ValueError(f"kernel='flex': {why}; use kernel='auto' or 'gather'")
         return True

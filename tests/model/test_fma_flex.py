@@ -269,6 +269,11 @@ def test_block_mask_is_built_from_blocks_not_a_dense_mask(monkeypatch):
 def test_kernel_choice(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     auto = FastMultipoleAttention(16, 256, block_size=16)
+    # "auto" takes only paths that have run on the device kind: the flex path has not run on a GPU yet
+    assert fma_attention.FLEX_VERIFIED_DEVICES == ()
+    assert not auto._runs_flex(cpu) and not auto._runs_flex(cuda)
+    assert FastMultipoleAttention(16, 256, block_size=16, kernel="flex")._runs_flex(cuda)  # opt-in
+    monkeypatch.setattr(fma_attention, "FLEX_VERIFIED_DEVICES", ("cuda",))  # once check_gpu.py has passed
     assert not auto._runs_flex(cpu) and auto._runs_flex(cuda)  # the choice only; nothing runs on CUDA here
     assert not FastMultipoleAttention(16, 256, block_size=8)._runs_flex(cuda)  # tiles of 16 would not fit
     assert not FastMultipoleAttention(8, 256, block_size=16)._runs_flex(cuda)  # head_dim < 16
