@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser
 
 from benchmarks.conversion import DEFAULT_SETTINGS, DENSE, format_table, run_grid
+from fmt_hf.toolkit.arguments import CorpusArguments
 from fmt_hf.toolkit.convert import load_llama
-from fmt_hf.toolkit.training import CorpusArguments
 
 
 @dataclass

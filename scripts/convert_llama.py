@@ -19,7 +19,8 @@ import sys
 
 from transformers import HfArgumentParser
 
-from fmt_hf.toolkit.convert import ConvertArguments, convert_checkpoint
+from fmt_hf.toolkit.arguments import ConvertArguments
+from fmt_hf.toolkit.convert import convert_checkpoint
 
 
 def main(argv: list[str] | None = None):

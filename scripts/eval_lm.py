@@ -15,8 +15,8 @@ import sys
 
 from transformers import HfArgumentParser
 
-from fmt_hf.toolkit.evaluation import EvalArguments, evaluate_lm
-from fmt_hf.toolkit.training import CorpusArguments
+from fmt_hf.toolkit.arguments import CorpusArguments, EvalArguments
+from fmt_hf.toolkit.evaluation import evaluate_lm
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -22,9 +22,10 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-from fmt_hf.toolkit.evaluation import EvalArguments, evaluate_lm
+from fmt_hf.toolkit.arguments import DataArguments, EvalArguments, ModelArguments
+from fmt_hf.toolkit.evaluation import evaluate_lm
 from fmt_hf.toolkit.hub import save_for_hub
-from fmt_hf.toolkit.training import DataArguments, ModelArguments, train
+from fmt_hf.toolkit.training import train
 
 MODEL = "hidden_size=256,intermediate_size=768,num_hidden_layers=4,num_attention_heads=4,fma_block_size=64"
 

@@ -34,7 +34,8 @@ import sys
 
 from transformers import HfArgumentParser, TrainingArguments
 
-from fmt_hf.toolkit.training import DataArguments, ModelArguments, train
+from fmt_hf.toolkit.arguments import DataArguments, ModelArguments
+from fmt_hf.toolkit.training import train
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, LlamaConfig, LlamaForCausalLM
 
 from ..model import FMTConfig, FMTForCausalLM
 from ..model.configuration_fmt import FMT_ROPE_TYPES
-from .training import parse_config_overrides
+from .arguments import ConvertArguments, parse_config_overrides
 
 # LlamaConfig fields that FMTConfig has under the same name and meaning.
 _LLAMA_FIELDS = (
@@ -124,49 +123,6 @@ def convert_llama_to_fmt(
     return fmt
 
 
-@dataclass
-class ConvertArguments:
-    """Which Llama checkpoint to convert, where to save the FMT model, and its FMA settings."""
-
-    model_name_or_path: str = field(
-        metadata={"help": "Llama checkpoint: a local folder or Hub id, or the folder holding --gguf_file."}
-    )
-    output_dir: str = field(metadata={"help": "Where to save the FMT checkpoint (with the tokenizer and its code)."})
-    gguf_file: str | None = field(
-        default=None,
-        metadata={"help": "GGUF file inside --model_name_or_path (dequantized on load; needs `pip install gguf`)."},
-    )
-    dense_output_dir: str | None = field(
-        default=None,
-        metadata={
-            "help": "Also save the source as a plain Llama checkpoint here (a GGUF file dequantized), e.g. "
-            "to evaluate it with eval_lm.py next to the FMT model."
-        },
-    )
-    max_position_embeddings: int | None = field(
-        default=None, metadata={"help": "Longest sequence of the FMT model; defaults to the source's."}
-    )
-    fma_block_size: int = field(
-        default=64,
-        metadata={
-            "help": "FMA's finest block m (exact for n <= 2m). A pretrained model keeps most of its quality with "
-            "m = 256 and --fma_options fma_sink_tokens=64 (README, `scripts/bench_conversion.py`)."
-        },
-    )
-    fma_coarse_tokens: int = field(default=4, metadata={"help": "FMA's summaries per group p."})
-    fma_options: str | None = field(
-        default=None,
-        metadata={"help": "Further FMA settings, comma-separated, e.g. `fma_downsample=full,fma_query_mode=coarse`."},
-    )
-    dtype: str = field(
-        default="float32",
-        metadata={
-            "help": "Dtype of the loaded source and so of both saved models: float32, bfloat16, float16, or "
-            "auto (the checkpoint's)."
-        },
-    )
-
-
 def load_llama(model_name_or_path: str, gguf_file: str | None = None, dtype: str = "float32"):
     """The source model and its tokenizer: a checkpoint folder or Hub id, or ``gguf_file`` inside that folder
     (dequantized to plain float weights). ``dtype``: float32, bfloat16, float16, or auto (the checkpoint's)."""
@@ -205,7 +161,6 @@ def convert_checkpoint(args: ConvertArguments) -> FMTForCausalLM:
 
 __all__ = [
     "FMA_OPTIONS",
-    "ConvertArguments",
     "convert_checkpoint",
     "convert_llama_to_fmt",
     "fmt_config_from_llama",

@@ -20,7 +20,7 @@ import math
 import os
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import pairwise
 
 import evaluate
@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from .arguments import CorpusArguments, EvalArguments
 from .metrics import LM_BITS
 from .tokenizer import load_tokenizer, token_byte_lengths
-from .training import CorpusArguments
 
 LM_EVAL_TASKS: str = os.path.join(os.path.dirname(__file__), "lm_eval_tasks")
 """Folder of fmt_hf's lm-evaluation-harness tasks, for ``lm-eval run --include_path``: ``fmt_heldout_perplexity``
@@ -39,85 +39,6 @@ LM_EVAL_TASKS: str = os.path.join(os.path.dirname(__file__), "lm_eval_tasks")
 ``fmt_heldout_continuation`` (which of four continuations follows a passage). They read the held-out documents of a
 registry corpus (by default the plays ``scripts/train.py`` holds out) or a JSON Lines file; see
 ``lm_eval_tasks/fmt_lm_eval.py`` for their options."""
-
-
-@dataclass
-class EvalArguments:
-    """Which model to score, on which split, at which context length."""
-
-    model_name_or_path: str = field(
-        metadata={"help": "Causal LM checkpoint: a local folder (e.g. train.py's --output_dir) or a Hub id."}
-    )
-    tokenizer_name: str | None = field(
-        default=None,
-        metadata={"help": "Tokenizer folder or Hub id, or `bytes`; defaults to the checkpoint's own tokenizer."},
-    )
-    split: str = field(default="test", metadata={"help": "Split of whole documents to score."})
-    context_length: int = field(default=1024, metadata={"help": "Tokens per window (the model's context)."})
-    stride: int | None = field(
-        default=None,
-        metadata={
-            "help": "Tokens between window starts, less than --context_length; each later window scores its "
-            "last `stride` tokens, with at least context_length - stride tokens of context. Defaults "
-            "to half the context length."
-        },
-    )
-    batch_size: int = field(default=8, metadata={"help": "Windows per forward pass."})
-    max_documents: int | None = field(default=None, metadata={"help": "Score only the first N documents."})
-    max_document_tokens: int | None = field(
-        default=None,
-        metadata={
-            "help": "Score only the first N tokens of each document (the BOS token included): quick runs, "
-            "and the same tokens at every --context_length."
-        },
-    )
-    attn_implementation: str | None = field(
-        default=None, metadata={"help": "Attention implementation (`fma`, `sdpa`, `eager`); the model's default."}
-    )
-    dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16, float16 or auto."})
-    device: str | None = field(default=None, metadata={"help": "Device; default cuda when available, else cpu."})
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow a Hub checkpoint to run its own modelling code."}
-    )
-    position_buckets: list[int] | None = field(
-        default=None,
-        metadata={
-            "help": "Also report perplexity by where the target sits in its window, i.e. how many tokens of "
-            "context it had: bucket boundaries, e.g. `512 2048` for positions [1, 512), [512, 2048) "
-            "and [2048, context_length). Shows which distances a long-context model loses on."
-        },
-    )
-    output_file: str | None = field(
-        default=None,
-        metadata={
-            "help": "JSON file for the results. Defaults to eval_lm_<split>_<context_length>.json inside a "
-            "local checkpoint folder (where push_to_hub.py finds it); not written for a Hub id."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        if self.stride is None:
-            self.stride = max(1, self.context_length // 2)
-        if self.context_length < 2:
-            raise ValueError(f"--context_length must be at least 2, got {self.context_length}")
-        if not 1 <= self.stride < self.context_length:
-            # At stride == context_length a window's first token would be a target with no context.
-            raise ValueError(
-                f"--stride must be at least 1 and less than --context_length={self.context_length}, got {self.stride}"
-            )
-        if self.batch_size < 1:
-            raise ValueError(f"--batch_size must be at least 1, got {self.batch_size}")
-        if self.max_document_tokens is not None and self.max_document_tokens < 2:
-            raise ValueError(f"--max_document_tokens must be at least 2, got {self.max_document_tokens}")
-        if self.position_buckets is not None:
-            edges = [1, *self.position_buckets, self.context_length]
-            if any(a >= b for a, b in pairwise(edges)):
-                raise ValueError(
-                    f"--position_buckets must increase strictly between 1 and --context_length="
-                    f"{self.context_length}, got {self.position_buckets}"
-                )
-        if self.output_file is None and os.path.isdir(self.model_name_or_path):
-            self.output_file = os.path.join(self.model_name_or_path, f"eval_lm_{self.split}_{self.context_length}.json")
 
 
 @dataclass(frozen=True)
@@ -317,7 +238,6 @@ def evaluate_lm(eval_args: EvalArguments, corpus_args: CorpusArguments, progress
 
 __all__ = [
     "LM_EVAL_TASKS",
-    "EvalArguments",
     "Window",
     "evaluate_lm",
     "position_breakdown",

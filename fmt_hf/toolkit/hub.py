@@ -34,9 +34,9 @@ from transformers import (
 )
 
 from ..model.fma_partition import num_levels
+from .arguments import TRAINING_SETUP_NAME, DataArguments
 from .data import corpus_package
 from .tokenizer import BYTE_TOKENIZER, load_tokenizer
-from .training import TRAINING_SETUP_NAME, DataArguments
 
 DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
 """The model-card template of the ``fmt_hf`` repository (present in a clone or an editable install)."""

@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 
 from benchmarks.quality import read_rows
 from fmt_hf import convert_llama_to_fmt
+from fmt_hf.toolkit.arguments import parse_config_overrides
 from fmt_hf.toolkit.evaluation import score_documents
 from fmt_hf.toolkit.metrics import LM_BITS
-from fmt_hf.toolkit.training import parse_config_overrides
 
 DENSE = "dense"
 """The setting name of the source model's own row."""

@@ -41,11 +41,11 @@ from tqdm.auto import tqdm
 from benchmarks.attention import measure_peak_memory
 from benchmarks.peers import PEER_PACKAGES, attach_peer, peer_unavailable
 from fmt_hf import FMTConfig, FMTForCausalLM
+from fmt_hf.toolkit.arguments import CorpusArguments
 from fmt_hf.toolkit.data import pack_documents
 from fmt_hf.toolkit.evaluation import score_documents
 from fmt_hf.toolkit.metrics import LM_BITS
 from fmt_hf.toolkit.tokenizer import byte_tokenizer
-from fmt_hf.toolkit.training import CorpusArguments
 
 ATTENTIONS = ("fma", "sdpa", *PEER_PACKAGES)
 """``fma`` (the config's ``fma_*`` fields choose the variant), ``sdpa`` (dense), and the peers of benchmarks.peers."""

@@ -10,7 +10,7 @@ from lm_helpers import play_excerpts, script, write_documents
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fmt_hf import FMTConfig, FMTForCausalLM
-from fmt_hf.toolkit.evaluation import EvalArguments, position_breakdown, score_documents, strided_windows
+from fmt_hf.toolkit.evaluation import position_breakdown, score_documents, strided_windows
 from fmt_hf.toolkit.tokenizer import byte_tokenizer
 
 BYTE_IDS = {"vocab_size": 259, "pad_token_id": 256, "bos_token_id": 257, "eos_token_id": 257}
@@ -204,13 +204,3 @@ def test_bad_eval_input_fails_clearly(tmp_path):
         run_eval(tmp_path, tiny_fmt(), context_length=256)
     with pytest.raises(ValueError, match="no split 'dev'"):
         run_eval(tmp_path, tiny_fmt(), "--split", "dev")
-    with pytest.raises(ValueError, match="--max_document_tokens must be at least 2"):
-        EvalArguments(model_name_or_path="m", max_document_tokens=1)
-    for buckets in ([32, 16], [1], [64], [0, 8]):
-        with pytest.raises(
-            ValueError, match="--position_buckets must increase strictly between 1 and --context_length=64"
-        ):
-            EvalArguments(model_name_or_path="m", context_length=64, position_buckets=buckets)
-    for stride in (0, 64):
-        with pytest.raises(ValueError, match="--stride must be at least 1 and less than --context_length=64"):
-            EvalArguments(model_name_or_path="m", context_length=64, stride=stride)

@@ -19,8 +19,6 @@ from lm_helpers import (
 )
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSequenceClassification, Trainer
 
-from fmt_hf.toolkit.training import ModelArguments, parse_config_overrides
-
 pytestmark = pytest.mark.download  # registry corpora
 
 
@@ -42,16 +40,6 @@ def read_json(path):
 def losses(output_dir):
     """{step: training loss} logged by the Trainer."""
     return {e["step"]: e["loss"] for e in read_json(output_dir / "trainer_state.json")["log_history"] if "loss" in e}
-
-
-def test_parse_config_overrides():
-    parsed = parse_config_overrides("hidden_size=128, fma_downsample=full,rope_theta=1e5,fma_scale_attn=False")
-    assert parsed == {"hidden_size": 128, "fma_downsample": "full", "rope_theta": 1e5, "fma_scale_attn": False}
-    assert parse_config_overrides(None) == {}
-    with pytest.raises(ValueError, match="'hiden_size' is not an FMTConfig field"):
-        parse_config_overrides("hiden_size=128")
-    with pytest.raises(ValueError, match="not of the form name=value"):
-        parse_config_overrides("hidden_size")
 
 
 def test_clm_trains_evaluates_in_bits_per_byte_and_saves(documents, tmp_path):
@@ -236,11 +224,6 @@ def test_bad_input_fails_clearly(documents, tmp_path, data, extra, message):
     }
     with pytest.raises(ValueError, match=message):
         train(train_argv(tmp_path / "out", folders[data], "--do_train", "--max_steps", "1", *extra))
-
-
-def test_config_overrides_need_a_model_from_scratch():
-    with pytest.raises(ValueError, match="can't be combined with --model_name_or_path"):
-        ModelArguments(model_name_or_path="some/checkpoint", config_overrides="hidden_size=64")
 
 
 # ----------------------------------------------------------------------------- long-document classification

@@ -1,6 +1,7 @@
 """``evaluate`` metric modules shipped inside ``fmt_hf`` (the Hub's metric scripts cannot be fetched offline).
 
-Load one with ``evaluate.load(LM_BITS)`` or ``evaluate.load(ACCURACY)``.
+Load one with ``evaluate.load(LM_BITS)`` or ``evaluate.load(ACCURACY)``; :mod:`.trainer_metrics` wraps them as
+the ``Trainer``'s metrics.
 """
 
 from pathlib import Path

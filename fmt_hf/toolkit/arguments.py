@@ -1,0 +1,386 @@
+"""The toolkit's command-line arguments: the ``HfArgumentParser`` dataclasses of ``scripts/train.py``
+(:class:`ModelArguments`, :class:`DataArguments`), ``scripts/eval_lm.py`` (:class:`EvalArguments`,
+:class:`CorpusArguments`) and ``scripts/convert_llama.py`` (:class:`ConvertArguments`), with what reads their values:
+:func:`parse_config_overrides` for ``--config_overrides`` and ``--fma_options``, and the record of a training run's
+arguments (:data:`TRAINING_SETUP_NAME`) that the model card reads back.
+
+Each field carries its ``--help`` text; each ``__post_init__`` rejects bad values with a message naming the flag.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from itertools import pairwise
+from typing import Any, Literal
+
+import datasets
+from transformers import TrainingArguments
+
+from ..model import FMTConfig
+from .data import CORPORA, DEFAULT_CORPUS, build_corpus, load_corpus, select_documents
+from .tokenizer import BYTE_TOKENIZER
+
+Task = Literal["clm", "mlm", "classification"]
+"""What ``scripts/train.py`` trains: a causal LM, a masked LM or a sequence classifier."""
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train: an FMT built from scratch, or a checkpoint to continue from."""
+
+    task: Task = field(
+        default="clm",
+        metadata={
+            "help": "Causal language modelling (`clm`, next-token prediction), masked language modelling "
+            "(`mlm`, bidirectional), or `classification`: which work a long passage comes from (a "
+            "sequence classifier, pooled at the last token of a causal model and over all tokens of "
+            "a bidirectional one)."
+        },
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Checkpoint (local folder or Hub id) to start from. Leave unset to train an FMT from scratch."
+        },
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "Only when training from scratch: comma-separated FMTConfig fields overriding the "
+            "defaults, e.g. `hidden_size=128,num_hidden_layers=2,fma_block_size=32` (`is_causal=False` "
+            "for a bidirectional classifier). `max_position_embeddings` defaults to --seq_len."
+        },
+    )
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={
+            "help": f"Tokenizer folder or Hub id, or `{BYTE_TOKENIZER}` for the byte-level tokenizer. "
+            "Defaults to the checkpoint's tokenizer, or bytes when training from scratch."
+        },
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention implementation (`fma`, `sdpa`, `eager`); FMT models default to `fma`."},
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Allow a checkpoint from the Hub to run its own modelling code."},
+    )
+    train_only_downsamplers: bool = field(
+        default=False,
+        metadata={
+            "help": "Freeze every weight but the FMA downsamplers: uptraining a model converted from a dense "
+            "checkpoint (scripts/convert_llama.py), whose other weights are already trained."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.config_overrides is not None and self.model_name_or_path is not None:
+            raise ValueError(
+                "--config_overrides only applies to a model trained from scratch; it can't be combined with "
+                "--model_name_or_path"
+            )
+
+
+def parse_config_overrides(overrides: str | None) -> dict[str, Any]:
+    """``"hidden_size=128,fma_downsample=full"`` -> ``{"hidden_size": 128, "fma_downsample": "full"}``.
+
+    Values are Python literals (``128``, ``0.1``, ``True``, ``None``) or else plain strings. Names that are not
+    ``FMTConfig`` fields raise ``ValueError`` (a config would otherwise keep a misspelt name as an unused extra).
+    """
+    if not overrides:
+        return {}
+    known = {f.name for f in dataclasses.fields(FMTConfig)}
+    parsed = {}
+    for item in overrides.split(","):
+        name, sep, value = (part.strip() for part in item.partition("="))
+        if not sep or not name:
+            raise ValueError(f"config override {item!r} is not of the form name=value")
+        if name not in known:
+            raise ValueError(f"config override {name!r} is not an FMTConfig field; fields: {', '.join(sorted(known))}")
+        try:
+            parsed[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed[name] = value
+    return parsed
+
+
+@dataclass
+class CorpusArguments:
+    """Which documents to use: a corpus shipped in a registry package, or a dataset on the Hub."""
+
+    corpus: str = field(
+        default=DEFAULT_CORPUS,
+        metadata={"help": f"Registry corpus, one of: {', '.join(CORPORA)}. Ignored when --dataset_name is given."},
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dataset for `datasets.load_dataset` (a Hub id or a local folder) instead of --corpus; "
+            "one row per document."
+        },
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration name of --dataset_name."})
+    text_column: str = field(default="text", metadata={"help": "Text column of --dataset_name."})
+    works: str | None = field(
+        default=None,
+        metadata={
+            "help": "Regular expression keeping the documents whose title it matches (default: all), e.g. "
+            "`^(Henry|Richard)` for Shakespeare's nine histories, `^(?!Henry|Richard)` for the other "
+            "plays. For --task classification the works kept are the classes."
+        },
+    )
+    validation_fraction: float = field(
+        default=0.1, metadata={"help": "Fraction of the documents held out for validation."}
+    )
+    test_fraction: float = field(default=0.1, metadata={"help": "Fraction of the documents held out for testing."})
+    split_seed: int = field(
+        default=0, metadata={"help": "Seed of the document-level split (kept apart from the training seed)."}
+    )
+    corpus_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where registry corpora are downloaded (default: $FMT_HF_CACHE/corpora or ~/.cache/fmt_hf/corpora)."
+        },
+    )
+
+    @property
+    def data_id(self) -> str:
+        """Name of the documents in results and model cards: the dataset's, or ``fmt_hf/<corpus>``."""
+        return self.dataset_name or f"fmt_hf/{self.corpus}"
+
+    def load_works(self) -> datasets.Dataset:
+        """The --works documents, unsplit, with their ``title`` and ``text``: of the corpus, or of --dataset_name's
+        train split (which then needs a ``title`` column)."""
+        if self.dataset_name is None:
+            return select_documents(load_corpus(self.corpus, self.corpus_cache_dir), self.works)
+        documents = datasets.load_dataset(self.dataset_name, self.dataset_config_name, split="train")
+        if self.text_column != "text":
+            documents = documents.rename_column(self.text_column, "text")
+        if "title" not in documents.column_names:
+            raise ValueError(f"--dataset_name {self.dataset_name}: classification needs a `title` column (the class)")
+        return select_documents(documents, self.works)
+
+    def load_documents(self) -> datasets.DatasetDict:
+        """The ``train``/``validation``/``test`` splits of whole documents (see
+        :func:`fmt_hf.toolkit.data.build_corpus`)."""
+        return build_corpus(
+            self.corpus,
+            dataset_name=self.dataset_name,
+            dataset_config=self.dataset_config_name,
+            text_column=self.text_column,
+            validation_fraction=self.validation_fraction,
+            test_fraction=self.test_fraction,
+            seed=self.split_seed,
+            cache_dir=self.corpus_cache_dir,
+            titles=self.works,
+        )
+
+
+@dataclass
+class DataArguments(CorpusArguments):
+    """The documents and how they become training examples."""
+
+    seq_len: int = field(
+        default=1024,
+        metadata={"help": "Tokens per packed training block; for classification, the longest passage in tokens."},
+    )
+    mlm_probability: float = field(default=0.15, metadata={"help": "Fraction of tokens masked for --task mlm."})
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Keep only the first N training blocks (quick runs)."}
+    )
+    max_eval_samples: int | None = field(
+        default=None,
+        metadata={"help": "Keep only the first N validation blocks, or validation and test passages (quick runs)."},
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None, metadata={"help": "Processes used to tokenize and pack the documents."}
+    )
+    passage_chars: int | None = field(
+        default=None,
+        metadata={
+            "help": "Classification: characters per passage (default --seq_len; with the byte tokenizer a "
+            "character of the corpora is a token). Passages are truncated to --seq_len tokens."
+        },
+    )
+    regions_per_work: int = field(
+        default=10,
+        metadata={
+            "help": "Classification: each work is cut into this many regions, assigned to train, validation "
+            "and test by --validation_fraction and --test_fraction."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
+
+
+TRAINING_SETUP_NAME = "training_setup.json"
+"""File that :func:`fmt_hf.toolkit.training.train` writes next to the trained model: the model, data and main
+training arguments of the run, read back by the model card (:mod:`fmt_hf.toolkit.hub`)."""
+
+# TrainingArguments recorded in TRAINING_SETUP_NAME (with the number of processes) for the model card.
+_RECORDED_TRAINING_ARGUMENTS = (
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "max_steps",
+    "num_train_epochs",
+    "seed",
+)
+
+
+def write_training_setup(
+    path: str, model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+) -> None:
+    """Write the run's :data:`TRAINING_SETUP_NAME` record to ``path``."""
+    all_training_args = training_args.to_dict()  # enums as their values: JSON-ready
+    training = {name: all_training_args[name] for name in _RECORDED_TRAINING_ARGUMENTS}
+    training["world_size"] = training_args.world_size
+    setup = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args), "training": training}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(setup, f, indent=2)
+
+
+@dataclass
+class EvalArguments:
+    """Which model to score, on which split, at which context length."""
+
+    model_name_or_path: str = field(
+        metadata={"help": "Causal LM checkpoint: a local folder (e.g. train.py's --output_dir) or a Hub id."}
+    )
+    tokenizer_name: str | None = field(
+        default=None,
+        metadata={"help": "Tokenizer folder or Hub id, or `bytes`; defaults to the checkpoint's own tokenizer."},
+    )
+    split: str = field(default="test", metadata={"help": "Split of whole documents to score."})
+    context_length: int = field(default=1024, metadata={"help": "Tokens per window (the model's context)."})
+    stride: int | None = field(
+        default=None,
+        metadata={
+            "help": "Tokens between window starts, less than --context_length; each later window scores its "
+            "last `stride` tokens, with at least context_length - stride tokens of context. Defaults "
+            "to half the context length."
+        },
+    )
+    batch_size: int = field(default=8, metadata={"help": "Windows per forward pass."})
+    max_documents: int | None = field(default=None, metadata={"help": "Score only the first N documents."})
+    max_document_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Score only the first N tokens of each document (the BOS token included): quick runs, "
+            "and the same tokens at every --context_length."
+        },
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "Attention implementation (`fma`, `sdpa`, `eager`); the model's default."}
+    )
+    dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16, float16 or auto."})
+    device: str | None = field(default=None, metadata={"help": "Device; default cuda when available, else cpu."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow a Hub checkpoint to run its own modelling code."}
+    )
+    position_buckets: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Also report perplexity by where the target sits in its window, i.e. how many tokens of "
+            "context it had: bucket boundaries, e.g. `512 2048` for positions [1, 512), [512, 2048) "
+            "and [2048, context_length). Shows which distances a long-context model loses on."
+        },
+    )
+    output_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "JSON file for the results. Defaults to eval_lm_<split>_<context_length>.json inside a "
+            "local checkpoint folder (where push_to_hub.py finds it); not written for a Hub id."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.stride is None:
+            self.stride = max(1, self.context_length // 2)
+        if self.context_length < 2:
+            raise ValueError(f"--context_length must be at least 2, got {self.context_length}")
+        if not 1 <= self.stride < self.context_length:
+            # At stride == context_length a window's first token would be a target with no context.
+            raise ValueError(
+                f"--stride must be at least 1 and less than --context_length={self.context_length}, got {self.stride}"
+            )
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size must be at least 1, got {self.batch_size}")
+        if self.max_document_tokens is not None and self.max_document_tokens < 2:
+            raise ValueError(f"--max_document_tokens must be at least 2, got {self.max_document_tokens}")
+        if self.position_buckets is not None:
+            edges = [1, *self.position_buckets, self.context_length]
+            if any(a >= b for a, b in pairwise(edges)):
+                raise ValueError(
+                    f"--position_buckets must increase strictly between 1 and --context_length="
+                    f"{self.context_length}, got {self.position_buckets}"
+                )
+        if self.output_file is None and os.path.isdir(self.model_name_or_path):
+            self.output_file = os.path.join(self.model_name_or_path, f"eval_lm_{self.split}_{self.context_length}.json")
+
+
+@dataclass
+class ConvertArguments:
+    """Which Llama checkpoint to convert, where to save the FMT model, and its FMA settings."""
+
+    model_name_or_path: str = field(
+        metadata={"help": "Llama checkpoint: a local folder or Hub id, or the folder holding --gguf_file."}
+    )
+    output_dir: str = field(metadata={"help": "Where to save the FMT checkpoint (with the tokenizer and its code)."})
+    gguf_file: str | None = field(
+        default=None,
+        metadata={"help": "GGUF file inside --model_name_or_path (dequantized on load; needs `pip install gguf`)."},
+    )
+    dense_output_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Also save the source as a plain Llama checkpoint here (a GGUF file dequantized), e.g. "
+            "to evaluate it with eval_lm.py next to the FMT model."
+        },
+    )
+    max_position_embeddings: int | None = field(
+        default=None, metadata={"help": "Longest sequence of the FMT model; defaults to the source's."}
+    )
+    fma_block_size: int = field(
+        default=64,
+        metadata={
+            "help": "FMA's finest block m (exact for n <= 2m). A pretrained model keeps most of its quality with "
+            "m = 256 and --fma_options fma_sink_tokens=64 (README, `scripts/bench_conversion.py`)."
+        },
+    )
+    fma_coarse_tokens: int = field(default=4, metadata={"help": "FMA's summaries per group p."})
+    fma_options: str | None = field(
+        default=None,
+        metadata={"help": "Further FMA settings, comma-separated, e.g. `fma_downsample=full,fma_query_mode=coarse`."},
+    )
+    dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "Dtype of the loaded source and so of both saved models: float32, bfloat16, float16, or "
+            "auto (the checkpoint's)."
+        },
+    )
+
+
+__all__ = [
+    "TRAINING_SETUP_NAME",
+    "ConvertArguments",
+    "CorpusArguments",
+    "DataArguments",
+    "EvalArguments",
+    "ModelArguments",
+    "Task",
+    "parse_config_overrides",
+    "write_training_setup",
+]

@@ -1,0 +1,71 @@
+"""fmt_hf.toolkit.arguments: the scripts' argument dataclasses reject bad values naming the flag, fill in their
+defaults, and the training-setup record reads back as the arguments it was written from."""
+
+import dataclasses
+import json
+
+import pytest
+from transformers import TrainingArguments
+
+from fmt_hf.toolkit.arguments import (
+    DataArguments,
+    EvalArguments,
+    ModelArguments,
+    parse_config_overrides,
+    write_training_setup,
+)
+
+
+def test_parse_config_overrides():
+    parsed = parse_config_overrides("hidden_size=128, fma_downsample=full,rope_theta=1e5,fma_scale_attn=False")
+    assert parsed == {"hidden_size": 128, "fma_downsample": "full", "rope_theta": 1e5, "fma_scale_attn": False}
+    assert parse_config_overrides(None) == {}
+    with pytest.raises(ValueError, match="'hiden_size' is not an FMTConfig field"):
+        parse_config_overrides("hiden_size=128")
+    with pytest.raises(ValueError, match="not of the form name=value"):
+        parse_config_overrides("hidden_size")
+
+
+def test_config_overrides_need_a_model_from_scratch():
+    with pytest.raises(ValueError, match="can't be combined with --model_name_or_path"):
+        ModelArguments(model_name_or_path="some/checkpoint", config_overrides="hidden_size=64")
+
+
+@pytest.mark.parametrize("name", ["max_train_samples", "max_eval_samples"])
+def test_sample_limits_must_be_positive(name):
+    with pytest.raises(ValueError, match=f"--{name} must be at least 1, got 0"):
+        DataArguments(**{name: 0})
+
+
+def test_eval_arguments_reject_bad_values():
+    with pytest.raises(ValueError, match="--max_document_tokens must be at least 2"):
+        EvalArguments(model_name_or_path="m", max_document_tokens=1)
+    for buckets in ([32, 16], [1], [64], [0, 8]):
+        with pytest.raises(
+            ValueError, match="--position_buckets must increase strictly between 1 and --context_length=64"
+        ):
+            EvalArguments(model_name_or_path="m", context_length=64, position_buckets=buckets)
+    for stride in (0, 64):
+        with pytest.raises(ValueError, match="--stride must be at least 1 and less than --context_length=64"):
+            EvalArguments(model_name_or_path="m", context_length=64, stride=stride)
+
+
+def test_eval_arguments_defaults(tmp_path):
+    hub = EvalArguments(model_name_or_path="user/model", context_length=64)
+    assert hub.stride == 32 and hub.output_file is None  # nowhere to write beside a Hub id
+    local = EvalArguments(model_name_or_path=str(tmp_path), split="validation", context_length=64)
+    assert local.output_file == str(tmp_path / "eval_lm_validation_64.json")
+
+
+def test_training_setup_reads_back_as_the_arguments(tmp_path):
+    model_args = ModelArguments(task="mlm", config_overrides="hidden_size=32")
+    data_args = DataArguments(dataset_name="user/documents", seq_len=128)
+    training_args = TrainingArguments(output_dir=str(tmp_path), learning_rate=1e-3, max_steps=5)
+    write_training_setup(str(tmp_path / "setup.json"), model_args, data_args, training_args)
+
+    setup = json.loads((tmp_path / "setup.json").read_text())
+    assert ModelArguments(**setup["model"]) == model_args
+    assert DataArguments(**setup["data"]) == data_args and DataArguments(**setup["data"]).data_id == "user/documents"
+    assert setup["training"]["learning_rate"] == 1e-3 and setup["training"]["max_steps"] == 5
+    assert setup["training"]["lr_scheduler_type"] == "linear" and setup["training"]["world_size"] == 1
+    assert set(setup["data"]) == {f.name for f in dataclasses.fields(DataArguments)}
