@@ -4,7 +4,9 @@
 :func:`parse_config_overrides` for ``--config_overrides`` and ``--fma_options``, and the record of a training run's
 arguments (:data:`TRAINING_SETUP_NAME`) that the model card reads back.
 
-Each field carries its ``--help`` text; each ``__post_init__`` rejects bad values with a message naming the flag.
+Each field carries its ``--help`` text; a ``__post_init__`` fills in the defaults that depend on other fields and
+rejects bad values with a message naming the flag. ``scripts/push_to_hub.py``'s ``PushArguments`` stays in
+:mod:`fmt_hf.toolkit.hub`: its default template is that module's.
 """
 
 from __future__ import annotations
