@@ -1,8 +1,8 @@
-"""Timing, peak-memory and FLOP accounting for FastMultipoleAttention against dense PyTorch SDPA.
+"""Timing and FLOP accounting for FastMultipoleAttention against dense PyTorch SDPA: the sweep, and the command of
+``scripts/bench_attention.py`` (:class:`AttentionBenchArguments`, :func:`bench_attention`).
 
-The engine behind ``scripts/bench_attention.py`` and the speed/memory part of ``scripts/demo_attention.py``; both
-scripts are thin command-line layers over :func:`run_benchmark`, :func:`format_table`, :func:`plot_results`
-and :func:`write_results`.
+The speed/memory part of ``scripts/demo_attention.py`` runs the same sweep (:func:`run_benchmark`); its table, plot
+and files are ``benchmarks.attention_report``'s.
 
 How the numbers are taken (also written into every result file, see :data:`METHODS`):
 
@@ -15,36 +15,25 @@ How the numbers are taken (also written into every result file, see :data:`METHO
   once it has ``min_repeats`` samples *and* has spent ``budget_s`` seconds in the cell -- so dense attention
   at 64K gets one or two samples while FMA keeps its full count. A warm-up call that alone takes longer than
   ``budget_s`` is itself counted as a sample (a first-call overhead is negligible at that size).
-* **peak memory** -- the warm-up call runs under ``torch.profiler`` with ``profile_memory=True``; the
-  allocator's allocation/free events are replayed in time order and the highest running total is the peak:
-  bytes PyTorch's CPU allocator held *beyond what was live before the call* (inputs and parameters excluded;
-  outputs, saved activations and gradients included). It is the CPU analogue of
-  ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``; it does not see allocator slack,
-  the Python heap or library scratch buffers that bypass PyTorch's allocator. (Checked once against the
-  ru_maxrss increase of a fresh process for FMA at n = 4096: 165 MiB here, 175-189 MiB RSS.)
+* **peak memory** -- the warm-up call runs under ``benchmarks.measure.measure_peak_memory``: bytes PyTorch's CPU
+  allocator held beyond what was live before the call (inputs and parameters excluded; outputs, saved activations
+  and gradients included).
 * **FLOPs** -- only the logits and weighted sums FMA needs: ``2d`` (``d`` multiply-adds) per (query, key
   slot) pair for ``q.k`` and again for ``p.v``, i.e. ``4 * B * H * d * pairs``, with per-query slots ``2m + 2pL``
   causal or ``3m + 3pL`` bidirectional for fine queries (``L`` = coarse levels used at that length; masked
   slots of the diagonal block counted, the downsampling convolutions not). Forward+backward counts 3x the
   forward (each forward matmul has two gradient matmuls). Achieved GFLOP/s is set against the median rate of a
   large float matmul timed in the same run.
-* **others** -- cores kept busy by other processes (and hypervisor steal) during each cell, from /proc/stat
-  minus this process's CPU time. On a shared machine it marks the timings to distrust.
+* **others** -- cores kept busy by other processes during each cell (``benchmarks.measure.CpuNeighbours``).
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import gc
-import json
-import os
-import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from functools import partial
 
 import torch
@@ -54,10 +43,12 @@ from fmt_hf.model.fma_attention import FastMultipoleAttention
 from fmt_hf.model.fma_downsample import DOWNSAMPLE_MODES
 from fmt_hf.model.fma_partition import num_levels
 
+from .attention_report import format_table, plot_results, write_results
+from .measure import DTYPES, CpuNeighbours, matmul_rate, measure_peak_memory, system_info
+
 MODES = ("causal", "bidir")
 PASSES = ("fwd", "fwd+bwd")
 IMPLS = ("fma", "sdpa")
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 METHODS = {
     "time": "wall clock of one call (forward under no_grad, or forward + backward(random grad)); FMA and SDPA "
@@ -126,53 +117,6 @@ def dense_flops(n: int, cfg: BenchConfig, causal: bool, backward: bool) -> float
 
 
 # ---------------------------------------------------------------------------------------------- measurement
-
-
-def matmul_rate(size: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> list[float]:
-    """GFLOP/s of ``size x size @ size x size`` (one untimed warm-up, then ``repeats`` samples)."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    torch.matmul(a, b)
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        rates.append(2.0 * size**3 / (time.perf_counter() - start) / 1e9)
-    return rates
-
-
-@contextlib.contextmanager
-def _quiet_fd2():
-    """Silence file descriptor 2 (libkineto prints unconditional start/stop lines there)."""
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def measure_peak_memory(call: Callable[[], object]) -> tuple[int, float]:
-    """Run ``call`` once under the memory profiler; return (peak allocator bytes above the start, seconds)."""
-    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
-    with _quiet_fd2():
-        prof.start()
-    try:
-        start = time.perf_counter()
-        call()
-        elapsed = time.perf_counter() - start
-    finally:
-        with _quiet_fd2():
-            prof.stop()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    events.sort(key=lambda e: e.start_ns())
-    live = peak = 0
-    for event in events:
-        live += event.nbytes()
-        peak = max(peak, live)
-    return peak, elapsed
 
 
 def _timed(call: Callable[[], object]) -> float:
@@ -291,55 +235,6 @@ def _measure_cell(n: int, mode: str, pass_: str, cfg: BenchConfig, status: Calla
     return row
 
 
-def system_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    return {
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "cpu": cpu,
-        "python": platform.python_version(),
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
-
-
-class CpuNeighbours:
-    """Average number of cores other processes (and hypervisor steal) kept busy between start() and stop().
-
-    System-wide busy time from /proc/stat minus the CPU time of this process and of its children waited for, over
-    wall time (so a benchmark subprocess does not count as a neighbour). ``None`` where /proc/stat is unavailable.
-    The benchmark reports it per cell: on a shared machine it says which timings to distrust (with every core given
-    to torch threads, one busy neighbour can slow small parallel kernels many-fold).
-    """
-
-    @staticmethod
-    def _busy_seconds() -> float | None:
-        try:
-            with open("/proc/stat") as f:
-                ticks = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
-            return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
-        except (OSError, ValueError, IndexError, AttributeError):
-            return None
-
-    @staticmethod
-    def _own_seconds() -> float:
-        times = os.times()
-        return time.process_time() + times.children_user + times.children_system
-
-    def start(self) -> CpuNeighbours:
-        self._busy, self._own, self._wall = self._busy_seconds(), self._own_seconds(), time.perf_counter()
-        return self
-
-    def stop(self) -> float | None:
-        busy, wall = self._busy_seconds(), time.perf_counter() - self._wall
-        if busy is None or self._busy is None or wall <= 0:
-            return None
-        return max(0.0, (busy - self._busy - (self._own_seconds() - self._own)) / wall)
-
-
 def run_benchmark(
     lengths: Iterable[int],
     modes: Iterable[str] = ("causal",),
@@ -408,229 +303,99 @@ def run_benchmark(
     return rows, meta
 
 
-# ---------------------------------------------------------------------------------------------- reporting
+# ---------------------------------------------------------------------------------------------- command line
 
 
-def _fmt_time(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    return f"{seconds * 1e3:.1f} ms" if seconds < 10 else f"{seconds:.1f} s"
+@dataclass
+class AttentionBenchArguments:
+    """The command line of ``scripts/bench_attention.py``: the sweep's lengths, modes and passes, and a
+    :class:`BenchConfig`."""
 
+    lengths: list[int] = field(
+        default_factory=lambda: [1024, 2048, 4096, 8192, 16384, 32768, 65536], metadata={"help": "sequence lengths n"}
+    )
+    modes: list[str] = field(
+        default_factory=lambda: list(MODES), metadata={"choices": MODES, "help": "attention modes"}
+    )
+    passes: list[str] = field(
+        default_factory=lambda: list(PASSES), metadata={"choices": PASSES, "help": "what one timed call does"}
+    )
+    repeats: int = field(default=5, metadata={"help": "timed samples per implementation and cell (at most)"})
+    min_repeats: int = field(default=1, metadata={"help": "samples always taken, even when one call exceeds --budget"})
+    budget: float = field(
+        default=30.0,
+        metadata={"help": "seconds per implementation and cell after which repeating stops (once --min_repeats)"},
+    )
+    sdpa_max_n: int | None = field(default=None, metadata={"help": "skip SDPA above this length; unset: never"})
+    batch: int = field(default=1, metadata={"help": "batch size"})
+    heads: int = field(default=8, metadata={"help": "attention heads (K/V heads too)"})
+    head_dim: int = field(default=64, metadata={"help": "d"})
+    dtype: str = field(default="float32", metadata={"choices": list(DTYPES), "help": "inputs and the matmul reference"})
+    block_size: int = field(default=64, metadata={"help": "FMA m"})
+    coarse_tokens: int = field(default=4, metadata={"help": "FMA p"})
+    query_mode: str = field(default="fine", metadata={"choices": ["fine", "coarse"], "help": "FMA query_mode"})
+    downsample: str = field(
+        default="depthwise",
+        metadata={"choices": DOWNSAMPLE_MODES, "help": "FMA downsample (learned ones at their average init)"},
+    )
+    compare_downsample: list[str] = field(
+        default_factory=list,
+        metadata={
+            "choices": DOWNSAMPLE_MODES,
+            "help": "also time FMA with these downsamplers, interleaved with --downsample in every cell, and report "
+            "their time relative to it (e.g. --downsample depthwise --compare_downsample recursive); --sdpa_max_n 0 "
+            "leaves dense attention out",
+        },
+    )
+    threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads; unset: torch's default"})
+    matmul_size: int = field(default=2048, metadata={"help": "square matmul timed for the machine's rate"})
+    seed: int = field(default=0, metadata={"help": "seed for inputs"})
+    out: str = field(
+        default="outputs/bench_attention.png",
+        metadata={"help": "plot path; <stem>.csv and <stem>.json are written beside it"},
+    )
+    no_progress: bool = field(default=False, metadata={"help": "no progress bar"})
 
-def _fmt_mib(nbytes: int | None) -> str:
-    return "-" if nbytes is None else f"{nbytes / 2**20:.0f}"
-
-
-def format_table(rows: list[dict], meta: dict) -> str:
-    """Plain-text table of the sweep plus the conventions behind each column."""
-    compared = meta["config"]["compare_downsample"]  # per family: its time, its ratio to FMA, its memory
-    header = [
-        "n",
-        "mode",
-        "pass",
-        "L",
-        "FMA",
-        "SDPA",
-        "SDPA/FMA",
-        "FMA MiB",
-        "SDPA MiB",
-        "FMA GF/s",
-        "% matmul",
-        "reps F/S",
-        "others",
-    ]
-    for family in compared:
-        header[-1:-1] = [f"FMA {family}", f"{family}/FMA", f"{family} MiB"]
-    body = []
-    for r in rows:
-        extra = []
-        for family in compared:
-            impl = f"fma_{family}"
-            extra += [
-                _fmt_time(r[f"{impl}_median_s"]),
-                f"{r[f'ratio_{impl}_over_fma']:.3f}",
-                _fmt_mib(r[f"{impl}_peak_bytes"]),
-            ]
-        body.append(
-            [
-                str(r["n"]),
-                r["mode"],
-                r["pass"],
-                str(r["levels"]),
-                _fmt_time(r["fma_median_s"]),
-                _fmt_time(r["sdpa_median_s"]),
-                "-" if r["ratio_sdpa_over_fma"] is None else f"{r['ratio_sdpa_over_fma']:.2f}x",
-                _fmt_mib(r["fma_peak_bytes"]),
-                _fmt_mib(r["sdpa_peak_bytes"]),
-                f"{r['fma_gflops']:.3g}",
-                f"{100 * r['fma_fraction_of_matmul']:.2g}%",
-                f"{len(r['fma_times_s'])}/{len(r['sdpa_times_s'])}",
-                *extra,
-                _fmt_cores(r.get("other_cores")),
-            ]
+    def bench_config(self) -> BenchConfig:
+        return BenchConfig(
+            batch=self.batch,
+            heads=self.heads,
+            head_dim=self.head_dim,
+            dtype=self.dtype,
+            block_size=self.block_size,
+            coarse_tokens=self.coarse_tokens,
+            query_mode=self.query_mode,
+            downsample=self.downsample,
+            compare_downsample=tuple(self.compare_downsample),
+            repeats=self.repeats,
+            min_repeats=self.min_repeats,
+            budget_s=self.budget,
+            sdpa_max_n=self.sdpa_max_n,
+            seed=self.seed,
         )
-    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.rjust(w) for h, w in zip(header, widths))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(c.rjust(w) for c, w in zip(b, widths)) for b in body]
-    cfg, mm, sysinfo = meta["config"], meta["matmul"], meta["system"]
-    lines += [
-        "",
-        f"B={cfg['batch']} H={cfg['heads']} d={cfg['head_dim']} {cfg['dtype']}, m={cfg['block_size']} "
-        f"p={cfg['coarse_tokens']} query_mode={cfg['query_mode']} downsample={cfg['downsample']}"
-        + "".join(f" (and {family})" for family in compared)
-        + "; "
-        f"torch {sysinfo['torch']}, {sysinfo['threads']} threads, {sysinfo['cpu']}",
-        f"matmul {mm['size']}^3 {mm['dtype']}: median {mm['gflops_median']:.1f} GFLOP/s "
-        f"(before {statistics.median(mm['gflops_before']):.1f}, after {statistics.median(mm['gflops_after']):.1f})",
-        f"time: {METHODS['time']}",
-        f"others: cores kept busy by other processes during the cell (whole run: {_fmt_cores(sysinfo['other_cores'])}"
-        f" of {sysinfo['cpus']}); well above 0 means a noisy neighbour and timings to distrust",
-        f"memory (MiB): {METHODS['memory']}",
-        f"FLOPs: {METHODS['flops']}",
-    ]
-    return "\n".join(lines)
 
 
-def _fmt_cores(cores: float | None) -> str:
-    return "?" if cores is None else f"{cores:.2f}"
-
-
-def plot_results(rows: list[dict], path: str, title: str = "FMA vs dense SDPA") -> str:
-    """Log-log time and peak memory against n, one line per (implementation, mode, pass)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.8))
-    # FMA layers with other downsamplers (compare_downsample) are the rows' "ratio_fma_<family>_over_fma" keys
-    compared = [
-        key[len("ratio_") : -len("_over_fma")] for key in (rows[0] if rows else {}) if key.startswith("ratio_fma_")
-    ]
-    styles = {
-        "fma": ("C0", "FMA"),
-        "sdpa": ("C3", "SDPA"),
-        **{impl: (f"C{4 + i}", f"FMA {impl[4:]}") for i, impl in enumerate(compared)},
-    }
-    markers = {"causal": "o", "bidir": "s"}
-    lines = {"fwd": "--", "fwd+bwd": "-"}
-    series = sorted({(r["mode"], r["pass"]) for r in rows})
-    for impl, (color, name) in styles.items():
-        for mode, pass_ in series:
-            pts = sorted(
-                (r["n"], r[f"{impl}_median_s"], r[f"{impl}_peak_bytes"])
-                for r in rows
-                if r["mode"] == mode and r["pass"] == pass_ and r[f"{impl}_median_s"] is not None
-            )
-            if not pts:
-                continue
-            ns = [p[0] for p in pts]
-            kw = dict(color=color, marker=markers[mode], linestyle=lines[pass_], label=f"{name} {mode} {pass_}")
-            ax_t.plot(ns, [p[1] for p in pts], **kw)
-            ax_m.plot(ns, [p[2] / 2**20 for p in pts], **kw)
-    for ax, ylabel in ((ax_t, "median time per call (s)"), (ax_m, "peak allocator memory (MiB)")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("sequence length n")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-    ax_t.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-CSV_FIELDS = [
-    "n",
-    "mode",
-    "pass",
-    "levels",
-    "fma_median_s",
-    "sdpa_median_s",
-    "ratio_sdpa_over_fma",
-    "fma_peak_bytes",
-    "sdpa_peak_bytes",
-    "fma_flops",
-    "fma_gflops",
-    "fma_fraction_of_matmul",
-    "sdpa_flops",
-    "sdpa_gflops",
-    "fma_times_s",
-    "sdpa_times_s",
-    "fma_warmup_counted",
-    "sdpa_warmup_counted",
-    "other_cores",
-]
-
-
-def write_results(rows: list[dict], meta: dict, png_path: str) -> tuple[str, str]:
-    """Raw numbers beside the plot: ``<stem>.csv`` (one row per cell) and ``<stem>.json`` (rows + metadata)."""
-    stem = os.path.splitext(png_path)[0]
-    os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
-    csv_path, json_path = stem + ".csv", stem + ".json"
-    compared = [f"fma_{family}" for family in meta["config"]["compare_downsample"]]
-    fields = CSV_FIELDS + [f"{impl}_{what}" for impl in compared for what in ("median_s", "peak_bytes", "times_s")]
-    fields += [f"ratio_{impl}_over_fma" for impl in compared]
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(
-                {k: (" ".join(f"{t:.6g}" for t in v) if isinstance(v, list) else v) for k, v in row.items()}
-            )
-    with open(json_path, "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    return csv_path, json_path
-
-
-# ---------------------------------------------------------------------------------------------- accuracy
-
-
-def fine_level_mask(n: int, block_size: int, causal: bool) -> torch.Tensor:
-    """(n, n) bool: the keys FMA's level 0 covers (§3) -- local attention without any far field."""
-    block = torch.arange(n) // block_size
-    near = (block[:, None] - block[None, :]).abs() <= 1
-    if causal:
-        near &= torch.arange(n)[None, :] <= torch.arange(n)[:, None]
-    return near
-
-
-def dense_agreement(
-    n: int,
-    causal: bool = True,
-    dtype: torch.dtype = torch.float32,
-    *,
-    max_seq_len: int | None = None,
-    heads: int = 4,
-    head_dim: int = 64,
-    seed: int = 0,
-    local_baseline: bool = False,
-    **fma_kwargs,
-) -> dict:
-    """FMA (fresh module, default average init) against dense SDPA on one random N(0, 1) q, k, v.
-
-    Returns ``max_abs`` (max |FMA - dense|) and ``rel`` (||FMA - dense||_F / ||dense||_F); with
-    ``local_baseline`` also ``local_rel``: the same error for attention restricted to FMA's level-0 keys, i.e.
-    what FMA would be without its coarse levels.
-    """
-    torch.manual_seed(seed)
-    q, k, v = (torch.randn(1, heads, n, head_dim, dtype=dtype) for _ in range(3))
-    attn = FastMultipoleAttention(head_dim, max_seq_len or n, causal=causal, **fma_kwargs).to(dtype)
-    with torch.no_grad():
-        out = attn(q, k, v)
-        dense = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        result = {
-            "n": n,
-            "causal": causal,
-            "dtype": str(dtype).replace("torch.", ""),
-            "max_abs": (out - dense).abs().max().item(),
-            "rel": ((out - dense).norm() / dense.norm()).item(),
-        }
-        if local_baseline:
-            local = F.scaled_dot_product_attention(q, k, v, attn_mask=fine_level_mask(n, attn.block_size, causal))
-            result["local_rel"] = ((local - dense).norm() / dense.norm()).item()
-    return result
+def bench_attention(args: AttentionBenchArguments) -> tuple[list[dict], dict]:
+    """Run the sweep, print its table, write the plot, CSV and JSON; return (rows, metadata)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = args.bench_config()
+    rows, meta = run_benchmark(
+        args.lengths,
+        args.modes,
+        args.passes,
+        cfg,
+        matmul_size=args.matmul_size,
+        progress=not args.no_progress,
+        desc="bench_attention",
+    )
+    print(format_table(rows, meta))
+    png = plot_results(
+        rows,
+        args.out,
+        title=f"FMA (m={cfg.block_size}, p={cfg.coarse_tokens}, {cfg.query_mode} queries) vs dense SDPA, "
+        f"{cfg.dtype}, {meta['system']['threads']} threads",
+    )
+    csv_path, json_path = write_results(rows, meta, png)
+    print(f"\nwrote {png}, {csv_path}, {json_path}")
+    return rows, meta
