@@ -20,7 +20,7 @@ from fmt_hf.model.fma_downsample import DOWNSAMPLE_MODES
 from .gpu_check_measure import IMPLEMENTATIONS, METHODS, CheckConfig, check_exactness, time_length
 from .measure import DTYPES, format_mib, system_info
 
-# Issue 12's targets for the flex path, fwd+bwd bf16 on a GPU: SDPA time / flex time at least this, from length n.
+# The targets set for the flex path, fwd+bwd bf16 on a GPU: SDPA time / flex time at least this, from length n.
 TARGETS = {8192: 1.0, 65536: 5.0, 131072: 10.0}
 
 
@@ -74,7 +74,7 @@ def _fmt_seconds(seconds: float | None) -> str:
 
 
 def target(n: int) -> float | None:
-    """The SDPA/flex ratio issue 12 asks for at length n (None below 8K)."""
+    """The SDPA/flex ratio :data:`TARGETS` asks for at length n (None below 8K)."""
     reached = [ratio for length, ratio in TARGETS.items() if n >= length]
     return max(reached) if reached else None
 

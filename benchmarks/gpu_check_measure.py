@@ -56,7 +56,7 @@ METHODS = {
 
 @dataclass
 class CheckConfig:
-    """What one check measures. Defaults: issue 12's GPU check (causal, batch 1, 16 heads, d = 64, bf16)."""
+    """What one check measures. Defaults: the GPU check's (causal, batch 1, 16 heads, d = 64, bf16)."""
 
     device: str = "cuda"
     lengths: tuple[int, ...] = (4096, 8192, 16384, 32768, 65536, 131072)
