@@ -1,9 +1,11 @@
 # Two commands for a new user: `make demo` (the main job) and `make test` (the suite).
 # Each installs the project into a venv in the repo first, with torch pinned by constraints.txt.
+# The demo and benchmark targets pass ARGS to their script, e.g. make bench ARGS="--lengths 1024 2048 --repeats 2".
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+ARGS ?=
 
 .PHONY: install lint format test demo demo-attention bench bench-generate clean
 
@@ -27,16 +29,16 @@ test: $(STAMP)
 	$(PY) -m pytest -n 2 --durations=15 tests
 
 demo: $(STAMP)
-	$(PY) scripts/main_demo.py
+	$(PY) scripts/main_demo.py $(ARGS)
 
 demo-attention: $(STAMP)
-	$(PY) scripts/demo_attention.py
+	$(PY) scripts/demo_attention.py $(ARGS)
 
 bench: $(STAMP)
-	$(PY) scripts/bench_attention.py
+	$(PY) scripts/bench_attention.py $(ARGS)
 
 bench-generate: $(STAMP)
-	$(PY) scripts/bench_generate.py
+	$(PY) scripts/bench_generate.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -15,18 +15,21 @@ source's tokenizer and the FMT code (loadable with `trust_remote_code=True`). Ex
         --fma_block_size 128 --fma_options "fma_downsample=full"
 """
 
-import sys
-
 from transformers import HfArgumentParser
 
 from fmt_hf.toolkit.arguments import ConvertArguments
 from fmt_hf.toolkit.convert import convert_checkpoint
 
 
+def parse_args(argv: list[str] | None = None) -> tuple[ConvertArguments]:
+    """The command line (or `argv`) as its dataclasses; runs nothing."""
+    parser = HfArgumentParser(ConvertArguments, description=__doc__.split("\n\n")[0])
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
 def main(argv: list[str] | None = None):
-    """Parse the command line (or `argv`) and run `fmt_hf.toolkit.convert.convert_checkpoint`; return the model."""
-    parser = HfArgumentParser(ConvertArguments)
-    (args,) = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+    """Run `fmt_hf.toolkit.convert.convert_checkpoint` on the command line (or `argv`); return the model."""
+    (args,) = parse_args(argv)
     model = convert_checkpoint(args)
     print(f"FMT checkpoint saved to {args.output_dir} ({model.num_parameters() / 1e6:.1f}M parameters)")
     return model

@@ -11,7 +11,6 @@ Prints the results as JSON; they are also saved (see --output_file) for the mode
 """
 
 import json
-import sys
 
 from transformers import HfArgumentParser
 
@@ -19,10 +18,15 @@ from fmt_hf.toolkit.arguments import CorpusArguments, EvalArguments
 from fmt_hf.toolkit.evaluation import evaluate_lm
 
 
+def parse_args(argv: list[str] | None = None) -> tuple[EvalArguments, CorpusArguments]:
+    """The command line (or `argv`) as its dataclasses; runs nothing."""
+    parser = HfArgumentParser((EvalArguments, CorpusArguments), description=__doc__.split("\n\n")[0])
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    """Parse the command line (or `argv`), run `fmt_hf.toolkit.evaluation.evaluate_lm` and print its results."""
-    parser = HfArgumentParser((EvalArguments, CorpusArguments))
-    eval_args, corpus_args = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+    """Run `fmt_hf.toolkit.evaluation.evaluate_lm` on the command line (or `argv`) and print its results."""
+    eval_args, corpus_args = parse_args(argv)
     results = evaluate_lm(eval_args, corpus_args)
     print(json.dumps(results, indent=2))
     if eval_args.output_file is not None:

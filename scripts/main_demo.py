@@ -15,12 +15,12 @@ Every step is one call into `fmt_hf` (training, evaluation, hub); the same runs 
 scripts/train.py, scripts/eval_lm.py and scripts/push_to_hub.py.
 """
 
-import argparse
 import os
 import time
+from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments
 
 from fmt_hf.toolkit.arguments import DataArguments, EvalArguments, ModelArguments
 from fmt_hf.toolkit.evaluation import evaluate_lm
@@ -42,16 +42,26 @@ def long_prompt(text: str, num_bytes: int) -> str:
     return text.encode("utf-8")[start : start + num_bytes].decode("utf-8", errors="ignore")
 
 
+@dataclass
+class MainDemoArguments:
+    output_dir: str = field(default="outputs/main_demo", metadata={"help": "model, metrics and Hub folder"})
+    config_overrides: str = field(default=MODEL, metadata={"help": "FMT size, as train.py --config_overrides"})
+    seq_len: int = field(default=1024, metadata={"help": "bytes per training block and evaluation window"})
+    max_steps: int = field(default=280, metadata={"help": "steps of 8 blocks (~1.5 s each on 2 cores)"})
+    max_eval_samples: int = field(default=128, metadata={"help": "validation blocks for Trainer.evaluate"})
+    eval_documents: int = field(default=2, metadata={"help": "held-out test plays to score (of 4)"})
+    max_new_tokens: int = field(default=256, metadata={"help": "bytes generated from the long prompt"})
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[MainDemoArguments]:
+    """The command line (or `argv`) as its dataclasses; runs nothing."""
+    parser = HfArgumentParser(MainDemoArguments, description=__doc__.split("\n\n")[0])
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", default="outputs/main_demo")
-    parser.add_argument("--config_overrides", default=MODEL, help="FMT size, as train.py --config_overrides")
-    parser.add_argument("--seq_len", type=int, default=1024)
-    parser.add_argument("--max_steps", type=int, default=280, help="steps of 8 blocks (~1.5 s each on 2 cores)")
-    parser.add_argument("--max_eval_samples", type=int, default=128, help="validation blocks for Trainer.evaluate")
-    parser.add_argument("--eval_documents", type=int, default=2, help="held-out test plays to score (of 4)")
-    parser.add_argument("--max_new_tokens", type=int, default=256)
-    args = parser.parse_args(argv)
+    """Run the five stages on the command line (or `argv`); return validation and test bits per byte."""
+    (args,) = parse_args(argv)
     started = time.perf_counter()
 
     def stage(title: str) -> None:

@@ -12,16 +12,20 @@ load with and without fmt_hf). Examples:
     python scripts/push_to_hub.py --model_dir outputs/fmt-shakespeare --repo_id user/fmt-shakespeare
 """
 
-import sys
-
 from transformers import HfArgumentParser
 
 from fmt_hf.toolkit.hub import PushArguments, push_to_hub
 
 
+def parse_args(argv: list[str] | None = None) -> tuple[PushArguments]:
+    """The command line (or `argv`) as its dataclasses; runs nothing."""
+    parser = HfArgumentParser(PushArguments, description=__doc__.split("\n\n")[0])
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Parse the command line (or `argv`) and run `fmt_hf.toolkit.hub.push_to_hub`."""
-    (args,) = HfArgumentParser(PushArguments).parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+    """Run `fmt_hf.toolkit.hub.push_to_hub` on the command line (or `argv`)."""
+    (args,) = parse_args(argv)
     commit = push_to_hub(args)
     if args.local_dir is not None:
         print(f"repository folder written to {args.local_dir}")

@@ -38,15 +38,18 @@ from fmt_hf.toolkit.arguments import DataArguments, ModelArguments
 from fmt_hf.toolkit.training import train
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Parse the command line (or `argv`) and run `fmt_hf.toolkit.training.train`; return its metrics."""
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """The command line (or `argv`), or the one `.json` arguments file it names, as its dataclasses; runs nothing."""
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), description=__doc__.split("\n\n")[0])
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
-        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    else:
-        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
-    return train(model_args, data_args, training_args)
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Run `fmt_hf.toolkit.training.train` on the command line (or `argv`); return its metrics."""
+    return train(*parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,12 +1,4 @@
-import sys
-from pathlib import Path
-
 import torch
-
-# tests/ holds shared test helpers (e.g. fma_reference.py) imported as plain modules; scripts/ holds the benchmark
-# engines (`benchmarks`), imported as the scripts beside them import them.
-sys.path.insert(0, str(Path(__file__).parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 # One intra-op thread per test process: the suite's models are tiny, and `make test` runs two xdist workers on
 # two cores, where extra threads only contend (a tiny training step measured 5 ms with one thread, 170 ms with two).

@@ -6,7 +6,8 @@ import json
 import pytest
 from lm_helpers import script
 
-from benchmarks.gpu_check import CheckConfig, check_exactness, target
+from benchmarks.gpu_check import target
+from benchmarks.gpu_check_measure import CheckConfig, check_exactness
 from fmt_hf.model.fma_flex import FLEX_AVAILABLE
 
 pytestmark = pytest.mark.skipif(not FLEX_AVAILABLE, reason="this torch has no FlexAttention")
@@ -22,13 +23,13 @@ def test_cpu_dry_run_writes_every_row(tmp_path, capsys):
             "512",
             "--heads",
             "4",
-            "--kv-heads",
+            "--kv_heads",
             "2",
-            "--head-dim",
+            "--head_dim",
             "16",
-            "--block-size",
+            "--block_size",
             "16",
-            "--exact-lengths",
+            "--exact_lengths",
             "100",
             "--repeats",
             "2",
@@ -63,6 +64,6 @@ def test_exactness_is_measured_against_float64():
     assert {"grad_q", "grad_k", "grad_v", "grad_k_downsample.weight", "grad_v_downsample.combine_weight"} <= set(bf16)
 
 
-def test_targets_of_issue_12():
+def test_targets_of_the_flex_path():
     assert target(4096) is None and target(8192) == 1.0 and target(32768) == 1.0
     assert target(65536) == 5.0 and target(131072) == 10.0

@@ -1,30 +1,18 @@
-"""scripts/bench_quality.py and its engine (benchmarks.quality, benchmarks.peers) on tiny sizes: every attention
-trains and scores, rows are appended and resumed, the probe data says where its answer is, and the peers compute
-what they claim (the sliding window is FMA's level 0, the h-transformer-1d adapter is the package's module)."""
+"""benchmarks.quality and scripts/bench_quality.py on tiny sizes: every attention trains and scores, rows are
+appended and resumed, the command runs named runs and writes the report."""
 
 import json
 import math
 
 import pytest
 import torch
-from bench_quality import main
-from fma_reference import fine_keys
+from lm_helpers import script
 
 from benchmarks import quality
-from benchmarks.peers import build_peer_module, run_peer
-from benchmarks.quality import (
-    Corpus,
-    RunSpec,
-    SuiteConfig,
-    default_suite,
-    format_report,
-    interleaved_timing,
-    lm_batches,
-    plot_extrapolation,
-    plot_training,
-    probe_batch,
-    run_suite,
-)
+from benchmarks.quality import interleaved_timing, run_suite
+from benchmarks.quality_data import SuiteData
+from benchmarks.quality_report import format_report, plot_extrapolation, plot_training
+from benchmarks.quality_suite import RunSpec, SuiteConfig, default_suite
 
 TINY = {
     "seq_len": 128,
@@ -50,7 +38,7 @@ TEXTS = ["To be, or not to be, that is the question: " * 7, "Now is the winter o
 @pytest.fixture
 def corpus():
     generator = torch.Generator().manual_seed(0)
-    return Corpus(torch.randint(256, (6, TINY["seq_len"]), generator=generator), TEXTS)
+    return SuiteData(torch.randint(256, (6, TINY["seq_len"]), generator=generator), TEXTS)
 
 
 def test_every_attention_trains_scores_and_the_suite_resumes(tmp_path, corpus):
@@ -116,7 +104,7 @@ def test_a_peer_that_cannot_import_gets_a_row_with_the_reason(tmp_path, corpus, 
 
 
 def test_cli_runs_named_runs_and_writes_the_report(tmp_path, corpus, monkeypatch):
-    monkeypatch.setattr(quality, "load_corpus_splits", lambda cfg, tokenizer: corpus)
+    monkeypatch.setattr(quality, "load_suite_data", lambda cfg, tokenizer: corpus)
     argv = [
         "--output_file",
         str(tmp_path / "q.jsonl"),
@@ -126,6 +114,7 @@ def test_cli_runs_named_runs_and_writes_the_report(tmp_path, corpus, monkeypatch
         str(tmp_path / "img"),
         "--no_progress",
     ] + [f"--{k}={v}" for k, v in TINY.items() if k != "extrapolation"]
+    main = script("bench_quality").main
     rows = main(argv + ["--extrapolation", "1", "2"])
     assert [row["name"] for row in rows] == ["dense", "fma-avgpool"]
     assert {p.name for p in (tmp_path / "img").iterdir()} == {
@@ -140,75 +129,8 @@ def test_cli_runs_named_runs_and_writes_the_report(tmp_path, corpus, monkeypatch
     assert len(main(argv[:2] + ["--report_only", "--no_progress"])) == 2
 
 
-def test_probe_puts_the_answer_where_it_says():
-    n, run = 256, 8
-    ids, labels, starts = probe_batch(torch.Generator().manual_seed(1), 32, n, run)
-    values = torch.tensor(list(quality.PROBE_VALUES))
-    for row in range(32):
-        answer, start = ids[row, n - 1], int(starts[row])
-        assert start + run <= n // 4 and (ids[row, start : start + run] == answer).all() and answer in values
-        assert ids[row, n - 2] == quality.PROBE_QUESTION and labels[row, n - 1] == answer
-        assert (labels[row, : n - 1] == -100).all()
-        # the stored run is the only value in the context: nothing nearer gives the answer away
-        assert torch.isin(ids[row, : n - 2], values).nonzero().flatten().tolist() == list(range(start, start + run))
-    assert len(set(starts.tolist())) > 1 and len(set(ids[:, n - 1].tolist())) > 1
-
-
-def test_sliding_window_is_fma_without_its_far_field():
-    """The sliding peer equals float64 attention over exactly FMA's level-0 keys (the reference's `fine_keys`,
-    §3) at an awkward length, i.e. FMA with the coarse levels removed."""
-    torch.manual_seed(0)
-    batch, heads, n, d, m = 2, 3, 300, 8, 16
-    q, k, v = (torch.randn(batch, heads, n, d, dtype=torch.float64) for _ in range(3))
-    allowed = torch.zeros(n, n, dtype=torch.bool)
-    for i in range(n):
-        allowed[i, fine_keys(i, n, m, None, causal=True)[0]] = True
-    logits = (q @ k.transpose(-1, -2) / math.sqrt(d)).masked_fill(~allowed, float("-inf"))
-    expected = logits.softmax(-1) @ v
-    got = run_peer("sliding", build_peer_module("sliding", d, heads, m, n), q, k, v)
-    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
-
-
-def test_h_transformer_adapter_is_the_package_module():
-    from h_transformer_1d.h_transformer_1d import CausalHAttention1D
-
-    torch.manual_seed(0)
-    batch, heads, n, d, m = 2, 3, 200, 8, 16
-    package = CausalHAttention1D(heads * d, max_seq_len=256, heads=heads, dim_head=d, block_size=m).double()
-    x = torch.randn(batch, n, heads * d, dtype=torch.float64)
-
-    def split(t):
-        return t.view(batch, n, heads, d).transpose(1, 2)
-
-    q, k, v = (split(t) for t in package.to_qkv(x).chunk(3, dim=-1))
-    out = run_peer("h_transformer_1d", build_peer_module("h_transformer_1d", d, heads, m, n).double(), q, k, v)
-    torch.testing.assert_close(package.to_out(out.transpose(1, 2).reshape(batch, n, heads * d)), package(x))
-
-
-def test_data_order_depends_on_the_seed_only():
-    blocks = torch.arange(40).view(10, 4)
-    first = [next(lm_batches(blocks, 3, seed=0))[0] for _ in range(2)]
-    assert torch.equal(first[0], first[1])
-    assert not torch.equal(first[0], next(lm_batches(blocks, 3, seed=1))[0])
-
-
 def test_interleaved_timing_reports_ratios_to_the_first():
     specs = [spec for spec in default_suite() if spec.name in ("fma-depthwise", "dense")]
     rows = interleaved_timing(specs, SuiteConfig(**TINY), repeats=2, progress=False)
     assert [row["name"] for row in rows] == ["fma-depthwise", "dense"] and rows[0]["relative"] == 1.0
     assert all(len(row["samples"]) == 2 and row["median_s"] > 0 for row in rows)
-
-
-def test_bad_settings_name_the_field():
-    with pytest.raises(ValueError, match="steps"):
-        SuiteConfig(steps=0)
-    with pytest.raises(ValueError, match="probe_len"):
-        SuiteConfig(probe_len=64, block_size=64)
-    with pytest.raises(ValueError, match="attention"):
-        RunSpec("x", attention="flash")
-    with pytest.raises(ValueError, match="task"):
-        RunSpec("x", task="mlm")
-    with pytest.raises(ValueError, match="steps"):
-        RunSpec("x", steps=0)
-    with pytest.raises(ValueError, match="probe_len"):
-        RunSpec("x", probe_len=4096)

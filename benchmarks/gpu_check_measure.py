@@ -1,5 +1,5 @@
-"""FMA's two fine-query kernels on an accelerator: the FlexAttention path (``kernel="flex"``) against the gather path
-(``kernel="gather"``) and dense FlashAttention (SDPA). The engine behind ``scripts/check_gpu.py``.
+"""What the GPU check (``benchmarks.gpu_check``) measures: FMA's two fine-query kernels on an accelerator, the
+FlexAttention path (``kernel="flex"``) against the gather path (``kernel="gather"``) and dense FlashAttention (SDPA).
 
 How the numbers are taken (also written into the result file, see :data:`METHODS`):
 
@@ -16,7 +16,7 @@ How the numbers are taken (also written into the result file, see :data:`METHODS
   elsewhere wall clock.
 * **memory** -- CUDA: ``torch.cuda.max_memory_allocated`` during one call minus what was allocated before it
   (inputs excluded; outputs, activations, gradients and workspaces included); elsewhere the CPU allocator's peak
-  through ``benchmarks.attention.measure_peak_memory``.
+  through ``benchmarks.measure.measure_peak_memory``.
 * **skips** -- an implementation whose previous length took so long that this one would exceed ``budget_s`` per
   sample is skipped with the reason; one that runs out of memory or fails is recorded with the error and the
   sweep goes on. Results are rewritten after every row, so a run cut short still leaves what it measured.
@@ -25,25 +25,22 @@ How the numbers are taken (also written into the result file, see :data:`METHODS
 from __future__ import annotations
 
 import copy
-import json
-import os
 import statistics
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from benchmarks.attention import DTYPES, _fmt_mib, measure_peak_memory, system_info
 from fmt_hf.model.fma_attention import FastMultipoleAttention
 from fmt_hf.model.fma_downsample import LENGTH_FREE_MODES
 from fmt_hf.model.fma_partition import num_levels
 
+from .measure import DTYPES, measure_peak_memory
+
 IMPLEMENTATIONS = ("sdpa", "fma_gather", "fma_flex")
-# Issue 12's targets for the flex path, fwd+bwd bf16 on a GPU: SDPA time / flex time at least this, from length n.
-TARGETS = {8192: 1.0, 65536: 5.0, 131072: 10.0}
 
 METHODS = {
     "exactness": "device layer vs the same rounded weights/inputs in float64 on CPU through the gather path; "
@@ -59,7 +56,7 @@ METHODS = {
 
 @dataclass
 class CheckConfig:
-    """What one check measures. Defaults: issue 12's GPU check (causal, batch 1, 16 heads, d = 64, bf16)."""
+    """What one check measures. Defaults: the GPU check's (causal, batch 1, 16 heads, d = 64, bf16)."""
 
     device: str = "cuda"
     lengths: tuple[int, ...] = (4096, 8192, 16384, 32768, 65536, 131072)
@@ -259,127 +256,3 @@ def time_length(cfg: CheckConfig, n: int, previous: dict, status: Callable[[str]
         if row.get("sdpa_median_s") and row.get(f"{impl}_median_s"):
             row[f"sdpa_over_{impl}"] = row["sdpa_median_s"] / row[f"{impl}_median_s"]
     return row
-
-
-def run_check(cfg: CheckConfig, out_dir: str, status: Callable[[str], None] = print) -> dict:
-    """Exactness, then timing; results (JSON and markdown) rewritten under ``out_dir`` after every row."""
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda: torch.cuda.is_available() is False (use --device cpu for a dry run)")
-    unknown = set(cfg.implementations) - set(IMPLEMENTATIONS)
-    if unknown:
-        raise ValueError(f"implementations must be among {IMPLEMENTATIONS}, got {sorted(unknown)}")
-    for name in (cfg.dtype, *cfg.exact_dtypes):
-        if name not in DTYPES:
-            raise ValueError(f"dtype must be one of {tuple(DTYPES)}, got {name!r}")
-    os.makedirs(out_dir, exist_ok=True)
-    result = {"config": asdict(cfg), "system": _system(cfg.device), "methods": METHODS, "exactness": [], "timing": []}
-    for n in cfg.exact_lengths:
-        for dtype_name in cfg.exact_dtypes:
-            for kernel in ("flex", "gather"):
-                if kernel == "gather" and dtype_name != cfg.dtype:
-                    continue  # the gather path computes in float32 whatever the input: one dtype says enough
-                status(f"exactness n={n} {dtype_name} {kernel}")
-                try:
-                    row = check_exactness(cfg, n, dtype_name, kernel)
-                except Exception as error:  # noqa: BLE001 - see time_length
-                    row = {
-                        "n": n,
-                        "dtype": dtype_name,
-                        "kernel": kernel,
-                        "error": f"{type(error).__name__}: {str(error)[:300]}",
-                        "traceback": traceback.format_exc()[-3000:],
-                    }
-                result["exactness"].append(row)
-                write_results(result, out_dir)
-    previous: dict = {}
-    for n in cfg.lengths:
-        result["timing"].append(time_length(cfg, n, previous, status))
-        write_results(result, out_dir)
-    return result
-
-
-def _system(device: str) -> dict:
-    info = system_info()
-    if device == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-    return info
-
-
-def _fmt_seconds(seconds: float | None) -> str:
-    return "-" if seconds is None else f"{seconds * 1e3:.2f} ms"
-
-
-def target(n: int) -> float | None:
-    """The SDPA/flex ratio issue 12 asks for at length n (None below 8K)."""
-    reached = [ratio for length, ratio in TARGETS.items() if n >= length]
-    return max(reached) if reached else None
-
-
-def format_markdown(result: dict) -> str:
-    cfg, system = result["config"], result["system"]
-    lines = [
-        f"# FMA kernels on {system.get('gpu', cfg['device'])}",
-        "",
-        f"torch {system['torch']}, causal, batch {cfg['batch']}, {cfg['heads']} heads ({cfg['kv_heads']} "
-        f"key/value), d = {cfg['head_dim']}, m = {cfg['block_size']}, p = {cfg['coarse_tokens']}, "
-        f"downsample {cfg['downsample']}, flex KV block {cfg['flex_kv_block'] or cfg['block_size']}.",
-        "",
-        "## Exactness against float64 on the CPU",
-        "",
-        "| n | dtype | kernel | out max abs | out rel | worst grad rel (of) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in result["exactness"]:
-        if "error" in row:
-            lines.append(f"| {row['n']} | {row['dtype']} | {row['kernel']} | error: {row['error']} | | |")
-            continue
-        grads = {k: v for k, v in row.items() if k.startswith("grad_")}
-        worst = max(grads, key=lambda k: grads[k]["rel"]) if grads else None
-        worst_text = f"{grads[worst]['rel']:.2e} ({worst[5:]})" if worst else "no backward"
-        lines.append(
-            f"| {row['n']} | {row['dtype']} | {row['kernel']} | {row['out']['max_abs']:.2e} | "
-            f"{row['out']['rel']:.2e} | {worst_text} |"
-        )
-    timing = result["timing"]
-    pass_ = next((row["pass"] for row in timing if row.get("pass")), "fwd+bwd")
-    lines += [
-        "",
-        f"## Time ({pass_}, {cfg['dtype']}; median) and peak memory (MiB)",
-        "",
-        "| n | L | SDPA | FMA gather | FMA flex | SDPA/gather | SDPA/flex | target | SDPA MiB | gather MiB | "
-        "flex MiB | flex first call |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in timing:
-        if "error" in row:
-            lines.append(f"| {row['n']} | {row['levels']} | {row['error']} |" + " |" * 9)
-            continue
-        ratios = [row.get(f"sdpa_over_fma_{kernel}") for kernel in ("gather", "flex")]
-        goal = target(row["n"])
-        met = "" if goal is None or ratios[1] is None else (" met" if ratios[1] >= goal else " missed")
-        cells = [str(row["n"]), str(row["levels"])]
-        cells += [
-            _fmt_seconds(row.get(f"{impl}_median_s"))
-            if f"{impl}_skipped" not in row
-            else f"skipped ({row[f'{impl}_skipped']})"
-            for impl in IMPLEMENTATIONS
-        ]
-        cells += ["-" if r is None else f"{r:.2f}x" for r in ratios]
-        cells += ["-" if goal is None else f">= {goal:g}x{met}"]
-        cells += [_fmt_mib(row.get(f"{impl}_peak_bytes")) for impl in IMPLEMENTATIONS]
-        first = row.get("fma_flex_first_call_s")
-        cells.append("-" if first is None else f"{first:.1f} s")
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "How: " + "; ".join(f"**{k}** {v}" for k, v in result["methods"].items()), ""]
-    return "\n".join(lines)
-
-
-def write_results(result: dict, out_dir: str) -> tuple[str, str]:
-    """``gpu_check.json`` (everything) and ``gpu_check.md`` (the tables) under ``out_dir``."""
-    json_path, md_path = os.path.join(out_dir, "gpu_check.json"), os.path.join(out_dir, "gpu_check.md")
-    with open(json_path, "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    with open(md_path, "w") as f:
-        f.write(format_markdown(result))
-    return json_path, md_path

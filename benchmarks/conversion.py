@@ -1,6 +1,7 @@
 """Zero-shot conversion: a Llama checkpoint converted to FMT under several FMA settings, scored against itself.
 
-The engine behind ``scripts/bench_conversion.py`` (issue 11). The source is loaded once; every setting is a
+The engine and command of ``scripts/bench_conversion.py`` (:class:`ConversionBenchArguments`,
+:func:`bench_conversion`). The source is loaded once; every setting is a
 :func:`fmt_hf.convert_llama_to_fmt` of it in memory (downsamplers at their average init: nothing is trained), and
 the source itself is the ``dense`` row. Every row scores the same documents with the same windows as
 ``scripts/eval_lm.py`` (``score_documents`` and the ``lm_bits`` metric), at each context length. Each FMA row also
@@ -13,19 +14,20 @@ query sees at full resolution, ``m..2m`` tokens) decides zero-shot quality; ``p`
 
 from __future__ import annotations
 
-import json
-import os
 import time
+from dataclasses import dataclass, field
 
 import evaluate
 import torch
 from tqdm.auto import tqdm
 
-from benchmarks.quality import read_rows
 from fmt_hf import convert_llama_to_fmt
-from fmt_hf.toolkit.arguments import parse_config_overrides
+from fmt_hf.toolkit.arguments import CorpusArguments, parse_config_overrides
+from fmt_hf.toolkit.convert import load_llama
 from fmt_hf.toolkit.evaluation import score_documents
 from fmt_hf.toolkit.metrics import LM_BITS
+
+from .rows import append_row, read_rows
 
 DENSE = "dense"
 """The setting name of the source model's own row."""
@@ -87,7 +89,6 @@ def run_grid(
     done = {(row["setting"], row["context_length"]) for row in read_rows(path)}
     todo = [(s, c) for s in settings for c in context_lengths if (s, c) not in done]
     metric = evaluate.load(LM_BITS, keep_in_memory=True)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     current, candidate, extra = None, model, {}
     for setting, context_length in tqdm(todo, desc="settings", unit="row", disable=not progress):
         if setting != current:  # todo is setting-major: one conversion (and one state count) per setting
@@ -114,8 +115,7 @@ def run_grid(
             "seconds": round(time.perf_counter() - start, 1),
             "threads": torch.get_num_threads(),
         }
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        append_row(path, row)
     return read_rows(path)
 
 
@@ -146,4 +146,63 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["DEFAULT_SETTINGS", "DENSE", "format_table", "run_grid", "setting_options", "state_vectors"]
+@dataclass
+class ConversionBenchArguments:
+    """The command line of ``scripts/bench_conversion.py`` beside the corpus's ``CorpusArguments``."""
+
+    model_name_or_path: str = field(
+        metadata={"help": "Llama checkpoint: a local folder or Hub id, or the folder holding --gguf_file."}
+    )
+    output_file: str = field(metadata={"help": "JSON Lines file of the rows (appended; finished rows are skipped)."})
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --model_name_or_path."})
+    settings: list[str] = field(
+        default_factory=lambda: [DENSE, *DEFAULT_SETTINGS],
+        metadata={
+            "help": f"`{DENSE}` (the source) and FMA settings, each comma-separated FMTConfig fma_* fields "
+            "(fma_downsample defaults to recursive)."
+        },
+    )
+    context_lengths: list[int] = field(
+        default_factory=lambda: [2048, 8192], metadata={"help": "Window lengths (stride: one less)."}
+    )
+    split: str = field(default="test", metadata={"help": "Split of the corpus to score."})
+    max_documents: int = field(default=2, metadata={"help": "Score the split's first documents only."})
+    max_document_tokens: int | None = field(default=8192, metadata={"help": "Tokens kept per document."})
+    state_tokens: int = field(default=32768, metadata={"help": "Tokens after which the decoding state is counted."})
+    no_progress: bool = field(default=False, metadata={"help": "No progress bars."})
+
+
+def bench_conversion(args: ConversionBenchArguments, corpus_args: CorpusArguments) -> list[dict]:
+    """Load the source and the documents, run the grid, print the table; return the rows."""
+    splits = corpus_args.load_documents()
+    if args.split not in splits:
+        raise ValueError(f"--split: no split {args.split!r}; the data has {', '.join(splits)}")
+    documents = splits[args.split]
+    texts = documents.select(range(min(args.max_documents, len(documents))))["text"]
+    model, tokenizer = load_llama(args.model_name_or_path, args.gguf_file)
+    model.eval()
+    rows = run_grid(
+        model,
+        tokenizer,
+        texts,
+        args.settings,
+        args.context_lengths,
+        args.output_file,
+        args.max_document_tokens,
+        args.state_tokens,
+        progress=not args.no_progress,
+    )
+    print(format_table(rows))
+    return rows
+
+
+__all__ = [
+    "DEFAULT_SETTINGS",
+    "DENSE",
+    "ConversionBenchArguments",
+    "bench_conversion",
+    "format_table",
+    "run_grid",
+    "setting_options",
+    "state_vectors",
+]

@@ -7,8 +7,7 @@ import random
 
 import pytest
 import torch
-from bench_conversion import main
-from lm_helpers import write_documents
+from lm_helpers import script, write_documents
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from benchmarks.conversion import DENSE, format_table, setting_options, state_vectors
@@ -52,7 +51,7 @@ def run(tmp_path, *extra):
         str(tmp_path / "rows.jsonl"),
         *extra,
     ]
-    return main(argv)
+    return script("bench_conversion").main(argv)
 
 
 def test_grid_scores_every_setting_against_the_source_and_resumes(tmp_path):
