@@ -49,15 +49,10 @@ class ConversionBenchArguments:
     no_progress: bool = field(default=False, metadata={"help": "No progress bars."})
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ConversionBenchArguments, CorpusArguments]:
-    """The command line (or `argv`) as its dataclasses."""
-    parser = HfArgumentParser((ConversionBenchArguments, CorpusArguments))
-    return parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     """Parse the command line (or `argv`), run the grid, print the table; return the rows."""
-    args, corpus_args = parse_args(argv)
+    parser = HfArgumentParser((ConversionBenchArguments, CorpusArguments))
+    args, corpus_args = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
     splits = corpus_args.load_documents()
     if args.split not in splits:
         raise ValueError(f"--split: no split {args.split!r}; the data has {', '.join(splits)}")

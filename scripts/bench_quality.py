@@ -62,15 +62,10 @@ class CliArguments:
     no_progress: bool = field(default=False, metadata={"help": "No progress bars."})
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[CliArguments, SuiteConfig]:
-    """The command line (or `argv`) as its dataclasses."""
-    parser = HfArgumentParser((CliArguments, SuiteConfig))
-    return parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     """Parse the command line (or `argv`), run the suite (or the timing) and write the report; return the rows."""
-    cli, cfg = parse_args(argv)
+    parser = HfArgumentParser((CliArguments, SuiteConfig))
+    cli, cfg = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
     specs = default_suite()
     if cli.runs is not None:
         wanted = cli.runs.split(",")

@@ -22,14 +22,10 @@ from transformers import HfArgumentParser
 from fmt_hf.toolkit.convert import ConvertArguments, convert_checkpoint
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ConvertArguments]:
-    """The command line (or `argv`) as its dataclass."""
-    return HfArgumentParser(ConvertArguments).parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
-
-
 def main(argv: list[str] | None = None):
     """Parse the command line (or `argv`) and run `fmt_hf.toolkit.convert.convert_checkpoint`; return the model."""
-    (args,) = parse_args(argv)
+    parser = HfArgumentParser(ConvertArguments)
+    (args,) = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
     model = convert_checkpoint(args)
     print(f"FMT checkpoint saved to {args.output_dir} ({model.num_parameters() / 1e6:.1f}M parameters)")
     return model

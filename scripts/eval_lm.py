@@ -19,15 +19,10 @@ from fmt_hf.toolkit.evaluation import EvalArguments, evaluate_lm
 from fmt_hf.toolkit.training import CorpusArguments
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[EvalArguments, CorpusArguments]:
-    """The command line (or `argv`) as its dataclasses."""
-    parser = HfArgumentParser((EvalArguments, CorpusArguments))
-    return parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
-
-
 def main(argv: list[str] | None = None) -> dict:
     """Parse the command line (or `argv`), run `fmt_hf.toolkit.evaluation.evaluate_lm` and print its results."""
-    eval_args, corpus_args = parse_args(argv)
+    parser = HfArgumentParser((EvalArguments, CorpusArguments))
+    eval_args, corpus_args = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
     results = evaluate_lm(eval_args, corpus_args)
     print(json.dumps(results, indent=2))
     if eval_args.output_file is not None:

@@ -19,14 +19,9 @@ from transformers import HfArgumentParser
 from fmt_hf.toolkit.hub import PushArguments, push_to_hub
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[PushArguments]:
-    """The command line (or `argv`) as its dataclass."""
-    return HfArgumentParser(PushArguments).parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
-
-
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line (or `argv`) and run `fmt_hf.toolkit.hub.push_to_hub`."""
-    (args,) = parse_args(argv)
+    (args,) = HfArgumentParser(PushArguments).parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
     commit = push_to_hub(args)
     if args.local_dir is not None:
         print(f"repository folder written to {args.local_dir}")

@@ -37,18 +37,14 @@ from transformers import HfArgumentParser, TrainingArguments
 from fmt_hf.toolkit.training import DataArguments, ModelArguments, train
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    """The command line (or `argv`; a single `.json` argument is the arguments file) as its three dataclasses."""
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Parse the command line (or `argv`) and run `fmt_hf.toolkit.training.train`; return its metrics."""
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
-
-
-def main(argv: list[str] | None = None) -> dict[str, float]:
-    """Parse the command line (or `argv`) and run `fmt_hf.toolkit.training.train`; return its metrics."""
-    model_args, data_args, training_args = parse_args(argv)
+        model_args, data_args, training_args = parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    else:
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     return train(model_args, data_args, training_args)
 
 
