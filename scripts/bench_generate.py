@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark decoding with FMT's multilevel cache against the same weights with dense attention.
+"""Benchmark decoding with FMT's multilevel cache against the same weights with dense attention (issue 4).
 
 For each context length: median milliseconds per decoded token and the bytes each cache holds, FMT (FMA +
 FMTCache) against dense SDPA + transformers' DynamicCache, interleaved, on a model of SmolLM2-135M's shape with
@@ -8,11 +8,11 @@ not depend on the cached values); see scripts/benchmarks/generate.py. Writes a l
 
 Quick run:  python scripts/bench_generate.py --lengths 1024 4096 --steps 4
 
-With --batch-sizes: decoding throughput by batch size instead, on the 4-layer, 256-wide byte model after
+With --batch-sizes: decoding throughput by batch size instead (issue 12), on the 4-layer, 256-wide byte model after
 a real prefill of --prompt-len tokens per row; FMT and dense interleaved, medians over --repeats:
             python scripts/bench_generate.py --batch-sizes 1 8 64 --prompt-len 2048 --out outputs/bench_batch.png
 
-With --model_name_or_path: real checkpoints on real prompts: an FMT checkpoint (FMA + FMTCache) against
+With --model_name_or_path: real checkpoints on real prompts (issue 11): an FMT checkpoint (FMA + FMTCache) against
 --dense_model_name_or_path (or the same weights under sdpa + DynamicCache), model.generate after the first
 --prompt-lens tokens of held-out documents, each model and length in a fresh subprocess; time to first token,
 decoding tokens/s, cache bytes and peak resident memory:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Check FMA's FlexAttention path on a GPU: exactness and fwd+bwd speed and memory against the gather path
+"""Check FMA's FlexAttention path on a GPU (issue 12): exactness and fwd+bwd speed and memory against the gather path
 and FlashAttention.
 
 (a) exactness: the flex path in bf16 and float32 (and the gather path in bf16) on the device against the same

@@ -73,7 +73,7 @@ METHODS = {
 
 @dataclass
 class BenchConfig:
-    """What one sweep measures. Defaults are the benchmark's: batch 1, 8 heads, d = 64, fp32, m = 64, p = 4."""
+    """What one sweep measures. Defaults are issue 2's benchmark: batch 1, 8 heads, d = 64, fp32, m = 64, p = 4."""
 
     batch: int = 1
     heads: int = 8

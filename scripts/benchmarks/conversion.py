@@ -1,6 +1,6 @@
 """Zero-shot conversion: a Llama checkpoint converted to FMT under several FMA settings, scored against itself.
 
-The engine behind ``scripts/bench_conversion.py``. The source is loaded once; every setting is a
+The engine behind ``scripts/bench_conversion.py`` (issue 11). The source is loaded once; every setting is a
 :func:`fmt_hf.convert_llama_to_fmt` of it in memory (downsamplers at their average init: nothing is trained), and
 the source itself is the ``dense`` row. Every row scores the same documents with the same windows as
 ``scripts/eval_lm.py`` (``score_documents`` and the ``lm_bits`` metric), at each context length. Each FMA row also

@@ -42,7 +42,7 @@ from fmt_hf.model.fma_downsample import LENGTH_FREE_MODES
 from fmt_hf.model.fma_partition import num_levels
 
 IMPLEMENTATIONS = ("sdpa", "fma_gather", "fma_flex")
-# The targets for the flex path, fwd+bwd bf16 on a GPU: SDPA time / flex time at least this, from length n.
+# Issue 12's targets for the flex path, fwd+bwd bf16 on a GPU: SDPA time / flex time at least this, from length n.
 TARGETS = {8192: 1.0, 65536: 5.0, 131072: 10.0}
 
 METHODS = {
@@ -59,7 +59,7 @@ METHODS = {
 
 @dataclass
 class CheckConfig:
-    """What one check measures. Defaults: the GPU check (causal, batch 1, 16 heads, d = 64, bf16)."""
+    """What one check measures. Defaults: issue 12's GPU check (causal, batch 1, 16 heads, d = 64, bf16)."""
 
     device: str = "cuda"
     lengths: tuple[int, ...] = (4096, 8192, 16384, 32768, 65536, 131072)
@@ -311,7 +311,7 @@ def _fmt_seconds(seconds: float | None) -> str:
 
 
 def target(n: int) -> float | None:
-    """The SDPA/flex ratio targeted at length n (None below 8K)."""
+    """The SDPA/flex ratio issue 12 asks for at length n (None below 8K)."""
     reached = [ratio for length, ratio in TARGETS.items() if n >= length]
     return max(reached) if reached else None
 

@@ -1,6 +1,6 @@
 """Quality against the field: the same small byte-level causal LM trained with each attention at an equal budget.
 
-The engine behind ``scripts/bench_quality.py``. Every run builds the same ``FMTForCausalLM`` (width,
+The engine behind ``scripts/bench_quality.py`` (issue 10). Every run builds the same ``FMTForCausalLM`` (width,
 depth, initialisation seed, optimizer, schedule, steps, batch and data order all equal) and changes only the
 attention: FMA variants through the config, dense through ``attn_implementation="sdpa"``, the PyPI peers through
 ``benchmarks.peers`` (the package's attention module on the same rotated q, k, v). A run records
@@ -53,8 +53,8 @@ ATTENTIONS = ("fma", "sdpa", *PEER_PACKAGES)
 
 @dataclass
 class SuiteConfig:
-    """The budget every run shares. Defaults: what one run of ~3-4 minutes on one shared CPU thread affords:
-    120 steps of 4 x 2048 tokens (~1M tokens, a quarter of the training plays) for a 2-layer, width-128
+    """The budget every run shares. Defaults: what one run of ~3-4 minutes on one shared CPU thread affords
+    (issue 10): 120 steps of 4 x 2048 tokens (~1M tokens, a quarter of the training plays) for a 2-layer, width-128
     model; the probe takes 8 sequences of 1024 per step."""
 
     seq_len: int = 2048
@@ -137,7 +137,7 @@ class RunSpec:
 
 
 def default_suite() -> list[RunSpec]:
-    """The suite's runs: the main comparison, the long-range probe, a second seed for dense and FMA-depthwise, the
+    """Issue 10's runs: the main comparison, the long-range probe, a second seed for dense and FMA-depthwise, the
     ablations over m, p, scale_attn and the boundary, and FMA-depthwise, dense and the sliding window again at 2x
     the steps (does the ranking hold with more training?). Ordered so the headline rows finish first."""
 
