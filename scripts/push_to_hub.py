@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Publish an FMT checkpoint from scripts/train.py to the Hugging Face Hub with a model card.
 
-The card is rendered from fmt_hf/toolkit/model_card_template.md (architecture and FMA settings, training data and
+The card is rendered from model_cards/template.md (architecture and FMA settings, training data and
 procedure, evaluation results from train.py --do_eval and scripts/eval_lm.py, intended use and limitations, how to
 load with and without fmt_hf). Examples:
 

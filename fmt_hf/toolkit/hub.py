@@ -3,17 +3,18 @@
 :func:`save_for_hub` turns a checkpoint folder written by ``scripts/train.py`` into a Hub model repository:
 weights, config, tokenizer, the modelling code (so the model loads with ``trust_remote_code=True`` without
 ``fmt_hf``) and a ``README.md`` model card rendered through ``huggingface_hub``'s ``ModelCard``/``ModelCardData``
-from a Jinja template (``model_card_template.md``, package data beside this module). The card takes the architecture and
-FMA settings from the config, the training data and procedure from the run's ``training_setup.json`` and
-``Trainer`` files, and the evaluation results from ``eval_results.json`` (``train.py --do_eval``),
-``test_results.json`` (a classifier's ``--do_predict``) and ``eval_lm_*.json`` (``scripts/eval_lm.py``). The
-architecture recorded in the config decides the Auto class, the pipeline tag and the card's wording
-(:data:`MODEL_KINDS`). :func:`push_to_hub` uploads that same folder in one commit.
+from a Jinja template (the repository's ``model_cards/template.md``, :data:`DEFAULT_TEMPLATE`). The card takes the
+architecture and FMA settings from the config, the training data and procedure from the run's
+``training_setup.json`` and ``Trainer`` files, and the evaluation results from ``eval_results.json``
+(``train.py --do_eval``), ``test_results.json`` (a classifier's ``--do_predict``) and ``eval_lm_*.json``
+(``scripts/eval_lm.py``). The architecture recorded in the config decides the Auto class, the pipeline tag and the
+card's wording (:data:`MODEL_KINDS`). :func:`push_to_hub` uploads that same folder in one commit.
 """
 
 from __future__ import annotations
 
 import glob
+import importlib.metadata
 import json
 import os
 import tempfile
@@ -38,8 +39,26 @@ from .arguments import TRAINING_SETUP_NAME, DataArguments
 from .data import corpus_package
 from .tokenizer import BYTE_TOKENIZER, load_tokenizer
 
-DEFAULT_TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
-"""The model-card template of the ``fmt_hf`` repository (present in a clone or an editable install)."""
+
+def _find_template() -> Path:
+    """``model_cards/template.md``: the repository's own in a clone or an editable install, else the copy a wheel
+    installs as data files (``share/fmt_hf/model_cards/``, found through the distribution's file list, whichever
+    install scheme put it there)."""
+    in_repository = Path(__file__).resolve().parents[2] / "model_cards" / "template.md"
+    if in_repository.is_file():
+        return in_repository
+    try:
+        installed = importlib.metadata.files("fmt_hf") or []
+    except importlib.metadata.PackageNotFoundError:
+        installed = []
+    for file in installed:
+        if file.parts[-2:] == ("model_cards", "template.md"):
+            return Path(file.locate()).resolve()
+    return in_repository  # not found: save_for_hub's error names this path and --template
+
+
+DEFAULT_TEMPLATE = _find_template()
+"""The model-card template every card is rendered from unless ``--template`` names another."""
 
 TAGS = ["fmt", "fast-multipole-attention", "long-context", "custom_code"]
 
