@@ -141,10 +141,16 @@ class BackgroundServer:
     process: subprocess.Popen
     url: str
 
-    def get(self, path: str) -> dict:
-        """`GET url + path`, the JSON answer (an `urllib.error.HTTPError` for a 4xx or 5xx)."""
-        with urllib.request.urlopen(self.url + path, timeout=30) as response:
-            return json.load(response)
+    def request(self, path: str, body: dict | bytes | None = None, timeout: float = 600.0) -> tuple[int, str]:
+        """`GET url + path`, or `POST` `body` (a dict as JSON, bytes as they are); the status and text of the answer,
+        a 4xx or 5xx included."""
+        data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+        headers = {} if data is None else {"Content-Type": "application/json"}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(self.url + path, data, headers), timeout=timeout) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
 
 
 def free_port() -> int:

@@ -3,8 +3,6 @@ with the `openai` client and raw HTTP; and the engines FMT refuses (continuous b
 
 import json
 import re
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -79,17 +77,10 @@ def greedy_answer(checkpoint: str, messages: list[dict], max_new_tokens: int) ->
     return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
-def post(server, path: str, body) -> tuple[int, dict | str]:
-    """Raw HTTP: `body` (a dict, or the bytes to send as they are) to `server.url + path`; the status and the JSON
+def post(server, body) -> tuple[int, dict | str]:
+    """Raw HTTP: `body` (a dict, or the bytes to send as they are) to `/v1/chat/completions`; the status and the JSON
     answer (the text of a stream)."""
-    data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    request = urllib.request.Request(server.url + path, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            text = response.read().decode()
-            status = response.status
-    except urllib.error.HTTPError as error:
-        text, status = error.read().decode(), error.code
+    status, text = server.request("/chat/completions", body)
     return status, text if text.startswith("data:") else json.loads(text)
 
 
@@ -129,18 +120,18 @@ def test_concurrent_requests_are_all_answered_correctly(client, checkpoint):
 def test_bad_requests_get_a_4xx_that_says_what_to_fix(server, checkpoint):
     good = {"messages": chat("Hi"), "max_tokens": 3}
     too_long = {"messages": chat("x" * CONTEXT), "max_tokens": 3}
-    status, answer = post(server, "/chat/completions", too_long)
+    status, answer = post(server, too_long)
     assert status == 400
     assert re.fullmatch(rf"The prompt has \d+ tokens, but the model takes at most {CONTEXT}, .*", answer["detail"])
-    status, answer = post(server, "/chat/completions", b'{"messages": [{"role": "user"')
+    status, answer = post(server, b'{"messages": [{"role": "user"')
     assert status == 422 and answer["detail"][0]["msg"] == "JSON decode error"
-    assert post(server, "/chat/completions", {**good, "model": "no/such-model"}) == (
+    assert post(server, {**good, "model": "no/such-model"}) == (
         400,
         {"detail": f"Server is pinned to '{checkpoint}'; requested 'no/such-model'."},
     )
     for stream in (False, True):
         for max_tokens in (0, -2):
-            status, answer = post(server, "/chat/completions", {**good, "max_tokens": max_tokens, "stream": stream})
+            status, answer = post(server, {**good, "max_tokens": max_tokens, "stream": stream})
             assert (status, answer) == (
                 400,
                 {
@@ -149,18 +140,18 @@ def test_bad_requests_get_a_4xx_that_says_what_to_fix(server, checkpoint):
                 },
             )
     # the server keeps serving
-    status, answer = post(server, "/chat/completions", good)
+    status, answer = post(server, good)
     assert status == 200 and answer["usage"]["completion_tokens"] == 3
 
 
 def test_an_answer_stops_where_the_context_is_full(server):
     # No max_tokens: transformers' default (at least 1024 new tokens) would overflow the 128-token context, which a
     # depthwise FMT refuses; the answer takes the room the prompt leaves instead.
-    status, answer = post(server, "/chat/completions", {"messages": chat("Fill it up")})
+    status, answer = post(server, {"messages": chat("Fill it up")})
     assert status == 200
     assert answer["choices"][0]["finish_reason"] == "length"
     assert answer["usage"]["total_tokens"] == CONTEXT
-    status, stream = post(server, "/chat/completions", {"messages": chat("Fill it up"), "stream": True})
+    status, stream = post(server, {"messages": chat("Fill it up"), "stream": True})
     assert status == 200 and '"finish_reason":"length"' in stream and '"error"' not in stream
 
 
