@@ -9,11 +9,13 @@ import openai
 import pytest
 import torch
 import transformers
+from lm_helpers import TINY_FMT
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from fmt_hf import FMTConfig, FMTForCausalLM, FMTForMaskedLM, FMTForSequenceClassification, FMTModel
 from fmt_hf.toolkit.serve import PLAIN_CHAT_TEMPLATE, FMTModelLoader, background_server, main
 from fmt_hf.toolkit.tokenizer import byte_tokenizer
+from fmt_hf.toolkit.training import ModelArguments, build_config
 
 CONTEXT = 128
 """The tiny models' `max_position_embeddings`: prompt and answer together, under FMA with 16-token blocks (coarse
@@ -28,18 +30,7 @@ def checkpoint(tmp_path_factory):
     tokenizer = byte_tokenizer()
     tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
     torch.manual_seed(0)
-    config = FMTConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        fma_block_size=16,
-        max_position_embeddings=CONTEXT,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    config = build_config(ModelArguments(task="clm", config_overrides=TINY_FMT), tokenizer, seq_len=CONTEXT)
     model = FMTForCausalLM(config)
     with torch.no_grad():
         printable = torch.zeros(config.vocab_size, dtype=torch.bool)
