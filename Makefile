@@ -13,7 +13,7 @@ install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --constraint constraints.txt --editable ".[test,bench,data,eval,peft]"
+	$(PY) -m pip install --quiet --constraint constraints.txt --editable ".[test,bench,data,eval,peft,serve]"
 	touch $(STAMP)
 
 lint: $(STAMP)

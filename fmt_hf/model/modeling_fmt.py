@@ -380,6 +380,9 @@ class FMTPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["FMTDecoderLayer"]
     _supports_sdpa = True
+    # vLLM's and SGLang's Transformers backends take a model only when this is True (`is_backend_compatible`), and
+    # then swap its attention for their dense paged kernel: wrong outputs for FMA weights, and no memory saving.
+    _supports_attention_backend = False
     _can_record_outputs = {
         "hidden_states": FMTDecoderLayer,
         "attentions": FMTAttention,
@@ -744,6 +747,15 @@ class FMTForCausalLM(FMTLanguageModel, GenerationMixin):
             user_cache._is_user_defined = True
         elif generation_config.use_cache:
             model_kwargs["cache"] = FMTCache(self.config.num_hidden_layers)
+
+    def init_continuous_batching(self, *args, **kwargs):
+        """Refused, with every way into continuous batching (`generate_batch`, `cache_implementation="paged"`,
+        `transformers serve --continuous-batching`), which all start here."""
+        raise NotImplementedError(
+            "FMT cannot use continuous batching: its paged cache holds only full and sliding-window attention layers, "
+            "and FMT's multilevel FMTCache keeps coarse summaries that no paged block can hold. Batch prompts through "
+            "generate() (left padding), and serve with fmt-serve without --continuous-batching."
+        )
 
 
 class FMTForMaskedLM(FMTLanguageModel):
