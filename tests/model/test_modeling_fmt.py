@@ -42,6 +42,9 @@ CODE_FILES = (
     "fma_downsample.py",
     "fma_state.py",
     "fma_flex.py",
+    "fma_options.py",
+    "fma_masking.py",
+    "auto_fmt.py",
 )
 
 
