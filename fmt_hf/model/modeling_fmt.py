@@ -40,16 +40,16 @@ from transformers.modeling_outputs import (
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import (
     ALL_ATTENTION_FUNCTIONS,
-    AttentionInterface,
     PreTrainedModel,
     slice_logits_to_keep,
 )
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple, logging
+from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
+from .attention_fmt import eager_attention_forward
 from .auto_fmt import FMT_MODEL_CLASSES, make_base_model_resolvable, register_for_auto_classes
 from .cache_fmt import is_fmt_cache
 from .configuration_fmt import FMTConfig
@@ -57,8 +57,6 @@ from .fma_attention import FastMultipoleAttention
 from .fma_downsample import DepthwiseDownsample, FullDownsample, RecursiveDownsample
 from .fma_masking import prepare_generation_cache, prepare_layer_inputs
 from .fma_options import FMA_ATTN_IMPLEMENTATION, fma_layer_options, sequence_cap
-
-logger = logging.get_logger(__name__)
 
 
 class FMTRMSNorm(nn.Module):
@@ -142,79 +140,6 @@ class FMTMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-
-
-def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(batch, kv_heads, seq_len, head_dim) -> (batch, kv_heads * n_rep, seq_len, head_dim), each head repeated."""
-    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
-    if n_rep == 1:
-        return hidden_states
-    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
-    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs: Unpack[TransformersKwargs],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense attention in plain PyTorch (`attn_implementation="eager"`); also returns the attention weights."""
-    key_states = repeat_kv(key, module.num_key_value_groups)
-    value_states = repeat_kv(value, module.num_key_value_groups)
-
-    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        attn_weights = attn_weights + attention_mask
-
-    # At least float32 for the softmax (as Llama), without rounding float64 inputs down to it.
-    softmax_dtype = torch.promote_types(query.dtype, torch.float32)
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=softmax_dtype).to(query.dtype)
-    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
-    attn_output = torch.matmul(attn_weights, value_states)
-    attn_output = attn_output.transpose(1, 2).contiguous()
-    return attn_output, attn_weights
-
-
-def fma_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs: Unpack[TransformersKwargs],
-) -> tuple[torch.Tensor, None]:
-    """Fast Multipole Attention (`attn_implementation="fma"`) through the calling layer's `module.fma`.
-
-    `attention_mask` is the 2D (batch, seq_len) boolean key padding mask (True = real token) or None. `scaling`
-    and `dropout` are not used: FMA applies `1/sqrt(head_dim)` itself and owns its dropout (active in training
-    mode only), both set from the same config as the dense path's.
-    """
-    is_causal = kwargs.get("is_causal")
-    if is_causal is not None and is_causal != module.fma.causal:
-        raise ValueError(
-            f"This FMA layer was built {'causal' if module.fma.causal else 'bidirectional'} (config.is_causal="
-            f"{module.fma.causal}) and cannot switch per call; got is_causal={is_causal}. Build the model with the "
-            "other mode, or use a dense attn_implementation (`sdpa`, `eager`)."
-        )
-    if kwargs.get("output_attentions", False):
-        logger.warning_once(
-            "FMA does not compute attention weights (it never forms the n x n matrix): `attentions` stays empty. "
-            'Load the model with attn_implementation="eager" to get them.'
-        )
-    attn_output = module.fma(query, key, value, key_padding_mask=attention_mask)
-    return attn_output.transpose(1, 2), None
-
-
-# Registered globally so that `attn_implementation="fma"` passes transformers' validity checks; the function only
-# runs inside FMT layers, the only modules with an `fma` attribute.
-AttentionInterface.register(FMA_ATTN_IMPLEMENTATION, fma_attention_forward)
 
 
 class FMTAttention(nn.Module):
@@ -385,16 +310,6 @@ class FMTPreTrainedModel(PreTrainedModel):
                     module.get_parameter(name).copy_(value)
 
 
-def _config_with_causality(config: FMTConfig, is_causal: bool) -> FMTConfig:
-    """`config` itself when its `is_causal` already matches, else a copy with `is_causal` set (the caller's object
-    is left alone: it may be shared with models of the other kind)."""
-    if config.is_causal == is_causal:
-        return config
-    config = copy.deepcopy(config)
-    config.is_causal = is_causal
-    return config
-
-
 class FMTModel(FMTPreTrainedModel):
     """The bare FMT decoder stack: embeddings, `num_hidden_layers` decoder layers, final RMSNorm. Causal or
     bidirectional according to `config.is_causal`."""
@@ -487,7 +402,10 @@ class FMTLanguageModel(FMTPreTrainedModel):
     _causal: bool  # the attention this head needs, forced onto (a copy of) the config
 
     def __init__(self, config: FMTConfig):
-        super().__init__(_config_with_causality(config, self._causal))
+        if config.is_causal != self._causal:  # a copy: the caller's config may be shared with models of the other kind
+            config = copy.deepcopy(config)
+            config.is_causal = self._causal
+        super().__init__(config)
         self.model = FMTModel(self.config)
         self.vocab_size = self.config.vocab_size
         self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
