@@ -69,30 +69,28 @@ def prepare_layer_inputs(
             f"built for. Length-free downsamplers ({_LENGTH_FREE_CHOICES}) have no such cap; these weights also run "
             'densely at any length (attn_implementation="sdpa").'
         )
-    if not fma:
-        if position_ids is None:
-            position_ids = torch.arange(past, past + seq_len, device=inputs_embeds.device).unsqueeze(0)
-        # Causal or bidirectional according to `config.is_causal` (transformers switches on that field).
-        mask = create_causal_mask(
-            config=config,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-        )
-        return LayerInputs(inputs_embeds, mask, position_ids, cache)
-
-    key_padding_mask, shift = _fma_key_padding_mask(attention_mask, inputs_embeds, cache, past)
-    lengths = None
-    if cache is not None:
-        lengths = [seq_len] * batch if shift is None else (seq_len - shift).tolist()
-    if shift is not None:
-        inputs_embeds = shift_rows(inputs_embeds, shift)
-        if position_ids is not None:
-            position_ids = shift_rows(position_ids.expand(batch, -1), shift)
-    if position_ids is None:  # aligned rows count from their first real token
+    if fma:
+        key_padding_mask, shift = _fma_key_padding_mask(attention_mask, inputs_embeds, cache, past)
+        lengths = None
+        if cache is not None:
+            lengths = [seq_len] * batch if shift is None else (seq_len - shift).tolist()
+        if shift is not None:
+            inputs_embeds = shift_rows(inputs_embeds, shift)
+            if position_ids is not None:
+                position_ids = shift_rows(position_ids.expand(batch, -1), shift)
+    if position_ids is None:  # under FMA, aligned rows count from their first real token
         position_ids = torch.arange(past, past + seq_len, device=inputs_embeds.device).unsqueeze(0)
-    return LayerInputs(inputs_embeds, key_padding_mask, position_ids, cache, lengths, shift)
+    if fma:
+        return LayerInputs(inputs_embeds, key_padding_mask, position_ids, cache, lengths, shift)
+    # Causal or bidirectional according to `config.is_causal` (transformers switches on that field).
+    mask = create_causal_mask(
+        config=config,
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask,
+        cache=cache,
+        position_ids=position_ids,
+    )
+    return LayerInputs(inputs_embeds, mask, position_ids, cache)
 
 
 def _checked_cache(config, cache: Cache | None, build_cache: bool, fma: bool) -> Cache | None:
