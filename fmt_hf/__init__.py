@@ -1,46 +1,20 @@
 """fmt_hf: the Fast Multipole Transformer for Hugging Face.
 
-Importing the package registers FMT with transformers' Auto classes (`AutoConfig`, `AutoModel`,
-`AutoModelForCausalLM`, `AutoModelForMaskedLM`, `AutoModelForSequenceClassification`,
-`AutoModelForTokenClassification`, `AutoModelForQuestionAnswering`) under the model type ``"fmt"``. It loads only
-the model code (`fmt_hf.model`: torch + transformers); the toolkit names below (`build_corpus`, `byte_tokenizer`,
+Importing the package registers FMT with every transformers Auto class it serves (`AutoConfig` and those of
+`fmt_hf.model.auto_fmt.FMT_MODEL_CLASSES`) under the model type ``"fmt"``. It loads only the model code
+(`fmt_hf.model`: torch + transformers); the toolkit names below (`build_corpus`, `byte_tokenizer`,
 `convert_llama_to_fmt`, ...) import `fmt_hf.toolkit` -- and with it `datasets` and `evaluate` -- on first use.
 """
 
 import importlib
 
-from transformers import (
-    AutoConfig,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoModelForMaskedLM,
-    AutoModelForQuestionAnswering,
-    AutoModelForSequenceClassification,
-    AutoModelForTokenClassification,
-)
+from . import model
+from .model import *  # noqa: F403 -- the model classes, the config, the cache and the FMA modules
+from .model.auto_fmt import register_auto_classes
 
-from .model import (
-    FastMultipoleAttention,
-    FMABatchState,
-    FMAState,
-    FMTCache,
-    FMTConfig,
-    FMTForCausalLM,
-    FMTForMaskedLM,
-    FMTForQuestionAnswering,
-    FMTForSequenceClassification,
-    FMTForTokenClassification,
-    FMTModel,
-    FMTPreTrainedModel,
-)
+__version__ = "0.1.0"
 
-AutoConfig.register(FMTConfig.model_type, FMTConfig)
-AutoModel.register(FMTConfig, FMTModel)
-AutoModelForCausalLM.register(FMTConfig, FMTForCausalLM)
-AutoModelForMaskedLM.register(FMTConfig, FMTForMaskedLM)
-AutoModelForSequenceClassification.register(FMTConfig, FMTForSequenceClassification)
-AutoModelForTokenClassification.register(FMTConfig, FMTForTokenClassification)
-AutoModelForQuestionAnswering.register(FMTConfig, FMTForQuestionAnswering)
+register_auto_classes(model.FMTConfig, vars(model))
 
 # Toolkit names, imported lazily (PEP 562): name -> module under fmt_hf.toolkit.
 _TOOLKIT = {
@@ -63,19 +37,4 @@ def __getattr__(name):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = [
-    "FMABatchState",
-    "FMAState",
-    "FastMultipoleAttention",
-    "FMTCache",
-    "FMTConfig",
-    "FMTModel",
-    "FMTForCausalLM",
-    "FMTForMaskedLM",
-    "FMTForSequenceClassification",
-    "FMTForTokenClassification",
-    "FMTForQuestionAnswering",
-    "FMTPreTrainedModel",
-    *_TOOLKIT,
-]
-__version__ = "0.1.0"
+__all__ = [*model.__all__, *_TOOLKIT]

@@ -4,33 +4,20 @@ Plain torch + transformers, flat sibling modules importing each other with singl
 what `save_pretrained` copies next to the weights as Hub custom code (`trust_remote_code=True`).
 """
 
+from . import configuration_fmt, modeling_fmt
 from .cache_fmt import FMTCache, FMTCacheLayer, is_fmt_cache
-from .configuration_fmt import FMTConfig
+from .configuration_fmt import *  # noqa: F403 -- FMTConfig
 from .fma_attention import FastMultipoleAttention
 from .fma_state import FMABatchState, FMAState
-from .modeling_fmt import (
-    FMTForCausalLM,
-    FMTForMaskedLM,
-    FMTForQuestionAnswering,
-    FMTForSequenceClassification,
-    FMTForTokenClassification,
-    FMTModel,
-    FMTPreTrainedModel,
-)
+from .modeling_fmt import *  # noqa: F403 -- FMTPreTrainedModel and the class of every Auto class (auto_fmt.py)
 
 __all__ = [
     "FMABatchState",
     "FMAState",
     "FMTCache",
     "FMTCacheLayer",
-    "FMTConfig",
-    "FMTForCausalLM",
-    "FMTForMaskedLM",
-    "FMTForQuestionAnswering",
-    "FMTForSequenceClassification",
-    "FMTForTokenClassification",
-    "FMTModel",
-    "FMTPreTrainedModel",
     "FastMultipoleAttention",
     "is_fmt_cache",
+    *configuration_fmt.__all__,
+    *modeling_fmt.__all__,
 ]

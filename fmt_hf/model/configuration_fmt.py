@@ -7,23 +7,15 @@ from transformers.activations import ACT2FN
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
-# Every FMT checkpoint names the code of every Auto class FMT serves, whichever class saved it, so that any of them
-# can open it with `trust_remote_code=True` (`save_pretrained` alone records only the saved class). The module
-# names are those of the flat files `save_pretrained` copies next to the weights.
-FMT_AUTO_MAP = {
-    "AutoConfig": "configuration_fmt.FMTConfig",
-    "AutoModel": "modeling_fmt.FMTModel",
-    "AutoModelForCausalLM": "modeling_fmt.FMTForCausalLM",
-    "AutoModelForMaskedLM": "modeling_fmt.FMTForMaskedLM",
-    "AutoModelForSequenceClassification": "modeling_fmt.FMTForSequenceClassification",
-    "AutoModelForTokenClassification": "modeling_fmt.FMTForTokenClassification",
-    "AutoModelForQuestionAnswering": "modeling_fmt.FMTForQuestionAnswering",
-}
+from .auto_fmt import FMT_AUTO_MAP
+from .fma_downsample import DOWNSAMPLE_MODES
+from .fma_flex import KERNELS
+from .fma_options import BOUNDARY_MODES, CONFIG_FIELDS, QUERY_MODES, check_fma_options, fma_layer_options
 
-FMT_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-"""The `rope_parameters["rope_type"]` values FMT supports: those whose frequencies do not depend on the sequence
-length, so that keys rotated once stay valid in the multilevel cache and in every coarse summary built from them
-(`"dynamic"` and `"longrope"` rescale with the length)."""
+FMT_ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+"""The `rope_parameters["rope_type"]` values FMT supports. `"dynamic"` (NTK scaling) recomputes the frequencies
+from the longest position of each forward call, as Llama does: keys already cached -- and the coarse summaries built
+from them -- keep the rotation they were made with, as in Llama's cache. `"longrope"` is not supported."""
 
 
 @strict
@@ -55,19 +47,22 @@ class FMTConfig(PreTrainedConfig):
             `hidden_size // num_attention_heads` (`hidden_size` must be divisible by `num_attention_heads` in
             any case, as in `LlamaConfig`).
         max_position_embeddings (`int`, *optional*, defaults to 2048):
-            The training length. With `fma_downsample` `"depthwise"`, `"full"` or `"avgpool"` also the longest
-            sequence the model accepts under FMA (longer inputs raise a `ValueError`): the FMA hierarchy is built
-            for it, rounded up to the next `fma_block_size * 2**(L+1)`. With `"recursive"` (and with the dense
-            implementations) nothing caps the length. Beyond the training length a model still runs, but nothing
-            guarantees its quality there: queries meet rotary distances training never showed, and the recursive
-            downsampler builds levels training never used (its shared map applied more times in a row). Measure
-            quality at the lengths you use (e.g. `scripts/eval_lm.py --context_length`).
+            The training length. Under FMA with `fma_downsample` `"depthwise"` or `"full"`, or with
+            `fma_boundary="zero_sink"`, also the longest sequence the model accepts (longer inputs raise a
+            `ValueError`): the FMA hierarchy is built for it, rounded up to the next `fma_block_size * 2**(L+1)`.
+            The length-free downsamplers, `"recursive"` and `"avgpool"` (with `fma_boundary="mask"`), and the dense
+            implementations take any length: longer inputs run and `generate` continues past it. Beyond the
+            training length a model still runs, but nothing guarantees its quality there: queries meet rotary
+            distances training never showed, and the length-free downsamplers build levels training never used
+            (`"recursive"` applies its shared map more times in a row). Measure quality at the lengths you use
+            (e.g. `scripts/eval_lm.py --context_length`).
         rope_theta (`float`, *optional*, defaults to 10000.0):
             Base period of the rotary position embeddings: the same number as `rope_parameters["rope_theta"]`
             (give either; given both, they must agree).
         rope_parameters (`dict`, *optional*):
             Rotary position embeddings in the transformers-5 form of `LlamaConfig`: `rope_theta` and `rope_type`,
-            one of `"default"` (the default), `"linear"`, `"llama3"`, `"yarn"`, with the keys that type needs (e.g.
+            one of `"default"` (the default), `"linear"`, `"dynamic"`, `"llama3"`, `"yarn"` (`FMT_ROPE_TYPES`),
+            with the keys that type needs (e.g.
             `factor`, `low_freq_factor`, `high_freq_factor`, `original_max_position_embeddings` for `"llama3"`).
             The frequencies come from transformers' own `ROPE_INIT_FUNCTIONS`. A legacy `rope_scaling=` is read
             as `rope_parameters`.
@@ -116,10 +111,9 @@ class FMTConfig(PreTrainedConfig):
             up to `fma_block_size * 2**k` -- e.g. 4 * 128 * 65536 = 33.5M weights per layer at 64K context with
             `"depthwise"`. `"recursive"` has, for K and for V, `p*d*m + p*d` (level 1) plus `p*d*2p + p*d` (the
             shared map) with `p = fma_coarse_tokens`, `d = head_dim`, `m = fma_block_size`, independent of
-            `max_position_embeddings` (2 * 4 * 64 * (64 + 1 + 8 + 1) = 37,888 per layer at d = 64, m = 64, p = 4),
-            and, like `"avgpool"`, no length cap (with `fma_boundary="mask"`): `max_position_embeddings` is then the
-            training length, longer inputs run and `generate` continues past it. All start as sub-window averages
-            (an untrained `"recursive"` equals `"avgpool"`).
+            `max_position_embeddings` (2 * 4 * 64 * (64 + 1 + 8 + 1) = 37,888 per layer at d = 64, m = 64, p = 4).
+            Which of them cap the length: see `max_position_embeddings`. All start as sub-window averages (an
+            untrained `"recursive"` equals `"avgpool"`).
             With a dense `attn_implementation` they are kept but unused.
         fma_query_mode (`str`, *optional*, defaults to `"fine"`):
             `"fine"`: every query attends its coarse slots, O(n log n). `"coarse"`: one query per coarse-key
@@ -179,11 +173,11 @@ class FMTConfig(PreTrainedConfig):
     is_causal: bool = True
     fma_block_size: int = 64
     fma_coarse_tokens: int = 4
-    fma_downsample: Literal["depthwise", "full", "avgpool", "recursive"] = "depthwise"
-    fma_query_mode: Literal["fine", "coarse"] = "fine"
+    fma_downsample: Literal[DOWNSAMPLE_MODES] = "depthwise"
+    fma_query_mode: Literal[QUERY_MODES] = "fine"
     fma_scale_attn: bool = True
-    fma_boundary: Literal["mask", "zero_sink"] = "mask"
-    fma_kernel: Literal["auto", "gather", "flex"] = "auto"
+    fma_boundary: Literal[BOUNDARY_MODES] = "mask"
+    fma_kernel: Literal[KERNELS] = "auto"
     fma_sink_tokens: int = 0
 
     def __post_init__(self, **kwargs):
@@ -199,7 +193,8 @@ class FMTConfig(PreTrainedConfig):
         self.auto_map = {**(getattr(self, "auto_map", None) or {}), **FMT_AUTO_MAP}
 
     def validate_sizes(self):
-        """Part of `@strict` validation: sizes are positive and fit together."""
+        """Part of `@strict` validation: sizes are positive and fit together, then FMA's options (the rules
+        `FastMultipoleAttention` applies to its arguments, here naming the config's fields)."""
         for name in (
             "vocab_size",
             "hidden_size",
@@ -207,8 +202,6 @@ class FMTConfig(PreTrainedConfig):
             "num_hidden_layers",
             "num_attention_heads",
             "num_key_value_heads",
-            "head_dim",
-            "max_position_embeddings",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer, got {getattr(self, name)}.")
@@ -222,22 +215,20 @@ class FMTConfig(PreTrainedConfig):
                 f"`num_attention_heads` ({self.num_attention_heads}) must be divisible by `num_key_value_heads` "
                 f"({self.num_key_value_heads})."
             )
-        if self.head_dim % 2 != 0:
-            raise ValueError(f"`head_dim` must be even for rotary embeddings, got {self.head_dim}.")
         if self.rms_norm_eps <= 0:
             raise ValueError(f"`rms_norm_eps` must be positive, got {self.rms_norm_eps}.")
-        if not 0.0 <= self.attention_dropout < 1.0:
-            raise ValueError(f"`attention_dropout` must be in [0, 1), got {self.attention_dropout}.")
         if self.hidden_act not in ACT2FN:
             raise ValueError(f"`hidden_act` {self.hidden_act!r} is not a known activation; use one of {list(ACT2FN)}.")
+        check_fma_options(**fma_layer_options(self), names=CONFIG_FIELDS)
+        if self.head_dim % 2 != 0:
+            raise ValueError(f"`head_dim` must be even for rotary embeddings, got {self.head_dim}.")
 
     def validate_rope(self):
         """Part of `@strict` validation: the rotary embeddings are of a type FMT supports and well defined."""
         rope_type = self.rope_parameters.get("rope_type")
         if rope_type not in FMT_ROPE_TYPES:
             raise ValueError(
-                f"`rope_parameters['rope_type']` {rope_type!r} is not supported by FMT; use one of {FMT_ROPE_TYPES} "
-                "(frequencies that do not change with the sequence length)."
+                f"`rope_parameters['rope_type']` {rope_type!r} is not supported by FMT; use one of {FMT_ROPE_TYPES}."
             )
         # transformers' check of the keys each type needs (its `validate_rope` would also test the head size,
         # before `validate_sizes` can name the field that makes it odd)
@@ -254,28 +245,6 @@ class FMTConfig(PreTrainedConfig):
             raise ValueError(
                 "`rope_parameters['partial_rotary_factor']` must be 1.0 (FMT rotates whole heads, as Llama), got "
                 f"{self.rope_parameters['partial_rotary_factor']}."
-            )
-
-    def validate_fma(self):
-        """Part of `@strict` validation: the FMA hierarchy is well defined."""
-        if self.fma_block_size < 1:
-            raise ValueError(f"`fma_block_size` must be a positive integer, got {self.fma_block_size}.")
-        if self.fma_coarse_tokens < 1:
-            raise ValueError(f"`fma_coarse_tokens` must be a positive integer, got {self.fma_coarse_tokens}.")
-        if self.fma_coarse_tokens > self.fma_block_size or self.fma_block_size % self.fma_coarse_tokens != 0:
-            raise ValueError(
-                f"`fma_coarse_tokens` ({self.fma_coarse_tokens}) must be at most, and divide, `fma_block_size` "
-                f"({self.fma_block_size})."
-            )
-        if self.fma_kernel == "flex" and (self.fma_query_mode != "fine" or self.fma_boundary != "mask"):
-            raise ValueError(
-                f'`fma_kernel` "flex" runs `fma_query_mode` "fine" with `fma_boundary` "mask"; got '
-                f'{self.fma_query_mode!r} and {self.fma_boundary!r} (use "auto" or "gather").'
-            )
-        if not 0 <= self.fma_sink_tokens <= self.fma_block_size:
-            raise ValueError(
-                f"`fma_sink_tokens` must be between 0 and `fma_block_size` ({self.fma_block_size}), got "
-                f"{self.fma_sink_tokens}."
             )
 
 

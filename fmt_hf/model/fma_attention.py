@@ -17,13 +17,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fma_downsample import DOWNSAMPLE_MODES, LENGTH_FREE_MODES, make_downsampler
-from .fma_flex import FLEX_AVAILABLE, KERNELS, flex_fine_queries, flex_plan, flex_unsupported, key_offsets
+from .fma_downsample import make_downsampler
+from .fma_flex import FLEX_AVAILABLE, flex_fine_queries, flex_plan, flex_unsupported, key_offsets
+from .fma_options import check_fma_options
 from .fma_partition import MASK_VALUE, Partition, num_levels
 from .fma_state import FMAState, IncrementalDecoding, _softmax_dtype, without_sinks
 
-QUERY_MODES = ("fine", "coarse")
-BOUNDARY_MODES = ("mask", "zero_sink")
 # Device kinds on which kernel="auto" takes the FlexAttention path: those where `scripts/check_gpu.py` (exactness
 # against the gather path, then timings) has passed. None yet -- until a GPU run passes, "flex" is opt-in everywhere.
 FLEX_VERIFIED_DEVICES: tuple[str, ...] = ()
@@ -94,45 +93,24 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
         kernel: str = "auto",
     ):
         super().__init__()
-        for name, value in (
-            ("head_dim", head_dim),
-            ("max_seq_len", max_seq_len),
-            ("block_size", block_size),
-            ("coarse_tokens", coarse_tokens),
-        ):
-            if name == "max_seq_len" and value is None:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if coarse_tokens > block_size or block_size % coarse_tokens:
-            raise ValueError(f"coarse_tokens ({coarse_tokens}) must divide block_size ({block_size})")
-        for name, value, allowed in (
-            ("downsample", downsample, DOWNSAMPLE_MODES),
-            ("query_mode", query_mode, QUERY_MODES),
-            ("boundary", boundary, BOUNDARY_MODES),
-            ("kernel", kernel, KERNELS),
-        ):
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
-        if kernel == "flex" and (query_mode != "fine" or boundary != "mask"):
-            raise ValueError(
-                f"kernel='flex' runs query_mode='fine' with boundary='mask'; got query_mode="
-                f"{query_mode!r}, boundary={boundary!r} (use kernel='gather' or 'auto')"
-            )
+        check_fma_options(
+            head_dim=head_dim,
+            max_seq_len=max_seq_len,
+            block_size=block_size,
+            coarse_tokens=coarse_tokens,
+            causal=causal,
+            downsample=downsample,
+            query_mode=query_mode,
+            scale_attn=scale_attn,
+            boundary=boundary,
+            dropout=dropout,
+            sink_tokens=sink_tokens,
+            kernel=kernel,
+        )
         if kernel == "flex" and not FLEX_AVAILABLE:
             raise ImportError(
                 f"kernel='flex' needs torch.nn.attention.flex_attention, which torch "
                 f"{torch.__version__} lacks (PyTorch >= 2.5 has it); use kernel='gather' or 'auto'"
-            )
-        if not isinstance(sink_tokens, int) or isinstance(sink_tokens, bool) or not 0 <= sink_tokens <= block_size:
-            raise ValueError(f"sink_tokens must be an integer in [0, block_size={block_size}], got {sink_tokens!r}")
-        if max_seq_len is None and downsample not in LENGTH_FREE_MODES:
-            raise ValueError(
-                f"max_seq_len=None (no length cap) needs a length-free downsample, one of "
-                f"{LENGTH_FREE_MODES}; {downsample!r} holds weights for every level of a fixed "
-                "max_seq_len"
             )
         self.head_dim, self.max_seq_len = head_dim, max_seq_len
         self.block_size, self.coarse_tokens = block_size, coarse_tokens

@@ -22,12 +22,9 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
-from transformers import AutoModel
-from transformers import initialization as init
 from transformers.activations import ACT2FN
-from transformers.cache_utils import Cache, DynamicCache
-from transformers.generation import GenerationMixin, GenerationMode
-from transformers.masking_utils import create_causal_mask
+from transformers.cache_utils import Cache
+from transformers.generation import GenerationMixin
 from transformers.modeling_layers import (
     GenericForQuestionAnswering,
     GenericForSequenceClassification,
@@ -40,49 +37,26 @@ from transformers.modeling_outputs import (
     MaskedLMOutput,
     SequenceClassifierOutputWithPast,
 )
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
 from transformers.modeling_utils import (
     ALL_ATTENTION_FUNCTIONS,
-    AttentionInterface,
     PreTrainedModel,
     slice_logits_to_keep,
 )
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple, logging
+from transformers.utils import TransformersKwargs, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
-from .cache_fmt import FMTCache, is_fmt_cache
+from .attention_fmt import eager_attention_forward
+from .auto_fmt import FMT_MODEL_CLASSES, make_base_model_resolvable, register_for_auto_classes
+from .cache_fmt import is_fmt_cache
 from .configuration_fmt import FMTConfig
 from .fma_attention import FastMultipoleAttention
 from .fma_downsample import DepthwiseDownsample, FullDownsample, RecursiveDownsample
-
-logger = logging.get_logger(__name__)
-
-FMA_ATTN_IMPLEMENTATION = "fma"
-# Downsample families whose FMA layers the model builds without a length cap (docs/fma.md §7a): their parameters do
-# not depend on the length, and their decoding state gains a level each time the sequence doubles.
-LENGTH_FREE_DOWNSAMPLE = ("recursive", "avgpool")
-
-
-def length_free(config: FMTConfig) -> bool:
-    """Whether the FMA layers of `config` take any length: a length-free family, and the `"mask"` boundary (the
-    `"zero_sink"` boundary reproduces the released kernels, whose sinks depend on a fixed built length)."""
-    return config.fma_downsample in LENGTH_FREE_DOWNSAMPLE and config.fma_boundary == "mask"
-
-
-def sequence_cap(config: FMTConfig, attn_implementation: str | None = None) -> int | None:
-    """The longest sequence (cached tokens included) an FMT model of ``config`` accepts under ``attn_implementation``
-    (None: FMA, the architecture's default), or None when nothing caps it.
-
-    FMA with `fma_downsample` `"depthwise"` or `"full"` (or with `fma_boundary="zero_sink"`) has a hierarchy built
-    for `max_position_embeddings`; `"recursive"`, `"avgpool"` and the dense implementations (rotary embeddings, as
-    in Llama) have no hard limit -- quality beyond the training length is another matter (see `FMTConfig`).
-    """
-    if (attn_implementation or FMA_ATTN_IMPLEMENTATION) != FMA_ATTN_IMPLEMENTATION or length_free(config):
-        return None
-    return config.max_position_embeddings
+from .fma_masking import prepare_generation_cache, prepare_layer_inputs
+from .fma_options import FMA_ATTN_IMPLEMENTATION, fma_layer_options, sequence_cap
 
 
 class FMTRMSNorm(nn.Module):
@@ -107,24 +81,30 @@ class FMTRMSNorm(nn.Module):
 class FMTRotaryEmbedding(nn.Module):
     """Rotary position embeddings as Llama's, from `config.rope_parameters`: returns `(cos, sin)` for given
     positions. The frequencies (and the cos/sin scaling of `"yarn"`) of every type but `"default"` come from
-    transformers' own `ROPE_INIT_FUNCTIONS`."""
+    transformers' own `ROPE_INIT_FUNCTIONS`; `"dynamic"` recomputes them for inputs longer than
+    `max_position_embeddings` (transformers' `dynamic_rope_update`, as Llama)."""
 
     def __init__(self, config: FMTConfig):
         super().__init__()
-        inv_freq, self.attention_scaling = self.compute_inv_freq(config)
+        self.config = config
+        self.rope_type = config.rope_parameters["rope_type"]
+        # The length up to which the frequencies are the original ones (read by `dynamic_rope_update`).
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
+        rope_init_fn = (
+            self.compute_default_rope_parameters if self.rope_type == "default" else ROPE_INIT_FUNCTIONS[self.rope_type]
+        )
+        inv_freq, self.attention_scaling = rope_init_fn(config)
         # Not persistent: recomputed from the config, also by `_init_weights` after a meta-device `from_pretrained`.
         self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+        self.original_inv_freq = nn.Buffer(inv_freq.clone(), persistent=False)
 
     @staticmethod
-    def compute_inv_freq(config: FMTConfig) -> tuple[torch.Tensor, float]:
-        """The inverse frequencies and the scaling of cos/sin. `"default"`: `1 / theta^(2i / head_dim)`,
-        `i = 0 .. head_dim/2 - 1`, scaling 1."""
-        rope_type = config.rope_parameters["rope_type"]
-        if rope_type != "default":
-            return ROPE_INIT_FUNCTIONS[rope_type](config)
-        exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float) / config.head_dim
+    def compute_default_rope_parameters(config: FMTConfig, device=None, seq_len=None) -> tuple[torch.Tensor, float]:
+        """`"default"`: inverse frequencies `1 / theta^(2i / head_dim)`, `i = 0 .. head_dim/2 - 1`, scaling 1."""
+        exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float, device=device) / config.head_dim
         return 1.0 / (config.rope_parameters["rope_theta"] ** exponents), 1.0
 
+    @dynamic_rope_update
     def forward(self, x: torch.Tensor, position_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
         # Angles in float32 whatever the model dtype: bf16 positions lose precision beyond a few hundred tokens.
         freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
@@ -162,79 +142,6 @@ class FMTMLP(nn.Module):
         return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
 
 
-def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(batch, kv_heads, seq_len, head_dim) -> (batch, kv_heads * n_rep, seq_len, head_dim), each head repeated."""
-    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
-    if n_rep == 1:
-        return hidden_states
-    hidden_states = hidden_states[:, :, None, :, :].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
-    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs: Unpack[TransformersKwargs],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense attention in plain PyTorch (`attn_implementation="eager"`); also returns the attention weights."""
-    key_states = repeat_kv(key, module.num_key_value_groups)
-    value_states = repeat_kv(value, module.num_key_value_groups)
-
-    attn_weights = torch.matmul(query, key_states.transpose(2, 3)) * scaling
-    if attention_mask is not None:
-        attn_weights = attn_weights + attention_mask
-
-    # At least float32 for the softmax (as Llama), without rounding float64 inputs down to it.
-    softmax_dtype = torch.promote_types(query.dtype, torch.float32)
-    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=softmax_dtype).to(query.dtype)
-    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
-    attn_output = torch.matmul(attn_weights, value_states)
-    attn_output = attn_output.transpose(1, 2).contiguous()
-    return attn_output, attn_weights
-
-
-def fma_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs: Unpack[TransformersKwargs],
-) -> tuple[torch.Tensor, None]:
-    """Fast Multipole Attention (`attn_implementation="fma"`) through the calling layer's `module.fma`.
-
-    `attention_mask` is the 2D (batch, seq_len) boolean key padding mask (True = real token) or None. `scaling`
-    and `dropout` are not used: FMA applies `1/sqrt(head_dim)` itself and owns its dropout (active in training
-    mode only), both set from the same config as the dense path's.
-    """
-    is_causal = kwargs.get("is_causal")
-    if is_causal is not None and is_causal != module.fma.causal:
-        raise ValueError(
-            f"This FMA layer was built {'causal' if module.fma.causal else 'bidirectional'} (config.is_causal="
-            f"{module.fma.causal}) and cannot switch per call; got is_causal={is_causal}. Build the model with the "
-            "other mode, or use a dense attn_implementation (`sdpa`, `eager`)."
-        )
-    if kwargs.get("output_attentions", False):
-        logger.warning_once(
-            "FMA does not compute attention weights (it never forms the n x n matrix): `attentions` stays empty. "
-            'Load the model with attn_implementation="eager" to get them.'
-        )
-    attn_output = module.fma(query, key, value, key_padding_mask=attention_mask)
-    return attn_output.transpose(1, 2), None
-
-
-# Registered globally so that `attn_implementation="fma"` passes transformers' validity checks; the function only
-# runs inside FMT layers, the only modules with an `fma` attribute.
-AttentionInterface.register(FMA_ATTN_IMPLEMENTATION, fma_attention_forward)
-
-
 class FMTAttention(nn.Module):
     """Multi-head (grouped-query) self-attention: projections and rotary embeddings as in Llama, then FMA or a
     dense kernel according to `config._attn_implementation`.
@@ -259,20 +166,7 @@ class FMTAttention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=bias)
-        self.fma = FastMultipoleAttention(
-            self.head_dim,
-            None if length_free(config) else config.max_position_embeddings,
-            block_size=config.fma_block_size,
-            coarse_tokens=config.fma_coarse_tokens,
-            causal=config.is_causal,
-            downsample=config.fma_downsample,
-            query_mode=config.fma_query_mode,
-            scale_attn=config.fma_scale_attn,
-            boundary=config.fma_boundary,
-            dropout=config.attention_dropout,
-            sink_tokens=config.fma_sink_tokens,
-            kernel=config.fma_kernel,
-        )
+        self.fma = FastMultipoleAttention(**fma_layer_options(config))
 
     @deprecate_kwarg("past_key_values", "6.0.0", new_name="cache")
     def forward(
@@ -403,10 +297,8 @@ class FMTPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
-        if isinstance(module, FMTRotaryEmbedding):
-            init.copy_(module.inv_freq, module.compute_inv_freq(self.config)[0])
-        elif isinstance(module, (DepthwiseDownsample, FullDownsample, RecursiveDownsample)):
+        super()._init_weights(module)  # the rotary buffers too (transformers recognises `FMTRotaryEmbedding`)
+        if isinstance(module, (DepthwiseDownsample, FullDownsample, RecursiveDownsample)):
             # FMA's own average init (fma.md §2) rather than a random draw, so that an untrained level summarises
             # its groups by sub-window means. Levels loaded from a checkpoint are kept: a model extended to a longer
             # max_position_embeddings initialises only its new levels.
@@ -419,16 +311,6 @@ class FMTPreTrainedModel(PreTrainedModel):
                 module.reset_parameters()
                 for name, value in loaded.items():
                     module.get_parameter(name).copy_(value)
-
-
-def _config_with_causality(config: FMTConfig, is_causal: bool) -> FMTConfig:
-    """`config` itself when its `is_causal` already matches, else a copy with `is_causal` set (the caller's object
-    is left alone: it may be shared with models of the other kind)."""
-    if config.is_causal == is_causal:
-        return config
-    config = copy.deepcopy(config)
-    config.is_causal = is_causal
-    return config
 
 
 class FMTModel(FMTPreTrainedModel):
@@ -466,10 +348,8 @@ class FMTModel(FMTPreTrainedModel):
         r"""
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`):
-                Token ids; give either these or `inputs_embeds`. Under FMA with `fma_downsample` `"depthwise"` or
-                `"full"` (or `fma_boundary="zero_sink"`), cached plus new tokens may not exceed
-                `config.max_position_embeddings` (`max_sequence_length`); `"recursive"`, `"avgpool"` and the dense
-                implementations take any length.
+                Token ids; give either these or `inputs_embeds`. Cached plus new tokens may not exceed
+                `max_sequence_length` (see `FMTConfig.max_position_embeddings`).
             attention_mask (`torch.Tensor` of shape `(batch_size, seq_len)`, *optional*):
                 1 for real tokens, 0 for padding. Padding is never attended to; the outputs at padded positions
                 are meaningless. Under FMA, a padded row gives its real tokens the same outputs as the unpadded
@@ -493,156 +373,65 @@ class FMTModel(FMTPreTrainedModel):
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
-        fma = self.config._attn_implementation == FMA_ATTN_IMPLEMENTATION
-        cache = self._check_cache(cache, use_cache, fma, attention_mask)
-
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        past = cache.get_seq_length() if cache is not None else 0
-        seq_len = inputs_embeds.shape[1]
-        if self.max_sequence_length is not None and past + seq_len > self.max_sequence_length:
-            raise ValueError(
-                f"Input length {past + seq_len} ({past} cached + {seq_len} new) exceeds max_position_embeddings "
-                f"({self.config.max_position_embeddings}), the longest sequence the FMA hierarchy of this model "
-                f'(fma_downsample="{self.config.fma_downsample}") was built for. Models with '
-                'fma_downsample="recursive" have no such cap; these weights also run densely at any length '
-                '(attn_implementation="sdpa").'
-            )
+        inputs = prepare_layer_inputs(
+            self.config, inputs_embeds, attention_mask, position_ids, cache, use_cache and not self.training
+        )
+        if inputs.fma_lengths is not None:
+            kwargs["fma_lengths"] = inputs.fma_lengths
 
-        shift = None
-        if fma:
-            attention_mask, shift = self._fma_key_padding_mask(attention_mask, inputs_embeds, cache)
-            if cache is not None:  # each row's new positions: its columns but those the shift moved in at the end
-                lengths = [seq_len] * inputs_embeds.shape[0] if shift is None else (seq_len - shift).tolist()
-                kwargs["fma_lengths"] = lengths
-            if shift is not None:  # move each row's padding behind its real tokens
-                inputs_embeds = _shift_rows(inputs_embeds, shift)
-                if position_ids is not None:
-                    position_ids = _shift_rows(position_ids.expand(inputs_embeds.shape[0], -1), shift)
-        if position_ids is None:
-            position_ids = torch.arange(past, past + seq_len, device=inputs_embeds.device).unsqueeze(0)
-        if not fma:
-            # Causal or bidirectional according to `config.is_causal` (transformers switches on that field).
-            attention_mask = create_causal_mask(
-                config=self.config,
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                cache=cache,
-                position_ids=position_ids,
-            )
-
-        hidden_states = inputs_embeds
-        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
-
+        hidden_states = inputs.inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=inputs.position_ids)
         for decoder_layer in self.layers:
             hidden_states = decoder_layer(
                 hidden_states,
-                attention_mask=attention_mask,
+                attention_mask=inputs.attention_mask,
                 position_embeddings=position_embeddings,
-                position_ids=position_ids,
-                cache=cache,
+                position_ids=inputs.position_ids,
+                cache=inputs.cache,
                 use_cache=use_cache,
                 **kwargs,
             )
-
-        hidden_states = self.norm(hidden_states)
-        if shift is not None:
-            hidden_states = _shift_rows(hidden_states, -shift)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=cache if use_cache else None)
-
-    def _check_cache(
-        self, cache: Cache | None, use_cache: bool | None, fma: bool, attention_mask: torch.Tensor | None
-    ) -> Cache | None:
-        """The cache this call reads and extends: the given one, a new one when `use_cache`, or None (no new cache
-        is built in training: nothing decodes then)."""
-        if cache is None:
-            if not use_cache or not self.config.is_causal or self.training:
-                return None
-            return FMTCache(self.config.num_hidden_layers) if fma else DynamicCache(config=self.config)
-        if not self.config.is_causal:
-            raise ValueError("A key/value cache needs a causal model; this one is bidirectional (config.is_causal).")
-        if fma and not is_fmt_cache(cache):
-            raise ValueError(
-                f"FMA attention keeps its own multilevel cache (FMTCache); got {type(cache).__name__}. Pass no cache "
-                'to have one built, or load the model with attn_implementation="sdpa" to use transformers\' caches.'
-            )
-        if not fma and is_fmt_cache(cache):
-            raise ValueError(f"FMTCache serves only FMA attention, not {self.config._attn_implementation!r}.")
-        return cache
-
-    @staticmethod
-    def _fma_key_padding_mask(
-        attention_mask: torch.Tensor | None, inputs_embeds: torch.Tensor, cache: Cache | None
-    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """FMA's view of the padding: the 2D boolean key padding mask of the new columns (None when nothing is
-        padded: FMA's faster path), and how far each row must shift left so that its first real token sits at
-        index 0 (None when no row starts with padding).
-
-        FMA's hierarchy is positional, so a left-padded row is aligned to its own first real token: it then gives
-        exactly what it gives alone. Masked columns after a row's first real token (holes, e.g. a pad id inside a
-        prompt) are positions whose keys are left out, with or without a cache; a row the cache has already
-        started takes every new column as a position (no shift)."""
-        if attention_mask is None:
-            return None, None
-        if attention_mask.dim() != 2:
-            raise ValueError(
-                "FMA takes a 2D (batch_size, seq_len) attention_mask of 1s (tokens) and 0s (padding), got shape "
-                f"{tuple(attention_mask.shape)}; prepared 4D masks only work with a dense attn_implementation."
-            )
-        batch, seq_len = inputs_embeds.shape[:2]
-        past = cache.get_seq_length() if cache is not None else 0
-        if attention_mask.shape[0] != batch or attention_mask.shape[1] not in (seq_len, past + seq_len):
-            raise ValueError(
-                f"attention_mask shape {tuple(attention_mask.shape)} does not match the inputs ({batch}, {seq_len})"
-                + (f" after {past} cached tokens" if past else "")
-                + "."
-            )
-        key_padding_mask = attention_mask[:, -seq_len:].to(device=inputs_embeds.device, dtype=torch.bool)
-        if bool(key_padding_mask.all()):
-            return None, None
-        shift = (key_padding_mask.cumsum(1) == 0).sum(1)  # leading padding of each row
-        started = cache.started_rows() if cache is not None else []
-        if any(started):
-            shift = shift.masked_fill(torch.tensor(started, device=shift.device), 0)
-        if bool(shift.any()):
-            key_padding_mask = _shift_rows(key_padding_mask, shift)
-        else:
-            shift = None
-        return (None if bool(key_padding_mask.all()) else key_padding_mask), shift
-
-
-def _shift_rows(tensor: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """Move row b of `tensor` (batch, seq_len, ...) `shift[b]` positions to the left (right when negative); what
-    enters at the other end is zero."""
-    seq_len = tensor.shape[1]
-    source = torch.arange(seq_len, device=tensor.device) + shift[:, None]
-    inside = (source >= 0) & (source < seq_len)
-    gathered = tensor.gather(
-        1, source.clamp(0, seq_len - 1).view(*source.shape, *[1] * (tensor.dim() - 2)).expand_as(tensor)
-    )
-    return gathered * inside.view(*inside.shape, *[1] * (tensor.dim() - 2))
+        hidden_states = inputs.restore(self.norm(hidden_states))
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, cache=inputs.cache if use_cache else None)
 
 
 class FMTLanguageModel(FMTPreTrainedModel):
     """The FMT stack with a language-modelling head (tied to the input embeddings when configured): the shared
-    part of `FMTForCausalLM` and `FMTForMaskedLM`, which differ in causality and their forward."""
+    part of `FMTForCausalLM` and `FMTForMaskedLM`, which differ in causality and in their outputs."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     _causal: bool  # the attention this head needs, forced onto (a copy of) the config
 
     def __init__(self, config: FMTConfig):
-        super().__init__(_config_with_causality(config, self._causal))
+        if config.is_causal != self._causal:  # a copy: the caller's config may be shared with models of the other kind
+            config = copy.deepcopy(config)
+            config.is_causal = self._causal
+        super().__init__(config)
         self.model = FMTModel(self.config)
         self.vocab_size = self.config.vocab_size
         self.lm_head = nn.Linear(self.config.hidden_size, self.config.vocab_size, bias=False)
 
         self.post_init()
 
-    def _loss(self, logits: torch.Tensor, labels: torch.LongTensor | None, **kwargs) -> torch.Tensor | None:
-        # kwargs carry the Trainer's num_items_in_batch: gradient accumulation normalises by it
-        if labels is None:
-            return None
-        return self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+    def _language_model_forward(
+        self, labels: torch.LongTensor | None, logits_to_keep: int | torch.Tensor, model_inputs: dict, **kwargs
+    ) -> CausalLMOutputWithPast | MaskedLMOutput:
+        """The stack on `model_inputs`, the head on its last `logits_to_keep` positions, and the loss (the head's
+        own: shifted for causal LM, not for masked LM)."""
+        outputs: BaseModelOutputWithPast = self.model(**model_inputs, **kwargs)
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            # kwargs carry the Trainer's num_items_in_batch: gradient accumulation normalises by it
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        output_class, extra = (
+            (CausalLMOutputWithPast, {"cache": outputs.cache}) if self._causal else (MaskedLMOutput, {})
+        )
+        return output_class(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions, **extra
+        )
 
 
 class FMTForCausalLM(FMTLanguageModel, GenerationMixin):
@@ -685,68 +474,26 @@ class FMTForCausalLM(FMTLanguageModel, GenerationMixin):
         >>> out.logits.shape
         torch.Size([1, 16, 100])
         ```"""
-        outputs: BaseModelOutputWithPast = self.model(
+        model_inputs = dict(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            **kwargs,
         )
-
-        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
-        return CausalLMOutputWithPast(
-            loss=self._loss(logits, labels, **kwargs),
-            logits=logits,
-            cache=outputs.cache,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
+        return self._language_model_forward(labels, logits_to_keep, model_inputs, **kwargs)
 
     def _prepare_cache_for_generation(
         self, generation_config, model_kwargs: dict, generation_mode, batch_size: int, max_cache_length: int
     ) -> None:
-        """Under FMA, `generate` keeps an `FMTCache`; the dense implementations use transformers' caches.
-
-        Before any work, checks that the prompt and the new tokens fit the model (`max_cache_length` is every
-        position `generate` will run through it)."""
-        limit = self.max_sequence_length
-        if limit is not None and max_cache_length > limit:
-            new_tokens = generation_config.max_new_tokens
-            asked = (
-                f"a prompt of {max_cache_length + 1 - new_tokens} tokens plus max_new_tokens={new_tokens}"
-                if new_tokens is not None
-                else f"max_length={generation_config.max_length}"
-            )
-            raise ValueError(
-                f"generate() would run {max_cache_length} positions through the model ({asked}), but it holds at "
-                f"most max_position_embeddings={limit}: its FMA downsamplers ({self.config.fma_downsample!r}) have "
-                "weights for that length only. Lower max_new_tokens (or max_length), shorten the prompt, or use a "
-                'length-free downsampler (fma_downsample="recursive" or "avgpool").'
-            )
-        if self.config._attn_implementation != FMA_ATTN_IMPLEMENTATION:
-            return super()._prepare_cache_for_generation(
+        # Under FMA `generate` keeps an FMTCache; the dense implementations use transformers' caches.
+        if not prepare_generation_cache(
+            self.config, generation_config, model_kwargs, generation_mode, max_cache_length
+        ):
+            super()._prepare_cache_for_generation(
                 generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
             )
-        if generation_mode == GenerationMode.ASSISTED_GENERATION:
-            raise ValueError(
-                "Assisted and prompt-lookup decoding roll the cache back token by token, which FMT's multilevel "
-                "cache cannot do (it keeps coarse summaries); use greedy, sampling or beam search."
-            )
-        if generation_config.cache_implementation is not None:
-            raise ValueError(
-                f"cache_implementation={generation_config.cache_implementation!r} is not supported with FMA: FMT "
-                "builds its own multilevel FMTCache. Leave cache_implementation unset, or load the model with "
-                'attn_implementation="sdpa" to use transformers\' caches.'
-            )
-        user_cache = model_kwargs.get("cache")
-        if user_cache is not None:
-            if not is_fmt_cache(user_cache):
-                raise ValueError(f"FMT under FMA needs an FMTCache to continue from, got {type(user_cache).__name__}.")
-            user_cache._is_user_defined = True
-        elif generation_config.use_cache:
-            model_kwargs["cache"] = FMTCache(self.config.num_hidden_layers)
 
     def init_continuous_batching(self, *args, **kwargs):
         """Refused, with every way into continuous batching (`generate_batch`, `cache_implementation="paged"`,
@@ -780,45 +527,21 @@ class FMTForMaskedLM(FMTLanguageModel):
             labels (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*):
                 Targets at the masked positions, -100 elsewhere (not shifted).
         """
-        outputs: BaseModelOutputWithPast = self.model(
+        model_inputs = dict(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=False,
-            **kwargs,
         )
-        logits = self.lm_head(outputs.last_hidden_state)
-        return MaskedLMOutput(
-            loss=self._loss(logits, labels, **kwargs),
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
-
-
-# Saving any of these classes copies this file and its relative imports next to the weights (Hub custom code).
-FMTModel.register_for_auto_class("AutoModel")
-FMTForCausalLM.register_for_auto_class("AutoModelForCausalLM")
-FMTForMaskedLM.register_for_auto_class("AutoModelForMaskedLM")
-
-__all__ = ["FMTPreTrainedModel", "FMTModel", "FMTForCausalLM", "FMTForMaskedLM"]
-
-
-# ----------------------------------------------------------------------------- task heads
+        return self._language_model_forward(labels, 0, model_inputs, **kwargs)
 
 
 class FMTGenericHead:
     """What FMT adds to transformers' generic heads (`GenericForSequenceClassification` and its siblings, as Llama
     uses them): a `ValueError` naming `num_labels` when a classifier is asked for no classes, and a base model that
-    `AutoModel.from_config` -- which the generic heads build their stack with -- can find.
-
-    The latter matters for Hub code: transformers loads `configuration_fmt.py` alone for the config and again next
-    to `modeling_fmt.py` for the model, so the config a head receives is an `FMTConfig` class that AutoModel knows
-    only through `auto_map`, and it would ask for `trust_remote_code` a second time. That class is registered with
-    this module's `FMTModel`, as `from_pretrained` registers the remote classes it loads (never over an existing
-    entry, such as the installed package's).
-    """
+    `AutoModel.from_config` -- which the generic heads build their stack with -- can find, also as Hub code
+    (`make_base_model_resolvable`)."""
 
     _needs_labels: bool = False  # classifiers need `num_labels >= 1`
 
@@ -828,8 +551,7 @@ class FMTGenericHead:
                 f"{type(self).__name__} needs `num_labels` >= 1 (the number of classes, or 1 for regression), got "
                 f"{config.num_labels}."
             )
-        if type(config) not in AutoModel._model_mapping:
-            AutoModel.register(type(config), FMTModel)
+        make_base_model_resolvable(type(config), FMTModel)
         super().__init__(config)
 
 
@@ -933,8 +655,7 @@ class FMTForQuestionAnswering(FMTGenericHead, GenericForQuestionAnswering, FMTPr
     position read the question and the whole context."""
 
 
-FMTForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
-FMTForTokenClassification.register_for_auto_class("AutoModelForTokenClassification")
-FMTForQuestionAnswering.register_for_auto_class("AutoModelForQuestionAnswering")
+# Saving any of these classes copies this file and its relative imports next to the weights (Hub custom code).
+register_for_auto_classes(globals())
 
-__all__ += ["FMTForSequenceClassification", "FMTForTokenClassification", "FMTForQuestionAnswering"]
+__all__ = ["FMTPreTrainedModel", *FMT_MODEL_CLASSES.values()]

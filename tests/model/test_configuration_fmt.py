@@ -9,7 +9,7 @@ from transformers import AutoConfig
 
 import fmt_hf
 from fmt_hf import FMTConfig
-from fmt_hf.model.configuration_fmt import FMT_AUTO_MAP
+from fmt_hf.model.configuration_fmt import FMT_AUTO_MAP, FMT_ROPE_TYPES
 
 # Field names are an interface (other issues and users rely on them): exactly these, in this spelling.
 ISSUE_FIELDS = (
@@ -132,7 +132,6 @@ def test_config_json_of_earlier_checkpoints_loads(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, r"rope_parameters\['rope_type'\]"),
         ({"rope_parameters": {"rope_type": "longrope", "factor": 2.0}}, r"rope_parameters\['rope_type'\]"),
         ({"rope_theta": 1e4, "rope_parameters": {"rope_type": "default", "rope_theta": 1e5}}, "disagree"),
         ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}}, "partial_rotary_factor"),
@@ -142,6 +141,17 @@ def test_config_json_of_earlier_checkpoints_loads(tmp_path):
 def test_invalid_rope_parameters_raise_naming_the_field(kwargs, message):
     with pytest.raises(StrictDataclassError, match=message):
         FMTConfig(**kwargs)
+
+
+def test_dynamic_rope_is_a_supported_type(tmp_path):
+    config = FMTConfig(rope_parameters={"rope_type": "dynamic", "factor": 2.0})
+    assert "dynamic" in FMT_ROPE_TYPES and config.rope_parameters == {
+        "rope_type": "dynamic",
+        "factor": 2.0,
+        "rope_theta": 10000.0,
+    }
+    config.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).rope_parameters["rope_type"] == "dynamic"
 
 
 def test_rope_type_without_its_keys_raises():

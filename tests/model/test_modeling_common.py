@@ -31,7 +31,6 @@ if isinstance(_common, str):
 else:
     import unittest
 
-    from parameterized import parameterized
     from transformers.models.auto import modeling_auto
 
     class FMTModelTester:
@@ -60,6 +59,7 @@ else:
             max_position_embeddings=32,
             fma_block_size=4,
             fma_coarse_tokens=2,
+            fma_downsample="depthwise",
             pad_token_id=0,
             num_labels=3,
             type_sequence_label_size=2,
@@ -70,6 +70,7 @@ else:
             self.num_hidden_layers, self.num_attention_heads = num_hidden_layers, num_attention_heads
             self.num_key_value_heads, self.max_position_embeddings = num_key_value_heads, max_position_embeddings
             self.fma_block_size, self.fma_coarse_tokens = fma_block_size, fma_coarse_tokens
+            self.fma_downsample = fma_downsample
             self.pad_token_id = pad_token_id
             self.num_labels, self.type_sequence_label_size = num_labels, type_sequence_label_size
 
@@ -84,6 +85,7 @@ else:
                 max_position_embeddings=self.max_position_embeddings,
                 fma_block_size=self.fma_block_size,
                 fma_coarse_tokens=self.fma_coarse_tokens,
+                fma_downsample=self.fma_downsample,
                 pad_token_id=self.pad_token_id,
                 num_labels=self.num_labels,
             )
@@ -130,7 +132,10 @@ else:
                 table.pop("fmt", None)
 
         def setUp(self):
-            self.model_tester = FMTModelTester(self)
+            # The rope-scaling test runs inputs of 1.5 x max_position_embeddings, which only a length-free FMA
+            # hierarchy takes (docs/fma.md §7a).
+            length_free = self._testMethodName.startswith("test_model_rope_scaling_from_config")
+            self.model_tester = FMTModelTester(self, fma_downsample="recursive" if length_free else "depthwise")
             self.config_tester = _common.ConfigTester(
                 self, config_class=FMTConfig, hidden_size=48, num_attention_heads=4
             )
@@ -140,22 +145,4 @@ else:
 
         @unittest.skip("FMA, not sdpa, is FMT's default; test_fma_is_the_default_and_dense_is_opt_in checks dispatch")
         def test_sdpa_can_dispatch_non_composite_models(self):
-            pass
-
-        # Same expansion as the mixin's, so that the skip replaces each generated test.
-        @parameterized.expand([("linear",), ("dynamic",), ("yarn",)])
-        @unittest.skip(
-            "Runs inputs of 1.5 x max_position_embeddings, which FMT refuses (its FMA hierarchy is built "
-            "for that length), and 'dynamic' RoPE; tests/toolkit/test_convert.py checks linear, llama3 and "
-            "yarn against Llama's rotary embeddings"
-        )
-        def test_model_rope_scaling_from_config(self, scaling_type):
-            pass
-
-        @unittest.skip(
-            "Its 'dynamic' RoPE part: FMTConfig refuses rope types whose frequencies change with the length "
-            "(keys are rotated once, then summarised and cached); the linear part is covered by "
-            "tests/toolkit/test_convert.py"
-        )
-        def test_model_rope_scaling_frequencies(self):
             pass

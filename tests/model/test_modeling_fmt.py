@@ -20,7 +20,9 @@ from transformers import (
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForMaskedLM,
+    LlamaConfig,
 )
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from fmt_hf import (
     FastMultipoleAttention,
@@ -30,6 +32,7 @@ from fmt_hf import (
     FMTModel,
 )
 from fmt_hf.model.configuration_fmt import FMT_AUTO_MAP
+from fmt_hf.model.modeling_fmt import FMTRotaryEmbedding
 
 BLOCK = 8  # FMA block size of the tiny models: sequences longer than 2 * BLOCK = 16 use coarse levels
 MAX_LEN = 128  # 3 coarse levels at BLOCK = 8
@@ -42,6 +45,9 @@ CODE_FILES = (
     "fma_downsample.py",
     "fma_state.py",
     "fma_flex.py",
+    "fma_options.py",
+    "fma_masking.py",
+    "auto_fmt.py",
 )
 
 
@@ -393,6 +399,43 @@ def test_bf16_forward_and_backward(model_class):
     fma_error = (model(ids).logits.float() - reference(ids).logits).abs().max()
     dense_error = (with_attn(model, "sdpa")(ids).logits.float() - with_attn(reference, "sdpa")(ids).logits).abs().max()
     assert fma_error <= 2 * dense_error, (fma_error, dense_error)
+
+
+# ----------------------------------------------------------------------------- rotary embeddings
+
+DYNAMIC_ROPE = {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 4.0}
+
+
+def test_dynamic_rope_rescales_as_llama_beyond_max_position_embeddings():
+    """rope_type="dynamic" (NTK scaling): Llama's angles at every length -- the original frequencies up to
+    max_position_embeddings, rescaled for longer inputs, and back to the original ones for a short input after."""
+    ours = FMTRotaryEmbedding(tiny_config(rope_parameters=dict(DYNAMIC_ROPE)))
+    llama = LlamaRotaryEmbedding(
+        LlamaConfig(
+            hidden_size=32, num_attention_heads=4, max_position_embeddings=MAX_LEN, rope_parameters=dict(DYNAMIC_ROPE)
+        )
+    )
+    default = FMTRotaryEmbedding(tiny_config())
+    x = torch.ones(1, dtype=torch.float64)
+    for length in (MAX_LEN, 3 * MAX_LEN, MAX_LEN // 2, 5 * MAX_LEN):
+        positions = torch.arange(length).unsqueeze(0)
+        cos, sin = ours(x, positions)
+        for mine, theirs in zip((cos, sin), llama(x, positions)):
+            torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+        assert torch.equal(cos, default(x, positions)[0]) == (length <= MAX_LEN)
+
+
+@pytest.mark.parametrize("downsample", ["recursive", "avgpool"])
+def test_length_free_model_with_dynamic_rope_runs_and_generates_past_its_training_length(downsample):
+    dynamic = make(FMTForCausalLM, fma_downsample=downsample, rope_parameters=dict(DYNAMIC_ROPE))
+    default = make(FMTForCausalLM, fma_downsample=downsample)
+    default.load_state_dict(dynamic.state_dict())
+    short, long = random_ids(2, MAX_LEN), random_ids(2, 2 * MAX_LEN)
+    with torch.no_grad():
+        assert torch.equal(dynamic(short).logits, default(short).logits)  # no rescaling up to the training length
+        assert not torch.allclose(dynamic(long).logits, default(long).logits)
+    out = dynamic.generate(random_ids(1, MAX_LEN - 4), max_new_tokens=12, do_sample=False)
+    assert out.shape == (1, MAX_LEN + 8)
 
 
 # ----------------------------------------------------------------------------- outputs and training

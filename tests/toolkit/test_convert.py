@@ -42,6 +42,7 @@ SOURCES = {
     "rope-theta": {"rope_parameters": {"rope_type": "default", "rope_theta": 523.0}},
     "rope-llama3": {"rope_parameters": dict(LLAMA3)},
     "rope-linear": {"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4, "factor": 3.0}},
+    "rope-dynamic": {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}},
     "rope-yarn": {
         "rope_parameters": {
             "rope_type": "yarn",
@@ -247,8 +248,9 @@ def test_convert_llama_script(tmp_path):
 def test_unsupported_sources_fail_naming_the_feature():
     with pytest.raises(TypeError, match="LlamaForCausalLM; got FMTForCausalLM"):
         convert(convert(tiny_llama()))
-    with pytest.raises(ValueError, match=r"rope_parameters\['rope_type'\] is 'dynamic'"):
-        convert(tiny_llama(rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}))
+    longrope = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}
+    with pytest.raises(ValueError, match=r"rope_parameters\['rope_type'\] is 'longrope'"):
+        convert(tiny_llama(rope_parameters={**longrope, "original_max_position_embeddings": 32}))
     sliding = tiny_llama()
     sliding.config.sliding_window = 32
     with pytest.raises(ValueError, match="sliding_window=32"):
