@@ -21,7 +21,6 @@ from transformers import (
 
 from .model import (
     FastMultipoleAttention,
-    FMABatchState,
     FMAState,
     FMTCache,
     FMTConfig,
@@ -64,7 +63,6 @@ def __getattr__(name):
 
 
 __all__ = [
-    "FMABatchState",
     "FMAState",
     "FastMultipoleAttention",
     "FMTCache",

@@ -7,7 +7,7 @@ what `save_pretrained` copies next to the weights as Hub custom code (`trust_rem
 from .cache_fmt import FMTCache, FMTCacheLayer, is_fmt_cache
 from .configuration_fmt import FMTConfig
 from .fma_attention import FastMultipoleAttention
-from .fma_state import FMABatchState, FMAState
+from .fma_state import FMAState
 from .modeling_fmt import (
     FMTForCausalLM,
     FMTForMaskedLM,
@@ -19,7 +19,6 @@ from .modeling_fmt import (
 )
 
 __all__ = [
-    "FMABatchState",
     "FMAState",
     "FMTCache",
     "FMTCacheLayer",

@@ -41,6 +41,7 @@ CODE_FILES = (
     "fma_partition.py",
     "fma_downsample.py",
     "fma_state.py",
+    "fma_decode.py",
     "fma_flex.py",
 )
 
