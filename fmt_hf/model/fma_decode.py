@@ -38,6 +38,19 @@ def _real(valid: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
     return valid
 
 
+def _new_tokens(state, q, k, v, valid):
+    """New tokens ``q`` (B, H, c, d), ``k``/``v`` (B, H_kv, c, d) in the state's precision, masked ones zeroed (as
+    in ``forward``) and their rows marked as holding holes; ``valid`` (B, c) comes back None when all are real."""
+    dtype = state.fine_k.dtype
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    if valid is None or bool(valid.all()):
+        return q, k, v, None
+    valid = valid.bool()
+    keep = valid.to(dtype)[:, None, :, None]
+    state.holes = [holes or not bool(real.all()) for holes, real in zip(state.holes, valid)]
+    return q * keep, k * keep, v * keep, valid
+
+
 @dataclass(frozen=True)
 class LevelUpdate:
     """One level's part of consuming a chunk of new tokens: the summaries of the groups they complete
@@ -76,27 +89,10 @@ class FMADecoder:
                 "input needs, so an output depends on the input's length and no decoding state can reproduce it: "
                 'build the layer with a max_seq_len, or use boundary="mask"'
             )
-        dtype = softmax_dtype(dtype)
-        b, m, p, d = batch_size, self.m, self.p, self.fma.head_dim
         levels = 0 if self.derives_levels else self.partition.num_levels  # derived levels come as they are needed
-
-        def zeros(*shape):
-            return torch.zeros(b, *shape, dtype=dtype, device=device)
-
-        def real(*shape):
-            return torch.ones(b, *shape, dtype=torch.bool, device=device)
-
-        return FMAState(
-            [0] * b,
-            [levels] * b,
-            [False] * b,
-            *(zeros(kv_heads, 2 * m, d), zeros(kv_heads, 2 * m, d)),
-            *(zeros(levels, kv_heads, p, d), zeros(levels, kv_heads, p, d)),
-            *(zeros(levels, kv_heads, 3, p, d), zeros(levels, kv_heads, 3, p, d)),
-            *(real(2 * m), ~real(levels), real(levels, 3)),
-            *(zeros(kv_heads, self.s, d), zeros(kv_heads, self.s, d), real(self.s)),
-            zeros(levels, heads, d) if self.fma.query_mode == "coarse" else None,
-        )
+        shape = dict(block_size=self.m, coarse_tokens=self.p, sink_tokens=self.s, head_dim=self.fma.head_dim)
+        coarse_queries = heads if self.fma.query_mode == "coarse" else None
+        return FMAState.empty(batch_size, kv_heads, levels, coarse_queries, softmax_dtype(dtype), device, **shape)
 
     def prefill(self, state: FMAState, q, k, v, valid=None, lengths: list[int] | None = None) -> None:
         """Consume tokens whose attention output was computed elsewhere (e.g. by ``forward`` over a whole prompt),
@@ -153,15 +149,9 @@ class FMADecoder:
     def _consume(self, state, q, k, v, valid, rows, n, attend=False):
         """Consume columns ``:n`` of rows ``rows`` of the new tokens into ``state`` (those rows, all at one
         position), in place; with ``attend``, first their output (B', H, n, d)."""
-        dtype = state.fine_k.dtype
-        q, k, v = (x[rows, :, :n].to(dtype) for x in (q, k, v))
-        valid = None if valid is None else valid[rows, :n]
-        if valid is not None and bool(valid.all()):
-            valid = None
-        if valid is not None:  # masked tokens: zero query, key and value, as in forward
-            keep = valid.to(dtype)[:, None, :, None]
-            q, k, v = q * keep, k * keep, v * keep
-            state.holes = [holes or not bool(real.all()) for holes, real in zip(state.holes, valid)]
+        q, k, v, valid = _new_tokens(
+            state, *(x[rows, :, :n] for x in (q, k, v)), None if valid is None else valid[rows, :n]
+        )
         self._keep_sinks(state, k, v, valid)  # a chunk's later queries read the sinks it brings
         updates = self._level_updates(state, k, v, valid, tail_only=not attend)
         if updates is not None:
@@ -190,18 +180,7 @@ class FMADecoder:
             return None
         if self.derives_levels:
             return self._derived_updates(state, k, v, valid)
-        # the block's earlier tokens wait in the fine ring; the downsamplers read sink tokens as zeros (§3a)
-        tokens_k, tokens_v = (
-            without_sinks(
-                torch.cat([ring_read(ring, block_start, t, 2), new], 2)[:, :, : end - block_start],
-                block_start,
-                self.s,
-                2,
-            )
-            for ring, new in ((state.fine_k, k), (state.fine_v, v))
-        )
-        tokens_valid = torch.cat([ring_read(state.fine_valid, block_start, t), _real(valid, k)], 1)
-        tokens_valid = tokens_valid[:, : end - block_start]
+        tokens_k, tokens_v, tokens_valid = self._chunk_tokens(state, k, v, valid, block_start, end)
         updates = []
         for level in range(1, state.num_levels + 1):
             width = self.partition.group_width(level)
@@ -251,15 +230,9 @@ class FMADecoder:
         # then, so they are all in the fine ring).
         start = 0 if state.num_levels == 0 else t // m * m
         end = (t + c) // m * m
-        blocks = {}
-        for name, family, ring, new in (
-            ("k", self.k_downsample, state.fine_k, k),
-            ("v", self.v_downsample, state.fine_v, v),
-        ):
-            tokens = torch.cat([ring_read(ring, start, t, 2), new], 2)[:, :, : end - start]
-            blocks[name] = family(without_sinks(tokens, start, self.s, 2), 1)[0]  # (B, H_kv, blocks, p, d)
-        tokens_valid = torch.cat([ring_read(state.fine_valid, start, t), _real(valid, k)], 1)[:, : end - start]
-        updates = [LevelUpdate(start // m, blocks["k"], blocks["v"], tokens_valid.unflatten(1, (-1, m)).any(2))]
+        *tokens, tokens_valid = self._chunk_tokens(state, k, v, valid, start, end)
+        blocks = [family(x, 1)[0] for family, x in zip((self.k_downsample, self.v_downsample), tokens)]
+        updates = [LevelUpdate(start // m, *blocks, tokens_valid.unflatten(1, (-1, m)).any(2))]  # (B, H_kv, n, p, d)
         for level in range(2, levels + 1):
             children, new_level = updates[-1], level > state.num_levels
             # Children stored before the chunk (the ring, if the level existed) then those the chunk completed.
@@ -288,6 +261,17 @@ class FMADecoder:
             updates.append(LevelUpdate(first_parent, combined["k"], combined["v"], valid_pairs))
         return updates
 
+    def _chunk_tokens(self, state, k, v, valid, start, end):
+        """Keys, values (B, H_kv, end - start, d) and validity (B, end - start) of positions ``start .. end-1``: those
+        before the chunk ``k``/``v`` from the fine ring, sink tokens read as zeros (§3a: what the downsamplers
+        read)."""
+        t = state.lengths[0]
+        tokens = [
+            without_sinks(torch.cat([ring_read(ring, start, t, 2), new], 2)[:, :, : end - start], start, self.s, 2)
+            for ring, new in ((state.fine_k, k), (state.fine_v, v))
+        ]
+        return (*tokens, torch.cat([ring_read(state.fine_valid, start, t), _real(valid, k)], 1)[:, : end - start])
+
     def _levels_needed(self, length: int) -> int:
         """Derived families: the levels a state of ``length`` consumed tokens holds, L(length + 1) (those the next
         query reads), within the layer's cap."""
@@ -301,21 +285,15 @@ class FMADecoder:
         if any(state.holes):  # without holes every flag stays True
             state.fine_valid = ring_write(state.fine_valid, t, _real(valid, k))
         if updates:
-            state.groups_valid = torch.stack(
-                [ring_write(state.groups_valid[:, i], u.first_group, u.complete_valid) for i, u in enumerate(updates)],
-                1,
-            )
-            if updates[0].partial_k is not None:  # direct families keep partial sums
-                state.partial_k = torch.stack([u.partial_k for u in updates], 1)
-                state.partial_v = torch.stack([u.partial_v for u in updates], 1)
-                state.partial_valid = torch.stack([u.partial_valid for u in updates], 1)
-            for name in ("k", "v"):
-                rings = getattr(state, f"groups_{name}")
+            for name, dim in (("k", 2), ("v", 2), ("valid", 1)):
+                rings, field = getattr(state, f"groups_{name}"), f"complete_{name}"
                 written = [
-                    ring_write(rings[:, i], u.first_group, getattr(u, f"complete_{name}"), 2)
-                    for i, u in enumerate(updates)
+                    ring_write(rings[:, i], u.first_group, getattr(u, field), dim) for i, u in enumerate(updates)
                 ]
                 setattr(state, f"groups_{name}", torch.stack(written, 1))
+            if updates[0].partial_k is not None:  # direct families keep partial sums
+                for name in ("partial_k", "partial_v", "partial_valid"):
+                    setattr(state, name, torch.stack([getattr(u, name) for u in updates], 1))
         if state.level_queries is not None and state.num_levels:
             level_queries = []
             for level in range(1, state.num_levels + 1):
@@ -392,11 +370,8 @@ class FMADecoder:
         batch, heads, _, d = q.shape
         kv_heads, m, p, levels = k.shape[1], self.m, self.p, state.num_levels
         out_dtype, dtype = q.dtype, state.fine_k.dtype
-        q, k, v = q[:, :, 0].to(dtype), k[:, :, 0].to(dtype), v[:, :, 0].to(dtype)  # (B, H, d)
-        valid = None if valid is None or bool(valid.all()) else valid[:, 0].bool()
-        if valid is not None:  # masked tokens: zero query, key and value, as in forward
-            keep = valid.to(dtype)[:, None, None]
-            q, k, v = q * keep, k * keep, v * keep
+        q, k, v, valid = _new_tokens(state, q, k, v, valid)
+        q, k, v, valid = q[:, :, 0], k[:, :, 0], v[:, :, 0], None if valid is None else valid[:, 0]  # (B, H, d), (B,)
 
         # Logits and values by part (fine ring, the token, every level's ring of groups): no concatenated copy of
         # the state. A key/value head's g query heads are rows.
@@ -449,7 +424,6 @@ class FMADecoder:
             state.sink_k[filling, :, at] = k[filling]
             state.sink_v[filling, :, at] = v[filling]
             state.sink_valid[filling, at] = token_valid[filling, 0]
-        state.holes = [holes or not real for holes, real in zip(state.holes, token_valid[:, 0].tolist())]
         state.lengths = [length + 1 for length in state.lengths]
         completing = [b for b, length in enumerate(state.lengths) if length % m == 0]
         if completing and self.derives_levels:

@@ -86,6 +86,41 @@ class FMAState:
     sink_valid: torch.Tensor
     level_queries: torch.Tensor | None = None
 
+    @classmethod
+    def empty(
+        cls,
+        batch_size,
+        kv_heads,
+        levels,
+        coarse_queries,
+        dtype,
+        device,
+        *,
+        block_size,
+        coarse_tokens,
+        sink_tokens,
+        head_dim,
+    ) -> FMAState:
+        """The state of ``batch_size`` empty sequences holding ``levels`` levels: nothing consumed, every buffer
+        zero; ``coarse_queries`` the query heads whose level queries it keeps (coarse query mode), else None."""
+        m, p, s, d = block_size, coarse_tokens, sink_tokens, head_dim
+
+        def zeros(*shape):
+            return torch.zeros(batch_size, *shape, dtype=dtype, device=device)
+
+        def real(*shape):
+            return torch.ones(batch_size, *shape, dtype=torch.bool, device=device)
+
+        return cls(
+            *([0] * batch_size, [levels] * batch_size, [False] * batch_size),
+            *(zeros(kv_heads, 2 * m, d), zeros(kv_heads, 2 * m, d)),
+            *(zeros(levels, kv_heads, p, d), zeros(levels, kv_heads, p, d)),
+            *(zeros(levels, kv_heads, 3, p, d), zeros(levels, kv_heads, 3, p, d)),
+            *(real(2 * m), ~real(levels), real(levels, 3)),
+            *(zeros(kv_heads, s, d), zeros(kv_heads, s, d), real(s)),
+            None if coarse_queries is None else zeros(levels, coarse_queries, d),
+        )
+
     def tensor_fields(self) -> list[str]:
         return [f.name for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)]
 
