@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fma_decode import FMADecoder, softmax_dtype, without_sinks
-from .fma_downsample import DOWNSAMPLE_MODES, LENGTH_FREE_MODES, make_downsampler
+from .fma_decode import FMADecoder, softmax_dtype
+from .fma_downsample import DOWNSAMPLE_MODES, LENGTH_FREE_MODES, make_downsampler, without_sinks
 from .fma_flex import FLEX_AVAILABLE, KERNELS, flex_fine_queries, flex_plan, flex_unsupported, key_offsets
 from .fma_partition import MASK_VALUE, Partition, num_levels
 

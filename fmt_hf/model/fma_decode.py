@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .fma_downsample import without_sinks
 from .fma_partition import MASK_VALUE, num_levels, ring_positions
 from .fma_state import FMAState, ring_read, ring_write
 
@@ -21,30 +22,13 @@ def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def without_sinks(tokens: torch.Tensor, first: int, sink_tokens: int, dim: int = 1) -> torch.Tensor:
-    """``tokens`` of consecutive positions ``first ..`` along ``dim`` with the sink tokens (positions below
-    ``sink_tokens``) zeroed: what the downsamplers read (§3a). ``tokens`` itself when it holds none."""
-    cut = min(sink_tokens - first, tokens.shape[dim])
-    if cut <= 0:
-        return tokens
-    rest = tokens.narrow(dim, cut, tokens.shape[dim] - cut)
-    return torch.cat([torch.zeros_like(tokens.narrow(dim, 0, cut)), rest], dim)
-
-
-def _real(valid: torch.Tensor | None, tokens: torch.Tensor) -> torch.Tensor:
-    """``valid`` (B, c), or all True for the c tokens of ``tokens`` (B, H, c, d) when None."""
-    if valid is None:
-        return torch.ones(tokens.shape[0], tokens.shape[2], dtype=torch.bool, device=tokens.device)
-    return valid
-
-
 def _new_tokens(state, q, k, v, valid):
     """New tokens ``q`` (B, H, c, d), ``k``/``v`` (B, H_kv, c, d) in the state's precision, masked ones zeroed (as
-    in ``forward``) and their rows marked as holding holes; ``valid`` (B, c) comes back None when all are real."""
+    in ``forward``) and their rows marked as holding holes; and ``valid`` (B, c), all True when None."""
     dtype = state.fine_k.dtype
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if valid is None or bool(valid.all()):
-        return q, k, v, None
+        return q, k, v, torch.ones(k.shape[0], k.shape[2], dtype=torch.bool, device=k.device)
     valid = valid.bool()
     keep = valid.to(dtype)[:, None, :, None]
     state.holes = [holes or not bool(real.all()) for holes, real in zip(state.holes, valid)]
@@ -168,7 +152,7 @@ class FMADecoder:
         if take > 0:
             state.sink_k = ring_write(state.sink_k, t, k[:, :, :take], dim=2)
             state.sink_v = ring_write(state.sink_v, t, v[:, :, :take], dim=2)
-            state.sink_valid = ring_write(state.sink_valid, t, _real(valid, k)[:, :take])
+            state.sink_valid = ring_write(state.sink_valid, t, valid[:, :take])
 
     def _level_updates(self, state, k, v, valid, tail_only) -> list[LevelUpdate] | None:
         """Per level, the :class:`LevelUpdate` of consuming ``k``/``v`` (B, H_kv, c, d); None when no fine block
@@ -270,7 +254,7 @@ class FMADecoder:
             without_sinks(torch.cat([ring_read(ring, start, t, 2), new], 2)[:, :, : end - start], start, self.s, 2)
             for ring, new in ((state.fine_k, k), (state.fine_v, v))
         ]
-        return (*tokens, torch.cat([ring_read(state.fine_valid, start, t), _real(valid, k)], 1)[:, : end - start])
+        return (*tokens, torch.cat([ring_read(state.fine_valid, start, t), valid], 1)[:, : end - start])
 
     def _levels_needed(self, length: int) -> int:
         """Derived families: the levels a state of ``length`` consumed tokens holds, L(length + 1) (those the next
@@ -283,7 +267,7 @@ class FMADecoder:
         t, c = state.lengths[0], k.shape[2]
         state.fine_k, state.fine_v = ring_write(state.fine_k, t, k, 2), ring_write(state.fine_v, t, v, 2)
         if any(state.holes):  # without holes every flag stays True
-            state.fine_valid = ring_write(state.fine_valid, t, _real(valid, k))
+            state.fine_valid = ring_write(state.fine_valid, t, valid)
         if updates:
             for name, dim in (("k", 2), ("v", 2), ("valid", 1)):
                 rings, field = getattr(state, f"groups_{name}"), f"complete_{name}"
@@ -323,7 +307,7 @@ class FMADecoder:
 
         logits = [queries @ torch.cat([state.fine_k, k], 2).transpose(-1, -2)]
         values = [torch.cat([state.fine_v, v], 2)]
-        slots_valid = [state.fine_valid, _real(valid, k)]
+        slots_valid = [state.fine_valid, valid]
         new_groups = []
         for level in range(1, state.num_levels + 1):
             if updates:
@@ -360,18 +344,16 @@ class FMADecoder:
     def _step_tokens(self, state, q, k, v, valid):
         """:meth:`step` of one token per row, row b at position ``state.lengths[b]``; ``valid`` (B, 1) or None.
 
-        A fixed number of batched tensor operations whatever B: a token's own group is never complete, so it reads
-        its row's fine ring, itself and the rings of complete groups, with the slot bias of its row's position
-        (:meth:`Partition.step_bias`), and is written to slot ``t % 2m`` of its row's ring. Rows whose token
-        completes a fine block (every m steps, at different steps for different rows: on average B/m rows a step)
-        then update their levels, one batched pass per level over those rows (:meth:`_complete_blocks`,
-        :meth:`_complete_derived_blocks`).
+        A token's own group is never complete, so it reads its row's fine ring, itself and the rings of complete
+        groups, with the slot bias of its row's position (:meth:`Partition.step_bias`), and is written to slot
+        ``t % 2m`` of its row's ring. Rows whose token completes a fine block (on average B/m rows a step) then
+        update their levels, one batched pass per level over those rows.
         """
         batch, heads, _, d = q.shape
         kv_heads, m, p, levels = k.shape[1], self.m, self.p, state.num_levels
         out_dtype, dtype = q.dtype, state.fine_k.dtype
         q, k, v, valid = _new_tokens(state, q, k, v, valid)
-        q, k, v, valid = q[:, :, 0], k[:, :, 0], v[:, :, 0], None if valid is None else valid[:, 0]  # (B, H, d), (B,)
+        q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # (B, H, d)
 
         # Logits and values by part (fine ring, the token, every level's ring of groups): no concatenated copy of
         # the state. A key/value head's g query heads are rows.
@@ -395,11 +377,10 @@ class FMADecoder:
         if self.s:  # the sink tokens (§3a), last
             logits.append(queries @ state.sink_k.transpose(-1, -2))
         bias = self.partition.step_bias(tuple(state.lengths), levels, dtype, q.device)  # (B, S)
-        token_valid = torch.ones(batch, 1, dtype=torch.bool, device=q.device) if valid is None else valid[:, None]
-        if valid is not None or any(state.holes):
-            slots_valid = [state.fine_valid, token_valid, state.groups_valid.repeat_interleave(p, -1).flatten(1)]
+        if any(state.holes):  # this token's row included, when it is masked
+            slots_valid = [state.fine_valid, valid, state.groups_valid.repeat_interleave(p, -1).flatten(1)]
             if self.partition.zero_sink:
-                slots_valid.append(token_valid.new_ones(batch, 1))
+                slots_valid.append(valid.new_ones(batch, 1))
             slots_valid.append(state.sink_valid)
             bias = bias.masked_fill(~torch.cat(slots_valid, 1), MASK_VALUE)
         probs = torch.softmax(torch.cat(logits, -1) + bias[:, None, None], -1)  # (B, H_kv, g, S)
@@ -417,13 +398,13 @@ class FMADecoder:
         rows, slots = torch.arange(batch, device=q.device), t % (2 * m)
         state.fine_k[rows, :, slots] = k
         state.fine_v[rows, :, slots] = v
-        state.fine_valid[rows, slots] = token_valid[:, 0]
+        state.fine_valid[rows, slots] = valid[:, 0]
         filling = [b for b, length in enumerate(state.lengths) if length < self.s]
         if filling:  # these rows' tokens are sink tokens (§3a): kept for every later query
             at = t[filling]
             state.sink_k[filling, :, at] = k[filling]
             state.sink_v[filling, :, at] = v[filling]
-            state.sink_valid[filling, at] = token_valid[filling, 0]
+            state.sink_valid[filling, at] = valid[filling, 0]
         state.lengths = [length + 1 for length in state.lengths]
         completing = [b for b, length in enumerate(state.lengths) if length % m == 0]
         if completing and self.derives_levels:
@@ -509,9 +490,9 @@ class FMADecoder:
             else:
                 # Children 2g are stored; children 2g+1 are the groups the level below completes now, except for a
                 # gained group 0, whose child 1 is stored too.
-                first = self._stored(state, level - 1, pair_rows, 2 * groups)
+                first = state.stored_groups(level - 1, pair_rows, 2 * groups)
                 n_new = len(completed)
-                second_stored = self._stored(state, level - 1, pair_rows[n_new:], 2 * groups[n_new:] + 1)
+                second_stored = state.stored_groups(level - 1, pair_rows[n_new:], 2 * groups[n_new:] + 1)
                 new = torch.tensor([below[b] for b, _ in completed], device=device)
                 second = [torch.cat([x[new], y]) for x, y in zip(below_summaries, second_stored)]
                 pair_summaries = [torch.cat([a, b], -2) for a, b in zip(first[:2], second[:2])]  # (P, H_kv, 2p, d)
@@ -526,12 +507,3 @@ class FMADecoder:
             state.groups_valid[pair_rows, level - 1, slots] = valid
         for b, n in zip(rows, needed):
             state.levels[b] = n
-
-    @staticmethod
-    def _stored(state, level, rows, groups):
-        """Keys (R, H_kv, p, d), values and validity (R,) of level-``level`` groups ``groups`` of rows ``rows``, read
-        from their rings."""
-        slots = groups % 3
-        return tuple(ring[rows, level - 1, :, slots] for ring in (state.groups_k, state.groups_v)) + (
-            state.groups_valid[rows, level - 1, slots],
-        )

@@ -151,6 +151,12 @@ class FMAState:
         """A copy with ``fn`` applied to every tensor (e.g. a device move), and fields ``changes`` replaced."""
         return replace(self, **{name: fn(getattr(self, name)) for name in self.tensor_fields()}, **changes)
 
+    def stored_groups(self, level: int, rows: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Keys (R, H_kv, p, d), values and validity (R,) of level-``level`` groups ``groups`` (R,) of rows ``rows``
+        (R,), read from their rings."""
+        at, slots = level - 1, groups % 3
+        return self.groups_k[rows, at, :, slots], self.groups_v[rows, at, :, slots], self.groups_valid[rows, at, slots]
+
     def grow_levels(self, levels: int) -> None:
         """Let the tensors hold ``levels`` coarse levels (at least), in place: new ones are empty rings."""
         for name, fill in NEW_LEVEL_FILL.items():
