@@ -1,9 +1,6 @@
-"""Incremental decoding with Fast Multipole Attention (docs/fma.md §8): an :class:`~fma_state.FMAState` filled from
-a prompt and new tokens attended to it.
-
-:class:`FMADecoder` (``FastMultipoleAttention.decoder``) creates the state (``init_state``), fills it from tokens
-whose output was computed elsewhere (``prefill``) and attends new tokens to it (``step``). Decoding is exact: a step
-sees the same logits and values as the full forward pass over the whole sequence, up to float summation order.
+"""Incremental decoding with Fast Multipole Attention (docs/fma.md §8): :class:`FMADecoder`
+(``FastMultipoleAttention.decoder``) creates an :class:`~fma_state.FMAState`, fills it from a prompt and attends new
+tokens to it. Exact: a step sees the logits and values of the full forward pass, up to float summation order.
 """
 
 from __future__ import annotations
@@ -79,11 +76,10 @@ class FMADecoder:
         return FMAState.empty(batch_size, kv_heads, levels, coarse_queries, softmax_dtype(dtype), device, **shape)
 
     def prefill(self, state: FMAState, q, k, v, valid=None, lengths: list[int] | None = None) -> None:
-        """Consume tokens whose attention output was computed elsewhere (e.g. by ``forward`` over a whole prompt),
-        in place: ``q`` (B, H, c, d), ``k``/``v`` (B, H_kv, c, d), row b's first ``lengths[b]`` columns (default:
-        all) its next positions; ``valid`` (B, c) bool marks real tokens (None: all), the others are holes, as
-        ``forward``'s ``key_padding_mask``. Only the tail the state keeps is summarised, in the state's precision
-        (float32 at least)."""
+        """Consume, in place, tokens whose output was computed elsewhere (``forward`` over a prompt): ``q``
+        (B, H, c, d), ``k``/``v`` (B, H_kv, c, d), row b's first ``lengths[b]`` columns (default: all) its next
+        positions; ``valid`` (B, c) bool marks real tokens (None: all), the others are holes, as ``forward``'s
+        ``key_padding_mask``. Only the tail the state keeps is summarised, in its precision (float32 at least)."""
         self._by_position(
             state, q.shape[2], lengths, lambda part, rows, n: self._consume(part, q, k, v, valid, rows, n)
         )
@@ -95,10 +91,9 @@ class FMADecoder:
         positions ``state.lengths[b] + [0, n)``, the rest is ignored (its output zero); ``valid`` as in
         :meth:`prefill`. Returns (B, H, c, d), row b equal to its rows of ``forward`` over its whole sequence (§8).
 
-        One token per row (a decoding step, rows at any positions) is a fixed number of batched tensor operations
-        whatever B (:meth:`_step_tokens`). Other chunks (a chunked prefill, continuing with several tokens) attend
-        the union of the state, the new tokens and the groups they complete, ``O(c (c + 2m + 3pL))``, rows that
-        stand at one position and take the same number of tokens together (:meth:`_consume`).
+        One token per row (a decoding step, rows at any positions): a fixed number of batched tensor operations
+        whatever B. Other chunks (chunked prefill, continuing with several tokens) attend the union of the state,
+        the new tokens and the groups they complete, ``O(c (c + 2m + 3pL))``, rows at one position together.
         """
         if self.fma.training and self.fma.dropout:
             raise ValueError("FastMultipoleAttention decoding runs without dropout: call .eval() first")
@@ -257,8 +252,7 @@ class FMADecoder:
         return (*tokens, torch.cat([ring_read(state.fine_valid, start, t), valid], 1)[:, : end - start])
 
     def _levels_needed(self, length: int) -> int:
-        """Derived families: the levels a state of ``length`` consumed tokens holds, L(length + 1) (those the next
-        query reads), within the layer's cap."""
+        """Derived families: the levels held after ``length`` tokens, L(length + 1) (the next query's), capped."""
         levels = num_levels(length + 1, self.m)
         return levels if self.partition.num_levels is None else min(levels, self.partition.num_levels)
 
@@ -310,13 +304,10 @@ class FMADecoder:
         slots_valid = [state.fine_valid, valid]
         new_groups = []
         for level in range(1, state.num_levels + 1):
-            if updates:
-                update = updates[level - 1]
-                new_k, new_v, new_valid = update.complete_k, update.complete_v, update.complete_valid
-                first = update.first_group
-            else:
-                new_k = new_v = k.new_zeros(batch, kv_heads, 0, p, d)
-                new_valid, first = state.fine_valid[:, :0], t // self.partition.group_width(level)
+            update = updates[level - 1] if updates else None  # None: the chunk completes no group
+            new_k = update.complete_k if update else k.new_zeros(batch, kv_heads, 0, p, d)
+            new_v, new_valid = (update.complete_v, update.complete_valid) if update else (new_k, valid[:, :0])
+            first = update.first_group if update else t // self.partition.group_width(level)
             new_groups.append((first, new_k.shape[2]))
             level_keys = torch.cat([state.groups_k[:, level - 1], new_k], 2).flatten(2, 3)
             values.append(torch.cat([state.groups_v[:, level - 1], new_v], 2).flatten(2, 3))
@@ -462,11 +453,9 @@ class FMADecoder:
 
     def _complete_derived_blocks(self, state, rows: list[int]) -> None:
         """Derived families (§7a), in place: rows ``rows`` whose last token completed a fine block summarise it
-        (level 1) and every group it completes with it (level l+1 from its two level-l children, ``combine``), one
-        batched pass per level over those rows. A row whose next query reads a new level l gets it here, at
-        t = 2 w_l: its groups 0 and 1, from level l-1's groups 0 .. 3 -- the three its ring still holds and the
-        one this block completes (level 1: blocks 0 and 1, both in the fine ring). Rows may so hold different
-        numbers of levels; the tensors hold the most."""
+        (level 1) and every group it completes (level l+1: ``combine`` of two level-l children), one batched pass
+        per level over those rows. A row whose next query reads a new level l gains it here, at t = 2 w_l: groups
+        0 and 1, from level l-1's groups 0 .. 3 (three still in its ring, one completed now; level 1: blocks 0, 1)."""
         ends, held = [state.lengths[b] for b in rows], [state.levels[b] for b in rows]
         needed = [self._levels_needed(end) for end in ends]
         state.grow_levels(max(needed))
