@@ -65,8 +65,9 @@ def state_vectors(model, tokens: int) -> int | None:
         return None
     fma = model.model.layers[0].self_attn.fma
     generator = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, tokens, model.config.head_dim, generator=generator) for _ in range(3))
-    state = fma.prefill(fma.init_state(1, 1, torch.float32), q, k, v, None)
+    q, k, v = (torch.randn(1, 1, tokens, model.config.head_dim, generator=generator) for _ in range(3))
+    state = fma.decoder.init_state(1, 1, torch.float32)
+    fma.decoder.prefill(state, q, k, v)
     return state.num_vectors
 
 

@@ -29,7 +29,7 @@ import time
 import torch
 from transformers import DynamicCache
 
-from fmt_hf import FMABatchState, FMTCache, FMTConfig, FMTForCausalLM
+from fmt_hf import FMTCache, FMTConfig, FMTForCausalLM
 from fmt_hf.model.cache_fmt import is_fmt_cache
 
 from .measure import CpuNeighbours, system_info
@@ -91,7 +91,7 @@ def filled_fmt_cache(model: FMTForCausalLM, length: int, generator: torch.Genera
     cache = FMTCache(config.num_hidden_layers)
     for layer, cache_layer in zip(model.model.layers, cache.layers):
         fma = layer.self_attn.fma
-        state = fma.init_state(config.num_attention_heads, config.num_key_value_heads, model.dtype)
+        state = fma.decoder.init_state(config.num_attention_heads, config.num_key_value_heads, model.dtype)
         state = state.map_tensors(
             lambda t: (
                 t
@@ -101,7 +101,7 @@ def filled_fmt_cache(model: FMTForCausalLM, length: int, generator: torch.Genera
             )
         )
         # What `FMTCacheLayer.attend` would have left after `length` tokens of a batch of one.
-        cache_layer.state = FMABatchState.stack([dataclasses.replace(state, length=length)])
+        cache_layer.state = dataclasses.replace(state, lengths=[length])
         cache_layer.seen_tokens, cache_layer.is_initialized = length, True
     return cache
 

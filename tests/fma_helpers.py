@@ -50,45 +50,36 @@ def with_identity_pooling(attn):
 
 
 def decode(attn, q, k, v, prompt, chunks, valid=None):
-    """Outputs of rows prompt.. of one sequence: prefill ``prompt`` tokens, then steps of the given sizes;
-    ``valid`` (n,) marks real tokens (None: all)."""
-    valid = torch.ones(q.shape[1], dtype=torch.bool) if valid is None else valid
-    state = attn.init_state(q.shape[0], k.shape[0], q.dtype)
+    """Outputs of rows prompt.. of one sequence (a state of batch 1): prefill ``prompt`` tokens, then steps of the
+    given sizes; ``valid`` (n,) marks real tokens (None: all)."""
+    decoder, valid = attn.decoder, torch.ones(q.shape[1], dtype=torch.bool) if valid is None else valid
+    q, k, v, valid = q[None], k[None], v[None], valid[None]
+    state = decoder.init_state(q.shape[1], k.shape[1], q.dtype)
     if prompt:
-        state = attn.prefill(state, q[:, :prompt], k[:, :prompt], v[:, :prompt], valid[:prompt])
+        decoder.prefill(state, q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], valid[:, :prompt])
     outs, i = [], prompt
     for c in itertools.cycle(chunks):
-        if i == q.shape[1]:
-            return torch.cat(outs, 1), state
-        c = min(c, q.shape[1] - i)
-        out, state = attn.step(state, q[:, i : i + c], k[:, i : i + c], v[:, i : i + c], valid[i : i + c])
-        outs.append(out)
+        if i == q.shape[2]:
+            return torch.cat(outs, 2)[0], state
+        c = min(c, q.shape[2] - i)
+        outs.append(
+            decoder.step(state, q[:, :, i : i + c], k[:, :, i : i + c], v[:, :, i : i + c], valid[:, i : i + c])
+        )
         i += c
 
 
 def decode_batch(attn, q, k, v, prompts, valid=None):
-    """Batched decoding (``step_batch``) of rows at different positions: row b of ``q`` (B, H, n, d) is
-    prefilled with ``prompts[b]`` tokens, then all rows step together, one token each, ``n - max(prompts)``
-    times; ``valid`` (B, n) marks real tokens. Returns per row the outputs of its stepped positions and the
-    batch state."""
-    from fmt_hf.model.fma_state import FMABatchState
-
-    batch, heads, n, _ = q.shape
+    """Batched decoding of rows at different positions: row b of ``q`` (B, H, n, d) is prefilled with
+    ``prompts[b]`` tokens, then all rows step together, one token each, ``n - max(prompts)`` times; ``valid``
+    (B, n) marks real tokens. Returns per row the outputs of its stepped positions and the state."""
+    decoder, (batch, heads, n, _) = attn.decoder, q.shape
     valid = torch.ones(batch, n, dtype=torch.bool) if valid is None else valid
-    empty = attn.init_state(heads, k.shape[1], q.dtype)
-    state = FMABatchState.stack(
-        [
-            attn.prefill(empty, q[b, :, :t], k[b, :, :t], v[b, :, :t], valid[b, :t]) if t else empty
-            for b, t in enumerate(prompts)
-        ]
-    )
+    state = decoder.init_state(heads, k.shape[1], q.dtype, batch_size=batch)
+    decoder.prefill(state, q, k, v, valid, lengths=prompts)
     outs = []
     for step in range(n - max(prompts)):
         at = torch.tensor(prompts) + step
         rows = torch.arange(batch)
-        outs.append(
-            attn.step_batch(
-                state, q[rows, :, at, None], k[rows, :, at, None], v[rows, :, at, None], valid[rows, at, None]
-            )
-        )
+        args = q[rows, :, at, None], k[rows, :, at, None], v[rows, :, at, None], valid[rows, at, None]
+        outs.append(decoder.step(state, *args))
     return [torch.cat(outs, 2)[b] for b in range(batch)], state

@@ -8,11 +8,10 @@ from . import configuration_fmt, modeling_fmt
 from .cache_fmt import FMTCache, FMTCacheLayer, is_fmt_cache
 from .configuration_fmt import *  # noqa: F403 -- FMTConfig
 from .fma_attention import FastMultipoleAttention
-from .fma_state import FMABatchState, FMAState
+from .fma_state import FMAState
 from .modeling_fmt import *  # noqa: F403 -- FMTPreTrainedModel and the class of every Auto class (auto_fmt.py)
 
 __all__ = [
-    "FMABatchState",
     "FMAState",
     "FMTCache",
     "FMTCacheLayer",

@@ -10,7 +10,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from .fma_attention import FastMultipoleAttention
-from .fma_state import FMABatchState
+from .fma_state import FMAState
 
 
 def is_fmt_cache(cache) -> bool:
@@ -20,7 +20,7 @@ def is_fmt_cache(cache) -> bool:
 
 
 class FMTCacheLayer(CacheLayerMixin):
-    """One decoder layer's cache: an :class:`FMABatchState`, the states of all rows of the batch stacked.
+    """One decoder layer's cache: an :class:`FMAState` holding every row of the batch.
 
     Rows have their own positions (each one's hierarchy starts at its own first real token, so left padding makes
     them differ); a decoding step attends and stores every row's token in one batched step. The layer owns its
@@ -34,7 +34,7 @@ class FMTCacheLayer(CacheLayerMixin):
 
     def __init__(self):
         super().__init__()
-        self.state: FMABatchState | None = None
+        self.state: FMAState | None = None
         self.seen_tokens = 0  # every position fed so far, padding included: what `get_seq_length` reports
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -62,35 +62,17 @@ class FMTCacheLayer(CacheLayerMixin):
         first ``lengths[b]`` columns (default: all) are its next positions, the rest is alignment padding;
         ``key_padding_mask`` (B, c) marks real tokens, so masked columns among a row's positions are holes (zero
         keys and values, never attended, as in the full forward pass). A first chunk of every row runs the full
-        O(n log n) forward and prefills the rows' states; a decoding step (one position per row) is one batched
-        :meth:`~FastMultipoleAttention.step_batch`; other chunks step row by row (all exact, §8).
+        O(n log n) forward and prefills the rows' states; later chunks are one
+        :meth:`~fma_decode.FMADecoder.step` (a decoding step, one position per row, is a fixed number of batched
+        operations; all exact, §8).
         """
         batch, heads, length, _ = query.shape
-        lengths = [length] * batch if lengths is None else list(lengths)
-        valid = [None] * batch if key_padding_mask is None else [row[:n] for row, n in zip(key_padding_mask, lengths)]
         if self.state is None or not any(self.state.lengths):
             output = fma(query, key, value, key_padding_mask=key_padding_mask)
-            empty = fma.init_state(heads, key.shape[1], key.dtype, key.device)
-            self.state = FMABatchState.stack(
-                [
-                    fma.prefill(empty, q[:, :n], k[:, :n], v[:, :n], row_valid) if n else empty
-                    for n, q, k, v, row_valid in zip(lengths, query, key, value, valid)
-                ]
-            )
-        elif length == 1 and all(n == 1 for n in lengths):
-            output = fma.step_batch(self.state, query, key, value, key_padding_mask)
+            self.state = fma.decoder.init_state(heads, key.shape[1], key.dtype, key.device, batch_size=batch)
+            fma.decoder.prefill(self.state, query, key, value, key_padding_mask, lengths)
         else:
-            output = torch.zeros_like(query)
-            rows = [b for b, n in enumerate(lengths) if n]
-            states = []
-            for b in rows:
-                n = lengths[b]
-                output[b, :, :n], state = fma.step(
-                    self.state.row(b), query[b, :, :n], key[b, :, :n], value[b, :, :n], valid[b]
-                )
-                states.append(state)
-            if rows:
-                self.state.set_rows(rows, states)
+            output = fma.decoder.step(self.state, query, key, value, key_padding_mask, lengths)
         self.seen_tokens += length
         self.is_initialized = True
         return output
@@ -110,14 +92,14 @@ class FMTCacheLayer(CacheLayerMixin):
 
     @property
     def batch_size(self) -> int:
-        return 0 if self.state is None else len(self.state.lengths)
+        return 0 if self.state is None else self.state.batch_size
 
     def reset(self) -> None:
         self.state, self.seen_tokens, self.is_initialized = None, 0, False
 
     def _select_rows(self, rows: list[int]) -> None:
         if self.state is not None:
-            self.state = self.state.index_select(rows)
+            self.state = self.state.select(rows)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_rows(beam_idx.tolist())

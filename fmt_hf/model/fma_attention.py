@@ -4,7 +4,8 @@ Each query attends to the keys of its own and neighbouring fine blocks at full r
 coarse summaries of farther groups whose width doubles with every level l = 1..L, all in one softmax.
 Every (query, key) pair is covered exactly once. The definition this module implements, including each
 choice the paper leaves open, is `docs/fma.md`; section numbers (§) below refer to it. The partition itself
-lives in `fma_partition.py`, the downsamplers in `fma_downsample.py`, incremental decoding in `fma_state.py`.
+lives in `fma_partition.py`, the downsamplers in `fma_downsample.py`, incremental decoding in `fma_decode.py`
+(its state in `fma_state.py`).
 
 Layout trick used throughout: queries are kept as (batch, kv_head, position, group_head, dim), so any run of
 consecutive positions -- a fine block, a level-l group -- is one contiguous row block that shares a single key
@@ -17,11 +18,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fma_downsample import make_downsampler
+from .fma_decode import FMADecoder, softmax_dtype
+from .fma_downsample import make_downsampler, without_sinks
 from .fma_flex import FLEX_AVAILABLE, flex_fine_queries, flex_plan, flex_unsupported, key_offsets
 from .fma_options import check_fma_options
 from .fma_partition import MASK_VALUE, Partition, num_levels
-from .fma_state import FMAState, IncrementalDecoding, _softmax_dtype, without_sinks
 
 # Device kinds on which kernel="auto" takes the FlexAttention path: those where `scripts/check_gpu.py` (exactness
 # against the gather path, then timings) has passed. None yet -- until a GPU run passes, "flex" is opt-in everywhere.
@@ -34,7 +35,7 @@ def _merge(lse_a, out_a, lse_b, out_b):
     return lse, out_a * torch.exp(lse_a - lse).unsqueeze(-1) + out_b * torch.exp(lse_b - lse).unsqueeze(-1)
 
 
-class FastMultipoleAttention(IncrementalDecoding, nn.Module):
+class FastMultipoleAttention(nn.Module):
     """Fast Multipole Attention over ``(batch, heads, seq_len, head_dim)`` tensors.
 
     Args:
@@ -136,6 +137,11 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
         self.k_downsample = make_downsampler(downsample, head_dim, block_size, self.num_levels, coarse_tokens)
         self.v_downsample = make_downsampler(downsample, head_dim, block_size, self.num_levels, coarse_tokens)
 
+    @property
+    def decoder(self) -> FMADecoder:
+        """Incremental decoding (§8) with this causal layer: ``init_state``, ``prefill``, ``step``."""
+        return FMADecoder(self)
+
     def group_width(self, level: int) -> int:
         """``w_l = m * 2**(l-1)``; level 0 is the fine level with blocks of ``m``."""
         return self.partition.group_width(level)
@@ -203,7 +209,7 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
         # Softmax statistics need float32 at least: the gather path computes bf16/fp16 inputs in float32
         # throughout; FlexAttention keeps its softmax in float32 itself, so the flex path keeps the input dtype.
         flex = self._runs_flex(q.device)
-        dtype = q.dtype if flex else _softmax_dtype(q.dtype)
+        dtype = q.dtype if flex else softmax_dtype(q.dtype)
         q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         key_valid = None  # (B, n_coarse) True for real keys; None when the user gave no padding
         if key_padding_mask is not None:
@@ -405,4 +411,4 @@ class FastMultipoleAttention(IncrementalDecoding, nn.Module):
         return _merge(lse, out, coarse_lse, coarse_out)[1]
 
 
-__all__ = ["FMAState", "FastMultipoleAttention", "num_levels"]
+__all__ = ["FastMultipoleAttention", "num_levels"]

@@ -21,6 +21,16 @@ DOWNSAMPLE_MODES = ("depthwise", "full", "avgpool", "recursive")
 LENGTH_FREE_MODES = ("recursive", "avgpool")
 
 
+def without_sinks(tokens: torch.Tensor, first: int, sink_tokens: int, dim: int = 1) -> torch.Tensor:
+    """``tokens`` of consecutive positions ``first ..`` along ``dim`` with the sink tokens (positions below
+    ``sink_tokens``) zeroed: what the downsamplers read (§3a). ``tokens`` itself when it holds none."""
+    cut = min(sink_tokens - first, tokens.shape[dim])
+    if cut <= 0:
+        return tokens
+    rest = tokens.narrow(dim, cut, tokens.shape[dim] - cut)
+    return torch.cat([torch.zeros_like(tokens.narrow(dim, 0, cut)), rest], dim)
+
+
 def average_weights(width: int, coarse_tokens: int) -> torch.Tensor:
     """(coarse_tokens, width) matrix whose row r averages the r-th sub-window of ``width // coarse_tokens``."""
     sub_window = width // coarse_tokens

@@ -80,7 +80,7 @@ def test_state_vectors_count_what_a_generation_cache_holds():
     model = convert_llama_to_fmt(tiny_llama(), **setting_options(SINKS)).eval()
     ids = torch.randint(256, (1, 150), generator=torch.Generator().manual_seed(0))
     cache = model(ids, use_cache=True).past_key_values
-    state = cache.layers[0].state.row(0)
+    state = cache.layers[0].state
     assert state_vectors(model, 150) == state.num_vectors
 
 
