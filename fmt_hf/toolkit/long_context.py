@@ -100,13 +100,15 @@ class Task:
 
 @dataclass(frozen=True)
 class Sample:
-    """One prompt of a task at a length (tokens requested) and depth, its expected answers and token count."""
+    """One prompt of a task at a length (tokens requested) and depth, its expected answers and token count; the prompt
+    ends with ``answer_prefix``, the start of the reply the model continues."""
 
     task: str
     length: int
     depth: float | None
     index: int
     prompt: str
+    answer_prefix: str
     answers: tuple[str, ...]
     num_tokens: int
     needle: str
@@ -316,7 +318,17 @@ def make_sample(
             high = middle
     parts, prompt, num_tokens = fitted
     return Sample(
-        task, length, depth, index, prompt, parts.answers, num_tokens, parts.needle, spec.max_new_tokens, chat_template
+        task,
+        length,
+        depth,
+        index,
+        prompt,
+        parts.answer_prefix,
+        parts.answers,
+        num_tokens,
+        parts.needle,
+        spec.max_new_tokens,
+        chat_template,
     )
 
 

@@ -2,13 +2,16 @@
 memory, and scripts/eval_long_context.py end to end on a tiny model, resuming its JSON lines."""
 
 import functools
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
 from lm_helpers import play_excerpts, script
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import fmt_hf
 from fmt_hf import convert_llama_to_fmt
 from fmt_hf.toolkit import long_context_eval
 from fmt_hf.toolkit.long_context import TASKS, Haystack, answer_span, encode, make_sample, score, wilson_interval
@@ -229,3 +232,37 @@ def test_documented_command_lines_parse():
     assert eval_long_context.parse_args(["--checkpoints", "outputs/x"]).checkpoints == ["outputs/x"]
     with pytest.raises(ValueError, match="--systems: unknown"):
         eval_long_context.parse_args(["--systems", "kvpress"])
+
+
+@pytest.mark.download
+def test_the_tasks_run_through_lm_eval(tmp_path):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    spec = importlib.util.spec_from_file_location(
+        "fmt_long_context", Path(fmt_hf.LM_EVAL_TASKS) / "fmt_long_context.py"
+    )
+    tasks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tasks)
+    documents = tmp_path / "documents.jsonl"
+    documents.write_text("".join(json.dumps({"text": text}) + "\n" for text in play_excerpts()))
+    options = dict(tokenizer="bytes", max_seq_lengths=[500], num_samples=2, documents=str(documents))
+    rows = tasks.niah_single(**options)["test"]
+    expected = make_sample("niah_single", BYTES, 500, 0.0, 0, haystack=haystack())
+    assert rows[0]["input"] + " " + rows[0]["gen_prefix"] == expected.prompt
+    assert rows[0]["answers"] == list(expected.answers)
+
+    model_dir = tmp_path / "tiny"
+    tiny_llama().save_pretrained(model_dir)
+    BYTES.save_pretrained(model_dir)
+    manager = TaskManager(include_path=fmt_hf.LM_EVAL_TASKS, include_defaults=False, metadata=options)
+    output = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={model_dir}",
+        tasks=["fmt_lc_passkey", "fmt_lc_niah_single"],
+        task_manager=manager,
+        device="cpu",
+        batch_size=1,
+    )
+    for task in ("fmt_lc_passkey", "fmt_lc_niah_single"):
+        assert 0 <= output["results"][task]["score,none"] <= 1
