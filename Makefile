@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install lint format test demo demo-attention bench bench-generate clean
+.PHONY: install lint format test demo demo-attention bench bench-generate long-context clean
 
 install: $(STAMP)
 
@@ -37,6 +37,11 @@ bench: $(STAMP)
 
 bench-generate: $(STAMP)
 	$(PY) scripts/bench_generate.py
+
+# The long-context suite (docs/long_context.md); SmolLM2's GGUF file needs the convert extra. ARGS: further flags.
+long-context: $(STAMP)
+	$(PY) -m pip install --quiet --constraint constraints.txt --editable ".[convert]"
+	$(PY) scripts/eval_long_context.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
