@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install lint format test demo demo-attention bench bench-generate clean
+.PHONY: install lint format test demo demo-attention bench bench-generate long-context clean
 
 install: $(STAMP)
 
@@ -39,6 +39,11 @@ bench: $(STAMP)
 
 bench-generate: $(STAMP)
 	$(PY) scripts/bench_generate.py $(ARGS)
+
+# The long-context suite (docs/long_context.md); SmolLM2's GGUF file needs the convert extra. ARGS: further flags.
+long-context: $(STAMP)
+	$(PY) -m pip install --quiet --constraint constraints.txt --editable ".[convert]"
+	$(PY) scripts/eval_long_context.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

@@ -38,7 +38,9 @@ LM_EVAL_TASKS: str = os.path.join(os.path.dirname(__file__), "lm_eval_tasks")
 (rolling log-likelihood of whole held-out documents: word and byte perplexity, bits per byte) and
 ``fmt_heldout_continuation`` (which of four continuations follows a passage). They read the held-out documents of a
 registry corpus (by default the plays ``scripts/train.py`` holds out) or a JSON Lines file; see
-``lm_eval_tasks/fmt_lm_eval.py`` for their options."""
+``lm_eval_tasks/fmt_lm_eval.py`` for their options. Beside them, ``fmt_lc_<task>`` for every long-context task of
+:mod:`fmt_hf.toolkit.long_context` (``fmt_lc_passkey``, ``fmt_lc_niah_single``, ...; options in
+``lm_eval_tasks/fmt_long_context.py``)."""
 
 
 @dataclass(frozen=True)
