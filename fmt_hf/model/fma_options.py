@@ -109,11 +109,11 @@ def check_fma_options(
             f"`{name('sink_tokens')}` must be an integer between 0 and `{name('block_size')}` ({block_size}), got "
             f"{sink_tokens!r}."
         )
-    if kernel == "flex" and (query_mode != "fine" or boundary != "mask"):
-        raise ValueError(
-            f"`{name('kernel')}`='flex' runs `{name('query_mode')}`='fine' with `{name('boundary')}`='mask' only; got "
-            f"{query_mode!r} and {boundary!r} (use 'gather' or 'auto')."
-        )
+    for argument, value, needed in (("query_mode", query_mode, "fine"), ("boundary", boundary, "mask")):
+        if kernel == "flex" and value != needed:
+            raise ValueError(
+                f"{name('kernel')}='flex' needs {name(argument)}={needed!r}, got {value!r} (use 'gather' or 'auto')."
+            )
     if max_seq_len is None and downsample not in LENGTH_FREE_MODES:
         raise ValueError(
             f"{name('max_seq_len')}=None (no length cap) needs a length-free `{name('downsample')}`, one of "
