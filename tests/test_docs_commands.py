@@ -51,6 +51,9 @@ RUN_AS_WRITTEN = {"fetch_smollm2.py"}
 """Scripts cheap enough to run as the documentation writes them (seconds; a download the first time)."""
 FETCHES = ("fetch_smollm2.py", "load_corpus(")
 """Text that marks a command or snippet as fetching from the package index (unless cached)."""
+TALKS_TO_A_SERVER = ("base_url=",)
+"""Text that marks a snippet as a client of a running server (docs/serving.md): compiled, not run (a live server is
+tests/toolkit/test_serve.py's to start)."""
 RUN_TIMEOUT_S = 300
 
 
@@ -189,6 +192,20 @@ def check_lm_eval(argv: list[str], where: str) -> None:
     assert not unknown, f"{where}: {args.include_path} defines no tasks {sorted(unknown)}"
 
 
+def check_fmt_serve(argv: list[str], where: str) -> None:
+    """`fmt-serve CHECKPOINT [options]`: its own command line (transformers serve's options) accepts them; nothing
+    is served."""
+    click = pytest.importorskip("click")
+    from fmt_hf.toolkit.serve import command
+
+    try:
+        command().make_context("fmt-serve", list(argv))
+    except click.exceptions.Exit as exit_:  # --help
+        assert exit_.exit_code == 0, f"{where}: fmt-serve {shlex.join(argv)} exited {exit_.exit_code}"
+    except click.ClickException as error:
+        pytest.fail(f"{where}: fmt-serve does not accept {shlex.join(argv)}: {error.format_message()}")
+
+
 def check(argv: list[str], where: str, cwd: Path, env: dict[str, str]) -> str | None:
     """Check one command by the rule of its program; return its output when it ran."""
     program = argv[0].removeprefix(".venv/bin/")
@@ -208,6 +225,8 @@ def check(argv: list[str], where: str, cwd: Path, env: dict[str, str]) -> str | 
         return check_pip(argv[1:], where)
     if program == "lm-eval":
         return check_lm_eval(argv[1:], where)
+    if program == "fmt-serve":
+        return check_fmt_serve(argv[1:], where)
     if program == "mkdir":
         return run_subprocess(argv, cwd, env, where)
     pytest.fail(f"{where}: no rule for `{program}` commands; add one to tests/test_docs_commands.py")
@@ -251,7 +270,7 @@ def free_names(tree: ast.AST) -> set[str]:
 def test_documented_snippet(snippet: Snippet, tmp_path, monkeypatch):
     tree = ast.parse(snippet.code, filename=snippet.where)
     code = compile(tree, snippet.where, "exec")
-    if free_names(tree):
-        return  # a fragment that continues the page's story: compiling is all it can be checked for
+    if free_names(tree) or any(text in snippet.code for text in TALKS_TO_A_SERVER):
+        return  # a fragment of the page's story, or a server's client: compiling is all it can be checked for
     monkeypatch.chdir(tmp_path)
     exec(code, {"__name__": "__main__"})

@@ -123,15 +123,21 @@ FMTServe.__doc__ = "Serve an FMT checkpoint (or any causal LM) with an OpenAI-co
 ).replace("pip install transformers[serving]", "pip install 'fmt_hf[serve]'")
 
 
-def main(argv: list[str] | None = None) -> None:
-    """The `fmt-serve` console script: `fmt-serve CHECKPOINT [--host 127.0.0.1] [--port 8000] [options]`, the
-    options those of `transformers serve` (`fmt-serve --help`)."""
+def command():
+    """The `fmt-serve` command line as a click command (typer's, as `transformers serve`): `main` runs it; a test can
+    parse a documented command line with `command().make_context("fmt-serve", argv)` without serving."""
     import typer
 
     # Plain help text: rich markup would take `pip install 'fmt_hf[serve]'` for a tag
     app = typer.Typer(add_completion=False, rich_markup_mode=None)
     app.command()(FMTServe)
-    app(args=argv, prog_name="fmt-serve")
+    return typer.main.get_command(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `fmt-serve` console script: `fmt-serve CHECKPOINT [--host 127.0.0.1] [--port 8000] [options]`, the
+    options those of `transformers serve` (`fmt-serve --help`)."""
+    command().main(args=argv, prog_name="fmt-serve")
 
 
 @dataclass
