@@ -595,6 +595,9 @@ class FMTForSequenceClassification(FMTGenericHead, GenericForSequenceClassificat
 
         Returns `logits` of shape `(batch_size, config.num_labels)`.
         """
+        inputs = dict(
+            attention_mask=attention_mask, position_ids=position_ids, cache=cache, inputs_embeds=inputs_embeds
+        )
         if self.config.is_causal:
             batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
             if self.config.pad_token_id is None and batch_size > 1:
@@ -604,25 +607,8 @@ class FMTForSequenceClassification(FMTGenericHead, GenericForSequenceClassificat
                     "Set `config.pad_token_id` (e.g. to the tokenizer's pad token id) or classify one sequence at a "
                     "time."
                 )
-            return super().forward(
-                input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-                inputs_embeds=inputs_embeds,
-                labels=labels,
-                use_cache=use_cache,
-                **kwargs,
-            )
-        outputs: BaseModelOutputWithPast = self.model(
-            input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            cache=cache,
-            inputs_embeds=inputs_embeds,
-            use_cache=False,
-            **kwargs,
-        )
+            return super().forward(input_ids, labels=labels, use_cache=use_cache, **inputs, **kwargs)
+        outputs: BaseModelOutputWithPast = self.model(input_ids, use_cache=False, **inputs, **kwargs)
         hidden_states = outputs.last_hidden_state
         if attention_mask is not None:
             real = attention_mask.to(hidden_states.device, torch.bool)
