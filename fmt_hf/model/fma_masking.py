@@ -18,10 +18,13 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.generation import GenerationMode
 from transformers.masking_utils import create_causal_mask
+from transformers.utils import logging
 
 from .cache_fmt import FMTCache, is_fmt_cache
 from .fma_downsample import LENGTH_FREE_MODES
 from .fma_options import FMA_ATTN_IMPLEMENTATION, sequence_cap
+
+logger = logging.get_logger(__name__)
 
 # For error messages: the settings that lift the length cap.
 _LENGTH_FREE_CHOICES = " or ".join(f'fma_downsample="{mode}"' for mode in LENGTH_FREE_MODES) + ', fma_boundary="mask"'
@@ -54,10 +57,23 @@ def prepare_layer_inputs(
     position_ids: torch.LongTensor | None,
     cache: Cache | None,
     build_cache: bool,
+    output_attentions: bool = False,
 ) -> LayerInputs:
     """The inputs of the decoder layers of an FMT model of `config` (its attention implementation decides the mask
-    and the cache). `cache` is the caller's; with none given, one is built when `build_cache` (causal models only)."""
+    and the cache). `cache` is the caller's; with none given, one is built when `build_cache` (causal models only).
+    Refuses an empty input; warns that FMA has no attention weights to return."""
     fma = config._attn_implementation == FMA_ATTN_IMPLEMENTATION
+    if inputs_embeds.shape[1] == 0:
+        raise ValueError(
+            "FMT got an empty input (`input_ids` of length 0): pass at least one token; to generate from nothing, "
+            "start from the tokenizer's BOS token, e.g. `input_ids=torch.tensor([[tokenizer.bos_token_id]])`."
+        )
+    if fma and output_attentions:  # a warning, not an error: tools that ask for every output keep working
+        logger.warning_once(
+            "output_attentions=True: FMA never forms a token-by-token attention matrix (distant tokens are read "
+            "through coarse summaries), so `attentions` stays empty. Load the same weights with "
+            'attn_implementation="eager" to see dense attention weights.'
+        )
     cache = _checked_cache(config, cache, build_cache, fma)
     past = cache.get_seq_length() if cache is not None else 0
     batch, seq_len = inputs_embeds.shape[:2]

@@ -112,7 +112,8 @@ def check_fma_options(
     for argument, value, needed in (("query_mode", query_mode, "fine"), ("boundary", boundary, "mask")):
         if kernel == "flex" and value != needed:
             raise ValueError(
-                f"{name('kernel')}='flex' needs {name(argument)}={needed!r}, got {value!r} (use 'gather' or 'auto')."
+                f"`{name('kernel')}`='flex' needs `{name(argument)}`={needed!r}, got {value!r} (use 'gather' or "
+                "'auto')."
             )
     if max_seq_len is None and downsample not in LENGTH_FREE_MODES:
         raise ValueError(

@@ -369,14 +369,15 @@ class FMTModel(FMTPreTrainedModel):
                 the per-layer states are in the aligned layout (each row's first real token at index 0); only
                 `last_hidden_state` and the logits are shifted back to the input's layout.
             output_attentions (`bool`, *optional*):
-                Also return the attention weights; only the `eager` implementation computes them.
+                Also return the attention weights: `eager` only (under FMA a ValueError: FMA forms no such matrix).
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        build_cache, output_attentions = use_cache and not self.training, kwargs.get("output_attentions")
         inputs = prepare_layer_inputs(
-            self.config, inputs_embeds, attention_mask, position_ids, cache, use_cache and not self.training
+            self.config, inputs_embeds, attention_mask, position_ids, cache, build_cache, output_attentions
         )
         if inputs.fma_lengths is not None:
             kwargs["fma_lengths"] = inputs.fma_lengths

@@ -312,8 +312,8 @@ def test_kernel_options_divide_the_blocks():
     "kwargs,error,message",
     [
         (dict(kernel="triton"), ValueError, "kernel"),
-        (dict(kernel="flex", query_mode="coarse"), ValueError, "query_mode='fine'"),
-        (dict(kernel="flex", boundary="zero_sink"), ValueError, "boundary='mask'"),
+        (dict(kernel="flex", query_mode="coarse"), ValueError, "`query_mode`='fine'"),
+        (dict(kernel="flex", boundary="zero_sink"), ValueError, "`boundary`='mask'"),
     ],
 )
 def test_bad_kernel_arguments(kwargs, error, message):

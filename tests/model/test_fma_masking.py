@@ -80,3 +80,34 @@ def test_capped_models_refuse_longer_inputs_before_any_work():
         prepare_layer_inputs(config(), torch.randn(1, 65, 16), None, None, None, False)
     inputs = prepare_layer_inputs(config(fma_downsample="recursive"), torch.randn(1, 65, 16), None, None, None, False)
     assert inputs.position_ids.shape == (1, 65)
+
+
+def test_empty_inputs_and_fma_attention_weights_are_refused_by_name():
+    from fmt_hf import FMTForCausalLM
+
+    for implementation in ("fma", "sdpa"):
+        with pytest.raises(ValueError, match="empty input.*bos_token_id"):
+            prepare_layer_inputs(config(implementation), torch.randn(1, 0, 16), None, None, None, build_cache=True)
+    # through generate, as a user meets it
+    model = FMTForCausalLM(config(vocab_size=32)).eval()
+    with pytest.raises(ValueError, match="empty input"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=2)
+
+
+def test_fma_warns_that_it_has_no_attention_weights(caplog):
+    from transformers.utils import logging
+
+    from fmt_hf import FMTForCausalLM
+    from fmt_hf.model import fma_masking
+
+    fma_masking.logger.warning_once.cache_clear()
+    model = FMTForCausalLM(config(vocab_size=32)).eval()
+    logging.enable_propagation()
+    try:
+        with caplog.at_level("WARNING"):
+            assert model(torch.randint(0, 32, (1, 6)), output_attentions=True).attentions == ()
+    finally:
+        logging.disable_propagation()
+    assert "output_attentions=True: FMA never forms" in caplog.text and 'attn_implementation="eager"' in caplog.text
+    eager = FMTForCausalLM._from_config(config(vocab_size=32), attn_implementation="eager").eval()
+    assert len(eager(torch.randint(0, 32, (1, 6)), output_attentions=True).attentions) == 1
