@@ -458,6 +458,13 @@ class MainDemoArguments:
     eval_documents: int = field(default=2, metadata={"help": "held-out test plays to score (of 4)"})
     max_new_tokens: int = field(default=256, metadata={"help": "bytes generated from the long prompt"})
 
+    def __post_init__(self) -> None:
+        # The prompt is the window's remaining seq_len - max_new_tokens - 1 bytes (after BOS).
+        if not 1 <= self.max_new_tokens < self.seq_len:
+            raise ValueError(
+                f"--max_new_tokens must be at least 1 and less than --seq_len={self.seq_len}, got {self.max_new_tokens}"
+            )
+
 
 __all__ = [
     "TRAINING_SETUP_NAME",

@@ -28,8 +28,9 @@ def dense_cache_bytes(config: PretrainedConfig, batch_size: int, num_tokens: int
 
 def long_prompt(text: str, num_bytes: int) -> str:
     """About `num_bytes` bytes of `text` from its middle, starting at a line start (a held-out play's dialogue)."""
-    start = text.index("\n", len(text) // 2) + 1
-    return text.encode("utf-8")[start : start + num_bytes].decode("utf-8", errors="ignore")
+    data = text.encode("utf-8")  # the line start found in bytes, where the slice is taken
+    start = data.index(b"\n", len(data) // 2) + 1
+    return data[start : start + num_bytes].decode("utf-8", errors="ignore")
 
 
 def run_demo(args: MainDemoArguments) -> dict[str, float]:
