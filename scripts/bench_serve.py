@@ -17,16 +17,15 @@ from transformers import HfArgumentParser
 from benchmarks.serving import ServeBenchmarkArguments, format_table, run
 
 
-def parse_args(argv: list[str] | None = None) -> ServeBenchmarkArguments:
-    """The command line (or `argv`) as its dataclass; runs nothing."""
+def parse_args(argv: list[str] | None = None) -> tuple[ServeBenchmarkArguments]:
+    """The command line (or `argv`) as its dataclasses; runs nothing."""
     parser = HfArgumentParser(ServeBenchmarkArguments, description=__doc__.split("\n\n")[0])
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
-    return args
+    return parser.parse_args_into_dataclasses(args=argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Runs the benchmark, prints its table and writes the results to --output; returns them."""
-    args = parse_args(argv)
+    (args,) = parse_args(argv)
     results = run(args)
     print("\n" + format_table(results))
     output = Path(args.output)

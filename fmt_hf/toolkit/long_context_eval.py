@@ -10,26 +10,32 @@ eviction is a slice of ``DynamicCache``'s layers), and keeps the keys' original 
 
 Every answer is one JSON line of ``samples.jsonl`` (prompt hash, answers, prediction, score, seconds and costs); a run
 skips the (system, prompt) pairs already there, so it resumes where it stopped. :func:`results_table` and
-:func:`plot_heat_maps` summarise the file.
+:func:`plot_heat_maps` summarise the file. :func:`run_long_context` is the whole run of a
+:class:`~fmt_hf.toolkit.arguments.LongContextArguments`: its systems (:func:`build_systems`), its samples
+(:func:`build_samples`), the answers, the table and the heat maps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..model.cache_fmt import is_fmt_cache
 from ..model.fma_partition import num_levels
-from .long_context import Sample, answer_complete, encode, score, wilson_interval
+from .arguments import LongContextArguments, parse_config_overrides
+from .convert import convert_llama_to_fmt, load_llama
+from .data import SMOLLM2_GGUF, fetch_smollm2, load_corpus
+from .long_context import TASKS, Haystack, Sample, answer_complete, encode, make_sample, score, wilson_interval
 
 
 def fmt_cache_vectors(model: PreTrainedModel, tokens: int) -> int:
@@ -257,14 +263,85 @@ def plot_heat_maps(rows: list[dict], output_dir: str) -> list[str]:
     return paths
 
 
+def build_systems(args: LongContextArguments) -> tuple[list[System], PreTrainedTokenizerBase]:
+    """The systems of ``args`` and their shared tokenizer."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    source, gguf = args.model_name_or_path, args.gguf_file
+    if source is None:
+        source, gguf = str(fetch_smollm2()), SMOLLM2_GGUF
+    model, tokenizer = load_llama(source, gguf, args.dtype)
+    model = model.to(device).eval()
+    systems = []
+    if "dense" in args.systems:
+        systems.append(System("dense", model, tokenizer))
+    if "fmt" in args.systems or "streaming" in args.systems:
+        fmt = convert_llama_to_fmt(model, **parse_config_overrides(args.conversion)).eval()
+        if "fmt" in args.systems:
+            systems.append(System("fmt", fmt, tokenizer))
+        if "streaming" in args.systems:
+            systems.append(
+                StreamingLLM(
+                    "streaming",
+                    model,
+                    tokenizer,
+                    args.streaming_sinks,
+                    lambda tokens: fmt_cache_vectors(fmt, tokens),
+                    args.streaming_chunk_size,
+                )
+            )
+    for path in args.checkpoints:
+        checkpoint = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, args.dtype)).to(device)
+        systems.append(System(os.path.basename(os.path.normpath(path)), checkpoint, tokenizer))
+    return systems, tokenizer
+
+
+def build_samples(args: LongContextArguments, tokenizer: PreTrainedTokenizerBase) -> Iterator[Sample]:
+    """Every sample of the run, length by length (the cheap lengths first), task by task."""
+    needs_text = any(TASKS[t].needs_text for t in args.tasks)
+    haystack = Haystack.from_documents(load_corpus(args.haystack_corpus)["text"]) if needs_text else None
+    for length in args.lengths:
+        for task in args.tasks:
+            for index in range(args.num_samples):
+                depth = args.depths[index % len(args.depths)] if TASKS[task].has_depth else None
+                yield make_sample(
+                    task,
+                    tokenizer,
+                    length,
+                    depth,
+                    index,
+                    haystack=haystack,
+                    seed=args.seed,
+                    chat_template=args.chat_template,
+                )
+
+
+def run_long_context(args: LongContextArguments) -> str:
+    """Answer every sample of ``args`` with every system (resuming ``samples.jsonl``), write ``results.md`` and the
+    heat maps to ``args.output_dir``; print and return the markdown table of this run's systems."""
+    systems, tokenizer = build_systems(args)
+    rows = run_samples(systems, build_samples(args, tokenizer), os.path.join(args.output_dir, "samples.jsonl"))
+    names = {system.name for system in systems}
+    rows = [row for row in rows if row["system"] in names]
+    table = results_table(rows)
+    settings = {k: v for k, v in dataclasses.asdict(args).items() if k != "output_dir"}
+    with open(os.path.join(args.output_dir, "results.md"), "w", encoding="utf-8") as f:
+        f.write(f"Settings: `{settings}`\n\n{table}")
+    plot_heat_maps(rows, args.output_dir)
+    print(table)
+    return table
+
+
 __all__ = [
     "Answer",
     "StreamingLLM",
     "System",
+    "build_samples",
+    "build_systems",
     "cache_size",
     "fmt_cache_vectors",
     "plot_heat_maps",
     "read_rows",
     "results_table",
+    "run_long_context",
     "run_samples",
 ]

@@ -8,9 +8,9 @@ from benchmarks.serving import ServeBenchmarkArguments, format_table, percentile
 
 
 def test_documented_command_lines_parse():
-    args = script("bench_serve").parse_args(["--prompt_tokens", "4096", "--clients", "1", "4", "8"])
+    (args,) = script("bench_serve").parse_args(["--prompt_tokens", "4096", "--clients", "1", "4", "8"])
     assert (args.prompt_tokens, args.clients, args.new_tokens, args.checkpoint) == (4096, [1, 4, 8], 16, None)
-    args = script("bench_serve").parse_args(["--checkpoint", "outputs/smollm2-fmt", "--prompt_tokens", "8192"])
+    (args,) = script("bench_serve").parse_args(["--checkpoint", "outputs/smollm2-fmt", "--prompt_tokens", "8192"])
     assert (args.checkpoint, args.prompt_tokens, args.clients) == ("outputs/smollm2-fmt", 8192, [1, 4, 8])
 
 

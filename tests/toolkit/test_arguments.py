@@ -10,6 +10,8 @@ from transformers import TrainingArguments
 from fmt_hf.toolkit.arguments import (
     DataArguments,
     EvalArguments,
+    LongContextArguments,
+    MainDemoArguments,
     ModelArguments,
     parse_config_overrides,
     write_training_setup,
@@ -48,6 +50,28 @@ def test_eval_arguments_reject_bad_values():
     for stride in (0, 64):
         with pytest.raises(ValueError, match="--stride must be at least 1 and less than --context_length=64"):
             EvalArguments(model_name_or_path="m", context_length=64, stride=stride)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"systems": ["dense", "kvpress"]}, r"--systems: unknown \['kvpress'\]; valid: dense, fmt, streaming"),
+        ({"tasks": ["passkey", "haystack"]}, r"--tasks: unknown \['haystack'\]"),
+        ({"num_samples": 0}, "--num_samples must be at least 1, got 0"),
+        ({"depths": []}, r"--depths must be fractions in \[0, 1\], got \[\]"),
+        ({"depths": [0.5, 1.5]}, r"--depths must be fractions in \[0, 1\], got \[0.5, 1.5\]"),
+        ({"lengths": [2048, 0]}, r"--lengths must be positive, got \[2048, 0\]"),
+    ],
+)
+def test_long_context_arguments_reject_bad_values(options, message):
+    with pytest.raises(ValueError, match=message):
+        LongContextArguments(**options)
+
+
+def test_main_demo_arguments_leave_room_for_a_prompt():
+    for max_new_tokens in (0, 128):
+        with pytest.raises(ValueError, match="--max_new_tokens must be at least 1 and less than --seq_len=128"):
+            MainDemoArguments(seq_len=128, max_new_tokens=max_new_tokens)
 
 
 def test_eval_arguments_defaults(tmp_path):

@@ -225,11 +225,12 @@ def test_script_end_to_end_and_resume(tmp_path, monkeypatch):
 
 def test_documented_command_lines_parse():
     eval_long_context = script("eval_long_context")
-    args = eval_long_context.parse_args(
+    (args,) = eval_long_context.parse_args(
         ["--tasks", "passkey", "niah_single", "--lengths", "2048", "4096", "--num_samples", "20"]
     )
     assert args.tasks == ["passkey", "niah_single"] and args.lengths == [2048, 4096] and args.num_samples == 20
-    assert eval_long_context.parse_args(["--checkpoints", "outputs/x"]).checkpoints == ["outputs/x"]
+    (args,) = eval_long_context.parse_args(["--checkpoints", "outputs/x"])
+    assert args.checkpoints == ["outputs/x"]
     with pytest.raises(ValueError, match="--systems: unknown"):
         eval_long_context.parse_args(["--systems", "kvpress"])
 
