@@ -11,7 +11,7 @@ def pytest_configure(config):
         "download: needs files from the package index (registry corpora, the "
         "transformers sdist); deselect with -m 'not download'",
     )
-    # Markers that transformers' common model tests (downloaded by tests/test_modeling_fmt.py) put on their tests.
+    # Markers that transformers' common model tests (run by tests/model/test_modeling_common.py) put on their tests.
     for marker in (
         "accelerate_tests",
         "flash_attn_test",

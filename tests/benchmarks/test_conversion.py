@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from lm_helpers import script, write_documents
+from helpers.lm import script, write_documents
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from benchmarks.conversion import DENSE, format_table, setting_options, state_vectors

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from lm_helpers import script
+from helpers.lm import script
 
 from benchmarks import quality
 from benchmarks.quality import interleaved_timing, run_suite

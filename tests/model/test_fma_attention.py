@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from fma_helpers import D, make, qkv, with_identity_pooling
-from fma_reference import reference_fma
+from helpers.fma import D, make, qkv, with_identity_pooling
+from helpers.reference import reference_fma
 
 from fmt_hf.model.fma_attention import FastMultipoleAttention
 

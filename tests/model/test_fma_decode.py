@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from fma_helpers import F64, decode, decode_batch, make, qkv
+from helpers.fma import F64, decode, decode_batch, make, qkv
 
 from fmt_hf.model.fma_partition import num_levels
 

@@ -5,8 +5,8 @@ import itertools
 
 import pytest
 import torch
-from fma_helpers import F64, D, make, qkv
-from fma_reference import downsample as reference_downsample
+from helpers.fma import F64, D, make, qkv
+from helpers.reference import downsample as reference_downsample
 
 from fmt_hf.model.fma_attention import FastMultipoleAttention
 from fmt_hf.model.fma_downsample import AvgPoolDownsample, RecursiveDownsample

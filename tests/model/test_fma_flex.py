@@ -4,8 +4,8 @@ reads, are checked by expanding them the way the kernel does."""
 
 import pytest
 import torch
-from fma_helpers import make, qkv
-from fma_reference import multiplicity, reference_fma
+from helpers.fma import make, qkv
+from helpers.reference import multiplicity, reference_fma
 
 import fmt_hf.model.fma_attention as fma_attention
 import fmt_hf.model.fma_flex as fma_flex

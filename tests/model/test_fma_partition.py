@@ -4,8 +4,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from fma_helpers import F64, make, qkv, with_identity_pooling
-from fma_reference import multiplicity
+from helpers.fma import F64, make, qkv, with_identity_pooling
+from helpers.reference import multiplicity
 
 from fmt_hf.model.fma_partition import PLANS, PlanCache, num_levels
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from fma_helpers import F64, decode_batch, make, qkv
+from helpers.fma import F64, decode_batch, make, qkv
 
 from fmt_hf.model.fma_attention import FastMultipoleAttention
 from fmt_hf.model.fma_partition import num_levels

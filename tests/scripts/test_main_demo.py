@@ -4,7 +4,7 @@ import json
 import math
 
 import pytest
-from lm_helpers import script
+from helpers.lm import script
 
 pytestmark = pytest.mark.download  # registry corpora
 

@@ -12,8 +12,8 @@ import textwrap
 
 import pytest
 import torch
+from helpers.lm import script
 from huggingface_hub.errors import StrictDataclassError
-from lm_helpers import script
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import fmt_hf

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from lm_helpers import play_excerpts, script, write_documents
+from helpers.lm import play_excerpts, script, write_documents
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fmt_hf import FMTConfig, FMTForCausalLM

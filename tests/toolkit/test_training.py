@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from lm_helpers import (
+from helpers.lm import (
     REPO,
     TINY_FMT,
     play_excerpts,

@@ -8,7 +8,7 @@ from types import ModuleType
 
 from fmt_hf.toolkit.data import load_corpus
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 TINY_FMT = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=2,fma_block_size=16"
 """`--config_overrides` of a model that trains a step in milliseconds (FMA with a coarse level at 64 tokens)."""
