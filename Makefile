@@ -25,7 +25,7 @@ format: $(STAMP)
 	$(PY) -m ruff format .
 
 test: $(STAMP)
-	$(PY) tests/transformers_common.py
+	$(PY) tests/helpers/transformers_common.py
 	$(PY) -m pytest -n 2 --durations=15 tests
 
 demo: $(STAMP)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from lm_helpers import script
+from helpers.lm import script
 
 REPO = Path(__file__).resolve().parents[1]
 CARD_TEMPLATE = REPO / "model_cards" / "template.md"

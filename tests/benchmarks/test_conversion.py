@@ -6,36 +6,25 @@ import json
 import random
 
 import pytest
-import torch
-from lm_helpers import script, write_documents
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers.lm import script, write_documents
+from helpers.models import random_byte_ids, tiny_byte_llama
 
 from benchmarks.conversion import DENSE, format_table, setting_options, state_vectors
 from fmt_hf import convert_llama_to_fmt
 from fmt_hf.toolkit.tokenizer import byte_tokenizer
 
-BYTE_IDS = {"vocab_size": 259, "pad_token_id": 256, "bos_token_id": 257, "eos_token_id": 257}
 PLAIN = "fma_block_size=16,fma_coarse_tokens=4"
 SINKS = "fma_block_size=16,fma_coarse_tokens=4,fma_sink_tokens=4"
 
 
-def tiny_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        **BYTE_IDS,
-    )
-    return LlamaForCausalLM(config).eval()
+def llama_to_convert():
+    """A tiny byte-level Llama with grouped-query attention (4 query heads, 2 key/value heads)."""
+    return tiny_byte_llama(num_attention_heads=4, num_key_value_heads=2)
 
 
 def run(tmp_path, *extra):
     """The script on a tiny Llama (saved with the byte tokenizer) over eight 400-byte documents, split 6/1/1."""
-    tiny_llama().save_pretrained(tmp_path / "llama")
+    llama_to_convert().save_pretrained(tmp_path / "llama")
     byte_tokenizer().save_pretrained(tmp_path / "llama")
     words = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge".split()
     rng = random.Random(0)
@@ -77,8 +66,8 @@ def test_grid_scores_every_setting_against_the_source_and_resumes(tmp_path):
 
 
 def test_state_vectors_count_what_a_generation_cache_holds():
-    model = convert_llama_to_fmt(tiny_llama(), **setting_options(SINKS)).eval()
-    ids = torch.randint(256, (1, 150), generator=torch.Generator().manual_seed(0))
+    model = convert_llama_to_fmt(llama_to_convert(), **setting_options(SINKS)).eval()
+    ids = random_byte_ids(1, 150, seed=0)
     cache = model(ids, use_cache=True).past_key_values
     state = cache.layers[0].state
     assert state_vectors(model, 150) == state.num_vectors

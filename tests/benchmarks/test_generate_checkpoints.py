@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from lm_helpers import script
+from helpers.lm import script
 
 from benchmarks.generate_checkpoints import generate_once, prompt_token_ids, run_checkpoint_benchmark
 from benchmarks.generate_steps import smollm2_shaped_config

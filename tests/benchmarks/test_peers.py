@@ -4,7 +4,7 @@ adapter is the package's module)."""
 import math
 
 import torch
-from fma_reference import fine_keys
+from helpers.reference import fine_keys
 
 from benchmarks.peers import build_peer_module, run_peer
 

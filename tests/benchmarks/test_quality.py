@@ -5,8 +5,8 @@ import json
 import math
 
 import pytest
-import torch
-from lm_helpers import script
+from helpers.lm import script
+from helpers.models import random_byte_ids
 
 from benchmarks import quality
 from benchmarks.quality import interleaved_timing, run_suite
@@ -36,16 +36,15 @@ TEXTS = ["To be, or not to be, that is the question: " * 7, "Now is the winter o
 
 
 @pytest.fixture
-def corpus():
-    generator = torch.Generator().manual_seed(0)
-    return SuiteData(torch.randint(256, (6, TINY["seq_len"]), generator=generator), TEXTS)
+def suite_data():
+    return SuiteData(random_byte_ids(6, TINY["seq_len"], seed=0), TEXTS)
 
 
-def test_every_attention_trains_scores_and_the_suite_resumes(tmp_path, corpus):
+def test_every_attention_trains_scores_and_the_suite_resumes(tmp_path, suite_data):
     cfg = SuiteConfig(**TINY)
     path = str(tmp_path / "runs.jsonl")
     specs = [spec for spec in default_suite() if spec.group == "main" or spec.name == "performer"]
-    rows = run_suite(specs, cfg, path, progress=False, corpus=corpus)
+    rows = run_suite(specs, cfg, path, progress=False, corpus=suite_data)
     assert [row["name"] for row in rows] == [spec.name for spec in specs]
     for row in rows:
         assert "error" not in row, row.get("traceback")
@@ -67,7 +66,7 @@ def test_every_attention_trains_scores_and_the_suite_resumes(tmp_path, corpus):
     more = [spec for spec in default_suite() if spec.name == "probe/dense"]
     more.append(RunSpec("dense-3steps", attention="sdpa", steps=3, group="long"))
     more.append(RunSpec("probe/fma-256", task="probe", group="probe", probe_len=256))
-    rows = run_suite(specs + more, cfg, path, progress=False, corpus=corpus)
+    rows = run_suite(specs + more, cfg, path, progress=False, corpus=suite_data)
     assert len(rows) == len(specs) + 4 and rows[-3]["name"] == "probe/dense" and 0 <= rows[-3]["accuracy"] <= 1
     assert len(rows[-2]["train_bits"]) == 3  # a run's own step budget
     assert rows[-1]["seq_len"] == 256 and rows[-3]["seq_len"] == TINY["probe_len"]  # a probe's own length
@@ -77,14 +76,14 @@ def test_every_attention_trains_scores_and_the_suite_resumes(tmp_path, corpus):
     assert plot_extrapolation(rows, str(tmp_path / "e.png")) and (tmp_path / "e.png").stat().st_size > 0
 
 
-def test_a_peer_that_cannot_import_gets_a_row_with_the_reason(tmp_path, corpus, monkeypatch):
+def test_a_peer_that_cannot_import_gets_a_row_with_the_reason(tmp_path, suite_data, monkeypatch):
     monkeypatch.setattr(quality, "peer_unavailable", lambda name: f"{name} is not installed")
     rows = run_suite(
         [RunSpec("h-transformer-1d", attention="h_transformer_1d")],
         SuiteConfig(**TINY),
         str(tmp_path / "runs.jsonl"),
         progress=False,
-        corpus=corpus,
+        corpus=suite_data,
     )
     assert rows[0]["reason"] == "h_transformer_1d is not installed" and "bpb" not in rows[0]
     assert "not run: h_transformer_1d is not installed" in format_report(rows)
@@ -96,15 +95,15 @@ def test_a_peer_that_cannot_import_gets_a_row_with_the_reason(tmp_path, corpus, 
                 SuiteConfig(**TINY),
                 str(tmp_path / "runs.jsonl"),
                 progress=False,
-                corpus=corpus,
+                corpus=suite_data,
             )
         )
         == 1
     )
 
 
-def test_cli_runs_named_runs_and_writes_the_report(tmp_path, corpus, monkeypatch):
-    monkeypatch.setattr(quality, "load_suite_data", lambda cfg, tokenizer: corpus)
+def test_cli_runs_named_runs_and_writes_the_report(tmp_path, suite_data, monkeypatch):
+    monkeypatch.setattr(quality, "load_suite_data", lambda cfg, tokenizer: suite_data)
     argv = [
         "--output_file",
         str(tmp_path / "q.jsonl"),

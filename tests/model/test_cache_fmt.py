@@ -4,12 +4,14 @@ import copy
 
 import pytest
 import torch
+from helpers.models import random_ids
 from transformers import DynamicCache
 
 from fmt_hf import FMTCache, FMTConfig, FMTForCausalLM, FMTModel
 
 
-def tiny(layers=2, query_mode="fine", downsample="depthwise", dtype=torch.float64, **overrides):
+def perturbed_fmt(layers=2, query_mode="fine", downsample="depthwise", dtype=torch.float64, **overrides):
+    """A float64 FMT language model over 40 tokens with 4-token FMA blocks, its learned downsamplers perturbed."""
     options = dict(
         vocab_size=40,
         hidden_size=32,
@@ -38,7 +40,7 @@ def tiny(layers=2, query_mode="fine", downsample="depthwise", dtype=torch.float6
 
 
 def prompt(length, batch=1, seed=1):
-    return torch.randint(1, 40, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return random_ids(batch, length, seed, vocab=40)
 
 
 def recompute_greedy(model, ids, steps):
@@ -54,7 +56,7 @@ def recompute_greedy(model, ids, steps):
     [(1, "fine", "depthwise"), (2, "fine", "avgpool"), (2, "coarse", "depthwise"), (3, "coarse", "full")],
 )
 def test_greedy_generate_equals_recomputation(layers, query_mode, downsample):
-    model = tiny(layers, query_mode, downsample)
+    model = perturbed_fmt(layers, query_mode, downsample)
     for length in (1, 8, 13, 32, 45):  # block 4, group widths 4, 8, 16, 32
         ids = prompt(length)
         out = model.generate(ids, max_new_tokens=20, do_sample=False)
@@ -67,7 +69,7 @@ def test_greedy_generate_equals_recomputation(layers, query_mode, downsample):
 def test_greedy_generate_with_sink_tokens_equals_recomputation(query_mode, downsample, sink_tokens):
     """Sink tokens (§3a) through generate: prompts shorter and longer than s, and a left-padded batch whose rows
     fill their sinks at different steps."""
-    model = tiny(2, query_mode, downsample, fma_sink_tokens=sink_tokens)
+    model = perturbed_fmt(2, query_mode, downsample, fma_sink_tokens=sink_tokens)
     for length in (1, 2, 13, 45):
         ids = prompt(length)
         out = model.generate(ids, max_new_tokens=20, do_sample=False)
@@ -84,7 +86,7 @@ def test_greedy_generate_with_sink_tokens_equals_recomputation(query_mode, downs
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("query_mode", ["fine", "coarse"])
 def test_decoding_logits_equal_full_forward(dtype, tolerance, query_mode):
-    model = tiny(query_mode=query_mode, dtype=dtype)
+    model = perturbed_fmt(query_mode=query_mode, dtype=dtype)
     ids = prompt(90)
     out = model(ids[:, :29], use_cache=True)
     cache, logits = out.cache, [out.logits]
@@ -97,7 +99,7 @@ def test_decoding_logits_equal_full_forward(dtype, tolerance, query_mode):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_decoding_follows_the_full_forward(dtype):
-    model = tiny(dtype=dtype)
+    model = perturbed_fmt(dtype=dtype)
     ids = prompt(70)
     out = model(ids[:, :20], use_cache=True)
     cache, logits = out.cache, [out.logits]
@@ -110,7 +112,7 @@ def test_half_precision_decoding_follows_the_full_forward(dtype):
 
 
 def test_chunked_prefill_equals_one_shot():
-    model = tiny()
+    model = perturbed_fmt()
     ids = prompt(77)
     one_shot = model.generate(ids, max_new_tokens=10, do_sample=False, output_logits=True, return_dict_in_generate=True)
     for chunk in (16, 25):
@@ -131,7 +133,9 @@ def test_chunked_prefill_equals_one_shot():
 
 @pytest.mark.parametrize("sink_tokens", [0, 3])
 def test_cache_size_is_bounded_and_reaches_the_bound(sink_tokens):
-    model = tiny(max_position_embeddings=1024, fma_block_size=8, fma_coarse_tokens=2, fma_sink_tokens=sink_tokens)
+    model = perturbed_fmt(
+        max_position_embeddings=1024, fma_block_size=8, fma_coarse_tokens=2, fma_sink_tokens=sink_tokens
+    )
     config, fma = model.config, model.model.layers[0].self_attn.fma
     vectors = 4 * 8 + 2 * sink_tokens + 8 * 2 * fma.num_levels  # 4m + 2s + 8pL per key/value head (§8)
     # one validity byte per fine slot, sink token, partial sum and stored group
@@ -148,7 +152,7 @@ def test_cache_size_is_bounded_and_reaches_the_bound(sink_tokens):
 
 
 def test_left_padded_batch_equals_rows_alone():
-    model = tiny()
+    model = perturbed_fmt()
     rows = [prompt(37, seed=3)[0], prompt(21, seed=4)[0], prompt(8, seed=5)[0]]
     ids = torch.zeros(3, 37, dtype=torch.long)
     mask = torch.zeros(3, 37, dtype=torch.long)
@@ -162,7 +166,7 @@ def test_left_padded_batch_equals_rows_alone():
 
 
 def test_beam_search_sampling_and_return_sequences_run():
-    model = tiny()
+    model = perturbed_fmt()
     ids = prompt(30, batch=2)
     beams = model.generate(ids, max_new_tokens=8, num_beams=3, num_return_sequences=2, do_sample=False)
     assert beams.shape == (4, 38)
@@ -176,7 +180,7 @@ def test_beam_search_sampling_and_return_sequences_run():
 
 
 def test_beam_search_equals_beam_search_without_cache():
-    model = tiny()
+    model = perturbed_fmt()
     ids = prompt(26)
     with_cache = model.generate(ids, max_new_tokens=10, num_beams=4, do_sample=False)
     without = model.generate(ids, max_new_tokens=10, num_beams=4, do_sample=False, use_cache=False)
@@ -184,7 +188,7 @@ def test_beam_search_equals_beam_search_without_cache():
 
 
 def test_continue_from_returned_cache_and_reset():
-    model = tiny()
+    model = perturbed_fmt()
     ids = prompt(40)
     first = model.generate(ids, max_new_tokens=5, do_sample=False, return_dict_in_generate=True)
     more = model.generate(first.sequences, cache=first.cache, max_new_tokens=5, do_sample=False)
@@ -194,7 +198,7 @@ def test_continue_from_returned_cache_and_reset():
 
 
 def test_dense_baseline_uses_dynamic_cache():
-    model = tiny()
+    model = perturbed_fmt()
     model.set_attn_implementation("sdpa")
     ids = prompt(30)
     out = model(ids, use_cache=True)
@@ -203,14 +207,14 @@ def test_dense_baseline_uses_dynamic_cache():
 
 
 def test_generate_from_inputs_embeds():
-    model = tiny()
+    model = perturbed_fmt()
     ids = prompt(20)
     from_embeds = model.generate(inputs_embeds=model.model.embed_tokens(ids), max_new_tokens=6, do_sample=False)
     assert torch.equal(from_embeds, recompute_greedy(model, ids, 6)[:, 20:])
 
 
 def test_unsupported_uses_raise_clear_errors():
-    model = tiny()
+    model = perturbed_fmt()
     ids = prompt(20)
     with pytest.raises(ValueError, match="FMTCache"):
         model.generate(ids, cache=DynamicCache(config=model.config), max_new_tokens=2)
@@ -230,13 +234,13 @@ def test_unsupported_uses_raise_clear_errors():
 
 
 def test_generate_checks_the_length_before_any_work(monkeypatch):
-    model = tiny(max_position_embeddings=64)
+    model = perturbed_fmt(max_position_embeddings=64)
     calls = []
     monkeypatch.setattr(model, "forward", lambda *args, **kwargs: calls.append(1))
     with pytest.raises(ValueError, match=r"a prompt of 50 tokens plus max_new_tokens=20.*max_position_embeddings=64"):
         model.generate(prompt(50), max_new_tokens=20)
     assert not calls  # refused before the prompt went through the model
-    model = tiny(max_position_embeddings=64)
+    model = perturbed_fmt(max_position_embeddings=64)
     assert model.generate(prompt(50), max_new_tokens=15, do_sample=False).shape[1] == 65  # 64 positions run
 
 
@@ -244,7 +248,7 @@ def test_generate_checks_the_length_before_any_work(monkeypatch):
 def test_holes_in_the_mask_under_a_cache_equal_recomputation(query_mode):
     """Pad ids inside prompts (holes after a row's first token), with left padding too: cached greedy decoding
     equals recomputation with the same mask, and cached logits equal the full forward's."""
-    model = tiny(query_mode=query_mode)
+    model = perturbed_fmt(query_mode=query_mode)
     ids = prompt(41, batch=3)
     mask = torch.ones_like(ids)
     mask[0, [3, 4, 17, 40]] = 0  # holes, one at the end
@@ -279,7 +283,7 @@ def test_holes_in_the_mask_under_a_cache_equal_recomputation(query_mode):
 def test_bf16_decoding_after_a_long_prompt_follows_the_full_forward():
     """Prompt of 2600 tokens: the widest groups span 1024 tokens, whose float32 partial sums a bf16 state would
     round away. Cached bf16 logits stay as close to the float64 model as the bf16 full forward is."""
-    model = tiny(layers=1, fma_block_size=64, fma_coarse_tokens=4, max_position_embeddings=4096)
+    model = perturbed_fmt(layers=1, fma_block_size=64, fma_coarse_tokens=4, max_position_embeddings=4096)
     ids = prompt(2640)
     reference = model(ids, use_cache=False).logits[:, 2600:]  # float64
     bf16 = model.to(torch.bfloat16)
@@ -306,7 +310,7 @@ def test_decoding_runs_without_float64():
             return out
 
     for query_mode, boundary in (("fine", "mask"), ("coarse", "zero_sink")):
-        model = tiny(query_mode=query_mode, fma_boundary=boundary, dtype=torch.bfloat16)
+        model = perturbed_fmt(query_mode=query_mode, fma_boundary=boundary, dtype=torch.bfloat16)
         with NoFloat64():
             model.generate(
                 prompt(45), attention_mask=torch.ones(1, 45, dtype=torch.long), max_new_tokens=12, do_sample=False
@@ -318,7 +322,7 @@ def test_length_free_models_generate_past_max_position_embeddings(downsample, qu
     """fma_downsample="recursive" (or "avgpool") has no cap (docs/fma.md §7a): generate continues far past
     max_position_embeddings, its state gaining a level each time the length doubles, and equals recomputation;
     left padding and beams as for any model."""
-    model = tiny(downsample=downsample, query_mode=query_mode, max_position_embeddings=32)  # block 4
+    model = perturbed_fmt(downsample=downsample, query_mode=query_mode, max_position_embeddings=32)  # block 4
     assert model.max_sequence_length is None
     ids = prompt(27, batch=2)
     mask = torch.ones_like(ids)
@@ -348,7 +352,7 @@ def left_padded(lengths, seed=6):
 def test_batched_generate_modes_equal_recomputation(downsample):
     """Rows at different positions (left padding) through every generate mode that reorders or repeats rows:
     sampling with a seed, num_return_sequences, beams -- cached equals recomputed without a cache."""
-    model = tiny(downsample=downsample)
+    model = perturbed_fmt(downsample=downsample)
     ids, mask = left_padded([29, 17, 6])
     for options in (
         dict(do_sample=True, num_return_sequences=2),
@@ -363,7 +367,7 @@ def test_batched_generate_modes_equal_recomputation(downsample):
 
 
 def test_chunked_prefill_of_a_left_padded_batch_equals_one_shot():
-    model = tiny()
+    model = perturbed_fmt()
     ids, mask = left_padded([45, 30, 11])
     one_shot = model.generate(
         ids, attention_mask=mask, max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True

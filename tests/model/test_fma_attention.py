@@ -5,8 +5,8 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from fma_helpers import D, make, qkv, with_identity_pooling
-from fma_reference import reference_fma
+from helpers.fma import D, fma_layer, qkv, with_identity_pooling
+from helpers.reference import reference_fma
 
 from fmt_hf.model.fma_attention import FastMultipoleAttention
 
@@ -26,7 +26,9 @@ LENGTH_FREE_OPTIONS = list(
 
 @pytest.mark.parametrize("causal,query_mode,downsample,scale_attn,boundary", OPTIONS)
 def test_matches_reference_for_every_option(causal, query_mode, downsample, scale_attn, boundary):
-    attn = make(causal=causal, query_mode=query_mode, downsample=downsample, scale_attn=scale_attn, boundary=boundary)
+    attn = fma_layer(
+        causal=causal, query_mode=query_mode, downsample=downsample, scale_attn=scale_attn, boundary=boundary
+    )
     for n in (3, 37, 64):  # L = 0, 3, 3; only 64 is the built length and a power of two
         q, k, v = qkv(n, batch=1)
         torch.testing.assert_close(attn(q, k, v), reference_fma(attn, q, k, v), rtol=0, atol=1e-12)
@@ -36,7 +38,7 @@ def test_matches_reference_for_every_option(causal, query_mode, downsample, scal
 def test_length_free_layer_matches_reference(causal, query_mode, downsample, boundary):
     """max_seq_len=None (§7a): each input gets the levels it needs (up to 5 here); only groups before position 0
     are outside the sequence."""
-    attn = make(causal=causal, query_mode=query_mode, downsample=downsample, boundary=boundary, max_seq_len=None)
+    attn = fma_layer(causal=causal, query_mode=query_mode, downsample=downsample, boundary=boundary, max_seq_len=None)
     for n in (3, 37, 129):
         q, k, v = qkv(n, batch=1)
         torch.testing.assert_close(attn(q, k, v), reference_fma(attn, q, k, v), rtol=0, atol=1e-12)
@@ -46,8 +48,8 @@ def test_length_free_layer_matches_reference(causal, query_mode, downsample, bou
 def test_length_free_layer_equals_a_capped_one_under_mask(causal, query_mode):
     """With boundary="mask" the cap only bounds the length: below it, a capped layer and a length-free one with the
     same weights agree, and causal outputs do not depend on how long the rest of the sequence is."""
-    capped = make(causal=causal, query_mode=query_mode, downsample="recursive", max_seq_len=300)
-    free = make(causal=causal, query_mode=query_mode, downsample="recursive", max_seq_len=None)
+    capped = fma_layer(causal=causal, query_mode=query_mode, downsample="recursive", max_seq_len=300)
+    free = fma_layer(causal=causal, query_mode=query_mode, downsample="recursive", max_seq_len=None)
     free.load_state_dict(capped.state_dict())
     q, k, v = qkv(300, batch=1)
     for n in (37, 129, 300):
@@ -70,7 +72,7 @@ def test_sink_tokens_match_reference(causal, query_mode, downsample):
     """§3a at lengths that are no power of two, s = 1, 3 and m (= 4: level 1's group 0 holds sink tokens only),
     with grouped-query heads."""
     for sink_tokens, n in ((1, 200), (3, 333), (4, 1000)):
-        attn = make(
+        attn = fma_layer(
             causal=causal, query_mode=query_mode, downsample=downsample, max_seq_len=1024, sink_tokens=sink_tokens
         )
         q, k, v = qkv(n, batch=1, heads=6, kv_heads=2, seed=n)
@@ -80,7 +82,7 @@ def test_sink_tokens_match_reference(causal, query_mode, downsample):
 @pytest.mark.parametrize("causal,boundary", [(True, "mask"), (False, "mask"), (True, "zero_sink")])
 def test_sink_tokens_with_key_padding_match_reference(causal, boundary):
     """A padded sink token is masked like any padded key; holes elsewhere too; zero sinks at the boundary."""
-    attn = make(causal=causal, boundary=boundary, sink_tokens=3)
+    attn = fma_layer(causal=causal, boundary=boundary, sink_tokens=3)
     q, k, v = qkv(50, batch=3)
     mask = torch.ones(3, 50, dtype=torch.bool)
     mask[0, 1] = False  # one sink token
@@ -98,7 +100,7 @@ def test_sink_tokens_with_key_padding_match_reference(causal, boundary):
 def test_sink_tokens_change_only_queries_past_the_second_block(causal):
     """Queries of blocks 0 and 1 see the sink tokens in their band (and causal ones read no summary): s changes
     nothing there; every later query attends the sinks exactly and its summaries lose them (§3a)."""
-    plain, sinks = make(causal=causal), make(causal=causal, sink_tokens=3)
+    plain, sinks = fma_layer(causal=causal), fma_layer(causal=causal, sink_tokens=3)
     q, k, v = qkv(45)
     out, expected = sinks(q, k, v), plain(q, k, v)
     if causal:
@@ -110,7 +112,7 @@ def test_sink_tokens_change_only_queries_past_the_second_block(causal):
 def test_sink_tokens_are_in_no_summary(causal, downsample):
     """Perturbing a sink token's key and value changes no coarse summary of any level (the downsamplers read
     zeros there), but changes outputs (the sink slots read it)."""
-    attn = make(causal=causal, downsample=downsample, sink_tokens=3)
+    attn = fma_layer(causal=causal, downsample=downsample, sink_tokens=3)
     summaries = []
     for module in (attn.k_downsample, attn.v_downsample):
         module.register_forward_hook(lambda module, args, out: summaries.append([level.clone() for level in out]))
@@ -128,7 +130,7 @@ def test_sink_tokens_are_in_no_summary(causal, downsample):
 
 @pytest.mark.parametrize("causal,query_mode", list(itertools.product([True, False], ["fine", "coarse"])))
 def test_key_padding_matches_reference(causal, query_mode):
-    attn = make(causal=causal, query_mode=query_mode)
+    attn = fma_layer(causal=causal, query_mode=query_mode)
     q, k, v = qkv(50, batch=3)  # 13 blocks of 4, padded to 64 for the widest groups
     mask = torch.ones(3, 50, dtype=torch.bool)
     mask[0, 30:] = False
@@ -147,7 +149,7 @@ def test_key_padding_matches_reference(causal, query_mode):
 @pytest.mark.parametrize("query_mode", ["fine", "coarse"])
 def test_padded_rows_equal_unpadded_rows(query_mode):
     """Bidirectional: a right-padded batch row gives the outputs of the same row alone, at its real tokens."""
-    attn = make(causal=False, query_mode=query_mode)
+    attn = fma_layer(causal=False, query_mode=query_mode)
     q, k, v = qkv(50, batch=2)
     mask = torch.ones(2, 50, dtype=torch.bool)
     mask[1, 29:] = False
@@ -160,7 +162,7 @@ def test_padded_rows_equal_unpadded_rows(query_mode):
 @pytest.mark.parametrize("n", [1, 5, 8])
 def test_no_coarse_level_is_dense_causal(n):
     """n <= 2m (L = 0): exactly dense causal attention (§6)."""
-    attn = make(perturb=False, block_size=4)
+    attn = fma_layer(perturb=False, block_size=4)
     q, k, v = qkv(n)
     dense = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
     torch.testing.assert_close(attn(q, k, v), dense, rtol=0, atol=1e-12)
@@ -169,7 +171,7 @@ def test_no_coarse_level_is_dense_causal(n):
 @pytest.mark.parametrize("causal,query_mode", list(itertools.product([True, False], ["fine", "coarse"])))
 def test_identity_pooling_is_dense_attention(causal, query_mode):
     """§6: one fine token per coarse token at every level -> exactly dense attention (tests partition + softmax)."""
-    attn = with_identity_pooling(make(perturb=False, causal=causal, query_mode=query_mode))
+    attn = with_identity_pooling(fma_layer(perturb=False, causal=causal, query_mode=query_mode))
     # bidirectional groups partly past the end are zero-padded (§7), so use lengths of whole widest groups
     for n in (5, 19, 37, 64) if causal else (24, 48, 64):
         q, k, v = qkv(n)
@@ -185,7 +187,9 @@ def test_recursive_identity_level_one_is_dense_attention(causal, n):
     """§6 where it applies to the recursive family: with p = m an untrained level 1 is the fine tokens themselves
     (and log(w_1 / p) = 0), so lengths with a single coarse level (2m < n <= 4m) give dense attention. (Level 2
     maps 2m tokens to p = m summaries, so no longer length is an identity.)"""
-    attn = make(perturb=False, causal=causal, downsample="recursive", block_size=4, coarse_tokens=4, max_seq_len=None)
+    attn = fma_layer(
+        perturb=False, causal=causal, downsample="recursive", block_size=4, coarse_tokens=4, max_seq_len=None
+    )
     q, k, v = qkv(n)
     dense = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=causal)
     torch.testing.assert_close(attn(q, k, v), dense, rtol=0, atol=1e-12)
@@ -194,7 +198,7 @@ def test_recursive_identity_level_one_is_dense_attention(causal, n):
 @pytest.mark.parametrize("n", [1, 5, 8])
 def test_length_free_without_coarse_levels_is_dense_causal(n):
     """n <= 2m (L = 0): exactly dense causal attention (§6), also without a cap."""
-    attn = make(downsample="recursive", max_seq_len=None)
+    attn = fma_layer(downsample="recursive", max_seq_len=None)
     q, k, v = qkv(n)
     dense = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), is_causal=True)
     torch.testing.assert_close(attn(q, k, v), dense, rtol=0, atol=1e-12)
@@ -205,7 +209,7 @@ def test_length_free_without_coarse_levels_is_dense_causal(n):
 def test_length_free_causality_across_level_boundaries(query_mode, n, j):
     """Perturbing token j changes no output before j, also through the gradient, where lengths cross 2^k m (a new
     level appears) and j opens a group of some level (m = 4)."""
-    attn = make(query_mode=query_mode, downsample="recursive", max_seq_len=None)
+    attn = fma_layer(query_mode=query_mode, downsample="recursive", max_seq_len=None)
     assert_causal(attn, *qkv(n, batch=1), j)
     for downsample in (attn.k_downsample, attn.v_downsample):  # the shared map U took part
         assert downsample.combine_weight.grad.abs().max() > 0
@@ -215,7 +219,7 @@ def test_length_free_causality_across_level_boundaries(query_mode, n, j):
 @pytest.mark.parametrize("sink_tokens,j", [(0, 33), (3, 33), (3, 2), (4, 3)])
 def test_causality_by_perturbation_and_gradient(query_mode, sink_tokens, j):
     """Also when the perturbed token is a sink token (§3a)."""
-    assert_causal(make(query_mode=query_mode, sink_tokens=sink_tokens), *qkv(61), j)
+    assert_causal(fma_layer(query_mode=query_mode, sink_tokens=sink_tokens), *qkv(61), j)
 
 
 def assert_causal(attn, q, k, v, j):
@@ -238,7 +242,7 @@ def assert_causal(attn, q, k, v, j):
 
 @pytest.mark.parametrize("causal,sink_tokens", [(True, 0), (False, 0), (True, 3)])
 def test_grouped_query_attention_equals_repeated_kv_heads(causal, sink_tokens):
-    attn = make(causal=causal, sink_tokens=sink_tokens)
+    attn = fma_layer(causal=causal, sink_tokens=sink_tokens)
     q, k, v = qkv(37, heads=6, kv_heads=2)
     repeated = attn(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1))
     torch.testing.assert_close(attn(q, k, v), repeated, rtol=0, atol=1e-13)
@@ -247,7 +251,7 @@ def test_grouped_query_attention_equals_repeated_kv_heads(causal, sink_tokens):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("query_mode", ["fine", "coarse"])
 def test_low_precision_inputs(dtype, query_mode):
-    attn = make(query_mode=query_mode)
+    attn = fma_layer(query_mode=query_mode)
     q, k, v = qkv(50)
     expected = attn(q, k, v)
     out = attn.to(dtype)(q.to(dtype), k.to(dtype), v.to(dtype))
@@ -258,7 +262,7 @@ def test_low_precision_inputs(dtype, query_mode):
 
 @pytest.mark.parametrize("sink_tokens", [0, 3])
 def test_gradients_match_reference(sink_tokens):
-    attn = make(causal=True, query_mode="fine", sink_tokens=sink_tokens)
+    attn = fma_layer(causal=True, query_mode="fine", sink_tokens=sink_tokens)
     q, k, v = qkv(21, batch=1)
     grads = []
     for fn in (attn, lambda *x: reference_fma(attn, *x)):
@@ -272,7 +276,7 @@ def test_gradients_match_reference(sink_tokens):
 
 
 def test_dropout_only_in_training():
-    attn = make(dropout=0.5)
+    attn = fma_layer(dropout=0.5)
     q, k, v = qkv(30)
     attn.eval()
     torch.testing.assert_close(attn(q, k, v), attn(q, k, v), rtol=0, atol=0)
@@ -319,7 +323,7 @@ def test_bad_constructor_arguments(kwargs, message):
 
 
 def test_bad_inputs():
-    attn = make()
+    attn = fma_layer()
     q, k, v = qkv(20)
     cases = [
         ((q, k, v[:, :, :10]), "same shape"),
@@ -342,7 +346,7 @@ def test_bad_inputs():
 
 def test_padding_mask_is_not_materialised_per_sequence_and_head(monkeypatch):
     """With padding, the fused kernel gets one mask per sequence, shared by its key/value heads."""
-    attn = make()
+    attn = fma_layer()
     q, k, v = qkv(50, batch=3)
     mask = torch.ones(3, 50, dtype=torch.bool)
     mask[1, 40:] = False
@@ -360,4 +364,4 @@ def test_padding_mask_is_not_materialised_per_sequence_and_head(monkeypatch):
 
 
 def test_extra_repr_names_the_sink_tokens():
-    assert "sink_tokens=3" in repr(make(sink_tokens=3))
+    assert "sink_tokens=3" in repr(fma_layer(sink_tokens=3))

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from fma_helpers import F64, decode, decode_batch, make, qkv
+from helpers.fma import F64, decode, decode_batch, fma_layer, qkv
 
 from fmt_hf.model.fma_partition import num_levels
 
@@ -15,7 +15,7 @@ STATE_OPTIONS = list(
 
 @pytest.mark.parametrize("query_mode,downsample,boundary", STATE_OPTIONS)
 def test_decoding_equals_full_forward(query_mode, downsample, boundary):
-    attn = make(query_mode=query_mode, downsample=downsample, boundary=boundary, max_seq_len=96).eval()
+    attn = fma_layer(query_mode=query_mode, downsample=downsample, boundary=boundary, max_seq_len=96).eval()
     q, k, v = qkv(77, batch=1)
     full = attn(q, k, v)[0]
     for prompt, chunks in ((0, [1]), (13, [1, 3]), (32, [7, 1, 16]), (50, [1]), (16, [2])):
@@ -26,14 +26,14 @@ def test_decoding_equals_full_forward(query_mode, downsample, boundary):
 
 @pytest.mark.parametrize("query_mode", ["fine", "coarse"])
 def test_decoding_without_coarse_levels(query_mode):
-    attn = make(query_mode=query_mode, max_seq_len=8).eval()  # n_max = 2m: level 0 only
+    attn = fma_layer(query_mode=query_mode, max_seq_len=8).eval()  # n_max = 2m: level 0 only
     q, k, v = qkv(8, batch=1)
     out, _ = decode(attn, q[0], k[0], v[0], 3, [1])
     torch.testing.assert_close(out, attn(q, k, v)[0, :, 3:], rtol=0, atol=1e-12)
 
 
 def test_chunked_prefill_state_equals_one_shot():
-    attn = make(max_seq_len=96).eval()
+    attn = fma_layer(max_seq_len=96).eval()
     q, k, v = qkv(70, batch=1)
     one_shot = attn.decoder.init_state(4, 2, F64)
     attn.decoder.prefill(one_shot, q, k, v)
@@ -49,7 +49,7 @@ def test_chunked_prefill_state_equals_one_shot():
 def test_decoding_with_sink_tokens_equals_full_forward(query_mode, downsample, sink_tokens):
     """§3a through prefill, chunks and single steps, from prompts shorter than s too (the steps fill the sink
     tokens), with holes, one of them a sink token."""
-    attn = make(query_mode=query_mode, downsample=downsample, max_seq_len=96, sink_tokens=sink_tokens).eval()
+    attn = fma_layer(query_mode=query_mode, downsample=downsample, max_seq_len=96, sink_tokens=sink_tokens).eval()
     q, k, v = qkv(77, batch=1)
     valid = torch.ones(77, dtype=torch.bool)
     valid[[0, 30, 40, 41, 76]] = False
@@ -65,7 +65,7 @@ def test_decoding_with_sink_tokens_equals_full_forward(query_mode, downsample, s
 
 def test_decoding_with_sink_tokens_without_a_length_cap():
     """Sink tokens in a length-free layer whose state adds levels as it goes (§7a)."""
-    attn = make(downsample="recursive", max_seq_len=None, sink_tokens=3).eval()
+    attn = fma_layer(downsample="recursive", max_seq_len=None, sink_tokens=3).eval()
     q, k, v = qkv(150, batch=1)
     full = attn(q, k, v)[0]
     for prompt, chunks in ((0, [1]), (1, [5, 1]), (70, [1])):
@@ -80,7 +80,7 @@ def test_decoding_with_sink_tokens_without_a_length_cap():
 def test_batched_steps_with_sink_tokens_equal_rows_alone(query_mode, downsample):
     """Rows at different positions, some still filling their sink tokens in the batched steps, some with holes
     (one a sink token), each equal to its full forward (§3a)."""
-    attn = make(query_mode=query_mode, downsample=downsample, max_seq_len=96, sink_tokens=3).eval()
+    attn = fma_layer(query_mode=query_mode, downsample=downsample, max_seq_len=96, sink_tokens=3).eval()
     q, k, v = qkv(60, batch=4)
     valid = torch.ones(4, 60, dtype=torch.bool)
     valid[1, [2, 15, 40]] = False
@@ -96,7 +96,7 @@ def test_batched_steps_with_sink_tokens_equal_rows_alone(query_mode, downsample)
 
 
 def test_chunked_prefill_with_sink_tokens_equals_one_shot():
-    attn = make(max_seq_len=96, sink_tokens=3).eval()
+    attn = fma_layer(max_seq_len=96, sink_tokens=3).eval()
     q, k, v = qkv(70, batch=1)
     one_shot = attn.decoder.init_state(4, 2, F64)
     attn.decoder.prefill(one_shot, q, k, v)
@@ -107,14 +107,14 @@ def test_chunked_prefill_with_sink_tokens_equals_one_shot():
 
 def test_decoding_needs_causal_attention():
     with pytest.raises(ValueError, match="causal"):
-        make(causal=False).decoder.init_state(4, 2, F64)
+        fma_layer(causal=False).decoder.init_state(4, 2, F64)
 
 
 @pytest.mark.parametrize("query_mode,boundary", [("fine", "mask"), ("coarse", "mask"), ("fine", "zero_sink")])
 def test_decoding_with_holes_equals_the_masked_forward(query_mode, boundary):
     """Masked tokens (holes) are positions left out of every level: the state gives what ``forward`` gives with
     the same ``key_padding_mask``, through prefill, chunks and single steps."""
-    attn = make(query_mode=query_mode, boundary=boundary, max_seq_len=96).eval()
+    attn = fma_layer(query_mode=query_mode, boundary=boundary, max_seq_len=96).eval()
     q, k, v = qkv(77, batch=1)
     valid = torch.ones(77, dtype=torch.bool)
     valid[[2, 5, 6, 30, 76]] = False
@@ -128,7 +128,7 @@ def test_decoding_with_holes_equals_the_masked_forward(query_mode, boundary):
 def test_derived_levels_grow_with_the_length():
     """Families whose levels derive from each other (§7a) hold the levels the next query reads, L(t+1), and
     gain one each time the length doubles: 4m + 6pL vectors, within the 4m + 8pL bound."""
-    attn = make(downsample="avgpool", max_seq_len=4096, block_size=4, coarse_tokens=2).eval()
+    attn = fma_layer(downsample="avgpool", max_seq_len=4096, block_size=4, coarse_tokens=2).eval()
     q, k, v = qkv(300, batch=1)
     state = attn.decoder.init_state(4, 2, F64)
     assert state.num_levels == 0
@@ -143,7 +143,7 @@ def test_derived_levels_grow_with_the_length():
 def test_decoding_without_a_length_cap_equals_full_forward(query_mode, downsample):
     """A length-free layer (max_seq_len=None, §7a) decodes exactly across every level its state adds, through
     prefill, chunks and single steps, with holes too."""
-    attn = make(query_mode=query_mode, downsample=downsample, max_seq_len=None).eval()
+    attn = fma_layer(query_mode=query_mode, downsample=downsample, max_seq_len=None).eval()
     q, k, v = qkv(150, batch=1)  # m = 4: levels are added at t = 8, 16, 32, 64, 128
     valid = torch.ones(150, dtype=torch.bool)
     valid[[3, 70, 71, 140]] = False
@@ -157,14 +157,14 @@ def test_decoding_without_a_length_cap_equals_full_forward(query_mode, downsampl
 
 def test_zero_sink_decoding_without_a_length_cap_is_refused_clearly():
     with pytest.raises(ValueError, match="zero_sink"):
-        make(downsample="recursive", boundary="zero_sink", max_seq_len=None).decoder.init_state(4, 2, F64)
+        fma_layer(downsample="recursive", boundary="zero_sink", max_seq_len=None).decoder.init_state(4, 2, F64)
 
 
 @pytest.mark.parametrize("query_mode,downsample,boundary", STATE_OPTIONS)
 def test_batched_steps_equal_rows_alone(query_mode, downsample, boundary):
     """One batched step per token for rows at different positions (as left padding makes them) equals each row's
     full forward: rows complete blocks and groups at different steps, and some have holes."""
-    attn = make(query_mode=query_mode, downsample=downsample, boundary=boundary, max_seq_len=96).eval()
+    attn = fma_layer(query_mode=query_mode, downsample=downsample, boundary=boundary, max_seq_len=96).eval()
     q, k, v = qkv(77, batch=4)
     valid = torch.ones(4, 77, dtype=torch.bool)
     valid[1, [2, 15, 40, 41, 60]] = False
@@ -181,7 +181,7 @@ def test_batched_steps_equal_rows_alone(query_mode, downsample, boundary):
 def test_batched_steps_with_levels_that_grow_per_row(query_mode, downsample):
     """Length-free layers (§7a): rows gain levels at different steps; the batch holds the most any row holds and
     each row's own count, and every row equals its full forward."""
-    attn = make(query_mode=query_mode, downsample=downsample, max_seq_len=None).eval()
+    attn = fma_layer(query_mode=query_mode, downsample=downsample, max_seq_len=None).eval()
     q, k, v = qkv(150, batch=3)  # m = 4: levels are added at t = 8, 16, 32, 64, 128
     prompts = [0, 5, 70]
     outs, state = decode_batch(attn, q, k, v, prompts)
@@ -202,7 +202,7 @@ def test_batched_derived_steps_update_levels_without_splitting_rows(query_mode, 
     """Derived families (§7a): rows that complete fine blocks, groups and new levels at different steps (some at the
     same step) update their levels in one batched pass per step -- the state is never split into rows -- and every
     row equals decoding it alone, outputs and state."""
-    attn = make(query_mode=query_mode, downsample=downsample, max_seq_len=None).eval()
+    attn = fma_layer(query_mode=query_mode, downsample=downsample, max_seq_len=None).eval()
     q, k, v = qkv(150, batch=4)  # m = 4: levels are added at t = 8, 16, 32, 64, 128
     valid = torch.ones(4, 150, dtype=torch.bool)
     valid[2, [9, 40, 41, 100]] = False

@@ -5,8 +5,8 @@ import itertools
 
 import pytest
 import torch
-from fma_helpers import F64, D, make, qkv
-from fma_reference import downsample as reference_downsample
+from helpers.fma import F64, D, fma_layer, qkv
+from helpers.reference import downsample as reference_downsample
 
 from fmt_hf.model.fma_attention import FastMultipoleAttention
 from fmt_hf.model.fma_downsample import AvgPoolDownsample, RecursiveDownsample
@@ -14,7 +14,7 @@ from fmt_hf.model.fma_downsample import AvgPoolDownsample, RecursiveDownsample
 
 @pytest.mark.parametrize("downsample", ["depthwise", "full", "avgpool", "recursive"])
 def test_downsampler_gradcheck(downsample):
-    attn = make(downsample=downsample, max_seq_len=16, block_size=2, coarse_tokens=1, head_dim=2)
+    attn = fma_layer(downsample=downsample, max_seq_len=16, block_size=2, coarse_tokens=1, head_dim=2)
     x = torch.randn(1, 1, 16, 2, dtype=F64, requires_grad=True)
     params = list(attn.k_downsample.parameters())
     assert torch.autograd.gradcheck(
@@ -42,9 +42,9 @@ def test_recursive_gradcheck_through_four_levels():
 
 def test_average_init_equals_avgpool():
     """Learned downsamplers start as sub-window means (§2)."""
-    avg = make(perturb=False, downsample="avgpool")
+    avg = fma_layer(perturb=False, downsample="avgpool")
     for family in ("depthwise", "full", "recursive"):
-        learned = make(perturb=False, downsample=family)
+        learned = fma_layer(perturb=False, downsample=family)
         q, k, v = qkv(64)
         torch.testing.assert_close(learned(q, k, v), avg(q, k, v), rtol=0, atol=1e-13)
 
@@ -56,7 +56,7 @@ def test_untrained_recursive_equals_avgpool_at_any_length(causal, query_mode, bl
     """§7a: U averages children summaries 2r and 2r + 1, so every level of an untrained recursive layer is the
     sub-window mean -- at lengths that are no power of two and need up to 6 levels."""
     options = dict(perturb=False, causal=causal, query_mode=query_mode, block_size=block_size, max_seq_len=None)
-    recursive, avg = make(downsample="recursive", **options), make(downsample="avgpool", **options)
+    recursive, avg = fma_layer(downsample="recursive", **options), fma_layer(downsample="avgpool", **options)
     for n in (37, 100, 129, 300):
         q, k, v = qkv(n, batch=1)
         torch.testing.assert_close(recursive(q, k, v), avg(q, k, v), rtol=0, atol=1e-13)

@@ -4,8 +4,8 @@ reads, are checked by expanding them the way the kernel does."""
 
 import pytest
 import torch
-from fma_helpers import make, qkv
-from fma_reference import multiplicity, reference_fma
+from helpers.fma import fma_layer, qkv
+from helpers.reference import multiplicity, reference_fma
 
 import fmt_hf.model.fma_attention as fma_attention
 import fmt_hf.model.fma_flex as fma_flex
@@ -30,7 +30,7 @@ def both_paths(attn, q, k, v, key_padding_mask=None):
 @pytest.mark.parametrize("downsample", ["depthwise", "full", "recursive", "avgpool"])
 def test_flex_equals_reference_and_gather(causal, downsample):
     """float64, grouped-query heads, lengths that are no power of two (L = 3 and 5 levels at m = 8)."""
-    attn = make(
+    attn = fma_layer(
         causal=causal,
         downsample=downsample,
         block_size=8,
@@ -48,7 +48,7 @@ def test_flex_equals_reference_and_gather(causal, downsample):
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_flex_equals_gather_at_a_longer_length(causal):
-    attn = make(causal=causal, downsample="recursive", block_size=16, coarse_tokens=4, max_seq_len=None)
+    attn = fma_layer(causal=causal, downsample="recursive", block_size=16, coarse_tokens=4, max_seq_len=None)
     q, k, v = qkv(700, batch=2, heads=4, kv_heads=1)  # multi-query: one key/value head for four query heads
     flex, gather = both_paths(attn, q, k, v)
     torch.testing.assert_close(flex, gather, rtol=0, atol=1e-13)
@@ -60,7 +60,7 @@ def test_flex_equals_gather_at_a_longer_length(causal):
 def test_flex_for_other_block_sizes(block_size, coarse_tokens, scale_attn):
     """m not a power of two, p = m (one summary per token), no offsets (no score_mod), p = 1."""
     for causal in (True, False):
-        attn = make(
+        attn = fma_layer(
             causal=causal,
             block_size=block_size,
             coarse_tokens=coarse_tokens,
@@ -78,7 +78,7 @@ def test_flex_for_other_block_sizes(block_size, coarse_tokens, scale_attn):
 def test_flex_without_coarse_levels(n):
     """n <= 2m: the fine level alone (dense causal attention; the bidirectional band covers everything)."""
     for causal in (True, False):
-        attn = make(causal=causal, block_size=8)
+        attn = fma_layer(causal=causal, block_size=8)
         q, k, v = qkv(n)
         flex, gather = both_paths(attn, q, k, v)
         torch.testing.assert_close(flex, gather, rtol=0, atol=1e-13)
@@ -86,7 +86,7 @@ def test_flex_without_coarse_levels(n):
 
 @pytest.mark.parametrize("causal", [True, False])
 def test_flex_key_padding(causal):
-    attn = make(causal=causal, block_size=8, coarse_tokens=2, max_seq_len=256)
+    attn = fma_layer(causal=causal, block_size=8, coarse_tokens=2, max_seq_len=256)
     q, k, v = qkv(150, batch=3)
     mask = torch.ones(3, 150, dtype=torch.bool)
     mask[0, 90:] = False
@@ -108,7 +108,7 @@ def test_flex_key_padding(causal):
 def test_flex_with_sink_tokens(causal, sink_tokens):
     """§3a: the sinks are extra fine keys of blocks >= 2, and summaries of sinks only are masked (s = m = 8 makes
     whole level-1 summaries of sinks only); with and without a key padding mask (a padded sink included)."""
-    attn = make(
+    attn = fma_layer(
         causal=causal, downsample="recursive", block_size=8, coarse_tokens=2, max_seq_len=None, sink_tokens=sink_tokens
     )
     q, k, v = qkv(150, batch=2)
@@ -133,7 +133,7 @@ def test_flex_with_sink_tokens(causal, sink_tokens):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_flex_keeps_low_precision_inputs(dtype, monkeypatch):
     """No upcast on the flex path: FlexAttention gets the input dtype (and keeps its softmax in float32)."""
-    attn = make(block_size=8, coarse_tokens=2, max_seq_len=256).to(dtype)
+    attn = fma_layer(block_size=8, coarse_tokens=2, max_seq_len=256).to(dtype)
     q, k, v = qkv(100, dtype=dtype)
     seen = []
     original = fma_flex.flex_attention
@@ -409,7 +409,7 @@ def test_compiled_kernel_reads_the_block_lists(monkeypatch):
     padding = torch.ones(2, 300, dtype=torch.bool)
     padding[1, 230:] = False
     for causal, key_padding_mask in ((True, None), (False, padding)):
-        attn = make(causal=causal, block_size=16, coarse_tokens=4, max_seq_len=512).float()
+        attn = fma_layer(causal=causal, block_size=16, coarse_tokens=4, max_seq_len=512).float()
         flex, gather = both_paths(attn, q, k, v, key_padding_mask)
         rows = padding if key_padding_mask is not None else torch.ones_like(padding)
         torch.testing.assert_close(flex.transpose(1, 2)[rows], gather.transpose(1, 2)[rows], rtol=0, atol=1e-5)

@@ -4,8 +4,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from fma_helpers import F64, make, qkv, with_identity_pooling
-from fma_reference import multiplicity
+from helpers.fma import F64, fma_layer, qkv, with_identity_pooling
+from helpers.reference import multiplicity
 
 from fmt_hf.model.fma_partition import PLANS, PlanCache, num_levels
 
@@ -24,7 +24,7 @@ def test_coverage_multiplicity_is_one(causal, sink_tokens):
 def test_kernel_coverage_through_one_hot_values(causal):
     """The optimised kernel's own partition: uniform logits and one-hot values expose each key's weight."""
     n = 37 if causal else 48  # bidirectional: whole widest groups, so no zero-padded slot joins a softmax
-    attn = with_identity_pooling(make(perturb=False, causal=causal, head_dim=n, max_seq_len=64))
+    attn = with_identity_pooling(fma_layer(perturb=False, causal=causal, head_dim=n, max_seq_len=64))
     q = torch.zeros(1, 1, n, n, dtype=F64)
     v = torch.eye(n, dtype=F64)[None, None]
     weights = attn(q, torch.zeros_like(v), v)[0, 0]  # row i: the weight of each key j
@@ -42,7 +42,7 @@ def test_kernel_coverage_with_sink_tokens(causal, sink_tokens):
     share (multiplicity 1) and every other key none."""
     n = 61 if causal else 48
     attn = with_identity_pooling(
-        make(perturb=False, causal=causal, head_dim=n, max_seq_len=64, sink_tokens=sink_tokens)
+        fma_layer(perturb=False, causal=causal, head_dim=n, max_seq_len=64, sink_tokens=sink_tokens)
     )
     q = torch.zeros(1, 1, n, n, dtype=F64)
     v = torch.eye(n, dtype=F64)[None, None]
@@ -61,17 +61,17 @@ def test_num_levels(n, expected):
 def test_layers_share_one_plan_cache():
     """Plans depend only on the partition and the shape: two layers (or models) with the same settings read one
     copy, not one each."""
-    first, second = make(max_seq_len=64), make(max_seq_len=64, seed=1)
+    first, second = fma_layer(max_seq_len=64), fma_layer(max_seq_len=64, seed=1)
     plans = [attn.partition.plans(45, (2, 2, 2), torch.device("cpu"), F64) for attn in (first, second)]
     assert plans[0] is plans[1]
-    other = make(max_seq_len=64, scale_attn=False).partition.plans(45, (2, 2, 2), torch.device("cpu"), F64)
+    other = fma_layer(max_seq_len=64, scale_attn=False).partition.plans(45, (2, 2, 2), torch.device("cpu"), F64)
     assert other is not plans[0]
 
 
 def test_capped_and_length_free_layers_do_not_share_plans():
     """The cap is part of the partition (it decides which slots are zero sinks), so it is part of the plan key."""
-    capped = make(max_seq_len=64, boundary="zero_sink", downsample="recursive").partition
-    free = make(max_seq_len=None, boundary="zero_sink", downsample="recursive").partition
+    capped = fma_layer(max_seq_len=64, boundary="zero_sink", downsample="recursive").partition
+    free = fma_layer(max_seq_len=None, boundary="zero_sink", downsample="recursive").partition
     assert free.capacity is None and capped.capacity == 64
     cpu = torch.device("cpu")
     plans = [partition.plans(20, (2, 2), cpu, F64) for partition in (capped, free)]  # 2 levels; the cap has 3
@@ -90,7 +90,7 @@ def test_plan_cache_is_bounded_in_bytes():
 
 def test_one_model_from_several_threads():
     """Threads sharing one layer (and the plan cache) get what each call gets alone."""
-    attn = make(max_seq_len=64)
+    attn = fma_layer(max_seq_len=64)
     inputs = [qkv(n, seed=n) for n in (9, 23, 37, 50, 64, 9, 23, 37)]
     PLANS.clear()
     with ThreadPoolExecutor(max_workers=4) as pool:

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from fma_helpers import F64, decode_batch, make, qkv
+from helpers.fma import F64, decode_batch, fma_layer, qkv
 
 from fmt_hf.model.fma_attention import FastMultipoleAttention
 from fmt_hf.model.fma_partition import num_levels
@@ -23,7 +23,7 @@ def test_state_size_is_the_section_8_bound(sink_tokens):
 
 
 def test_a_batch_state_counts_vectors_per_row():
-    attn = make(max_seq_len=96, sink_tokens=2).eval()
+    attn = fma_layer(max_seq_len=96, sink_tokens=2).eval()
     one, three = (attn.decoder.init_state(4, 2, F64, batch_size=b) for b in (1, 3))
     assert three.batch_size == 3 and three.num_vectors == one.num_vectors == 4 * 4 + 2 * 2 + 8 * 2 * attn.num_levels
     assert three.nbytes == 3 * one.nbytes
@@ -32,7 +32,7 @@ def test_a_batch_state_counts_vectors_per_row():
 def test_select_copies_rows_with_the_levels_they_hold():
     """Rows of a length-free layer hold different numbers of levels (§7a): a selection holds the most its rows
     hold, a copy (beams never share memory), and putting it back restores the state."""
-    attn = make(downsample="recursive", max_seq_len=None).eval()
+    attn = fma_layer(downsample="recursive", max_seq_len=None).eval()
     q, k, v = qkv(40, batch=3)
     _, state = decode_batch(attn, q, k, v, [0, 20, 30])  # lengths 10, 30, 40
     assert state.levels == [num_levels(t + 1, 4) for t in (10, 30, 40)] == [1, 2, 3]
@@ -50,7 +50,7 @@ def test_select_copies_rows_with_the_levels_they_hold():
 
 
 def test_put_grows_the_levels_a_state_holds():
-    attn = make(downsample="avgpool", max_seq_len=None).eval()
+    attn = fma_layer(downsample="avgpool", max_seq_len=None).eval()
     q, k, v = qkv(40, batch=2)
     _, state = decode_batch(attn, q, k, v, [0, 30])  # lengths 10 and 40: 1 and 3 levels
     short = state.select([0])
@@ -62,7 +62,7 @@ def test_put_grows_the_levels_a_state_holds():
 
 
 def test_map_tensors_moves_every_tensor():
-    state = make(query_mode="coarse", max_seq_len=96).decoder.init_state(4, 2, F64, batch_size=2)
+    state = fma_layer(query_mode="coarse", max_seq_len=96).decoder.init_state(4, 2, F64, batch_size=2)
     moved = state.map_tensors(lambda t: t.float() if t.is_floating_point() else t, lengths=[3, 4])
     assert moved.lengths == [3, 4] and state.lengths == [0, 0]
     assert {t.dtype for t in moved.tensors()} == {torch.float32, torch.bool}

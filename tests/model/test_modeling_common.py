@@ -1,11 +1,11 @@
 """transformers' own common model tests (`ModelTesterMixin`, `ConfigTester`, `TrainingTesterMixin`) run on FMT.
 
-Their sources come from the transformers sdist, fetched by `python tests/transformers_common.py` (part of
+Their sources come from the transformers sdist, fetched by `python tests/helpers/transformers_common.py` (part of
 `make test`); deselect with `-m "not download"`.
 """
 
 import pytest
-import transformers_common
+from helpers import transformers_common
 
 from fmt_hf import (
     FMTConfig,

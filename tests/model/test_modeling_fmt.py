@@ -14,6 +14,7 @@ import textwrap
 
 import pytest
 import torch
+from helpers.models import BLOCK, MAX_LEN, random_ids, tiny_config, tiny_fmt, with_attn
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoConfig,
@@ -34,8 +35,6 @@ from fmt_hf import (
 from fmt_hf.model.configuration_fmt import FMT_AUTO_MAP
 from fmt_hf.model.modeling_fmt import FMTRotaryEmbedding
 
-BLOCK = 8  # FMA block size of the tiny models: sequences longer than 2 * BLOCK = 16 use coarse levels
-MAX_LEN = 128  # 3 coarse levels at BLOCK = 8
 CODE_FILES = (
     "configuration_fmt.py",
     "modeling_fmt.py",
@@ -50,41 +49,6 @@ CODE_FILES = (
     "fma_masking.py",
     "auto_fmt.py",
 )
-
-
-def tiny_config(**overrides) -> FMTConfig:
-    kwargs = dict(
-        vocab_size=61,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=MAX_LEN,
-        fma_block_size=BLOCK,
-        fma_coarse_tokens=2,
-        pad_token_id=0,
-        initializer_range=0.2,  # a wide init makes attention patterns (and so errors) visible
-    )
-    kwargs.update(overrides)
-    return FMTConfig(**kwargs)
-
-
-def make(model_class, dtype=torch.float64, seed=0, **overrides):
-    torch.manual_seed(seed)
-    return model_class(tiny_config(**overrides)).to(dtype).eval()
-
-
-def random_ids(batch, length, seed=1, vocab=61):
-    return torch.randint(1, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
-def with_attn(model, implementation):
-    """A second model with the same weights and another attention implementation."""
-    clone = type(model)(model.config.__class__.from_dict(model.config.to_dict()))
-    clone.load_state_dict(model.state_dict())
-    clone.set_attn_implementation(implementation)
-    return clone.to(model.dtype).eval()
 
 
 # ----------------------------------------------------------------------------- Auto classes and checkpoints
@@ -103,7 +67,7 @@ def first_output(model, ids):
 
 @pytest.mark.parametrize("model_class, auto_class", AUTO_CASES, ids=lambda c: c.__name__)
 def test_auto_round_trip(model_class, auto_class, tmp_path):
-    model = make(model_class)
+    model = tiny_fmt(model_class)
     ids = random_ids(2, 40)
     model.save_pretrained(tmp_path)
 
@@ -117,7 +81,7 @@ def test_auto_round_trip(model_class, auto_class, tmp_path):
 
 @pytest.mark.parametrize("model_class", [FMTModel, FMTForCausalLM, FMTForMaskedLM], ids=lambda c: c.__name__)
 def test_checkpoint_carries_code_and_complete_auto_map(model_class, tmp_path):
-    make(model_class).save_pretrained(tmp_path)
+    tiny_fmt(model_class).save_pretrained(tmp_path)
     files = set(os.listdir(tmp_path))
     assert set(CODE_FILES) <= files
     assert "model.safetensors" in files and not any(f.endswith(".bin") for f in files)
@@ -131,7 +95,7 @@ def test_checkpoint_carries_code_and_complete_auto_map(model_class, tmp_path):
 
 
 def test_causal_lm_checkpoint_opens_with_auto_model(tmp_path):
-    clm = make(FMTForCausalLM)
+    clm = tiny_fmt(FMTForCausalLM)
     clm.save_pretrained(tmp_path)
     base = AutoModel.from_pretrained(tmp_path)
     assert type(base) is FMTModel and base.config.is_causal
@@ -140,7 +104,7 @@ def test_causal_lm_checkpoint_opens_with_auto_model(tmp_path):
 
 
 def test_mlm_checkpoint_opens_bidirectional_with_auto_model(tmp_path):
-    mlm = make(FMTForMaskedLM)
+    mlm = tiny_fmt(FMTForMaskedLM)
     mlm.save_pretrained(tmp_path)
     base = AutoModel.from_pretrained(tmp_path)
     assert not base.config.is_causal and not base.layers[0].self_attn.fma.causal
@@ -196,7 +160,7 @@ REMOTE_SCRIPT = textwrap.dedent(
 
 
 def test_remote_code_loads_without_fmt_hf(tmp_path):
-    clm, mlm = make(FMTForCausalLM), make(FMTForMaskedLM, seed=3)
+    clm, mlm = tiny_fmt(FMTForCausalLM), tiny_fmt(FMTForMaskedLM, seed=3)
     ids = random_ids(2, 40)
     clm.save_pretrained(tmp_path / "saved_clm")
     mlm.save_pretrained(tmp_path / "saved_mlm")
@@ -259,7 +223,7 @@ def test_push_to_hub_uploads_weights_code_and_auto_map(tmp_path, monkeypatch):
 
     monkeypatch.setattr(transformers.utils.hub, "hf_api", LocalHub)
     monkeypatch.setattr(huggingface_hub.ModelCard, "load", classmethod(no_remote_card))
-    model = make(FMTForMaskedLM)
+    model = tiny_fmt(FMTForMaskedLM)
     model.push_to_hub("someone/fmt-tiny", commit_message="tiny FMT")
 
     uploaded = hub / "someone" / "fmt-tiny"
@@ -273,7 +237,7 @@ def test_push_to_hub_uploads_weights_code_and_auto_map(tmp_path, monkeypatch):
 
 
 def test_fma_is_the_default_and_dense_is_opt_in(tmp_path):
-    model = make(FMTForCausalLM)
+    model = tiny_fmt(FMTForCausalLM)
     assert model.config._attn_implementation == "fma"
     model.save_pretrained(tmp_path)
     assert "attn_implementation" not in json.loads((tmp_path / "config.json").read_text())
@@ -291,7 +255,7 @@ def test_fma_is_the_default_and_dense_is_opt_in(tmp_path):
 @pytest.mark.parametrize("length", [1, 5, 2 * BLOCK])
 def test_fma_equals_dense_where_exact(model_class, query_mode, length):
     # n <= 2 * block size: no coarse level is needed, FMA is dense attention (fma.md §6).
-    fma = make(model_class, fma_query_mode=query_mode)
+    fma = tiny_fmt(model_class, fma_query_mode=query_mode)
     ids = random_ids(3, length)
     expected = fma(ids).logits
     for implementation in ("sdpa", "eager"):
@@ -299,7 +263,7 @@ def test_fma_equals_dense_where_exact(model_class, query_mode, length):
 
 
 def test_fma_equals_dense_where_exact_with_padding():
-    mlm = make(FMTForMaskedLM)
+    mlm = tiny_fmt(FMTForMaskedLM)
     ids = random_ids(2, 2 * BLOCK)
     mask = torch.ones_like(ids)
     mask[0, 11:] = 0
@@ -311,7 +275,7 @@ def test_fma_equals_dense_where_exact_with_padding():
 
 def test_fma_differs_from_dense_beyond_two_blocks():
     # Guards the test above: longer inputs really go through FMA's coarse levels.
-    clm = make(FMTForCausalLM)
+    clm = tiny_fmt(FMTForCausalLM)
     ids = random_ids(1, 6 * BLOCK)
     assert (clm(ids).logits - with_attn(clm, "sdpa")(ids).logits).abs().max() > 1e-6
 
@@ -319,7 +283,7 @@ def test_fma_differs_from_dense_beyond_two_blocks():
 @pytest.mark.parametrize("query_mode", ["fine", "coarse"])
 @pytest.mark.parametrize("attn", ["fma", "sdpa"])
 def test_causal_lm_is_causal(query_mode, attn):
-    model = make(FMTForCausalLM, fma_query_mode=query_mode)
+    model = tiny_fmt(FMTForCausalLM, fma_query_mode=query_mode)
     if attn != "fma":
         model = with_attn(model, attn)
     length = MAX_LEN
@@ -335,7 +299,7 @@ def test_causal_lm_is_causal(query_mode, attn):
 
 @pytest.mark.parametrize("query_mode", ["fine", "coarse"])
 def test_masked_lm_sees_later_tokens(query_mode):
-    mlm = make(FMTForMaskedLM, fma_query_mode=query_mode)
+    mlm = tiny_fmt(FMTForMaskedLM, fma_query_mode=query_mode)
     ids = random_ids(1, MAX_LEN)
     logits = mlm(ids).logits
     perturbed = ids.clone()
@@ -347,7 +311,7 @@ def test_masked_lm_sees_later_tokens(query_mode):
 @pytest.mark.parametrize("query_mode", ["fine", "coarse"])
 @pytest.mark.parametrize("attn", ["fma", "sdpa"])
 def test_padded_mlm_batch_equals_unpadded_rows(query_mode, attn):
-    mlm = make(FMTForMaskedLM, fma_query_mode=query_mode)
+    mlm = tiny_fmt(FMTForMaskedLM, fma_query_mode=query_mode)
     if attn != "fma":
         mlm = with_attn(mlm, attn)
     lengths = (MAX_LEN, 75, 37, 9)  # mixed numbers of coarse levels; 75 and 37 end inside a group
@@ -362,7 +326,7 @@ def test_padded_mlm_batch_equals_unpadded_rows(query_mode, attn):
 
 def test_padding_mask_changes_fma_outputs():
     # Guards the test above: the mask is honoured, not ignored -- padded keys would otherwise be attended.
-    mlm = make(FMTForMaskedLM)
+    mlm = tiny_fmt(FMTForMaskedLM)
     ids = random_ids(1, 40)
     mask = torch.ones_like(ids)
     mask[0, 30:] = 0
@@ -373,8 +337,8 @@ def test_padding_mask_changes_fma_outputs():
 @pytest.mark.parametrize("kv_heads", [1, 2])
 def test_grouped_query_attention_equals_repeated_heads(model_class, kv_heads):
     # A GQA model is the multi-head model whose K/V projections repeat each KV head for its query group.
-    gqa = make(model_class, num_key_value_heads=kv_heads)
-    mha = make(model_class, num_key_value_heads=4)
+    gqa = tiny_fmt(model_class, num_key_value_heads=kv_heads)
+    mha = tiny_fmt(model_class, num_key_value_heads=4)
     state = gqa.state_dict()
     head_dim, group = gqa.config.head_dim, 4 // kv_heads
     for key, value in list(state.items()):
@@ -388,14 +352,14 @@ def test_grouped_query_attention_equals_repeated_heads(model_class, kv_heads):
 
 @pytest.mark.parametrize("model_class", [FMTForCausalLM, FMTForMaskedLM], ids=lambda c: c.__name__)
 def test_bf16_forward_and_backward(model_class):
-    model = make(model_class, dtype=torch.bfloat16)
+    model = tiny_fmt(model_class, dtype=torch.bfloat16)
     ids = random_ids(2, 6 * BLOCK)
     out = model.train()(ids, labels=ids)
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits).all()
     out.loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     # bf16 costs FMA no more accuracy than it costs dense attention with the same weights.
-    reference = make(model_class, dtype=torch.float32)
+    reference = tiny_fmt(model_class, dtype=torch.float32)
     model.eval()
     fma_error = (model(ids).logits.float() - reference(ids).logits).abs().max()
     dense_error = (with_attn(model, "sdpa")(ids).logits.float() - with_attn(reference, "sdpa")(ids).logits).abs().max()
@@ -428,8 +392,8 @@ def test_dynamic_rope_rescales_as_llama_beyond_max_position_embeddings():
 
 @pytest.mark.parametrize("downsample", ["recursive", "avgpool"])
 def test_length_free_model_with_dynamic_rope_runs_and_generates_past_its_training_length(downsample):
-    dynamic = make(FMTForCausalLM, fma_downsample=downsample, rope_parameters=dict(DYNAMIC_ROPE))
-    default = make(FMTForCausalLM, fma_downsample=downsample)
+    dynamic = tiny_fmt(FMTForCausalLM, fma_downsample=downsample, rope_parameters=dict(DYNAMIC_ROPE))
+    default = tiny_fmt(FMTForCausalLM, fma_downsample=downsample)
     default.load_state_dict(dynamic.state_dict())
     short, long = random_ids(2, MAX_LEN), random_ids(2, 2 * MAX_LEN)
     with torch.no_grad():
@@ -443,26 +407,26 @@ def test_length_free_model_with_dynamic_rope_runs_and_generates_past_its_trainin
 
 
 def test_output_hidden_states():
-    model = make(FMTModel)
+    model = tiny_fmt(FMTModel)
     ids = random_ids(2, 40)
     out = model(ids, output_hidden_states=True)
     assert len(out.hidden_states) == model.config.num_hidden_layers + 1
     assert torch.equal(out.hidden_states[0], model.embed_tokens(ids))
     assert torch.equal(out.hidden_states[-1], out.last_hidden_state)
-    clm_out = make(FMTForCausalLM)(ids, output_hidden_states=True)
+    clm_out = tiny_fmt(FMTForCausalLM)(ids, output_hidden_states=True)
     assert len(clm_out.hidden_states) == 3 and type(clm_out.cache).__name__ == "FMTCache"
-    assert make(FMTForCausalLM)(ids, return_dict=False)[0].shape == (2, 40, 61)
+    assert tiny_fmt(FMTForCausalLM)(ids, return_dict=False)[0].shape == (2, 40, 61)
 
 
 def test_output_attentions_with_eager():
-    model = with_attn(make(FMTForCausalLM), "eager")
+    model = with_attn(tiny_fmt(FMTForCausalLM), "eager")
     out = model(random_ids(2, 20), output_attentions=True)
     assert len(out.attentions) == 2 and out.attentions[0].shape == (2, 4, 20, 20)
 
 
 @pytest.mark.parametrize("model_class", [FMTForCausalLM, FMTForMaskedLM], ids=lambda c: c.__name__)
 def test_activation_checkpointing_gives_same_gradients(model_class):
-    model = make(model_class).train()
+    model = tiny_fmt(model_class).train()
     ids = random_ids(2, 6 * BLOCK)
 
     def gradients():
@@ -489,7 +453,7 @@ TEXT = "the quick brown fox jumps over the lazy dog. " * 3
 def test_tiny_model_overfits_short_text(model_class):
     alphabet = sorted(set(TEXT))
     ids = torch.tensor([[alphabet.index(c) + 1 for c in TEXT[:96]]])
-    model = make(model_class, dtype=torch.float32, vocab_size=len(alphabet) + 2, initializer_range=0.02).train()
+    model = tiny_fmt(model_class, dtype=torch.float32, vocab_size=len(alphabet) + 2, initializer_range=0.02).train()
     if model_class is FMTForMaskedLM:
         mask_id = len(alphabet) + 1
         masked = torch.zeros_like(ids, dtype=torch.bool)
@@ -511,7 +475,7 @@ def test_tiny_model_overfits_short_text(model_class):
 def test_generate_left_padded_batch_matches_single_prompts():
     # Within two blocks FMA is exact, so a left-padded batch must reproduce each prompt generated alone: the
     # padding mask reaches the causal FMA kernel and positions follow the mask.
-    model = make(FMTForCausalLM, eos_token_id=None)
+    model = tiny_fmt(FMTForCausalLM, eos_token_id=None)
     prompts = [random_ids(1, 9, seed=4)[0], random_ids(1, 5, seed=5)[0]]
     ids = torch.zeros(2, 9, dtype=torch.long)
     mask = torch.zeros(2, 9, dtype=torch.long)
@@ -529,13 +493,13 @@ def test_generate_left_padded_batch_matches_single_prompts():
 
 @pytest.mark.parametrize("model_class", [FMTForCausalLM, FMTForMaskedLM], ids=lambda c: c.__name__)
 def test_tied_embeddings(model_class, tmp_path):
-    tied = make(model_class, tie_word_embeddings=True)
+    tied = tiny_fmt(model_class, tie_word_embeddings=True)
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
     tied.save_pretrained(tmp_path)
     loaded = model_class.from_pretrained(tmp_path)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert torch.equal(loaded.lm_head.weight, tied.lm_head.weight)
-    untied = make(model_class)
+    untied = tiny_fmt(model_class)
     assert untied.lm_head.weight is not untied.model.embed_tokens.weight
 
 
@@ -563,7 +527,7 @@ def fma_reference_state(config: FMTConfig) -> dict:
 @pytest.mark.parametrize("downsample", ["depthwise", "full", "recursive"])
 def test_fresh_model_keeps_fma_initialisation(downsample):
     # transformers' generic init draws every Linear/Conv weight from a normal: the downsamplers must not be.
-    model = make(FMTModel, dtype=torch.float32, fma_downsample=downsample)
+    model = tiny_fmt(FMTModel, dtype=torch.float32, fma_downsample=downsample)
     reference = fma_reference_state(model.config)
     assert reference, "the downsamplers hold parameters"
     for layer in model.layers:
@@ -574,7 +538,7 @@ def test_fresh_model_keeps_fma_initialisation(downsample):
 
 def test_missing_downsamplers_and_buffers_are_initialised_on_load(tmp_path):
     # E.g. a dense (Llama) checkpoint: downsamplers start with FMA's own init, rotary buffers are recomputed.
-    trained = make(FMTForCausalLM, dtype=torch.float32)
+    trained = tiny_fmt(FMTForCausalLM, dtype=torch.float32)
     with torch.no_grad():
         for name, parameter in trained.named_parameters():
             if "downsample" in name:
@@ -594,7 +558,7 @@ def test_missing_downsamplers_and_buffers_are_initialised_on_load(tmp_path):
 
 
 def test_device_map_with_disk_offload(tmp_path):
-    model = make(FMTForCausalLM, dtype=torch.float32)
+    model = tiny_fmt(FMTForCausalLM, dtype=torch.float32)
     ids = random_ids(2, 40)
     model.save_pretrained(tmp_path / "model")
     offloaded = FMTForCausalLM.from_pretrained(
@@ -612,7 +576,7 @@ def test_device_map_with_disk_offload(tmp_path):
     [("depthwise", "mask"), ("full", "mask"), ("avgpool", "zero_sink"), ("recursive", "zero_sink")],
 )
 def test_too_long_input_raises_under_fma_with_a_capped_hierarchy(downsample, boundary):
-    model = make(FMTForCausalLM, fma_downsample=downsample, fma_boundary=boundary)
+    model = tiny_fmt(FMTForCausalLM, fma_downsample=downsample, fma_boundary=boundary)
     assert model.max_sequence_length == MAX_LEN
     with pytest.raises(ValueError, match=r'exceeds max_position_embeddings \(128\).*fma_downsample="recursive"'):
         model(random_ids(1, MAX_LEN + 1))
@@ -624,7 +588,7 @@ def test_too_long_input_raises_under_fma_with_a_capped_hierarchy(downsample, bou
 def test_dense_attention_has_no_length_cap():
     """As transformers' Llama: rotary embeddings take any position, so the dense implementations run past
     max_position_embeddings (only FMA's per-level hierarchy is built for a length)."""
-    model = with_attn(make(FMTForCausalLM), "sdpa")
+    model = with_attn(tiny_fmt(FMTForCausalLM), "sdpa")
     assert model.max_sequence_length is None
     assert model(random_ids(1, MAX_LEN + 5)).logits.shape == (1, MAX_LEN + 5, 61)
 
@@ -633,7 +597,7 @@ def test_dense_attention_has_no_length_cap():
 def test_recursive_model_runs_at_four_times_its_training_length_and_reloads(model_class, tmp_path):
     """fma_downsample="recursive" has no length cap (docs/fma.md §7a): a model built for 64 tokens runs at 256, and
     so does its checkpoint; the parameter count does not depend on max_position_embeddings."""
-    model = make(model_class, fma_downsample="recursive", max_position_embeddings=64)
+    model = tiny_fmt(model_class, fma_downsample="recursive", max_position_embeddings=64)
     with torch.no_grad():  # move the downsamplers off their average init so a reload has weights to keep
         for name, parameter in model.named_parameters():
             if "downsample" in name:
@@ -641,7 +605,7 @@ def test_recursive_model_runs_at_four_times_its_training_length_and_reloads(mode
     assert model.max_sequence_length is None and model.model.layers[0].self_attn.fma.max_seq_len is None
     assert (
         model.num_parameters()
-        == make(model_class, fma_downsample="recursive", max_position_embeddings=8192).num_parameters()
+        == tiny_fmt(model_class, fma_downsample="recursive", max_position_embeddings=8192).num_parameters()
     )
     options = {"use_cache": False} if model.config.is_causal else {}
     ids = random_ids(2, 4 * 64)  # 4 coarse levels at block 8; 2 at the training length
@@ -657,7 +621,7 @@ def test_recursive_model_runs_at_four_times_its_training_length_and_reloads(mode
 
 
 def test_input_errors():
-    model = make(FMTForCausalLM)
+    model = tiny_fmt(FMTForCausalLM)
     ids = random_ids(2, 20)
     with pytest.raises(ValueError, match="exactly one of input_ids or inputs_embeds"):
         model()
@@ -676,15 +640,15 @@ def test_input_errors():
 
 
 def test_dense_implementations_honour_per_call_causality():
-    model = with_attn(make(FMTModel), "sdpa")
+    model = with_attn(tiny_fmt(FMTModel), "sdpa")
     ids = random_ids(1, 20)
     bidirectional = model(ids, is_causal=False).last_hidden_state
-    reference = with_attn(make(FMTModel, is_causal=False), "sdpa")(ids).last_hidden_state
+    reference = with_attn(tiny_fmt(FMTModel, is_causal=False), "sdpa")(ids).last_hidden_state
     torch.testing.assert_close(bidirectional, reference, rtol=0, atol=1e-12)
     assert model.config.is_causal  # restored after the call
 
 
 def test_inputs_embeds_equal_input_ids():
-    model = make(FMTForCausalLM)
+    model = tiny_fmt(FMTForCausalLM)
     ids = random_ids(2, 40)
     assert torch.equal(model(inputs_embeds=model.model.embed_tokens(ids)).logits, model(ids).logits)

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from test_modeling_fmt import MAX_LEN, make, random_ids, tiny_config, with_attn
+from helpers.models import MAX_LEN, random_ids, tiny_config, tiny_fmt, with_attn
 from transformers import (
     AutoModelForQuestionAnswering,
     AutoModelForSequenceClassification,
@@ -41,7 +41,7 @@ def head_output(model, ids, **kwargs):
 
 @pytest.mark.parametrize("model_class, auto_class", HEADS, ids=lambda c: c.__name__)
 def test_auto_round_trip(model_class, auto_class, tmp_path):
-    model = make(model_class, num_labels=3)
+    model = tiny_fmt(model_class, num_labels=3)
     model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"] == FMT_AUTO_MAP and config["architectures"] == [model_class.__name__]
@@ -56,7 +56,7 @@ def test_auto_round_trip(model_class, auto_class, tmp_path):
 @pytest.mark.parametrize("lm_class", [FMTForCausalLM, FMTForMaskedLM], ids=lambda c: c.__name__)
 def test_language_model_checkpoint_becomes_a_classifier(lm_class, tmp_path):
     # The fine-tuning start: the stack's weights come from the LM, the head is new, the attention mode is kept.
-    lm = make(lm_class)
+    lm = tiny_fmt(lm_class)
     lm.save_pretrained(tmp_path)
     classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path, num_labels=4, dtype=torch.float64)
     assert classifier.config.is_causal == (lm_class is FMTForCausalLM)
@@ -80,7 +80,7 @@ def padded(rows, lengths, side):
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("attn", ["fma", "sdpa"])
 def test_sequence_classification_of_a_padded_batch_equals_rows_alone(is_causal, side, attn):
-    model = make(FMTForSequenceClassification, is_causal=is_causal, num_labels=3)
+    model = tiny_fmt(FMTForSequenceClassification, is_causal=is_causal, num_labels=3)
     if attn != "fma":
         model = with_attn(model, attn)
     lengths = (MAX_LEN, 75, 37, 9)  # mixed numbers of FMA levels
@@ -100,11 +100,11 @@ def test_sequence_classification_of_a_padded_batch_equals_rows_alone(is_causal, 
 
 def test_sequence_classification_pooling_follows_the_attention_mode():
     ids = random_ids(2, 40)
-    causal = make(FMTForSequenceClassification, num_labels=3)
+    causal = tiny_fmt(FMTForSequenceClassification, num_labels=3)
     hidden = causal.model(ids).last_hidden_state
     torch.testing.assert_close(causal(ids).logits, causal.score(hidden[:, -1]), rtol=0, atol=1e-12)
 
-    bidirectional = make(FMTForSequenceClassification, is_causal=False, num_labels=3)
+    bidirectional = tiny_fmt(FMTForSequenceClassification, is_causal=False, num_labels=3)
     hidden = bidirectional.model(ids).last_hidden_state
     torch.testing.assert_close(bidirectional(ids).logits, bidirectional.score(hidden.mean(1)), rtol=0, atol=1e-12)
     # Without an attention mask, pad tokens are left out of the mean.
@@ -116,7 +116,7 @@ def test_sequence_classification_pooling_follows_the_attention_mode():
 
 @pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "bidirectional"])
 def test_sequence_classification_loss_and_problem_types(is_causal):
-    model = make(FMTForSequenceClassification, dtype=torch.float32, is_causal=is_causal, num_labels=3)
+    model = tiny_fmt(FMTForSequenceClassification, dtype=torch.float32, is_causal=is_causal, num_labels=3)
     ids = random_ids(2, 40)
     out = model(ids, labels=torch.tensor([0, 2]))
     torch.testing.assert_close(out.loss, torch.nn.functional.cross_entropy(out.logits, torch.tensor([0, 2])))
@@ -124,7 +124,7 @@ def test_sequence_classification_loss_and_problem_types(is_causal):
     assert model.score.weight.grad.abs().sum() > 0
     assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
 
-    regression = make(FMTForSequenceClassification, dtype=torch.float32, is_causal=is_causal, num_labels=1)
+    regression = tiny_fmt(FMTForSequenceClassification, dtype=torch.float32, is_causal=is_causal, num_labels=1)
     targets = torch.tensor([0.5, -1.0])
     out = regression(ids, labels=targets)
     torch.testing.assert_close(out.loss, torch.nn.functional.mse_loss(out.logits.squeeze(-1), targets))
@@ -133,13 +133,13 @@ def test_sequence_classification_loss_and_problem_types(is_causal):
 @pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "bidirectional"])
 def test_token_classification_and_question_answering(is_causal):
     ids = random_ids(2, 40)
-    tagger = make(FMTForTokenClassification, dtype=torch.float32, is_causal=is_causal, num_labels=5)
+    tagger = tiny_fmt(FMTForTokenClassification, dtype=torch.float32, is_causal=is_causal, num_labels=5)
     labels = torch.randint(0, 5, (2, 40))
     labels[0, :3] = -100
     out = tagger(ids, labels=labels)
     assert out.logits.shape == (2, 40, 5) and out.loss > 0
 
-    reader = make(FMTForQuestionAnswering, dtype=torch.float32, is_causal=is_causal)
+    reader = tiny_fmt(FMTForQuestionAnswering, dtype=torch.float32, is_causal=is_causal)
     out = reader(ids, start_positions=torch.tensor([3, 7]), end_positions=torch.tensor([5, 30]))
     assert out.start_logits.shape == out.end_logits.shape == (2, 40) and out.loss > 0
     # A bidirectional reader's start logit at position 0 depends on the end of the context; a causal one's not.
@@ -159,12 +159,12 @@ def test_classifier_without_labels_is_refused(model_class, num_labels):
 
 
 def test_causal_classifier_without_pad_token_takes_single_sequences_only():
-    model = make(FMTForSequenceClassification, pad_token_id=None, num_labels=2)
+    model = tiny_fmt(FMTForSequenceClassification, pad_token_id=None, num_labels=2)
     assert model(random_ids(1, 20)).logits.shape == (1, 2)
     with pytest.raises(ValueError, match=r"finds by `pad_token_id`; the config has none.*Set `config.pad_token_id`"):
         model(random_ids(2, 20))
     # A bidirectional classifier pools by attention_mask and needs no pad token.
-    bidirectional = make(FMTForSequenceClassification, pad_token_id=None, is_causal=False, num_labels=2)
+    bidirectional = tiny_fmt(FMTForSequenceClassification, pad_token_id=None, is_causal=False, num_labels=2)
     assert bidirectional(random_ids(2, 20)).logits.shape == (2, 2)
 
 
@@ -193,7 +193,7 @@ REMOTE_HEADS_SCRIPT = textwrap.dedent(
 
 
 def test_heads_load_as_hub_code_without_fmt_hf(tmp_path):
-    mlm = make(FMTForMaskedLM, dtype=torch.float32)
+    mlm = tiny_fmt(FMTForMaskedLM, dtype=torch.float32)
     mlm.save_pretrained(tmp_path / "saved")
     shutil.copytree(tmp_path / "saved", tmp_path / "hub")
     ids = random_ids(2, 40)

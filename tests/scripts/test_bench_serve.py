@@ -2,7 +2,7 @@
 statistics and the table (the servers themselves are tests/toolkit/test_serve.py's)."""
 
 import pytest
-from lm_helpers import script
+from helpers.lm import script
 
 from benchmarks.serving import ServeBenchmarkArguments, format_table, percentile
 

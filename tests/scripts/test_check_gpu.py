@@ -4,7 +4,7 @@ writes a row per length and implementation, and its exactness rows measure what 
 import json
 
 import pytest
-from lm_helpers import script
+from helpers.lm import script
 
 from benchmarks.gpu_check import target
 from benchmarks.gpu_check_measure import CheckConfig, check_exactness

@@ -8,7 +8,7 @@ import re
 import shlex
 
 import pytest
-from lm_helpers import REPO, script
+from helpers.lm import REPO, script
 
 SCRIPTS = sorted(path.stem for path in (REPO / "scripts").glob("*.py"))
 

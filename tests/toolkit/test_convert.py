@@ -12,16 +12,16 @@ import textwrap
 
 import pytest
 import torch
+from helpers.lm import script
+from helpers.models import random_byte_ids, tiny_byte_llama
 from huggingface_hub.errors import StrictDataclassError
-from lm_helpers import script
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import fmt_hf
 from fmt_hf import FMTForCausalLM, convert_llama_to_fmt
 from fmt_hf.toolkit.tokenizer import byte_tokenizer
 
 BLOCK = 8  # fma_block_size of the conversions: FMA is exact up to 16 tokens
-VOCAB = 259  # the byte tokenizer's, so that the script test can save one
 LLAMA3 = {
     "rope_type": "llama3",
     "rope_theta": 5e5,
@@ -54,23 +54,10 @@ SOURCES = {
 }
 
 
-def tiny_llama(seed=0, **overrides) -> LlamaForCausalLM:
+def random_float64_llama(seed=0, **overrides) -> LlamaForCausalLM:
     """A float64 Llama with every weight random (biases and norms too, so that none is trivially 0 or 1)."""
-    kwargs = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=256,
-        bos_token_id=257,
-        eos_token_id=257,
-    )
-    kwargs.update(overrides)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(LlamaConfig(**kwargs)).to(torch.float64).eval()
+    sizes = dict(intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = tiny_byte_llama(seed, **{**sizes, **overrides}).to(torch.float64)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             parameter.copy_(torch.randn_like(parameter) * 0.3 + (1.0 if "norm" in name else 0.0))
@@ -79,10 +66,6 @@ def tiny_llama(seed=0, **overrides) -> LlamaForCausalLM:
 
 def convert(llama, **options) -> FMTForCausalLM:
     return convert_llama_to_fmt(llama, fma_block_size=BLOCK, fma_coarse_tokens=2, **options)
-
-
-def random_ids(batch, length, seed=1):
-    return torch.randint(0, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
 def logits(model, ids, **kwargs):
@@ -95,13 +78,13 @@ def logits(model, ids, **kwargs):
 
 @pytest.mark.parametrize("source", SOURCES.values(), ids=SOURCES.keys())
 def test_logits_equal_the_source_where_fma_is_exact(source):
-    llama = tiny_llama(**source)
+    llama = random_float64_llama(**source)
     fmt = convert(llama)
     assert fmt.dtype == torch.float64 and fmt.config._attn_implementation == "fma"
     assert fmt.config.tie_word_embeddings == llama.config.tie_word_embeddings
     assert (fmt.lm_head.weight is fmt.model.embed_tokens.weight) == llama.config.tie_word_embeddings
     for length in (1, 13, 2 * BLOCK):
-        ids = random_ids(2, length)
+        ids = random_byte_ids(2, length)
         torch.testing.assert_close(logits(fmt, ids), logits(llama, ids), rtol=0, atol=1e-10)
 
 
@@ -109,16 +92,16 @@ def test_logits_equal_the_source_where_fma_is_exact(source):
 def test_dense_attention_equals_the_source_at_every_length(source):
     # The same weights with dense attention: every projection, bias and rotary angle is the source's, also at
     # positions far beyond the rope scaling's original_max_position_embeddings.
-    llama = tiny_llama(**source)
+    llama = random_float64_llama(**source)
     fmt = convert(llama)
     fmt.set_attn_implementation("eager")
-    ids = random_ids(2, 61)
+    ids = random_byte_ids(2, 61)
     torch.testing.assert_close(logits(fmt, ids), logits(llama, ids), rtol=0, atol=1e-10)
 
 
 def test_fma_differs_beyond_two_blocks_and_starts_from_average_downsamplers():
-    llama = tiny_llama()
-    ids = random_ids(2, 45)
+    llama = random_float64_llama()
+    ids = random_byte_ids(2, 45)
     depthwise = logits(convert(llama), ids)
     assert (depthwise - logits(llama, ids)).abs().max() > 1e-3  # coarse summaries of distant tokens
     # The depthwise downsamplers start as sub-window means: exactly the parameter-free average pooling.
@@ -126,7 +109,7 @@ def test_fma_differs_beyond_two_blocks_and_starts_from_average_downsamplers():
 
 
 def test_options_dtype_and_generation_config_carry_over():
-    llama = tiny_llama(rope_parameters=dict(LLAMA3)).to(torch.float32)
+    llama = random_float64_llama(rope_parameters=dict(LLAMA3)).to(torch.float32)
     llama.generation_config.max_new_tokens = 7
     fmt = convert(llama, max_position_embeddings=256, fma_query_mode="coarse", fma_scale_attn=False, fma_sink_tokens=1)
     assert fmt.dtype == torch.float32 and not fmt.training
@@ -141,14 +124,14 @@ def test_options_dtype_and_generation_config_carry_over():
 
 
 def test_generate_equals_dense_greedy_decoding():
-    llama = tiny_llama(tie_word_embeddings=True, attention_bias=True, rope_parameters=dict(LLAMA3))
+    llama = random_float64_llama(tie_word_embeddings=True, attention_bias=True, rope_parameters=dict(LLAMA3))
     fmt = convert(llama)
     # Prompt and new tokens within 2 blocks: greedy decoding through FMTCache sees the source's logits.
-    prompt = random_ids(1, 5)
+    prompt = random_byte_ids(1, 5)
     settings = dict(max_new_tokens=2 * BLOCK - 5, do_sample=False, pad_token_id=256)
     assert torch.equal(fmt.generate(prompt, **settings), llama.generate(prompt, **settings))
     # A left-padded batch as well.
-    batch = random_ids(2, 6, seed=5)
+    batch = random_byte_ids(2, 6, seed=5)
     mask = torch.ones_like(batch)
     batch[0, :2], mask[0, :2] = 256, 0
     settings["max_new_tokens"] = 2 * BLOCK - 6
@@ -160,9 +143,9 @@ def test_generate_equals_dense_greedy_decoding():
 
 
 def test_converted_checkpoint_round_trips(tmp_path):
-    fmt = convert(tiny_llama(attention_bias=True, mlp_bias=True, rope_parameters=dict(LLAMA3)))
+    fmt = convert(random_float64_llama(attention_bias=True, mlp_bias=True, rope_parameters=dict(LLAMA3)))
     fmt.save_pretrained(tmp_path)
-    ids = random_ids(2, 45)
+    ids = random_byte_ids(2, 45)
     for loader in (FMTForCausalLM, AutoModelForCausalLM):
         loaded = loader.from_pretrained(tmp_path, dtype=torch.float64)
         assert loaded.config.rope_parameters == LLAMA3 and loaded.config.attention_bias
@@ -187,10 +170,10 @@ REMOTE_SCRIPT = textwrap.dedent(
 
 
 def test_converted_checkpoint_loads_as_hub_code(tmp_path):
-    fmt = convert(tiny_llama(attention_bias=True, mlp_bias=True, rope_parameters=dict(LLAMA3)))
+    fmt = convert(random_float64_llama(attention_bias=True, mlp_bias=True, rope_parameters=dict(LLAMA3)))
     fmt.save_pretrained(tmp_path / "saved")
     shutil.copytree(tmp_path / "saved", tmp_path / "hub")  # what a Hub download gives a user
-    ids = random_ids(2, 45)
+    ids = random_byte_ids(2, 45)
     torch.save({"ids": ids, "logits": logits(fmt, ids)}, tmp_path / "expected.pt")
     (tmp_path / "check.py").write_text(REMOTE_SCRIPT)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
@@ -208,7 +191,7 @@ def test_converted_checkpoint_loads_as_hub_code(tmp_path):
 
 
 def test_convert_llama_script(tmp_path):
-    llama = tiny_llama(rope_parameters=dict(LLAMA3)).to(torch.float32)
+    llama = random_float64_llama(rope_parameters=dict(LLAMA3)).to(torch.float32)
     llama.save_pretrained(tmp_path / "llama")
     byte_tokenizer().save_pretrained(tmp_path / "llama")
     fmt = script("convert_llama").main(
@@ -237,7 +220,7 @@ def test_convert_llama_script(tmp_path):
     for folder in ("fmt", "dense"):
         assert (tmp_path / folder / "tokenizer.json").is_file()
         assert "quantization_config" not in (tmp_path / folder / "config.json").read_text()
-    ids = random_ids(1, 2 * BLOCK)
+    ids = random_byte_ids(1, 2 * BLOCK)
     torch.testing.assert_close(logits(loaded, ids), logits(llama, ids), rtol=1e-5, atol=1e-5)  # float32
     torch.testing.assert_close(logits(dense, ids), logits(llama, ids), rtol=0, atol=0)
 
@@ -247,19 +230,19 @@ def test_convert_llama_script(tmp_path):
 
 def test_unsupported_sources_fail_naming_the_feature():
     with pytest.raises(TypeError, match="LlamaForCausalLM; got FMTForCausalLM"):
-        convert(convert(tiny_llama()))
+        convert(convert(random_float64_llama()))
     longrope = {"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}
     with pytest.raises(ValueError, match=r"rope_parameters\['rope_type'\] is 'longrope'"):
-        convert(tiny_llama(rope_parameters={**longrope, "original_max_position_embeddings": 32}))
-    sliding = tiny_llama()
+        convert(random_float64_llama(rope_parameters={**longrope, "original_max_position_embeddings": 32}))
+    sliding = random_float64_llama()
     sliding.config.sliding_window = 32
     with pytest.raises(ValueError, match="sliding_window=32"):
         convert(sliding)
     with pytest.raises(ValueError, match=r"unknown FMA options \['fma_levels', 'hidden_size'\]"):
-        convert(tiny_llama(), fma_levels=3, hidden_size=64)
+        convert(random_float64_llama(), fma_levels=3, hidden_size=64)
     with pytest.raises(StrictDataclassError, match="fma_coarse_tokens"):  # FMTConfig's own validation
-        convert_llama_to_fmt(tiny_llama(), fma_block_size=8, fma_coarse_tokens=3)
-    quantized = tiny_llama()
+        convert_llama_to_fmt(random_float64_llama(), fma_block_size=8, fma_coarse_tokens=3)
+    quantized = random_float64_llama()
     quantized.model.register_buffer("packed", torch.zeros(4, dtype=torch.uint8))
     with pytest.raises(ValueError, match="quantized.*model.packed is torch.uint8"):
         convert(quantized)

@@ -16,7 +16,6 @@ import torch
 from transformers import DataCollatorForLanguageModeling
 
 from fmt_hf.toolkit import data
-from fmt_hf.toolkit.tokenizer import byte_tokenizer
 
 pytestmark = pytest.mark.download  # registry corpora
 
@@ -37,11 +36,6 @@ CLIENT = {"moby_dick": "npm", "austen": "apt-get"}
 def corpus():
     """``corpus(name)``: the corpus's documents, loaded at most once per test session."""
     return functools.cache(data.load_corpus)
-
-
-@pytest.fixture(scope="session")
-def tok():
-    return byte_tokenizer()
 
 
 def small_split(corpus) -> datasets.DatasetDict:

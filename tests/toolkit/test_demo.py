@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from lm_helpers import script
+from helpers.lm import script
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from fmt_hf.toolkit.demo import dense_cache_bytes, long_prompt

@@ -6,41 +6,11 @@ import math
 
 import pytest
 import torch
-from lm_helpers import play_excerpts, script, write_documents
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers.lm import play_excerpts, script, write_documents
+from helpers.models import tiny_byte_fmt, tiny_byte_llama
 
-from fmt_hf import FMTConfig, FMTForCausalLM
 from fmt_hf.toolkit.evaluation import position_breakdown, score_documents, strided_windows
 from fmt_hf.toolkit.tokenizer import byte_tokenizer
-
-BYTE_IDS = {"vocab_size": 259, "pad_token_id": 256, "bos_token_id": 257, "eos_token_id": 257}
-
-
-def tiny_fmt(max_positions=128):
-    torch.manual_seed(0)
-    config = FMTConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=max_positions,
-        fma_block_size=16,
-        **BYTE_IDS,
-    )
-    return FMTForCausalLM(config).eval()
-
-
-def tiny_llama():
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=256,
-        **BYTE_IDS,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 @pytest.mark.parametrize("num_tokens", [1, 2, 50, 64, 65, 200, 257])
@@ -75,7 +45,7 @@ def reference_nll(model, ids, context_length, stride):
 
 
 @pytest.mark.download  # registry corpora
-@pytest.mark.parametrize("make_model", [tiny_fmt, tiny_llama], ids=["fmt", "llama"])
+@pytest.mark.parametrize("make_model", [tiny_byte_fmt, tiny_byte_llama], ids=["fmt", "llama"])
 def test_scores_match_the_perplexity_guide_loop(make_model):
     model, tokenizer = make_model(), byte_tokenizer()
     texts = [play_excerpts()[0][:300], "Short één.", play_excerpts()[1][:130]]
@@ -93,7 +63,7 @@ def test_scores_match_the_perplexity_guide_loop(make_model):
 
 @pytest.mark.download  # registry corpora
 def test_max_document_tokens_scores_each_documents_first_tokens():
-    model, tokenizer = tiny_llama(), byte_tokenizer()
+    model, tokenizer = tiny_byte_llama(), byte_tokenizer()
     texts = [play_excerpts()[0][:300], "Short één.", play_excerpts()[1][:130]]
     cut = score_documents(
         model, tokenizer, texts, context_length=64, stride=24, progress=False, max_document_tokens=100
@@ -113,7 +83,7 @@ def test_max_document_tokens_scores_each_documents_first_tokens():
 
 @pytest.mark.download  # registry corpora
 def test_scores_by_position_add_up_to_each_targets_own_loss():
-    model, tokenizer = tiny_llama(), byte_tokenizer()
+    model, tokenizer = tiny_byte_llama(), byte_tokenizer()
     texts = [play_excerpts()[0][:300], "Short één.", play_excerpts()[1][:130]]
     scores = score_documents(
         model, tokenizer, texts, context_length=64, stride=24, batch_size=2, progress=False, by_position=True
@@ -166,7 +136,7 @@ def run_eval(tmp_path, model, *extra, context_length=128, stride=64):
 
 
 @pytest.mark.download  # registry corpora
-@pytest.mark.parametrize("make_model", [tiny_fmt, tiny_llama], ids=["fmt", "llama"])
+@pytest.mark.parametrize("make_model", [tiny_byte_fmt, tiny_byte_llama], ids=["fmt", "llama"])
 def test_eval_lm_on_a_tiny_checkpoint(tmp_path, make_model):
     results = run_eval(tmp_path, make_model())
     assert results["split"] == "test" and results["documents"] == 1
@@ -180,20 +150,20 @@ def test_eval_lm_on_a_tiny_checkpoint(tmp_path, make_model):
 
 @pytest.mark.download  # registry corpora
 def test_eval_lm_reports_perplexity_by_position(tmp_path):
-    results = run_eval(tmp_path, tiny_fmt(), "--position_buckets", "32", "64")
+    results = run_eval(tmp_path, tiny_byte_fmt(), "--position_buckets", "32", "64")
     rows = results["by_position"]
     assert [row["positions"] for row in rows] == [[1, 32], [32, 64], [64, 128]]
     assert sum(row["num_tokens"] for row in rows) == results["num_tokens"]
     weighted = sum(row["nll_per_token"] * row["num_tokens"] for row in rows) / results["num_tokens"]
     assert weighted == pytest.approx(results["nll_per_token"], rel=1e-9)
-    assert "by_position" not in run_eval(tmp_path, tiny_fmt())
+    assert "by_position" not in run_eval(tmp_path, tiny_byte_fmt())
 
 
 @pytest.mark.download  # registry corpora
 def test_fma_and_dense_attention_score_the_same_model(tmp_path):
     """FMA equals dense attention up to 2 * fma_block_size tokens: at context 32 the two agree."""
-    fma = run_eval(tmp_path, tiny_fmt(), context_length=32, stride=16)
-    sdpa = run_eval(tmp_path, tiny_fmt(), "--attn_implementation", "sdpa", context_length=32, stride=16)
+    fma = run_eval(tmp_path, tiny_byte_fmt(), context_length=32, stride=16)
+    sdpa = run_eval(tmp_path, tiny_byte_fmt(), "--attn_implementation", "sdpa", context_length=32, stride=16)
     assert (fma["attn_implementation"], sdpa["attn_implementation"]) == ("fma", "sdpa")  # the results say which ran
     assert fma["bits_per_byte"] == pytest.approx(sdpa["bits_per_byte"], rel=1e-5)
 
@@ -201,6 +171,6 @@ def test_fma_and_dense_attention_score_the_same_model(tmp_path):
 @pytest.mark.download  # registry corpora
 def test_bad_eval_input_fails_clearly(tmp_path):
     with pytest.raises(ValueError, match="context_length=256 exceeds the model's max_position_embeddings=128"):
-        run_eval(tmp_path, tiny_fmt(), context_length=256)
+        run_eval(tmp_path, tiny_byte_fmt(), context_length=256)
     with pytest.raises(ValueError, match="no split 'dev'"):
-        run_eval(tmp_path, tiny_fmt(), "--split", "dev")
+        run_eval(tmp_path, tiny_byte_fmt(), "--split", "dev")

@@ -9,8 +9,8 @@ from unittest import mock
 
 import pytest
 import torch
+from helpers.lm import play_excerpts, script, train_argv, write_documents
 from huggingface_hub import HfApi, ModelCard
-from lm_helpers import play_excerpts, script, train_argv, write_documents
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from fmt_hf import FMTConfig, FMTForMaskedLM, FMTForSequenceClassification

@@ -30,15 +30,18 @@ def document(work: int, lines: int = 60) -> str:
 
 
 @pytest.fixture
-def documents(tmp_path) -> str:
+def held_out_file(tmp_path) -> str:
+    """Three synthetic works as one JSON-lines file: the tasks' held-out `documents`."""
     path = tmp_path / "held_out.jsonl"
     path.write_text("".join(json.dumps({"text": document(w)}) + "\n" for w in range(3)))
     return str(path)
 
 
-def test_continuation_questions_ask_for_the_lines_that_follow(documents):
+def test_continuation_questions_ask_for_the_lines_that_follow(held_out_file):
     build = tasks_module().continuation_choices
-    questions = build(documents=documents, context_chars=300, continuation_chars=100, questions_per_document=5)["test"]
+    questions = build(documents=held_out_file, context_chars=300, continuation_chars=100, questions_per_document=5)[
+        "test"
+    ]
     texts = [document(w) for w in range(3)]
     assert len(questions) == 15 and set(questions["label"]) <= {0, 1, 2, 3}
     for question in questions:
@@ -48,16 +51,16 @@ def test_continuation_questions_ask_for_the_lines_that_follow(documents):
         follows = [source[source.index(context) + len(context) :].startswith(choice) for choice in choices]
         assert follows == [i == label for i in range(4)]  # only the answer follows the passage
         assert all(choice.endswith("\n") and len(choice) <= 100 for choice in choices)  # whole lines
-    again = build(documents=documents, context_chars=300, continuation_chars=100, questions_per_document=5)["test"]
+    again = build(documents=held_out_file, context_chars=300, continuation_chars=100, questions_per_document=5)["test"]
     assert again["choices"] == questions["choices"] and again["label"] == questions["label"]
 
 
-def test_continuation_questions_need_long_enough_documents(documents):
+def test_continuation_questions_need_long_enough_documents(held_out_file):
     with pytest.raises(ValueError, match="no held-out document has a line break after 5000 characters"):
-        tasks_module().continuation_choices(documents=documents, context_chars=5000)
+        tasks_module().continuation_choices(documents=held_out_file, context_chars=5000)
 
 
-def test_fmt_checkpoint_runs_through_lm_eval_hf_model(documents, tmp_path):
+def test_fmt_checkpoint_runs_through_lm_eval_hf_model(held_out_file, tmp_path):
     tokenizer = byte_tokenizer()
     config = FMTConfig(
         vocab_size=len(tokenizer),
@@ -103,7 +106,7 @@ def test_fmt_checkpoint_runs_through_lm_eval_hf_model(documents, tmp_path):
 
     choice = run(
         "fmt_heldout_continuation",
-        documents=documents,
+        documents=held_out_file,
         context_chars=120,
         continuation_chars=60,
         questions_per_document=2,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lm_helpers import play_excerpts, script
+from helpers.lm import play_excerpts, script
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import fmt_hf

@@ -9,7 +9,7 @@ import openai
 import pytest
 import torch
 import transformers
-from lm_helpers import TINY_FMT
+from helpers.lm import TINY_FMT
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from fmt_hf import FMTConfig, FMTForCausalLM, FMTForMaskedLM, FMTForSequenceClassification, FMTModel

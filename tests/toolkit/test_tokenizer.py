@@ -24,11 +24,6 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok() -> PreTrainedTokenizerFast:
-    return byte_tokenizer()
-
-
 def bpe_tokenizer() -> PreTrainedTokenizerFast:
     """A small byte-level BPE trained on the spot, standing in for "any tokenizer given by path"."""
     backend = Tokenizer(models.BPE())

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from lm_helpers import (
+from helpers.lm import (
     REPO,
     TINY_FMT,
     play_excerpts,
@@ -230,7 +230,7 @@ def test_bad_input_fails_clearly(documents, tmp_path, data, extra, message):
 
 
 @pytest.fixture(scope="module")
-def works(tmp_path_factory):
+def titled_plays(tmp_path_factory):
     """Three titled works (play openings) as a local dataset folder: the classes of --task classification."""
     folder = tmp_path_factory.mktemp("works")
     with open(folder / "works.jsonl", "w", encoding="utf-8") as f:
@@ -239,10 +239,10 @@ def works(tmp_path_factory):
     return str(folder)
 
 
-def classification_argv(output_dir, works, *extra, **kwargs):
+def classification_argv(output_dir, dataset, *extra, **kwargs):
     return train_argv(
         output_dir,
-        works,
+        dataset,
         "--task",
         "classification",
         "--regions_per_work",
@@ -256,11 +256,11 @@ def classification_argv(output_dir, works, *extra, **kwargs):
     )
 
 
-def test_classifier_from_scratch_trains_and_reports_accuracy(works, tmp_path):
+def test_classifier_from_scratch_trains_and_reports_accuracy(titled_plays, tmp_path):
     metrics = train(
         classification_argv(
             tmp_path,
-            works,
+            titled_plays,
             "--do_train",
             "--do_eval",
             "--do_predict",
@@ -283,12 +283,12 @@ def test_classifier_from_scratch_trains_and_reports_accuracy(works, tmp_path):
 
 
 @pytest.mark.parametrize("lm_task", ["clm", "mlm"])
-def test_classifier_fine_tuned_from_a_language_model(documents, works, lm_task, tmp_path):
+def test_classifier_fine_tuned_from_a_language_model(documents, titled_plays, lm_task, tmp_path):
     train(train_argv(tmp_path / "lm", documents, "--task", lm_task, "--do_train", "--max_steps", "2"))
     metrics = train(
         classification_argv(
             tmp_path / "classifier",
-            works,
+            titled_plays,
             "--do_train",
             "--do_eval",
             "--max_steps",
@@ -316,9 +316,9 @@ def test_classifier_fine_tuned_from_a_language_model(documents, works, lm_task, 
         ),
     ],
 )
-def test_classification_bad_input_fails_clearly(works, tmp_path, extra, message):
+def test_classification_bad_input_fails_clearly(titled_plays, tmp_path, extra, message):
     with pytest.raises(ValueError, match=message):
-        train(classification_argv(tmp_path, works, "--do_train", "--max_steps", "1", *extra))
+        train(classification_argv(tmp_path, titled_plays, "--do_train", "--max_steps", "1", *extra))
 
 
 def test_language_models_take_test_documents_from_eval_lm(documents, tmp_path):

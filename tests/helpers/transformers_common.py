@@ -1,9 +1,9 @@
 """transformers' common model tests (`ModelTesterMixin`, `ConfigTester`, `TrainingTesterMixin`) for FMT.
 
-They ship in the transformers sdist (tests/*.py), not in the wheel. `python tests/transformers_common.py` (run by
-`make test` before pytest) downloads the sdist of the installed version from the package index into a cache outside
-the repository (TRANSFORMERS_COMMON_TESTS_CACHE, default ~/.cache/fmt_hf/transformers-tests); collecting the tests
-only reads that cache (`load`), never downloads. The sdist lacks three helper modules they import; minimal
+They ship in the transformers sdist (tests/*.py), not in the wheel. `python tests/helpers/transformers_common.py`
+(run by `make test` before pytest) downloads the sdist of the installed version from the package index into a cache
+outside the repository (TRANSFORMERS_COMMON_TESTS_CACHE, default ~/.cache/fmt_hf/transformers-tests); collecting the
+tests only reads that cache (`load`), never downloads. The sdist lacks three helper modules they import; minimal
 stand-ins are written next to them (see `_STANDINS`).
 """
 
@@ -97,7 +97,8 @@ def load():
     """The common test modules as one namespace, or the reason they are unavailable (a string)."""
     root = _root()
     if not os.path.isfile(os.path.join(root, _COMMON_PACKAGE, "__init__.py")):
-        return f"not fetched for transformers {transformers.__version__}: run `python tests/transformers_common.py`"
+        version = transformers.__version__
+        return f"not fetched for transformers {version}: run `python tests/helpers/transformers_common.py`"
     if root not in sys.path:
         sys.path.insert(0, root)
     namespace = types.SimpleNamespace()

@@ -11,7 +11,7 @@ D = 8  # head dim of the small test layers
 F64 = torch.float64
 
 
-def make(seed=0, perturb=True, **kwargs):
+def fma_layer(seed=0, perturb=True, **kwargs):
     """A float64 layer; learned downsamplers moved away from their average init so weights matter."""
     torch.manual_seed(seed)
     options = dict(head_dim=D, max_seq_len=64, block_size=4, coarse_tokens=2)

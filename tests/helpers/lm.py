@@ -8,9 +8,11 @@ from types import ModuleType
 
 from fmt_hf.toolkit.data import load_corpus
 
-REPO = Path(__file__).resolve().parents[1]
+from .models import TINY_FMT_OPTIONS
 
-TINY_FMT = "hidden_size=32,intermediate_size=64,num_hidden_layers=2,num_attention_heads=2,fma_block_size=16"
+REPO = Path(__file__).resolve().parents[2]
+
+TINY_FMT = ",".join(f"{name}={value}" for name, value in TINY_FMT_OPTIONS.items())
 """`--config_overrides` of a model that trains a step in milliseconds (FMA with a coarse level at 64 tokens)."""
 
 
