@@ -155,7 +155,7 @@ HUB_MODEL_URL = re.compile(r"^https://huggingface\.co/([\w.-]+/[\w.-]+?)/?$")
 """A Hub model repository's address, as GGUF metadata (``general.source.repo_url``) gives it."""
 
 
-def _gguf_metadata(path: str) -> dict[str, Any]:
+def gguf_metadata(path: str) -> dict[str, Any]:
     """The ``general.*`` metadata (name, organization, licence, ...) of the GGUF file at ``path``."""
     from gguf import GGUFReader  # the GGUF loader's own dependency
 
@@ -205,7 +205,7 @@ def conversion_record(
     license_, languages, sha256 = None, None, None
     if args.gguf_file is not None:
         path = cached_file(args.model_name_or_path, args.gguf_file)
-        metadata = _gguf_metadata(path)
+        metadata = gguf_metadata(path)
         base_model = base_model or gguf_base_model(metadata, args.gguf_file)
         license_, languages, sha256 = metadata.get("general.license"), metadata.get("general.languages"), _sha256(path)
     if license_ is None and (local or base_model is not None):
@@ -260,5 +260,6 @@ __all__ = [
     "convert_llama_to_fmt",
     "fmt_config_from_llama",
     "gguf_base_model",
+    "gguf_metadata",
     "load_llama",
 ]
