@@ -13,8 +13,10 @@ checked by the rule for its program:
 - `lm-eval`: lm-eval's parser accepts the flags, and the tasks are the ones `--include_path` ships.
 
 A command of any other kind fails: documenting a new kind of command means adding its rule here. Every ```python
-block compiles, and the self-contained ones (no names from outside the block) run in a temporary folder, in this
-process (its imports are loaded already). A command documented twice is checked once. Commands and snippets that
+block compiles, and the self-contained ones (no names from outside the block) run as a user runs them: in a fresh
+interpreter (with this checkout's `fmt_hf` importable, so a missing `import fmt_hf` or `trust_remote_code=True`
+shows), stdin closed (transformers' "[y/N]" question fails the test), in a temporary folder holding the README's
+`my-fmt` checkpoint with its tokenizer. A command documented twice is checked once. Commands and snippets that
 fetch from the package index are marked `download`.
 """
 
@@ -26,13 +28,17 @@ import io
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers.lm import script
+import torch
+from helpers.lm import run_fresh, script
+
+import fmt_hf
 
 REPO = Path(__file__).resolve().parents[1]
 CARD_TEMPLATE = REPO / "model_cards" / "template.md"
@@ -266,11 +272,24 @@ def free_names(tree: ast.AST) -> set[str]:
     return read - bound
 
 
+@pytest.fixture(scope="module")
+def readme_checkpoint(tmp_path_factory) -> Path:
+    """The README's `my-fmt` (its config, random weights) with the byte tokenizer, as the README saves them."""
+    folder = tmp_path_factory.mktemp("readme") / "my-fmt"
+    torch.manual_seed(0)
+    config = fmt_hf.FMTConfig(
+        vocab_size=259, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, fma_block_size=32
+    )
+    fmt_hf.FMTForCausalLM(config).save_pretrained(folder)
+    fmt_hf.byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
 @pytest.mark.parametrize("snippet", marked(snippets()))
-def test_documented_snippet(snippet: Snippet, tmp_path, monkeypatch):
+def test_documented_snippet(snippet: Snippet, readme_checkpoint, tmp_path):
     tree = ast.parse(snippet.code, filename=snippet.where)
-    code = compile(tree, snippet.where, "exec")
+    compile(tree, snippet.where, "exec")
     if free_names(tree) or any(text in snippet.code for text in TALKS_TO_A_SERVER):
         return  # a fragment of the page's story, or a server's client: compiling is all it can be checked for
-    monkeypatch.chdir(tmp_path)
-    exec(code, {"__name__": "__main__"})
+    shutil.copytree(readme_checkpoint, tmp_path / readme_checkpoint.name)
+    run_fresh(snippet.code, tmp_path)

@@ -230,6 +230,12 @@ TRAINING_SETUP_NAME = "training_setup.json"
 """File that :func:`fmt_hf.toolkit.training.train` writes next to the trained model: the model, data and main
 training arguments of the run, read back by the model card (:mod:`fmt_hf.toolkit.hub`)."""
 
+CONVERSION_RECORD_NAME = "conversion.json"
+"""File that :func:`fmt_hf.toolkit.convert.convert_checkpoint` writes next to a converted model: what it was converted
+from (the base model's Hub id, licence and chat template, the source files, the dtype and the FMA settings). Training
+from such a checkpoint carries it into its own output folder, since the weights still descend from that base; the
+model card reads it back for ``base_model`` and its licence (:mod:`fmt_hf.toolkit.hub`)."""
+
 # TrainingArguments recorded in TRAINING_SETUP_NAME (with the number of processes) for the model card.
 _RECORDED_TRAINING_ARGUMENTS = (
     "per_device_train_batch_size",
@@ -376,6 +382,14 @@ class ConvertArguments:
             "auto (the checkpoint's)."
         },
     )
+    base_model: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id of the source model, which the model card names as its `base_model`. Default: "
+            "--model_name_or_path when it is a Hub id; for a GGUF file, the repository its metadata names "
+            "(`general.source.repo_url`, else `general.organization`/the file name up to its first dot)."
+        },
+    )
 
 
 LONG_CONTEXT_SYSTEMS = ("dense", "fmt", "streaming")
@@ -467,6 +481,7 @@ class MainDemoArguments:
 
 
 __all__ = [
+    "CONVERSION_RECORD_NAME",
     "TRAINING_SETUP_NAME",
     "DEMO_MODEL",
     "LONG_CONTEXT_SYSTEMS",

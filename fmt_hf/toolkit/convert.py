@@ -5,20 +5,35 @@ names), so a ``LlamaForCausalLM`` becomes an ``FMTForCausalLM`` by copying every
 are new, and they start at their average init (an untrained FMT summarises distant groups by sub-window means, as
 H-Transformer-1D). Wherever FMA is exact -- sequences of at most ``2 * fma_block_size`` tokens -- the converted
 model computes the original's logits; beyond, distant tokens are seen through the summaries, which a short
-uptraining adapts (``scripts/train.py --train_only_downsamplers``).
+uptraining adapts (``scripts/train.py --train_only_downsamplers``). :func:`convert_checkpoint` records what it
+converted (:func:`conversion_record`) for the model card.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
+import os
+import re
+from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig, LlamaConfig, LlamaForCausalLM
+from huggingface_hub import ModelCard
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GgufConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import cached_file
 
 from ..model import FMTConfig, FMTForCausalLM
 from ..model.configuration_fmt import FMT_ROPE_TYPES
-from .arguments import ConvertArguments, parse_config_overrides
+from .arguments import CONVERSION_RECORD_NAME, ConvertArguments, parse_config_overrides
 
 # LlamaConfig fields that FMTConfig has under the same name and meaning.
 _LLAMA_FIELDS = (
@@ -136,9 +151,86 @@ def load_llama(model_name_or_path: str, gguf_file: str | None = None, dtype: str
     return model, tokenizer
 
 
+HUB_MODEL_URL = re.compile(r"^https://huggingface\.co/([\w.-]+/[\w.-]+?)/?$")
+"""A Hub model repository's address, as GGUF metadata (``general.source.repo_url``) gives it."""
+
+
+def gguf_metadata(path: str) -> dict[str, Any]:
+    """The ``general.*`` metadata (name, organization, licence, ...) of the GGUF file at ``path``."""
+    from gguf import GGUFReader  # the GGUF loader's own dependency
+
+    fields = GGUFReader(path).fields
+    return {name: field.contents() for name, field in fields.items() if name.startswith("general.")}
+
+
+def gguf_base_model(metadata: dict[str, Any], gguf_file: str) -> str | None:
+    """The Hub id of the model a GGUF file was made from: the repository ``general.source.repo_url`` names, else
+    ``general.organization``/the file name up to its first dot (the llama.cpp naming, e.g.
+    ``SmolLM2-135M-Instruct.Q4_1.gguf`` of ``HuggingFaceTB``), else None."""
+    if match := HUB_MODEL_URL.match(metadata.get("general.source.repo_url", "")):
+        return match.group(1)
+    organization = metadata.get("general.organization")
+    return f"{organization}/{os.path.basename(gguf_file).split('.')[0]}" if organization else None
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _card_license(name_or_path: str) -> str | None:
+    """The licence a model card (a local folder's README.md or a Hub repository's) declares; None without one."""
+    readme = os.path.join(name_or_path, "README.md")
+    try:
+        card = ModelCard.load(readme if os.path.isdir(name_or_path) else name_or_path)
+    except Exception:  # no card, no network: the licence is then not recorded, never guessed
+        return None
+    return card.data.license
+
+
+def conversion_record(
+    args: ConvertArguments, source: LlamaForCausalLM, tokenizer: PreTrainedTokenizerBase, fmt: FMTForCausalLM
+) -> dict[str, Any]:
+    """What :func:`convert_checkpoint` converted (written as :data:`CONVERSION_RECORD_NAME`): ``base_model`` (the
+    source's Hub id: ``args.base_model``, else ``model_name_or_path`` when it is not a local folder, else what a GGUF
+    file's metadata names, else None), the source's ``license``, ``languages`` and whether its tokenizer has a
+    ``chat_template``, the ``source`` files (``model_name_or_path``, ``gguf_file``, the GGUF's ``sha256``, the Hub
+    ``revision`` where known), the ``dtype`` and the FMA settings (``fma``: ``max_position_embeddings`` and every
+    ``fma_*`` field of the new config)."""
+    local = os.path.isdir(args.model_name_or_path)
+    base_model = args.base_model or (None if local else args.model_name_or_path)
+    license_, languages, sha256 = None, None, None
+    if args.gguf_file is not None:
+        path = cached_file(args.model_name_or_path, args.gguf_file)
+        metadata = gguf_metadata(path)
+        base_model = base_model or gguf_base_model(metadata, args.gguf_file)
+        license_, languages, sha256 = metadata.get("general.license"), metadata.get("general.languages"), _sha256(path)
+    if license_ is None and (local or base_model is not None):
+        license_ = _card_license(args.model_name_or_path if local else base_model)
+    fma = {name: getattr(fmt.config, name) for name in ("max_position_embeddings", *FMA_OPTIONS)}
+    return {
+        "base_model": base_model,
+        "license": license_,
+        "languages": languages,
+        "chat_template": tokenizer.chat_template is not None,
+        "source": {
+            "model_name_or_path": args.model_name_or_path,
+            "gguf_file": args.gguf_file,
+            "sha256": sha256,
+            "revision": None if local else getattr(source.config, "_commit_hash", None),
+        },
+        "dtype": str(fmt.dtype).removeprefix("torch."),
+        "fma": fma,
+    }
+
+
 def convert_checkpoint(args: ConvertArguments) -> FMTForCausalLM:
     """Load the Llama checkpoint (or GGUF file) and its tokenizer, convert it and save the FMT checkpoint (and, with
-    ``dense_output_dir``, the source) with the tokenizer; return the FMT model."""
+    ``dense_output_dir``, the source) with the tokenizer and, beside the FMT weights, the
+    :func:`conversion_record`; return the FMT model."""
     model, tokenizer = load_llama(args.model_name_or_path, args.gguf_file, args.dtype)
     fmt = convert_llama_to_fmt(
         model,
@@ -149,6 +241,8 @@ def convert_checkpoint(args: ConvertArguments) -> FMTForCausalLM:
     )
     fmt.save_pretrained(args.output_dir)
     tokenizer.save_pretrained(args.output_dir)
+    with open(os.path.join(args.output_dir, CONVERSION_RECORD_NAME), "w", encoding="utf-8") as f:
+        json.dump(conversion_record(args, model, tokenizer, fmt), f, indent=2)
     if args.dense_output_dir is not None:
         # A GGUF load records how the file was quantized and refuses to save; the weights are plain floats now.
         if hasattr(model.config, "quantization_config"):
@@ -161,8 +255,11 @@ def convert_checkpoint(args: ConvertArguments) -> FMTForCausalLM:
 
 __all__ = [
     "FMA_OPTIONS",
+    "conversion_record",
     "convert_checkpoint",
     "convert_llama_to_fmt",
     "fmt_config_from_llama",
+    "gguf_base_model",
+    "gguf_metadata",
     "load_llama",
 ]

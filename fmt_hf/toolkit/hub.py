@@ -4,11 +4,13 @@
 weights, config, tokenizer, the modelling code (so the model loads with ``trust_remote_code=True`` without
 ``fmt_hf``) and a ``README.md`` model card rendered through ``huggingface_hub``'s ``ModelCard``/``ModelCardData``
 from a Jinja template (the repository's ``model_cards/template.md``, :data:`DEFAULT_TEMPLATE`). The card takes the
-architecture and FMA settings from the config, the training data and procedure from the run's
+architecture and FMA settings from the config, the base model (``base_model``, its licence) from a conversion's
+``conversion.json`` (``scripts/convert_llama.py``), the training data and procedure from the run's
 ``training_setup.json`` and ``Trainer`` files, and the evaluation results from ``eval_results.json``
 (``train.py --do_eval``), ``test_results.json`` (a classifier's ``--do_predict``) and ``eval_lm_*.json``
 (``scripts/eval_lm.py``). The architecture recorded in the config decides the Auto class, the pipeline tag and the
-card's wording (:data:`MODEL_KINDS`). :func:`push_to_hub` uploads that same folder in one commit.
+card's wording (:data:`MODEL_KINDS`). A card names checkpoints, tokenizers and datasets as a reader can find them
+(:func:`public_name`), never by a local path. :func:`push_to_hub` uploads that same folder in one commit.
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from transformers import (
     PreTrainedConfig,
 )
 
+from ..model.fma_options import sequence_cap
 from ..model.fma_partition import num_levels
-from .arguments import TRAINING_SETUP_NAME, DataArguments
+from .arguments import CONVERSION_RECORD_NAME, TRAINING_SETUP_NAME, DataArguments
 from .data import corpus_package
 from .tokenizer import BYTE_TOKENIZER, load_tokenizer
 
@@ -61,6 +64,9 @@ DEFAULT_TEMPLATE = _find_template()
 """The model-card template every card is rendered from unless ``--template`` names another."""
 
 TAGS = ["fmt", "fast-multipole-attention", "long-context", "custom_code"]
+
+PROJECT_LICENSE = "apache-2.0"
+"""The licence of a card whose model has no base model (trained from scratch): ``fmt_hf``'s own."""
 
 
 @dataclass(frozen=True)
@@ -138,31 +144,45 @@ def _read_json(path: str | os.PathLike[str]) -> dict[str, Any] | None:
         return json.load(f)
 
 
-def _training_summary(model_dir: str) -> dict[str, Any] | None:
-    """The run's recorded setup (``training_setup.json``) with descriptions and results for the card, if any."""
+def public_name(name_or_path: str, conversion: dict[str, Any] | None = None) -> str:
+    """How a card names a checkpoint, tokenizer or dataset: a Hub id as it is; a local folder, whose path means
+    nothing to a reader, as the base model it was converted from when ``conversion`` (its conversion record) names
+    one, else by its folder name."""
+    if not os.path.exists(name_or_path):
+        return name_or_path
+    if conversion is not None and conversion["base_model"] is not None:
+        return conversion["base_model"]
+    return Path(name_or_path).resolve().name
+
+
+def _training_summary(model_dir: str, conversion: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The run's recorded setup (``training_setup.json``) with descriptions and results for the card, if any;
+    ``conversion``, the checkpoint's conversion record, names a local start checkpoint."""
     setup = _read_json(os.path.join(model_dir, TRAINING_SETUP_NAME))
     if setup is None:
         return None
     data = setup["data"]
+    start = setup["model"]["model_name_or_path"]
     if data["dataset_name"] is not None:
         config_name = f" (configuration `{data['dataset_config_name']}`)" if data["dataset_config_name"] else ""
-        data_description = f"The dataset `{data['dataset_name']}`{config_name}"
+        data_description = f"The dataset `{public_name(data['dataset_name'])}`{config_name}"
     else:
         data_description = (
             f"The `{data['corpus']}` corpus of `fmt_hf.toolkit.data`, read from the registry package "
             f"`{corpus_package(data['corpus'])}`"
         )
-    tokenizer = setup["model"]["tokenizer_name"] or setup["model"]["model_name_or_path"] or BYTE_TOKENIZER
+    tokenizer = setup["model"]["tokenizer_name"] or start or BYTE_TOKENIZER
     tokenizer_description = (
         "UTF-8 bytes (`fmt_hf`'s byte-level tokenizer, one token per byte)"
         if tokenizer == BYTE_TOKENIZER
-        else f"tokenized with `{tokenizer}`"
+        else f"tokenized with the tokenizer of `{public_name(tokenizer, conversion if tokenizer == start else None)}`"
     )
     train_results = _read_json(os.path.join(model_dir, "train_results.json")) or {}
     state = _read_json(os.path.join(model_dir, "trainer_state.json")) or {}
     return {
         **setup,
-        "data_id": DataArguments(**data).data_id,
+        "start_checkpoint": public_name(start, conversion) if start is not None else None,
+        "data_id": public_name(DataArguments(**data).data_id),
         "data_description": data_description,
         "tokenizer_description": tokenizer_description,
         "steps": state.get("global_step"),
@@ -192,7 +212,7 @@ def _evaluations(model_dir: str, training: dict[str, Any] | None) -> list[dict[s
         result = _read_json(path)
         rows.append(
             {
-                "data": result["data"],
+                "data": public_name(result["data"]),
                 "split": result["split"],
                 "protocol": f"whole documents, strided windows (stride {result['stride']})",
                 "context_length": result["context_length"],
@@ -222,18 +242,31 @@ def _accuracies(model_dir: str, training: dict[str, Any] | None) -> list[dict[st
     return rows
 
 
+def base_model(conversion: dict[str, Any] | None, training: dict[str, Any] | None) -> str | None:
+    """The Hub id of the model a checkpoint derives from: its conversion's base model, else the Hub checkpoint its
+    training started from; None for a model trained from scratch (or of unknown origin)."""
+    if conversion is not None:
+        return conversion["base_model"]
+    start = training["model"]["model_name_or_path"] if training else None
+    return start if start is not None and not os.path.exists(start) else None
+
+
 def build_model_card(
     model_dir: str,
     config: PreTrainedConfig,
     num_parameters: int,
     repo_id: str,
     template_path: str | os.PathLike[str] = DEFAULT_TEMPLATE,
+    chat_template: bool = False,
 ) -> ModelCard:
-    """The model card of the FMT checkpoint in ``model_dir`` (with ``config`` and ``num_parameters``), published
-    as ``repo_id``, rendered from the Jinja template at ``template_path``."""
+    """The model card of the FMT checkpoint in ``model_dir`` (with ``config`` and ``num_parameters``; a tokenizer
+    with a chat template if ``chat_template``), published as ``repo_id``, rendered from the Jinja template at
+    ``template_path``."""
     if not os.path.isfile(template_path):
         raise FileNotFoundError(f"model card template {template_path} not found: pass --template")
-    training = _training_summary(model_dir)
+    conversion = _read_json(os.path.join(model_dir, CONVERSION_RECORD_NAME))
+    training = _training_summary(model_dir, conversion)
+    base = base_model(conversion, training)
     evaluations = _evaluations(model_dir, training)
     accuracies = _accuracies(model_dir, training)
     kind = model_kind(config)
@@ -265,9 +298,18 @@ def build_model_card(
         )
         for row in accuracies
     ]
+    if conversion is not None:  # a derivative carries its base model's licence, or says it is not known
+        license_ = conversion["license"] or "other"
+    else:
+        license_ = PROJECT_LICENSE
     card_data = ModelCardData(
         model_name=model_name,
-        license="apache-2.0",
+        base_model=base,
+        # A conversion (weights copied, FMA's downsamplers added) with or without uptraining changes the base's
+        # weights and architecture: a finetune in the Hub's terms (not an adapter, a quantization or a merge).
+        base_model_relation="finetune" if base is not None else None,
+        license=license_,
+        language=conversion["languages"] if conversion else None,
         library_name="transformers",
         pipeline_tag=kind.pipeline_tag,
         tags=TAGS,
@@ -287,10 +329,26 @@ def build_model_card(
         labels=list(config.id2label.values()) if classifies else None,
         num_parameters=f"{num_parameters / 1e6:.2f}M ({num_parameters:,})",
         fma_levels=num_levels(config.max_position_embeddings, config.fma_block_size),
+        base_model=base,
+        conversion=conversion,
+        chat_template=chat_template,
+        max_new_tokens=_example_new_tokens(config),
         training=training,
         evaluations=evaluations,
         accuracies=accuracies,
     )
+
+
+EXAMPLE_NEW_TOKENS = 200
+"""New tokens of the card's generation example, where the model's length allows them."""
+
+
+def _example_new_tokens(config: PreTrainedConfig) -> int:
+    """``max_new_tokens`` of the card's generation example: :data:`EXAMPLE_NEW_TOKENS`, or half the longest sequence
+    of a model that caps it (``generate`` refuses prompt plus new tokens over the cap), leaving the rest to the
+    prompt."""
+    cap = sequence_cap(config)  # the example loads the model with its default attention, FMA
+    return EXAMPLE_NEW_TOKENS if cap is None else min(EXAMPLE_NEW_TOKENS, cap // 2)
 
 
 def save_for_hub(
@@ -312,7 +370,12 @@ def save_for_hub(
     model = model_kind(config).auto_class.from_pretrained(model_dir)
     tokenizer = load_tokenizer(tokenizer_name or model_dir)
     card = build_model_card(
-        model_dir, model.config, model.num_parameters(), repo_id or Path(out_dir).resolve().name, template_path
+        model_dir,
+        model.config,
+        model.num_parameters(),
+        repo_id or Path(out_dir).resolve().name,
+        template_path,
+        chat_template=tokenizer.chat_template is not None,
     )
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -346,8 +409,10 @@ __all__ = [
     "MODEL_KINDS",
     "ModelKind",
     "PushArguments",
+    "base_model",
     "build_model_card",
     "model_kind",
+    "public_name",
     "push_to_hub",
     "save_for_hub",
 ]

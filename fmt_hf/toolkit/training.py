@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,7 @@ from transformers import (
 from ..model import FMTConfig
 from ..model.modeling_fmt import sequence_cap
 from .arguments import (
+    CONVERSION_RECORD_NAME,
     TRAINING_SETUP_NAME,
     DataArguments,
     ModelArguments,
@@ -238,14 +240,25 @@ def _first(dataset: datasets.Dataset, limit: int | None) -> datasets.Dataset:
     return dataset if limit is None else dataset.select(range(min(limit, len(dataset))))
 
 
+def carry_conversion_record(model_name_or_path: str | None, output_dir: str) -> None:
+    """Copy the :data:`CONVERSION_RECORD_NAME` of the local checkpoint ``model_name_or_path`` (if it has one) into
+    ``output_dir``: a model trained from a conversion still has the converted model as its base."""
+    if model_name_or_path is None or os.path.abspath(model_name_or_path) == os.path.abspath(output_dir):
+        return
+    record = os.path.join(model_name_or_path, CONVERSION_RECORD_NAME)
+    if os.path.isfile(record):
+        shutil.copy(record, output_dir)
+
+
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict[str, float]:
     """Train (``--do_train``) and/or evaluate (``--do_eval``, and ``--do_predict`` for classification) a language
     model or a classifier; return the metrics.
 
     Training saves the model, its tokenizer and its code (Hub layout, loadable with ``trust_remote_code=True``) to
-    ``output_dir``, with the ``Trainer``'s ``train_results.json``/``trainer_state.json`` and
-    :data:`TRAINING_SETUP_NAME`; checkpoints follow the ``save_*`` arguments, and ``resume_from_checkpoint`` continues
-    one (step count, optimizer, scheduler, data order and RNG states). Evaluation on the validation blocks adds
+    ``output_dir``, with the ``Trainer``'s ``train_results.json``/``trainer_state.json``, :data:`TRAINING_SETUP_NAME`
+    and the start checkpoint's :data:`CONVERSION_RECORD_NAME` if it has one; checkpoints follow the ``save_*``
+    arguments, and ``resume_from_checkpoint`` continues one (step count, optimizer, scheduler, data order and RNG
+    states). Evaluation on the validation blocks adds
     ``eval_bits_per_byte`` (causal LM), ``eval_bits_per_token`` and ``eval_perplexity`` from summed NLL, saved to
     ``eval_results.json``; for classification it adds ``eval_accuracy`` on the validation passages, and
     ``--do_predict`` ``test_accuracy`` on the test passages (``test_results.json``).
@@ -314,6 +327,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             write_training_setup(
                 os.path.join(training_args.output_dir, TRAINING_SETUP_NAME), model_args, data_args, training_args
             )
+            carry_conversion_record(model_args.model_name_or_path, training_args.output_dir)
         results.update(train_metrics)
     if eval_dataset is not None:
         eval_metrics = {**trainer.evaluate(), "eval_samples": len(eval_dataset)}
@@ -336,6 +350,7 @@ __all__ = [
     "TaskData",
     "build_config",
     "build_model",
+    "carry_conversion_record",
     "classification_data",
     "language_modeling_data",
     "freeze_all_but_downsamplers",

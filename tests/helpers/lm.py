@@ -3,6 +3,9 @@
 import functools
 import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -71,3 +74,27 @@ def train_argv(output_dir: Path, dataset: str | None, *extra: str, model_name_or
         "True",
         *extra,
     ]
+
+
+CUSTOM_CODE_PROMPT = "Do you wish to run the custom code?"
+"""transformers' question before running a checkpoint's code without `trust_remote_code`: a snippet must never ask."""
+
+
+def run_fresh(code: str, cwd: Path, *, with_fmt_hf: bool = True, timeout: int = 300) -> str:
+    """Run `code` as `python -c` in a fresh interpreter in `cwd`, offline, stdin closed (a prompt fails instead of
+    waiting), with this checkout's `fmt_hf` importable, or (`with_fmt_hf=False`) as on a machine without it; assert
+    it succeeds without asking for custom code, and return what it printed."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(cwd / ".hf_modules"), OMP_NUM_THREADS="1")
+    if with_fmt_hf:
+        env["PYTHONPATH"] = str(REPO)
+        argv = [sys.executable, "-c", code]
+    else:  # -I: no PYTHONPATH, user site or working directory; the installed fmt_hf blocked
+        argv = [sys.executable, "-I", "-c", 'import sys\nsys.modules["fmt_hf"] = None\n' + code]
+    done = subprocess.run(
+        argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    assert CUSTOM_CODE_PROMPT not in output, output[-3000:]
+    return done.stdout

@@ -4,6 +4,7 @@ Exactness checks run in float64: wherever FMA is exact (at most 2 * BLOCK tokens
 the source's to rounding error, and with a dense attention implementation they are at every length.
 """
 
+import json
 import os
 import shutil
 import subprocess
@@ -19,6 +20,8 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 import fmt_hf
 from fmt_hf import FMTForCausalLM, convert_llama_to_fmt
+from fmt_hf.toolkit.convert import gguf_base_model, gguf_metadata
+from fmt_hf.toolkit.data import SMOLLM2_GGUF, fetch_smollm2
 from fmt_hf.toolkit.tokenizer import byte_tokenizer
 
 BLOCK = 8  # fma_block_size of the conversions: FMA is exact up to 16 tokens
@@ -223,6 +226,26 @@ def test_convert_llama_script(tmp_path):
     ids = random_byte_ids(1, 2 * BLOCK)
     torch.testing.assert_close(logits(loaded, ids), logits(llama, ids), rtol=1e-5, atol=1e-5)  # float32
     torch.testing.assert_close(logits(dense, ids), logits(llama, ids), rtol=0, atol=0)
+    # A local folder with no card and no --base_model: nothing about the base is guessed.
+    record = json.loads((tmp_path / "fmt" / "conversion.json").read_text())
+    assert (record["base_model"], record["license"], record["chat_template"]) == (None, None, False)
+    assert record["fma"]["fma_query_mode"] == "coarse" and record["fma"]["fma_sink_tokens"] == 1
+    assert not (tmp_path / "dense" / "conversion.json").exists()
+
+
+def test_a_gguf_file_names_its_hub_model():
+    assert gguf_base_model({"general.source.repo_url": "https://huggingface.co/org/Model-7B"}, "x.gguf") == (
+        "org/Model-7B"
+    )
+    assert gguf_base_model({"general.organization": "org"}, "Model-7B-Chat.Q4_K_M.gguf") == "org/Model-7B-Chat"
+    assert gguf_base_model({}, "Model.gguf") is None
+
+
+@pytest.mark.download
+def test_smollm2_gguf_names_smollm2_and_its_licence():
+    metadata = gguf_metadata(str(fetch_smollm2() / SMOLLM2_GGUF))
+    assert gguf_base_model(metadata, SMOLLM2_GGUF) == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert metadata["general.license"] == "apache-2.0" and metadata["general.languages"] == ["en"]
 
 
 # ----------------------------------------------------------------------------- errors

@@ -1,6 +1,8 @@
 """scripts/push_to_hub.py and fmt_hf.toolkit.hub: the model card, the local repository folder, the push (Hub mocked)."""
 
+import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -9,12 +11,13 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers.lm import play_excerpts, script, train_argv, write_documents
+from helpers.lm import play_excerpts, run_fresh, script, train_argv, write_documents
 from huggingface_hub import HfApi, ModelCard
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 from fmt_hf import FMTConfig, FMTForMaskedLM, FMTForSequenceClassification
 from fmt_hf.toolkit.hub import PushArguments, push_to_hub
+from fmt_hf.toolkit.tokenizer import byte_tokenizer
 
 pytestmark = pytest.mark.download  # registry corpora
 
@@ -229,3 +232,129 @@ def test_bad_push_input_fails_clearly(tmp_path):
     ).save_pretrained(tmp_path / "llama")
     with pytest.raises(ValueError, match="holds a 'llama' model; push_to_hub.py publishes FMT models"):
         push("--model_dir", tmp_path / "llama", "--local_dir", tmp_path / "out")
+
+
+BASE_MODEL = "org/Tiny-Instruct"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A tiny instruction-tuned Llama (a chat template, an MIT card) in a local folder, converted by
+    convert_llama.py, then uptrained two steps (downsamplers only) by train.py: (conversion folder, uptrained
+    folder, the documents' folder)."""
+    root = tmp_path_factory.mktemp("converted")
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=259,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            pad_token_id=256,
+            bos_token_id=257,
+            eos_token_id=257,
+        )
+    )
+    llama.save_pretrained(root / "Tiny-Instruct")
+    tokenizer = byte_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(root / "Tiny-Instruct")
+    (root / "Tiny-Instruct" / "README.md").write_text("---\nlicense: mit\n---\n# Tiny-Instruct\n")
+    script("convert_llama").main(
+        [
+            *("--model_name_or_path", str(root / "Tiny-Instruct"), "--output_dir", str(root / "tiny-fmt")),
+            *("--fma_block_size", "8", "--fma_coarse_tokens", "2", "--max_position_embeddings", "256"),
+            *("--base_model", BASE_MODEL),
+        ]
+    )
+    documents = write_documents(root / "plays", play_excerpts())
+    argv = train_argv(
+        root / "tiny-fmt-uptrained",
+        documents,
+        *("--do_train", "--max_steps", "2", "--train_only_downsamplers", "True"),
+        model_name_or_path=str(root / "tiny-fmt"),
+    )
+    script("train").main(argv)
+    return root / "tiny-fmt", root / "tiny-fmt-uptrained", root
+
+
+def python_blocks(markdown: str) -> list[str]:
+    return re.findall(r"^```python\n(.*?)^```", markdown, re.M | re.S)
+
+
+def published_card(model_dir, out_dir) -> ModelCard:
+    """The card push_to_hub.py writes for `model_dir` into `out_dir`; none of the machine's paths are in it."""
+    push("--model_dir", model_dir, "--local_dir", out_dir)
+    card = ModelCard.load(out_dir / "README.md")
+    assert str(model_dir.parent) not in card.content and "pytest-" not in card.content
+    return card
+
+
+def test_conversion_records_its_source(converted):
+    conversion, uptrained, root = converted
+    record = json.loads((conversion / "conversion.json").read_text())
+    assert record["base_model"] == BASE_MODEL and record["license"] == "mit" and record["chat_template"]
+    assert record["source"] == {
+        "model_name_or_path": str(root / "Tiny-Instruct"),
+        "gguf_file": None,
+        "sha256": None,
+        "revision": None,
+    }
+    assert record["dtype"] == "float32"
+    assert record["fma"]["fma_block_size"] == 8 and record["fma"]["max_position_embeddings"] == 256
+    assert json.loads((uptrained / "conversion.json").read_text()) == record  # training carries it on
+
+
+def test_card_of_a_converted_chat_model_names_its_base(converted, tmp_path):
+    card = published_card(converted[0], tmp_path / "tiny-fmt")
+    assert card.data.base_model == BASE_MODEL and card.data.base_model_relation == "finetune"
+    assert card.data.license == "mit"
+    text = card.text
+    for expected in (
+        f"Converted from [{BASE_MODEL}](https://huggingface.co/{BASE_MODEL})",
+        "The base model's licence, mit, applies.",
+        "pretraining and instruction-tuning data",
+        "The conversion trained nothing",
+        "None since the conversion.",
+        "chat template",
+        "apply_chat_template(messages",
+        f"It knows what `{BASE_MODEL}` learnt",
+    ):
+        assert expected in text, expected
+    assert "instruction-following" not in text and "Not recorded" not in text
+
+    # The card's snippets run as written, in fresh interpreters, on the published folder under its name.
+    with_package, without_package = python_blocks(text)[:2]
+    run_fresh(with_package, tmp_path)
+    assert run_fresh(without_package, tmp_path, with_fmt_hf=False).strip() != ""
+
+
+def test_card_of_an_uptrained_conversion_names_its_base_and_data(converted, tmp_path):
+    card = published_card(converted[1], tmp_path / "tiny-fmt-uptrained")
+    assert card.data.base_model == BASE_MODEL and card.data.base_model_relation == "finetune"
+    assert card.data.license == "mit"
+    text = card.text
+    for expected in (
+        "The FMT model was then uptrained on this data:",
+        "The dataset `plays`",
+        f"tokenized with the tokenizer of `{BASE_MODEL}`",
+        f"Uptrained from the FMT conversion of `{BASE_MODEL}`, training only the FMA downsamplers,",
+        "for 2 steps",
+    ):
+        assert expected in text, expected
+    assert "outputs/" not in text and "Fine-tuned from" not in text
+
+
+def test_card_snippets_of_a_trained_model_run_as_written(trained, tmp_path):
+    """The card of a byte-level model without a chat template: its examples run, the tokenizer asks for nothing."""
+    card = published_card(trained, tmp_path / "fmt-tiny")
+    with_package, without_package = python_blocks(card.text)[:2]
+    run_fresh(with_package, tmp_path)
+    assert "ROMEO" in run_fresh(without_package, tmp_path, with_fmt_hf=False)
