@@ -293,3 +293,18 @@ def test_documented_snippet(snippet: Snippet, readme_checkpoint, tmp_path):
         return  # a fragment of the page's story, or a server's client: compiling is all it can be checked for
     shutil.copytree(readme_checkpoint, tmp_path / readme_checkpoint.name)
     run_fresh(snippet.code, tmp_path)
+
+
+def test_readme_is_a_front_door_and_no_page_cites_a_tracker():
+    """The README stays short (the rest lives in docs/), and neither code nor docs refer to tracker numbers that
+    are not in the repository."""
+    assert len((REPO / "README.md").read_text(encoding="utf-8").splitlines()) <= 150
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    tracker = re.compile(r"\bissues?[ _#]+\d+", re.I)
+    cited = [
+        name
+        for name in tracked
+        if name.endswith((".py", ".md", ".cfg", ".toml", ".yaml", "Makefile"))
+        and tracker.search((REPO / name).read_text(encoding="utf-8"))
+    ]
+    assert not cited, cited
