@@ -159,8 +159,13 @@ def main(argv: list[str] | None = None, answerer: Answerer | None = None) -> lis
     """Answer the prompts of the command line (or ``argv``) with kvpress (or ``answerer``); return the output rows."""
     (args,) = parse_args(argv)
     rows = read_prompts(args.prompts)
-    results = list(answer_prompts(rows, answerer or kvpress_answerer(args), args.output))
-    print(f"{len(results)} answers -> {args.output}", file=sys.stderr)
+    results = []
+    for result in answer_prompts(rows, answerer or kvpress_answerer(args), args.output):
+        results.append(result)
+        print(
+            f"kvpress {len(results)}/{len(rows)}: {result['press']} {result['id']} {result['seconds']:.1f} s",
+            file=sys.stderr,
+        )
     return results
 
 

@@ -285,25 +285,16 @@ class KVPress:
                 prediction["cache_vectors"],
                 prediction["cache_mib"],
             )
-            row = answer_row(
-                f"kvpress_{prediction['press']}", sample, answer, prediction["seconds"], self.training_length
-            )
-            rows.append(row)
+            system = f"kvpress_{prediction['press']}"
+            rows.append(answer_row(system, sample, answer, prediction["seconds"], self.training_length))
         return rows
 
     def command(self, prompts: str, predictions: str) -> list[str]:
         """The runner's command line; ``-P`` keeps the runner's own folder (benchmarks/) off its import path."""
         runner = importlib.util.find_spec(KVPRESS_RUNNER).origin
         gguf = ["--gguf_file", self.gguf_file] if self.gguf_file else []
-        return [self.python, "-P", runner, "--prompts", prompts, "--output", predictions] + [
-            "--model_name_or_path",
-            self.model_name_or_path,
-            *gguf,
-            "--dtype",
-            self.dtype,
-            "--device",
-            self.device,
-        ]
+        model = ["--model_name_or_path", self.model_name_or_path, *gguf, "--dtype", self.dtype, "--device", self.device]
+        return [self.python, "-P", runner, "--prompts", prompts, "--output", predictions, *model]
 
     def run(self, samples: Sequence[Sample], path: str) -> None:
         """Answer the (system, sample) pairs ``path`` lacks in one runner subprocess and append their lines to
@@ -484,8 +475,9 @@ def build_samples(args: LongContextArguments, tokenizer: PreTrainedTokenizerBase
 
 
 def run_long_context(args: LongContextArguments) -> str:
-    """Answer every sample of ``args`` with every system (resuming ``samples.jsonl``), write ``results.md`` and the
-    heat maps to ``args.output_dir``; print and return the markdown table of this run's systems."""
+    """Answer every sample of ``args`` with every system (resuming ``samples.jsonl``; the kvpress systems after the
+    others, in one runner subprocess), write ``results.md`` and the heat maps to ``args.output_dir``; print and return
+    the markdown table of this run's systems."""
     systems, kvpress, tokenizer = build_systems(args)
     path = os.path.join(args.output_dir, "samples.jsonl")
     samples = list(build_samples(args, tokenizer))
