@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install lint format test demo demo-attention bench bench-generate long-context clean
+.PHONY: install lint format test demo demo-attention bench bench-generate long-context kvpress-venv clean
 
 install: $(STAMP)
 
@@ -45,5 +45,17 @@ long-context: $(STAMP)
 	$(PY) -m pip install --quiet --constraint constraints.txt --editable ".[convert]"
 	$(PY) scripts/eval_long_context.py $(ARGS)
 
+# The kvpress baselines of the long-context suite (--systems kvpress_*): kvpress 0.5.5 needs transformers < 5.3, so it
+# gets a venv of its own, which benchmarks/kvpress_runner.py runs in (torch pinned as above; gguf reads SmolLM2's file).
+KVPRESS_VENV ?= .venv-kvpress
+KVPRESS_STAMP := $(KVPRESS_VENV)/.installed
+
+kvpress-venv: $(KVPRESS_STAMP)
+
+$(KVPRESS_STAMP): constraints.txt
+	$(PYTHON) -m venv $(KVPRESS_VENV)
+	$(KVPRESS_VENV)/bin/python -m pip install --quiet --constraint constraints.txt kvpress==0.5.5 transformers==5.2.0 gguf==0.19.0
+	touch $(KVPRESS_STAMP)
+
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) $(KVPRESS_VENV) outputs .pytest_cache

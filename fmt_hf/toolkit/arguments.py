@@ -392,9 +392,15 @@ class ConvertArguments:
     )
 
 
-LONG_CONTEXT_SYSTEMS = ("dense", "fmt", "streaming")
-"""The systems ``scripts/eval_long_context.py`` builds from one checkpoint
-(:func:`fmt_hf.toolkit.long_context_eval.build_systems`)."""
+IN_PROCESS_SYSTEMS = ("dense", "fmt", "streaming")
+"""The systems ``scripts/eval_long_context.py`` builds from one checkpoint in its own process
+(:func:`fmt_hf.toolkit.long_context_eval.build_systems`), its default ``--systems``."""
+
+KVPRESS_SYSTEMS = ("kvpress_streaming", "kvpress_snapkv", "kvpress_expected_attention")
+"""kvpress presses of the same checkpoint, at FMT's cache size, run by ``benchmarks/kvpress_runner.py`` in the venv of
+``make kvpress-venv`` (:func:`fmt_hf.toolkit.long_context_eval.run_kvpress`)."""
+
+LONG_CONTEXT_SYSTEMS = IN_PROCESS_SYSTEMS + KVPRESS_SYSTEMS
 
 RECOMMENDED_CONVERSION = "fma_block_size=256,fma_coarse_tokens=4,fma_downsample=recursive,fma_sink_tokens=64"
 """The README's recommended zero-shot conversion of a pretrained model."""
@@ -413,11 +419,12 @@ class LongContextArguments:
     )
     gguf_file: str | None = field(default=None, metadata={"help": "GGUF file inside --model_name_or_path."})
     systems: list[str] = field(
-        default_factory=lambda: list(LONG_CONTEXT_SYSTEMS),
+        default_factory=lambda: list(IN_PROCESS_SYSTEMS),
         metadata={
             "help": "dense (the checkpoint, full cache), fmt (its in-memory conversion with --conversion), "
             "streaming (the checkpoint with sinks and a sliding window holding as many vectors as the conversion's "
-            "cache)."
+            "cache), kvpress_streaming, kvpress_snapkv, kvpress_expected_attention (kvpress's presses compressing "
+            "the prompt's cache to the conversion's size; need `make kvpress-venv`)."
         },
     )
     conversion: str = field(
@@ -429,6 +436,13 @@ class LongContextArguments:
     )
     streaming_sinks: int = field(default=4, metadata={"help": "Sink tokens of the streaming system (the paper's 4)."})
     streaming_chunk_size: int = field(default=256, metadata={"help": "Prompt tokens per chunk of streaming's prefill."})
+    kvpress_python: str = field(
+        default=".venv-kvpress/bin/python",
+        metadata={"help": "Python of the kvpress venv (`make kvpress-venv`) that runs the kvpress_* systems."},
+    )
+    kvpress_timeout: float = field(
+        default=600.0, metadata={"help": "Seconds the kvpress runner may take per answer before it is stopped."}
+    )
     tasks: list[str] = field(default_factory=lambda: list(TASKS), metadata={"help": f"Of: {', '.join(TASKS)}."})
     lengths: list[int] = field(default_factory=lambda: [2048, 4096, 8192], metadata={"help": "Prompt tokens."})
     depths: list[float] = field(
@@ -454,6 +468,8 @@ class LongContextArguments:
             raise ValueError(f"--depths must be fractions in [0, 1], got {self.depths}")
         if any(n < 1 for n in self.lengths):
             raise ValueError(f"--lengths must be positive, got {self.lengths}")
+        if self.kvpress_timeout <= 0:
+            raise ValueError(f"--kvpress_timeout must be positive, got {self.kvpress_timeout}")
 
 
 DEMO_MODEL = "hidden_size=256,intermediate_size=768,num_hidden_layers=4,num_attention_heads=4,fma_block_size=64"
@@ -484,6 +500,8 @@ __all__ = [
     "CONVERSION_RECORD_NAME",
     "TRAINING_SETUP_NAME",
     "DEMO_MODEL",
+    "IN_PROCESS_SYSTEMS",
+    "KVPRESS_SYSTEMS",
     "LONG_CONTEXT_SYSTEMS",
     "RECOMMENDED_CONVERSION",
     "ConvertArguments",

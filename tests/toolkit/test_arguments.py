@@ -55,7 +55,11 @@ def test_eval_arguments_reject_bad_values():
 @pytest.mark.parametrize(
     "options, message",
     [
-        ({"systems": ["dense", "kvpress"]}, r"--systems: unknown \['kvpress'\]; valid: dense, fmt, streaming"),
+        (
+            {"systems": ["dense", "kvpress"]},
+            r"--systems: unknown \['kvpress'\]; valid: dense, fmt, streaming, kvpress_streaming, kvpress_snapkv, "
+            "kvpress_expected_attention",
+        ),
         ({"tasks": ["passkey", "haystack"]}, r"--tasks: unknown \['haystack'\]"),
         ({"num_samples": 0}, "--num_samples must be at least 1, got 0"),
         ({"depths": []}, r"--depths must be fractions in \[0, 1\], got \[\]"),
