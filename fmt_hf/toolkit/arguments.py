@@ -3,8 +3,8 @@
 :class:`CorpusArguments`), ``scripts/convert_llama.py`` (:class:`ConvertArguments`),
 ``scripts/eval_long_context.py`` (:class:`LongContextArguments`) and ``scripts/main_demo.py``
 (:class:`MainDemoArguments`), with what reads their values:
-:func:`parse_config_overrides` for ``--config_overrides`` and ``--fma_options``, and the record of a training run's
-arguments (:data:`TRAINING_SETUP_NAME`) that the model card reads back.
+:func:`parse_config_overrides` for ``--config_overrides`` and ``--fma_options``. What a run records of them beside
+its weights is :mod:`fmt_hf.toolkit.records`.
 
 Each field carries its ``--help`` text; a ``__post_init__`` fills in the defaults that depend on other fields and
 rejects bad values with a message naming the flag. ``scripts/push_to_hub.py``'s ``PushArguments`` stays in
@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import json
 import os
 from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any, Literal
 
 import datasets
-from transformers import TrainingArguments
 
 from ..model import FMTConfig
 from .data import CORPORA, DEFAULT_CORPUS, build_corpus, load_corpus, select_documents
@@ -224,42 +222,6 @@ class DataArguments(CorpusArguments):
         for name in ("max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}")
-
-
-TRAINING_SETUP_NAME = "training_setup.json"
-"""File that :func:`fmt_hf.toolkit.training.train` writes next to the trained model: the model, data and main
-training arguments of the run, read back by the model card (:mod:`fmt_hf.toolkit.hub`)."""
-
-CONVERSION_RECORD_NAME = "conversion.json"
-"""File that :func:`fmt_hf.toolkit.convert.convert_checkpoint` writes next to a converted model: what it was converted
-from (the base model's Hub id, licence and chat template, the source files, the dtype and the FMA settings). Training
-from such a checkpoint carries it into its own output folder, since the weights still descend from that base; the
-model card reads it back for ``base_model`` and its licence (:mod:`fmt_hf.toolkit.hub`)."""
-
-# TrainingArguments recorded in TRAINING_SETUP_NAME (with the number of processes) for the model card.
-_RECORDED_TRAINING_ARGUMENTS = (
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "learning_rate",
-    "lr_scheduler_type",
-    "warmup_steps",
-    "weight_decay",
-    "max_steps",
-    "num_train_epochs",
-    "seed",
-)
-
-
-def write_training_setup(
-    path: str, model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
-) -> None:
-    """Write the run's :data:`TRAINING_SETUP_NAME` record to ``path``."""
-    all_training_args = training_args.to_dict()  # enums as their values: JSON-ready
-    training = {name: all_training_args[name] for name in _RECORDED_TRAINING_ARGUMENTS}
-    training["world_size"] = training_args.world_size
-    setup = {"model": dataclasses.asdict(model_args), "data": dataclasses.asdict(data_args), "training": training}
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(setup, f, indent=2)
 
 
 @dataclass
@@ -497,8 +459,6 @@ class MainDemoArguments:
 
 
 __all__ = [
-    "CONVERSION_RECORD_NAME",
-    "TRAINING_SETUP_NAME",
     "DEMO_MODEL",
     "IN_PROCESS_SYSTEMS",
     "KVPRESS_SYSTEMS",
@@ -513,5 +473,4 @@ __all__ = [
     "ModelArguments",
     "Task",
     "parse_config_overrides",
-    "write_training_setup",
 ]

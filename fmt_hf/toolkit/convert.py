@@ -33,7 +33,8 @@ from transformers.utils import cached_file
 
 from ..model import FMTConfig, FMTForCausalLM
 from ..model.configuration_fmt import FMT_ROPE_TYPES
-from .arguments import CONVERSION_RECORD_NAME, ConvertArguments, parse_config_overrides
+from .arguments import ConvertArguments, parse_config_overrides
+from .records import CONVERSION_RECORD_NAME
 
 # LlamaConfig fields that FMTConfig has under the same name and meaning.
 _LLAMA_FIELDS = (

@@ -38,8 +38,9 @@ from transformers import (
 
 from ..model.fma_options import sequence_cap
 from ..model.fma_partition import num_levels
-from .arguments import CONVERSION_RECORD_NAME, TRAINING_SETUP_NAME, DataArguments
+from .arguments import DataArguments
 from .data import corpus_package
+from .records import CONVERSION_RECORD_NAME, TRAINING_SETUP_NAME
 from .tokenizer import BYTE_TOKENIZER, load_tokenizer
 
 

@@ -46,17 +46,11 @@ from transformers import (
 
 from ..model import FMTConfig
 from ..model.modeling_fmt import sequence_cap
-from .arguments import (
-    CONVERSION_RECORD_NAME,
-    TRAINING_SETUP_NAME,
-    DataArguments,
-    ModelArguments,
-    parse_config_overrides,
-    write_training_setup,
-)
+from .arguments import DataArguments, ModelArguments, parse_config_overrides
 from .classification import passage_classification
 from .data import pack_documents
 from .metrics.trainer_metrics import ClassificationMetrics, LanguageModelingMetrics
+from .records import CONVERSION_RECORD_NAME, TRAINING_SETUP_NAME, write_training_setup
 from .tokenizer import BYTE_TOKENIZER, load_tokenizer
 
 logger = logging.getLogger(__name__)
