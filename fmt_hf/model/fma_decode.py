@@ -70,6 +70,8 @@ class FMADecoder:
                 "input needs, so an output depends on the input's length and no decoding state can reproduce it: "
                 'build the layer with a max_seq_len, or use boundary="mask"'
             )
+        if self.partition.near_blocks != 1:
+            raise NotImplementedError("incremental decoding supports near_blocks=1 only")
         levels = 0 if self.derives_levels else self.partition.num_levels  # derived levels come as they are needed
         shape = dict(block_size=self.m, coarse_tokens=self.p, sink_tokens=self.s, head_dim=self.fma.head_dim)
         coarse_queries = heads if self.fma.query_mode == "coarse" else None
