@@ -87,11 +87,12 @@ def convert_llama_to_fmt(
     """An ``FMTForCausalLM`` with every weight of ``model`` (a transformers ``LlamaForCausalLM``: grouped-query
     attention, tied or untied embeddings, attention and MLP biases, rope types ``default``, ``linear``, ``llama3``,
     ``yarn``), in its dtype and on its device, with its generation config; the FMA downsamplers start at their
-    average init. For at most ``2 * fma_block_size`` tokens its logits are the source's.
+    average init. For at most ``(fma_near_blocks + 1) * fma_block_size`` tokens its logits are the source's.
 
     ``max_position_embeddings`` defaults to the source's; ``fma_options`` are further ``FMTConfig`` FMA fields
-    (``fma_downsample``, ``fma_query_mode``, ``fma_scale_attn``, ``fma_boundary``, and ``fma_sink_tokens``, which
-    keeps the source's attention sinks exact: docs/fma.md §3a). Raises ``TypeError`` for another model class and
+    (``fma_downsample``, ``fma_query_mode``, ``fma_scale_attn``, ``fma_boundary``, ``fma_sink_tokens``, which
+    keeps the source's attention sinks exact: docs/fma.md §3a, and ``fma_near_blocks``, the width of the exact near
+    field: §3). Raises ``TypeError`` for another model class and
     ``ValueError`` for what FMT cannot reproduce (see :func:`fmt_config_from_llama`) or quantized weights.
     """
     if not isinstance(model, LlamaForCausalLM):
