@@ -3,9 +3,9 @@
 FMT is Llama-shaped on purpose (RMSNorm, rotary embeddings, SwiGLU, grouped-query attention, the same parameter
 names), so a ``LlamaForCausalLM`` becomes an ``FMTForCausalLM`` by copying every weight; only the FMA downsamplers
 are new, and they start at their average init (an untrained FMT summarises distant groups by sub-window means, as
-H-Transformer-1D). Wherever FMA is exact -- sequences of at most ``2 * fma_block_size`` tokens -- the converted
-model computes the original's logits; beyond, distant tokens are seen through the summaries, which a short
-uptraining adapts (``scripts/train.py --train_only_downsamplers``).
+H-Transformer-1D). Wherever FMA is exact -- sequences of at most ``(fma_near_blocks + 1) * fma_block_size``
+tokens -- the converted model computes the original's logits; beyond, distant tokens are seen through the summaries,
+which a short uptraining adapts (``scripts/train.py --train_only_downsamplers``).
 """
 
 from __future__ import annotations
