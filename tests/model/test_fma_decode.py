@@ -77,10 +77,14 @@ def test_decoding_with_sink_tokens_without_a_length_cap():
 @pytest.mark.parametrize(
     "query_mode,downsample", [("fine", "depthwise"), ("coarse", "full"), ("fine", "avgpool"), ("coarse", "recursive")]
 )
-def test_batched_steps_with_sink_tokens_equal_rows_alone(query_mode, downsample):
+@pytest.mark.parametrize("near_blocks", [1, 2, 3])
+def test_batched_steps_with_sink_tokens_equal_rows_alone(query_mode, downsample, near_blocks):
     """Rows at different positions, some still filling their sink tokens in the batched steps, some with holes
-    (one a sink token), each equal to its full forward (§3a)."""
-    attn = make(query_mode=query_mode, downsample=downsample, max_seq_len=96, sink_tokens=3).eval()
+    (one a sink token), each equal to its full forward (§3a); for every near-field width (§3b: rows gain derived
+    levels at different steps)."""
+    attn = make(
+        query_mode=query_mode, downsample=downsample, max_seq_len=96, sink_tokens=3, near_blocks=near_blocks
+    ).eval()
     q, k, v = qkv(60, batch=4)
     valid = torch.ones(4, 60, dtype=torch.bool)
     valid[1, [2, 15, 40]] = False
@@ -281,25 +285,6 @@ def test_near_field_zero_sink_decoding_equals_full_forward(near_blocks):
     for prompt, chunks in ((0, [1]), (13, [1, 3]), (32, [7, 1, 16])):
         out, _ = decode(attn, q[0], k[0], v[0], prompt, chunks)
         torch.testing.assert_close(out, full[:, prompt:], rtol=0, atol=1e-12)
-
-
-@pytest.mark.parametrize("near_blocks", [2, 3])
-@pytest.mark.parametrize("query_mode,downsample", [("fine", "depthwise"), ("coarse", "recursive"), ("fine", "avgpool")])
-def test_near_field_batched_steps_equal_rows_alone(near_blocks, query_mode, downsample):
-    """Rows at different positions (some gaining a derived level in the batched steps), with holes and sinks."""
-    max_seq_len = 96 if downsample == "depthwise" else None
-    attn = make(
-        query_mode=query_mode, downsample=downsample, max_seq_len=max_seq_len, near_blocks=near_blocks, sink_tokens=2
-    ).eval()
-    q, k, v = qkv(90, batch=4)
-    valid = torch.ones(4, 90, dtype=torch.bool)
-    valid[1, [2, 15, 40]] = False
-    valid[3, 1] = False
-    prompts = [0, 1, 23, 5]
-    outs, _ = decode_batch(attn, q, k, v, prompts, valid)
-    for b, prompt in enumerate(prompts):
-        full = attn(q[b : b + 1], k[b : b + 1], v[b : b + 1], key_padding_mask=valid[b : b + 1])[0]
-        torch.testing.assert_close(outs[b], full[:, prompt : prompt + 67], rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("near_blocks", [2, 3])
