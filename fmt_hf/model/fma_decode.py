@@ -5,13 +5,11 @@ tokens to it. Exact: a step sees the logits and values of the full forward pass,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .fma_downsample import without_sinks
 from .fma_partition import MASK_VALUE, ring_positions
-from .fma_state import FMAState, ring_read, ring_write
+from .fma_state import FMAState, LevelUpdate, ring_read, ring_write
 
 
 def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -30,20 +28,6 @@ def _new_tokens(state, q, k, v, valid):
     keep = valid.to(dtype)[:, None, :, None]
     state.holes = [holes or not bool(real.all()) for holes, real in zip(state.holes, valid)]
     return q * keep, k * keep, v * keep, valid
-
-
-@dataclass(frozen=True)
-class LevelUpdate:
-    """One level's part of consuming a chunk of new tokens: the summaries of the groups they complete
-    (``first_group`` .., bias included) and the new partial sums (bias-free) of the group then being filled."""
-
-    first_group: int
-    complete_k: torch.Tensor  # (B, H_kv, groups, p, d)
-    complete_v: torch.Tensor
-    complete_valid: torch.Tensor  # (B, groups): the group holds a real token
-    partial_k: torch.Tensor | None = None  # (B, H_kv, p, d); None for derived levels, which keep no partial sums
-    partial_v: torch.Tensor | None = None
-    partial_valid: torch.Tensor | None = None  # (B,)
 
 
 class FMADecoder:
@@ -71,15 +55,17 @@ class FMADecoder:
                 'build the layer with a max_seq_len, or use boundary="mask"'
             )
         levels = 0 if self.derives_levels else self.partition.num_levels  # derived levels come as they are needed
-        shape = dict(
-            fine_ring=self.partition.fine_ring,
-            group_ring=self.partition.group_ring,
-            coarse_tokens=self.p,
-            sink_tokens=self.s,
-            head_dim=self.fma.head_dim,
-        )
         coarse_queries = heads if self.fma.query_mode == "coarse" else None
-        return FMAState.empty(batch_size, kv_heads, levels, coarse_queries, softmax_dtype(dtype), device, **shape)
+        return FMAState.empty(
+            batch_size,
+            kv_heads,
+            levels,
+            coarse_queries,
+            softmax_dtype(dtype),
+            device,
+            self.partition,
+            self.fma.head_dim,
+        )
 
     def prefill(self, state: FMAState, q, k, v, valid=None, lengths: list[int] | None = None) -> None:
         """Consume, in place, tokens whose output was computed elsewhere (``forward`` over a prompt): ``q``

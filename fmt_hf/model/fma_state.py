@@ -2,7 +2,8 @@
 
 :class:`FMAState` holds the rows of a batch (a single sequence is a batch of one); ``fma_decode.py`` fills it from a
 prompt and attends new tokens to it. This module only stores it: ring reads and writes, row selection for beam
-search and batch operations, growing the level count, and its size.
+search and batch operations, growing the level count, its size, and what consuming tokens changes in each level
+(:class:`LevelUpdate`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 import torch
+
+from .fma_partition import Partition
 
 
 def ring_write(ring: torch.Tensor, first: int, items: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -30,6 +33,20 @@ def ring_write(ring: torch.Tensor, first: int, items: torch.Tensor, dim: int = 1
 def ring_read(ring: torch.Tensor, start: int, stop: int, dim: int = 1) -> torch.Tensor:
     """Positions ``start .. stop-1`` of ``ring`` along ``dim``, all among the last ``size`` written."""
     return ring.index_select(dim, torch.arange(start, stop, device=ring.device) % ring.shape[dim])
+
+
+@dataclass(frozen=True)
+class LevelUpdate:
+    """One level's part of consuming a chunk of new tokens: the summaries of the groups they complete
+    (``first_group`` .., bias included) and the new partial sums (bias-free) of the group then being filled."""
+
+    first_group: int
+    complete_k: torch.Tensor  # (B, H_kv, groups, p, d)
+    complete_v: torch.Tensor
+    complete_valid: torch.Tensor  # (B, groups): the group holds a real token
+    partial_k: torch.Tensor | None = None  # (B, H_kv, p, d); None for derived levels, which keep no partial sums
+    partial_v: torch.Tensor | None = None
+    partial_valid: torch.Tensor | None = None  # (B,)
 
 
 # The fields with a level dimension (dim 1), and what a level added to a state holds until its groups are computed.
@@ -96,17 +113,14 @@ class FMAState:
         coarse_queries,
         dtype,
         device,
-        *,
-        fine_ring,
-        group_ring,
-        coarse_tokens,
-        sink_tokens,
-        head_dim,
+        partition: Partition,
+        head_dim: int,
     ) -> FMAState:
-        """The state of ``batch_size`` empty sequences holding ``levels`` levels, with rings of ``fine_ring`` fine
-        positions and ``group_ring`` groups per level: nothing consumed, every buffer zero; ``coarse_queries`` the
-        query heads whose level queries it keeps (coarse query mode), else None."""
-        f, r, p, s, d = fine_ring, group_ring, coarse_tokens, sink_tokens, head_dim
+        """The state of ``batch_size`` empty sequences holding ``levels`` levels of ``partition``'s rings: nothing
+        consumed, every buffer zero; ``coarse_queries`` the query heads whose level queries it keeps (coarse query
+        mode), else None."""
+        f, r, p = partition.fine_ring, partition.group_ring, partition.coarse_tokens
+        s, d = partition.sink_tokens, head_dim
 
         def zeros(*shape):
             return torch.zeros(batch_size, *shape, dtype=dtype, device=device)
