@@ -97,7 +97,7 @@ class FMTConfig(PreTrainedConfig):
             per-call `is_causal` that disagrees with it is an error under FMA (the dense implementations honour it).
         fma_block_size (`int`, *optional*, defaults to 64):
             FMA's finest block `m`: each query attends the keys of its own and neighbouring blocks exactly. FMA
-            equals dense attention for sequences of at most `2 * fma_block_size` tokens.
+            equals dense attention for sequences of at most `(fma_near_blocks + 1) * fma_block_size` tokens.
         fma_coarse_tokens (`int`, *optional*, defaults to 4):
             FMA's `p`, the summaries each group is downsampled to at every coarse level; must divide (so be at
             most) `fma_block_size`.
@@ -132,11 +132,17 @@ class FMTConfig(PreTrainedConfig):
             `"gather"`; `"flex"` only on the device kinds where it has been checked (`FLEX_VERIFIED_DEVICES` in
             `fma_attention.py`: none yet, so `"flex"` is opt-in until a GPU run of `scripts/check_gpu.py` passes).
         fma_sink_tokens (`int`, *optional*, defaults to 0):
-            FMA's sink tokens `s` (`0 <= s <= fma_block_size`, docs/fma.md §3a): every query past the second block
-            also attends the first `s` positions exactly, and the coarse summaries leave them out. Pretrained
-            models park much of their attention on the first token (an attention sink), which plain FMA would
+            FMA's sink tokens `s` (`0 <= s <= fma_block_size`, docs/fma.md §3a): every query whose level-0 band
+            misses the first `s` positions also attends them exactly, and the coarse summaries leave them out.
+            Pretrained models park much of their attention on the first token (an attention sink), which plain FMA would
             average into distant summaries; a converted Llama-family model wants `s >= 1`. The decoding cache keeps
             `s` more keys and values per layer and key/value head. 0: plain FMA.
+        fma_near_blocks (`int`, *optional*, defaults to 1):
+            FMA's near-field width `w >= 1` (docs/fma.md §3): a query attends its own block and the `w` blocks
+            before it exactly (bidirectional: and the `w` after it), and every coarse level keeps a near field of
+            `w` groups on either side, so a level reads `w + 1` groups (bidirectional `2w + 1`). Wider fields see
+            more of the context exactly: `(w + 1) * fma_block_size` fine keys per query, and as many fine keys and
+            values in the decoding cache. 1: the partition of the paper's kernels.
 
     Example:
 
@@ -179,6 +185,7 @@ class FMTConfig(PreTrainedConfig):
     fma_boundary: Literal[BOUNDARY_MODES] = "mask"
     fma_kernel: Literal[KERNELS] = "auto"
     fma_sink_tokens: int = 0
+    fma_near_blocks: int = 1
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:

@@ -22,7 +22,7 @@ from .fma_decode import FMADecoder, softmax_dtype
 from .fma_downsample import make_downsampler, without_sinks
 from .fma_flex import FLEX_AVAILABLE, flex_fine_queries, flex_plan, flex_unsupported, key_offsets
 from .fma_options import check_fma_options
-from .fma_partition import MASK_VALUE, Partition, num_levels
+from .fma_partition import MASK_VALUE, Partition, num_levels, slots_per_level
 
 # Device kinds on which kernel="auto" takes the FlexAttention path: those where `scripts/check_gpu.py` (exactness
 # against the gather path, then timings) has passed. None yet -- until a GPU run passes, "flex" is opt-in everywhere.
@@ -43,7 +43,7 @@ class FastMultipoleAttention(nn.Module):
         max_seq_len: longest sequence the layer accepts; the hierarchy is built for it (rounded up to
             ``block_size * 2**(L+1)``). ``depthwise`` and ``full`` hold parameters for every level it needs. None
             (length-free families ``recursive`` and ``avgpool`` only, §7a): no cap -- every input gets the levels
-            it needs, ``num_levels(n, block_size)``.
+            it needs, ``num_levels(n, block_size, near_blocks)``.
         block_size: ``m``, the finest block; keys within one block of a query are attended exactly.
         coarse_tokens: ``p``, summaries per group at every coarse level; must divide ``block_size``.
         causal: autoregressive partition (a query sees only its past) or bidirectional.
@@ -72,6 +72,11 @@ class FastMultipoleAttention(nn.Module):
             misses position ``j < s`` attends it exactly, as an extra fine slot, and the downsamplers read these
             positions as zeros. For models that park attention on their first tokens (pretrained LLMs: §3a).
             0: plain FMA.
+        near_blocks: ``w >= 1``, the near-field width (§3): level 0 holds the ``w`` previous blocks and the own one
+            (bidirectional: and the ``w`` next ones) exactly, and at every coarse level the near field is ``w``
+            groups wide, so each level reads ``w + 1`` (bidirectional ``2w + 1``) groups. 1: the partition of the
+            paper's kernels. Wider fields see more tokens exactly, at ``(w+1)m`` fine keys per query and decoding
+            state.
 
     Attributes:
         flex_kv_block: keys per KV block of the flex path's block mask (``block_size`` by default; a multiple of 16
@@ -92,6 +97,7 @@ class FastMultipoleAttention(nn.Module):
         dropout: float = 0.0,
         sink_tokens: int = 0,
         kernel: str = "auto",
+        near_blocks: int = 1,
     ):
         super().__init__()
         check_fma_options(
@@ -107,6 +113,7 @@ class FastMultipoleAttention(nn.Module):
             dropout=dropout,
             sink_tokens=sink_tokens,
             kernel=kernel,
+            near_blocks=near_blocks,
         )
         if kernel == "flex" and not FLEX_AVAILABLE:
             raise ImportError(
@@ -116,10 +123,10 @@ class FastMultipoleAttention(nn.Module):
         self.head_dim, self.max_seq_len = head_dim, max_seq_len
         self.block_size, self.coarse_tokens = block_size, coarse_tokens
         self.causal, self.query_mode, self.scale_attn, self.boundary = causal, query_mode, scale_attn, boundary
-        self.dropout, self.sink_tokens = dropout, sink_tokens
+        self.dropout, self.sink_tokens, self.near_blocks = dropout, sink_tokens, near_blocks
         self.kernel, self.flex_kv_block = kernel, block_size
         # None: length-free, each input gets the levels it needs (§7a).
-        self.num_levels = None if max_seq_len is None else num_levels(max_seq_len, block_size)
+        self.num_levels = None if max_seq_len is None else num_levels(max_seq_len, block_size, near_blocks)
         # Slots beyond the hierarchy built for max_seq_len are "outside the sequence" (zero sinks); slots between
         # the actual length and that capacity are padding (always masked). Without a cap there is no capacity.
         self.partition = Partition(
@@ -131,6 +138,7 @@ class FastMultipoleAttention(nn.Module):
             scale_attn,
             boundary == "zero_sink",
             sink_tokens,
+            near_blocks,
         )
         self.capacity = self.partition.capacity
         # One downsampler for keys and one for values, each serving every level; shared by all heads.
@@ -152,7 +160,7 @@ class FastMultipoleAttention(nn.Module):
             f"head_dim={self.head_dim}, max_seq_len={self.max_seq_len}, block_size={self.block_size}, "
             f"coarse_tokens={self.coarse_tokens}, levels={levels}, causal={self.causal}, "
             f"query_mode={self.query_mode!r}, scale_attn={self.scale_attn}, boundary={self.boundary!r}, "
-            f"sink_tokens={self.sink_tokens}, kernel={self.kernel!r}"
+            f"sink_tokens={self.sink_tokens}, near_blocks={self.near_blocks}, kernel={self.kernel!r}"
         )
 
     # ------------------------------------------------------------------ validation
@@ -202,7 +210,7 @@ class FastMultipoleAttention(nn.Module):
         input_dtype = q.dtype
         kv_heads = k.shape[1]
         m = self.block_size
-        levels = num_levels(n, m)
+        levels = self.partition.levels_for(n)
         n_fine = -(-n // m) * m  # queries and fine keys: whole blocks
         n_coarse = -(-n // self.group_width(levels)) * self.group_width(levels)  # whole groups at every level
 
@@ -305,8 +313,8 @@ class FastMultipoleAttention(nn.Module):
         return flex_fine_queries(self.partition, q, keys, values, plan, offsets, self.flex_kv_block, valid)
 
     def _fine_queries(self, queries, bank_k, bank_v, index, bias, bank_valid):
-        """O(n log n): each fine block's m queries share one key set -- the fine band plus 2p (3p) slots per
-        level -- so the whole layer is one fused attention call with a block-batched additive mask (one call per
+        """O(n log n): each fine block's m queries share one key set -- the fine band plus (w+1)p ((2w+1)p) slots
+        per level -- so the whole layer is one fused attention call with a block-batched additive mask (one call per
         sequence when sequences carry padding).
 
         ``queries`` (B, H_kv, n_fine, g, d) unscaled; ``index`` (blocks, S) into the banks; ``bias``
@@ -385,7 +393,7 @@ class FastMultipoleAttention(nn.Module):
         merged, resolution = None, None  # (lse, out) at the resolution of the level last merged
         for level in range(len(plans) - 1, 0, -1):
             index, bias = plans[level]
-            p = index.shape[1] // (2 if self.causal else 3)
+            p = index.shape[1] // slots_per_level(self.causal, self.near_blocks)
             sub_window = self.group_width(level) // p
             if self.causal:
                 level_queries = queries[:, :, ::sub_window]

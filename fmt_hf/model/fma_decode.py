@@ -5,13 +5,11 @@ tokens to it. Exact: a step sees the logits and values of the full forward pass,
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from .fma_downsample import without_sinks
-from .fma_partition import MASK_VALUE, num_levels, ring_positions
-from .fma_state import FMAState, ring_read, ring_write
+from .fma_partition import MASK_VALUE, ring_positions
+from .fma_state import FMAState, LevelUpdate, ring_read, ring_write
 
 
 def softmax_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -30,20 +28,6 @@ def _new_tokens(state, q, k, v, valid):
     keep = valid.to(dtype)[:, None, :, None]
     state.holes = [holes or not bool(real.all()) for holes, real in zip(state.holes, valid)]
     return q * keep, k * keep, v * keep, valid
-
-
-@dataclass(frozen=True)
-class LevelUpdate:
-    """One level's part of consuming a chunk of new tokens: the summaries of the groups they complete
-    (``first_group`` .., bias included) and the new partial sums (bias-free) of the group then being filled."""
-
-    first_group: int
-    complete_k: torch.Tensor  # (B, H_kv, groups, p, d)
-    complete_v: torch.Tensor
-    complete_valid: torch.Tensor  # (B, groups): the group holds a real token
-    partial_k: torch.Tensor | None = None  # (B, H_kv, p, d); None for derived levels, which keep no partial sums
-    partial_v: torch.Tensor | None = None
-    partial_valid: torch.Tensor | None = None  # (B,)
 
 
 class FMADecoder:
@@ -71,9 +55,17 @@ class FMADecoder:
                 'build the layer with a max_seq_len, or use boundary="mask"'
             )
         levels = 0 if self.derives_levels else self.partition.num_levels  # derived levels come as they are needed
-        shape = dict(block_size=self.m, coarse_tokens=self.p, sink_tokens=self.s, head_dim=self.fma.head_dim)
         coarse_queries = heads if self.fma.query_mode == "coarse" else None
-        return FMAState.empty(batch_size, kv_heads, levels, coarse_queries, softmax_dtype(dtype), device, **shape)
+        return FMAState.empty(
+            batch_size,
+            kv_heads,
+            levels,
+            coarse_queries,
+            softmax_dtype(dtype),
+            device,
+            self.partition,
+            self.fma.head_dim,
+        )
 
     def prefill(self, state: FMAState, q, k, v, valid=None, lengths: list[int] | None = None) -> None:
         """Consume, in place, tokens whose output was computed elsewhere (``forward`` over a prompt): ``q``
@@ -93,7 +85,7 @@ class FMADecoder:
 
         One token per row (a decoding step, rows at any positions): a fixed number of batched tensor operations
         whatever B. Other chunks (chunked prefill, continuing with several tokens) attend the union of the state,
-        the new tokens and the groups they complete, ``O(c (c + 2m + 3pL))``, rows at one position together.
+        the new tokens and the groups they complete, ``O(c (c + (w+1)m + (2w+1)pL))``, rows at one position together.
         """
         if self.fma.training and self.fma.dropout:
             raise ValueError("FastMultipoleAttention decoding runs without dropout: call .eval() first")
@@ -152,7 +144,8 @@ class FMADecoder:
     def _level_updates(self, state, k, v, valid, tail_only) -> list[LevelUpdate] | None:
         """Per level, the :class:`LevelUpdate` of consuming ``k``/``v`` (B, H_kv, c, d); None when no fine block
         completes (the levels take new tokens once per fine block: group widths are multiples of m, so no group
-        can complete before its last block does). With ``tail_only``, at most the last three complete groups."""
+        can complete before its last block does). With ``tail_only``, at most the last 2w+1 complete groups (what a
+        level's ring keeps)."""
         t, c, m = state.lengths[0], k.shape[2], self.m
         block_start, end = t // m * m, (t + c) // m * m  # shares are summed over positions [block_start, end)
         if end == block_start or self.partition.num_levels == 0:
@@ -164,7 +157,7 @@ class FMADecoder:
         for level in range(1, state.num_levels + 1):
             width = self.partition.group_width(level)
             end_group = (t + c) // width  # groups before this one are complete after the chunk
-            start = max(block_start, (end_group - 3) * width) if tail_only else block_start
+            start = max(block_start, (end_group - self.partition.group_ring) * width) if tail_only else block_start
             positions = torch.arange(start, end, device=k.device)
             first = start // width
             n_complete, n_groups = end_group - first, (end - 1) // width - first + 1
@@ -199,8 +192,8 @@ class FMADecoder:
         """:meth:`_level_updates` for families whose levels derive from each other (§7a): level 1 summarises each
         completed fine block, level l+1 group g is ``combine`` of level-l groups 2g, 2g+1, computed when 2g+1
         completes. The state holds the levels the next query reads, L(t+c+1): a level that becomes needed is built
-        from its children, all of which are still stored then (a query first needs level l+1 when level l's
-        fourth group completes, and the ring holds the three before it)."""
+        from its children, all of which are still stored then (a query first needs level l+1 when level l's group
+        2w+1 completes, and the ring holds the 2w+1 before it)."""
         t, c, m = state.lengths[0], k.shape[2], self.m
         levels = max(self._levels_needed(t + c), state.num_levels)
         if levels == 0:
@@ -216,7 +209,8 @@ class FMADecoder:
             children, new_level = updates[-1], level > state.num_levels
             # Children stored before the chunk (the ring, if the level existed) then those the chunk completed.
             before = t // self.partition.group_width(level - 1)
-            stored = ring_positions(before - 1, 3, k.device)[: 3 if level - 1 <= state.num_levels else 0]
+            ring = state.group_ring
+            stored = ring_positions(before - 1, ring, k.device)[: ring if level - 1 <= state.num_levels else 0]
             stored = stored[(stored >= 0) & (stored < children.first_group)].sort().values
             first_child = int(stored[0]) if len(stored) else children.first_group
             merged = {}
@@ -224,7 +218,7 @@ class FMADecoder:
                 new = getattr(children, f"complete_{name}")
                 if len(stored):
                     new = torch.cat(
-                        [getattr(state, f"groups_{name}")[:, level - 2].index_select(dim, stored % 3), new], dim
+                        [getattr(state, f"groups_{name}")[:, level - 2].index_select(dim, stored % ring), new], dim
                     )
                 merged[name] = new
             last_child = first_child + merged["valid"].shape[1] - 1
@@ -253,7 +247,7 @@ class FMADecoder:
 
     def _levels_needed(self, length: int) -> int:
         """Derived families: the levels held after ``length`` tokens, L(length + 1) (the next query's), capped."""
-        levels = num_levels(length + 1, self.m)
+        levels = self.partition.levels_for(length + 1)
         return levels if self.partition.num_levels is None else min(levels, self.partition.num_levels)
 
     def _advance(self, state, q, k, v, valid, updates) -> None:
@@ -337,11 +331,12 @@ class FMADecoder:
 
         A token's own group is never complete, so it reads its row's fine ring, itself and the rings of complete
         groups, with the slot bias of its row's position (:meth:`Partition.step_bias`), and is written to slot
-        ``t % 2m`` of its row's ring. Rows whose token completes a fine block (on average B/m rows a step) then
+        ``t % (w+1)m`` of its row's ring. Rows whose token completes a fine block (on average B/m rows a step) then
         update their levels, one batched pass per level over those rows.
         """
         batch, heads, _, d = q.shape
         kv_heads, m, p, levels = k.shape[1], self.m, self.p, state.num_levels
+        fine_ring, group_slots = state.fine_ring, state.group_ring * p
         out_dtype, dtype = q.dtype, state.fine_k.dtype
         q, k, v, valid = _new_tokens(state, q, k, v, valid)
         q, k, v = q[:, :, 0], k[:, :, 0], v[:, :, 0]  # (B, H, d)
@@ -357,7 +352,7 @@ class FMADecoder:
             level_queries = (level_queries * d**-0.5).view(batch, levels, kv_heads, -1, d)
         # Levels as batch dimensions in the rings' own (B, L, H_kv) order: the rings are read in place (an einsum
         # ordering its batch dimensions by the output would copy them every step); only the small logits move.
-        level_logits = level_queries @ state.groups_k.flatten(3, 4).transpose(-1, -2)  # (B, L, H_kv, g, 3p)
+        level_logits = level_queries @ state.groups_k.flatten(3, 4).transpose(-1, -2)  # (B, L, H_kv, g, Rp)
         logits = [
             queries @ state.fine_k.transpose(-1, -2),
             (queries * k[:, :, None]).sum(-1, keepdim=True),
@@ -375,8 +370,8 @@ class FMADecoder:
             slots_valid.append(state.sink_valid)
             bias = bias.masked_fill(~torch.cat(slots_valid, 1), MASK_VALUE)
         probs = torch.softmax(torch.cat(logits, -1) + bias[:, None, None], -1)  # (B, H_kv, g, S)
-        fine, own = probs[..., : 2 * m], probs[..., 2 * m : 2 * m + 1]
-        coarse = probs[..., 2 * m + 1 : 2 * m + 1 + levels * 3 * p].unflatten(-1, (levels, 3 * p))
+        fine, own = probs[..., :fine_ring], probs[..., fine_ring : fine_ring + 1]
+        coarse = probs[..., fine_ring + 1 : fine_ring + 1 + levels * group_slots].unflatten(-1, (levels, group_slots))
         out = (
             fine @ state.fine_v
             + own * v[:, :, None]
@@ -386,7 +381,7 @@ class FMADecoder:
             out = out + probs[..., -self.s :] @ state.sink_v
         out = out.reshape(batch, heads, 1, d)
 
-        rows, slots = torch.arange(batch, device=q.device), t % (2 * m)
+        rows, slots = torch.arange(batch, device=q.device), t % fine_ring
         state.fine_k[rows, :, slots] = k
         state.fine_v[rows, :, slots] = v
         state.fine_valid[rows, slots] = valid[:, 0]
@@ -419,7 +414,7 @@ class FMADecoder:
         token (R,)."""
         m = self.m
         positions = blocks[:, None] * m + torch.arange(m, device=blocks.device)  # (R, m)
-        slots = positions % (2 * m)
+        slots = positions % state.fine_ring
         tokens = [
             ring[rows[:, None], :, slots].permute(2, 0, 1, 3).flatten(1, 2) for ring in (state.fine_k, state.fine_v)
         ]
@@ -440,7 +435,7 @@ class FMADecoder:
             width = self.partition.group_width(level)
             offsets = (block_start[:, None] + torch.arange(m, device=index.device)) % width
             complete = ends % width == 0  # (R,): the block is its group's last
-            done, group_slot = index[complete], (ends[complete] // width - 1) % 3
+            done, group_slot = index[complete], (ends[complete] // width - 1) % state.group_ring
             for name, family, tokens in (("k", self.k_downsample, tokens_k), ("v", self.v_downsample, tokens_v)):
                 block_sums, bias = family(tokens, level=level, offsets=offsets.flatten())  # (H_kv, R, p, d)
                 partial = getattr(state, f"partial_{name}")
@@ -454,8 +449,9 @@ class FMADecoder:
     def _complete_derived_blocks(self, state, rows: list[int]) -> None:
         """Derived families (§7a), in place: rows ``rows`` whose last token completed a fine block summarise it
         (level 1) and every group it completes (level l+1: ``combine`` of two level-l children), one batched pass
-        per level over those rows. A row whose next query reads a new level l gains it here, at t = 2 w_l: groups
-        0 and 1, from level l-1's groups 0 .. 3 (three still in its ring, one completed now; level 1: blocks 0, 1)."""
+        per level over those rows. A row whose next query reads a new level l gains it here, at t = (w+1) w_l: groups
+        0 .. w, from level l-1's groups 0 .. 2w+1 (2w+1 still in its ring, one completed now; level 1: blocks 0 .. w,
+        all in the fine ring)."""
         ends, held = [state.lengths[b] for b in rows], [state.levels[b] for b in rows]
         needed = [self._levels_needed(end) for end in ends]
         state.grow_levels(max(needed))
@@ -464,21 +460,26 @@ class FMADecoder:
         below, below_summaries = {}, ()  # the level below: each row's place in its new groups, and those groups
         for level in range(1, max(needed) + 1):
             width = self.partition.group_width(level)
-            # (row, group) pairs: the group each row's block completes, then group 0 of a level a row gains now
+            # (row, group) pairs: the group each row's block completes, then groups 0 .. w-1 of a level a row gains now
             completed = [
                 (b, end // width - 1) for b, end, n in zip(rows, ends, needed) if end % width == 0 and level <= n
             ]
             if not completed:  # then no level above completes a group either
                 break
-            gained = [(b, 0) for b, n, h in zip(rows, needed, held) if n == level > h]
+            gained = [
+                (b, g)
+                for b, n, h in zip(rows, needed, held)
+                if n == level > h
+                for g in range(self.partition.near_blocks)
+            ]
             pairs = torch.tensor(completed + gained, device=device)
             pair_rows, groups = pairs[:, 0], pairs[:, 1]
             if level == 1:
                 tokens, valid = self._block_tokens(state, pair_rows, groups)
                 summaries = [family(x, 1)[0].transpose(0, 1) for family, x in zip(families, tokens)]
             else:
-                # Children 2g are stored; children 2g+1 are the groups the level below completes now, except for a
-                # gained group 0, whose child 1 is stored too.
+                # Children 2g are stored; children 2g+1 are the groups the level below completes now, except for
+                # gained groups g < w, whose children 2g+1 are stored too.
                 first = state.stored_groups(level - 1, pair_rows, 2 * groups)
                 n_new = len(completed)
                 second_stored = state.stored_groups(level - 1, pair_rows[n_new:], 2 * groups[n_new:] + 1)
@@ -487,7 +488,7 @@ class FMADecoder:
                 pair_summaries = [torch.cat([a, b], -2) for a, b in zip(first[:2], second[:2])]  # (P, H_kv, 2p, d)
                 summaries = [family.combine(x) for family, x in zip(families, pair_summaries)]
                 valid = first[2] | second[2]
-            writes.append((level, pair_rows, groups % 3, summaries, valid))
+            writes.append((level, pair_rows, groups % state.group_ring, summaries, valid))
             below = {b: i for i, (b, _) in enumerate(completed)}
             below_summaries = (*summaries, valid)
         for level, pair_rows, slots, (summary_k, summary_v), valid in writes:

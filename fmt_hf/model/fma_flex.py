@@ -11,8 +11,9 @@ path"):
 - **Block lists.** Query blocks are the fine blocks (``m`` rows: all rows of a block share their coarse slots,
   §3). For each, the KV blocks (``kv_block`` keys, ``m`` by default) that hold any of its slots, split into
   *full* blocks (every key legal for every row: the kernel skips the mask) and *partial* ones, read off the slot
-  plan of :meth:`Partition.plans` -- the partition is not restated here. Lists are O(blocks x (2 + L)) (3 + 2L
-  bidirectional): ``create_block_mask``, which evaluates the mask densely, is never called.
+  plan of :meth:`Partition.plans` -- the partition is not restated here. Lists are O(blocks x (w + 1 + L))
+  (2w + 1 + 2L bidirectional; w the near-field width): ``create_block_mask``, which evaluates the mask densely,
+  is never called.
 - **Mask.** Inside partial blocks the ``mask_mod`` decides each (query, key) pair with the partition's elementwise
   predicates (:func:`fine_member`, :func:`attends_group`, :meth:`Partition.reads_sinks` for the sink tokens of
   §3a) and per-key lookups (level, position or group, group
@@ -175,7 +176,7 @@ def block_mask(
     leaves real (None: no padding mask; every block that can be full then is). ``key_valid`` must already be False
     where ``plan.real`` is (filler, summaries of sinks only): the caller ANDs them, because doing it here trips
     Inductor's CPU template (``test_compiled_kernel_reads_the_block_lists``)."""
-    m, causal = partition.block_size, partition.causal
+    m, causal, near = partition.block_size, partition.causal, partition.near_blocks
     level, position, width = plan.level, plan.position, plan.width
     real = plan.real if key_valid is None else key_valid
 
@@ -183,10 +184,10 @@ def block_mask(
 
     def mask_mod(b, h, q_idx, kv_idx):
         key = position[kv_idx]
-        fine = fine_member(q_idx, key, m, causal)  # §3
+        fine = fine_member(q_idx, key, m, causal, near)  # §3
         if sinks:  # §3a (only when there are sinks: the term trips Inductor's CPU template even when it is False)
             fine = fine | ((key < sinks) & partition.reads_sinks(q_idx // m))
-        legal = torch.where(level[kv_idx] == 0, fine, attends_group(q_idx // width[kv_idx], key, causal))
+        legal = torch.where(level[kv_idx] == 0, fine, attends_group(q_idx // width[kv_idx], key, causal, near))
         return legal & (real[kv_idx] if key_valid is None else real[b, kv_idx])
 
     lists = plan.lists if key_valid is None else plan.padded_lists

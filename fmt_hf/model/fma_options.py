@@ -29,6 +29,7 @@ CONFIG_FIELDS = {
     "dropout": "attention_dropout",
     "sink_tokens": "fma_sink_tokens",
     "kernel": "fma_kernel",
+    "near_blocks": "fma_near_blocks",
 }
 
 
@@ -74,6 +75,7 @@ def check_fma_options(
     dropout,
     sink_tokens,
     kernel,
+    near_blocks,
     names: dict[str, str] | None = None,
 ) -> None:
     """Raises a ValueError naming the first argument that breaks a rule, by its name in `names` when given (e.g.
@@ -82,7 +84,12 @@ def check_fma_options(
     def name(argument: str) -> str:
         return (names or {}).get(argument, argument)
 
-    for argument, value in (("head_dim", head_dim), ("block_size", block_size), ("coarse_tokens", coarse_tokens)):
+    for argument, value in (
+        ("head_dim", head_dim),
+        ("block_size", block_size),
+        ("coarse_tokens", coarse_tokens),
+        ("near_blocks", near_blocks),
+    ):
         if not _is_int(value) or value < 1:
             raise ValueError(f"`{name(argument)}` must be a positive integer, got {value!r}.")
     if max_seq_len is not None and (not _is_int(max_seq_len) or max_seq_len < 1):

@@ -25,47 +25,59 @@ import torch
 MASK_VALUE = -1e30
 
 
-def num_levels(seq_len: int, block_size: int) -> int:
-    """Number of coarse levels L a sequence of ``seq_len`` tokens needs (§1, §7).
+def num_levels(seq_len: int, block_size: int, near_blocks: int = 1) -> int:
+    """Number of coarse levels L a sequence of ``seq_len`` tokens needs (§1, §3, §7): the fewest with which the
+    partition of near-field width ``near_blocks`` (w) covers every pair, ``seq_len <= (w+1) * block_size * 2**L``.
 
-    Level l (group width ``block_size * 2**(l-1)``) is used only by queries at ``i >= 2 * width``, so it exists
-    when ``seq_len > block_size * 2**l``.
+    Level l (group width ``w_l = block_size * 2**(l-1)``) is used only by queries at ``i >= (w+1) * w_l``, so it
+    exists when ``seq_len > (w+1) * w_l``.
     """
     levels = 0
-    while block_size * 2 ** (levels + 1) < seq_len:
+    while (near_blocks + 1) * block_size * 2**levels < seq_len:
         levels += 1
     return levels
 
 
-def interaction_list(own_group: torch.Tensor, causal: bool) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """The level-l slots of a query in level-l group ``own_group`` (§3), one ``(group, member)`` pair per slot.
+def slots_per_level(causal: bool, near_blocks: int = 1) -> int:
+    """Groups in a level's interaction list (§3): w + 1 causal (w of them for an even child), 2w + 1 bidirectional."""
+    return near_blocks + 1 if causal else 2 * near_blocks + 1
+
+
+def interaction_list(
+    own_group: torch.Tensor, causal: bool, near_blocks: int = 1
+) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The level-l slots of a query in level-l group ``own_group`` G (§3) with near-field width ``near_blocks`` w,
+    one ``(group, member)`` pair per slot: the level-l children of the parent level's near field (groups
+    ``2(P-w) .. 2(P+w)+1``, P = G // 2 the parent) that are not in this level's (``G-w .. G+w``), causal ones in
+    the past only.
 
     ``member`` is None for a slot every query has, else a bool tensor that is False where the slot is not part of
-    the partition (the causal second group of an even child). Elementwise operations only, so the same statement
+    the partition (the causal last group of an even child). Elementwise operations only, so the same statement
     serves the slot plans (:func:`coarse_groups`) and FlexAttention's mask, which is evaluated per (query, key)
     inside a compiled kernel (:func:`attends_group`).
     """
-    g = own_group
+    g, w = own_group, near_blocks
     if causal:
-        first = (g >> 1) * 2 - 2  # group 2P - 2, P the parent pair; 2P - 1 only when the query is an odd child
-        return [(first, None), (first + 1, (g & 1) == 1)]
+        first = (g >> 1) * 2 - 2 * w  # groups 2P-2w .. G-w-1: 2P-w only when the query is an odd child
+        return [(first + j, None) for j in range(w)] + [(first + w, (g & 1) == 1)]
     odd = (g & 1) == 1
-    # even G: G-2, G+2, G+3; odd G: G-3, G-2, G+2 (the 1D fast-multipole interaction list)
-    return [
-        (torch.where(odd, g - 3, g - 2), None),
-        (torch.where(odd, g - 2, g + 2), None),
-        (torch.where(odd, g + 2, g + 3), None),
-    ]
+    # even G: G-2w .. G-w-1 and G+w+1 .. G+2w+1; odd G: G-2w-1 .. G-w-1 and G+w+1 .. G+2w (w = 1: even G-2, G+2,
+    # G+3; odd G-3, G-2, G+2, the 1D fast-multipole interaction list)
+    return (
+        [(torch.where(odd, g - 2 * w - 1 + j, g - 2 * w + j), None) for j in range(w)]
+        + [(torch.where(odd, g - w - 1, g + w + 1), None)]
+        + [(torch.where(odd, g + j, g + j + 1), None) for j in range(w + 1, 2 * w + 1)]
+    )
 
 
-def coarse_groups(own_group: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def coarse_groups(own_group: torch.Tensor, causal: bool, near_blocks: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """The level-l groups a query in level-l group ``own_group`` attends to (§3).
 
-    Returns ``(groups, member)``, each ``own_group.shape + (k,)`` with k = 2 (causal) or 3 (bidirectional).
-    ``member`` is False for a slot that is not part of the partition (the causal second group of an even
-    child); a member group may still lie outside the sequence -- the caller decides what that means.
+    Returns ``(groups, member)``, each ``own_group.shape + (k,)`` with k = :func:`slots_per_level`. ``member`` is
+    False for a slot that is not part of the partition (the causal last group of an even child); a member group
+    may still lie outside the sequence -- the caller decides what that means.
     """
-    slots = interaction_list(own_group, causal)
+    slots = interaction_list(own_group, causal, near_blocks)
     groups = torch.stack([group for group, _ in slots], -1)
     member = torch.stack(
         [torch.ones_like(own_group, dtype=torch.bool) if member is None else member for _, member in slots], -1
@@ -73,23 +85,26 @@ def coarse_groups(own_group: torch.Tensor, causal: bool) -> tuple[torch.Tensor, 
     return groups, member
 
 
-def attends_group(own_group: torch.Tensor, group: torch.Tensor, causal: bool) -> torch.Tensor:
+def attends_group(own_group: torch.Tensor, group: torch.Tensor, causal: bool, near_blocks: int = 1) -> torch.Tensor:
     """Whether a query in level-l group ``own_group`` reads level-l group ``group`` (§3), elementwise (broadcast)."""
     hit = None
-    for slot, member in interaction_list(own_group, causal):
+    for slot, member in interaction_list(own_group, causal, near_blocks):
         match = group == slot if member is None else (group == slot) & member
         hit = match if hit is None else hit | match
     return hit
 
 
-def fine_member(query: torch.Tensor, key: torch.Tensor, block_size: int, causal: bool) -> torch.Tensor:
+def fine_member(
+    query: torch.Tensor, key: torch.Tensor, block_size: int, causal: bool, near_blocks: int = 1
+) -> torch.Tensor:
     """Whether query position ``query`` reads fine key position ``key`` at level 0 (§3), elementwise (broadcast):
-    causal, the previous block and its own block up to itself; bidirectional, the three-block band. ``key`` may
-    be negative (a block before the sequence); whether such a key exists is the caller's business."""
+    causal, the ``near_blocks`` (w) previous blocks and its own block up to itself; bidirectional, the band of
+    ``2w + 1`` blocks. ``key`` may be negative (a block before the sequence); whether such a key exists is the
+    caller's business."""
     query_block, key_block = query // block_size, key // block_size
     if causal:
-        return (key_block >= query_block - 1) & (key <= query)
-    return (key_block >= query_block - 1) & (key_block <= query_block + 1)
+        return (key_block >= query_block - near_blocks) & (key <= query)
+    return (key_block >= query_block - near_blocks) & (key_block <= query_block + near_blocks)
 
 
 def slot_bias(member, in_range, real, offset: float, zero_sink: bool, dtype: torch.dtype) -> torch.Tensor:
@@ -168,6 +183,8 @@ class Partition:
     ``num_levels=None`` is a length-free layer (§7a): every input gets the hierarchy it needs, there is no
     capacity, and only groups before position 0 are outside the sequence. ``sink_tokens`` s (§3a): positions
     ``j < s`` are attended exactly by every query whose level-0 band misses them, and summarised by no group.
+    ``near_blocks`` w (§3): level 0 holds the w previous blocks and the own one (bidirectional: and the w next), and
+    at every coarse level the near field is the w groups on either side of the query's own.
     """
 
     block_size: int
@@ -178,10 +195,31 @@ class Partition:
     scale_attn: bool
     zero_sink: bool
     sink_tokens: int = 0
+    near_blocks: int = 1
 
     @property
     def capacity(self) -> int | None:
-        return None if self.num_levels is None else self.block_size * 2 ** (self.num_levels + 1)
+        """The longest sequence the hierarchy covers, ``(w+1) m 2**L`` (:func:`num_levels`)."""
+        return None if self.num_levels is None else (self.near_blocks + 1) * self.block_size * 2**self.num_levels
+
+    @property
+    def fine_ring(self) -> int:
+        """Fine positions the decoding state keeps (§8): the w blocks before the one being filled and that one."""
+        return (self.near_blocks + 1) * self.block_size
+
+    @property
+    def group_ring(self) -> int:
+        """Complete groups a level of the decoding state keeps (§8): ``2w + 1``, the groups ``2(P-w) .. G-1`` a
+        present or future query can still need."""
+        return 2 * self.near_blocks + 1
+
+    def levels_for(self, seq_len: int) -> int:
+        """:func:`num_levels` of this partition's block size and near field."""
+        return num_levels(seq_len, self.block_size, self.near_blocks)
+
+    def coarse_groups(self, own_group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:func:`coarse_groups` under this partition."""
+        return coarse_groups(own_group, self.causal, self.near_blocks)
 
     def inside(self, groups: torch.Tensor, width: int) -> torch.Tensor:
         """Whether groups of ``width`` tokens lie inside the sequence the hierarchy covers: from position 0 up to
@@ -192,9 +230,9 @@ class Partition:
 
     def reads_sinks(self, blocks: torch.Tensor) -> torch.Tensor:
         """Whether queries of fine blocks ``blocks`` attend the sinks through their sink slots (§3a): the level-0
-        band of block b holds blocks b-1 .. (b+1), so it holds block 0, and with it every sink (s <= m), exactly
-        when b <= 1 -- causal and bidirectional alike."""
-        return blocks >= 2
+        band of block b holds blocks b-w .. (b+w), so it holds block 0, and with it every sink (s <= m), exactly
+        when b <= w -- causal and bidirectional alike."""
+        return blocks > self.near_blocks
 
     def sink_summaries(self, groups: torch.Tensor, width: int, p: int) -> torch.Tensor:
         """Whether each of the ``p`` coarse tokens of groups ``groups`` (``groups.shape + (p,)``, flattened into the
@@ -236,14 +274,15 @@ class Partition:
         n_blocks = n_fine // m
         blocks = torch.arange(n_blocks, device=device)
 
-        # Level 0 (§3): the previous and own block (causal, own up to the query), or the three-block band.
-        offsets = torch.tensor((-1, 0) if self.causal else (-1, 0, 1), device=device)
+        # Level 0 (§3): the w previous blocks and the own one (causal, own up to the query), or the 2w+1-block band.
+        w = self.near_blocks
+        offsets = torch.arange(-w, 1 if self.causal else w + 1, device=device)
         slot = torch.arange(len(offsets) * m, device=device)
         neighbour = blocks[:, None] + offsets[slot // m]  # (blocks, K0)
         key_pos = neighbour * m + slot % m
         in_range = self.inside(neighbour, m)
         query_pos = blocks[:, None] * m + torch.arange(m, device=device)
-        member = fine_member(query_pos[:, :, None], key_pos[:, None, :], m, self.causal)  # (blocks, m, K0)
+        member = fine_member(query_pos[:, :, None], key_pos[:, None, :], m, self.causal, w)  # (blocks, m, K0)
         fine_bias = slot_bias(member, in_range[:, None], (key_pos < n)[:, None], 0.0, self.zero_sink, dtype)
         fine_index = torch.where(in_range & (key_pos < n_fine), key_pos + 1, 0)
         if self.zero_sink and self.num_levels is not None and levels < self.num_levels:
@@ -256,7 +295,7 @@ class Partition:
             fine_index = torch.cat([fine_index, torch.zeros_like(fine_index[:, :1])], 1)
         if self.sink_tokens:
             # §3a: the sinks, fine tokens 0 .. s-1 of the bank, as extra fine slots of the blocks whose band misses
-            # them (every sink is a real position there: such a block starts at 2m > s).
+            # them (every sink is a real position there: such a block starts past m >= s).
             sink_index = torch.arange(1, self.sink_tokens + 1, device=device).expand(n_blocks, -1)
             sink_use = self.reads_sinks(blocks)[:, None, None].expand(-1, m, self.sink_tokens)
             fine_bias = torch.cat([fine_bias, slot_bias(sink_use, True, True, 0.0, False, dtype)], 2)
@@ -285,7 +324,7 @@ class Partition:
     def _level_slots(self, level, p, own_group, n, n_coarse, base, dtype):
         """Bank index (q, k*p) and bias (q, k*p) of the level-l slots of queries in level-l groups ``own_group``."""
         width = self.group_width(level)
-        groups, member = coarse_groups(own_group, self.causal)
+        groups, member = self.coarse_groups(own_group)
         in_range = self.inside(groups, width)
         bias = slot_bias(member, in_range, groups * width < n, self.offset(level, p), self.zero_sink, dtype)
         available = member & (groups >= 0) & (groups < n_coarse // width)
@@ -301,7 +340,7 @@ class Partition:
         """
         count = torch.zeros(len(blocks), dtype=torch.float32, device=blocks.device)
         for level in range(levels + 1, self.num_levels + 1):
-            groups, member = coarse_groups(blocks >> (level - 1), self.causal)
+            groups, member = self.coarse_groups(blocks >> (level - 1))
             outside = member & ~self.inside(groups, self.group_width(level))
             count += self.coarse_tokens * outside.sum(-1)
         return count
@@ -309,8 +348,8 @@ class Partition:
     # ------------------------------------------------------------------ decoding: state biases (§8)
 
     def state_bias(self, t: int, c: int, levels: int, new_groups: list[tuple[int, int]], dtype, device) -> torch.Tensor:
-        """Bias (c, S) of queries at ``t .. t+c-1`` over ``[fine ring (2m) | the c new tokens | per level: its
-        ring of three complete groups and the groups ``first .. first+count-1`` the chunk adds (``new_groups[l-1]
+        """Bias (c, S) of queries at ``t .. t+c-1`` over ``[fine ring ((w+1)m) | the c new tokens | per level: its
+        ring of 2w+1 complete groups and the groups ``first .. first+count-1`` the chunk adds (``new_groups[l-1]
         = (first, count)``), p slots each | the zero-sink slot (boundary="zero_sink") | the s sink tokens (§3a)]``:
         the §3 partition seen from the decoding state. Ring slots at or past ``first`` are empty (a level added by
         this chunk)."""
@@ -341,34 +380,35 @@ class Partition:
         return slot_bias(use, True, True, 0.0, False, dtype)
 
     def _fine_state_bias(self, t, c, dtype, device):
-        """Level-0 part (B, c, 2m + c) for rows at lengths ``t`` (B,): ring slot s holds position
-        ``ring_positions(t-1, 2m)[s]``; query i sees [(floor(i/m)-1)m, i] (§3)."""
+        """Level-0 part (B, c, (w+1)m + c) for rows at lengths ``t`` (B,): ring slot s holds position
+        ``ring_positions(t-1, (w+1)m)[s]``; query i sees [(floor(i/m)-w)m, i] (§3)."""
         m = self.block_size
         i = t[:, None] + torch.arange(c, device=device)  # (B, c)
-        positions = torch.cat([ring_positions(t - 1, 2 * m, device), i], 1)[:, None, :]
-        use = (positions >= (i // m - 1)[..., None] * m) & (positions <= i[..., None]) & (positions >= 0)
+        positions = torch.cat([ring_positions(t - 1, self.fine_ring, device), i], 1)[:, None, :]
+        use = fine_member(i[..., None], positions, m, True, self.near_blocks) & (positions >= 0)
         return slot_bias(use, True, True, 0.0, False, dtype)
 
     def _coarse_state_bias(self, t, c, levels, new_groups, dtype, device):
         """Coarse part (B, c, S') for rows at lengths ``t`` (B,): per level, its ring of three complete groups
-        (slot u holds group ``ring_positions(G-1, 3)[u]``, G = t // w_l) and the groups the chunk completes
+        (slot u holds group ``ring_positions(G-1, 2w+1)[u]``, G = t // w_l) and the groups the chunk completes
         (``first`` an int or per row), p slots each; then, with ``zero_sink``, one slot carrying the sinks (§3,
         §4)."""
         p = self.coarse_tokens
         i = t[:, None] + torch.arange(c, device=device)  # (B, c)
         parts = []
-        sinks = (i < self.block_size).float() * self.block_size  # block -1 of the first block
+        # the fine blocks before position 0 in the band of the first w blocks
+        sinks = (self.near_blocks - i // self.block_size).clamp(min=0).float() * self.block_size
         # Sinks count every level of the built hierarchy, also those the state does not hold yet (derived levels
         # are added when first needed; until then all their groups lie before position 0).
         for level in range(1, max(levels, self.num_levels if self.zero_sink and self.num_levels else 0) + 1):
             width = self.group_width(level)
-            wanted, member = coarse_groups(i // width, causal=True)  # (B, c, 2)
+            wanted, member = self.coarse_groups(i // width)  # (B, c, w+1)
             sinks += p * (member & (wanted < 0)).sum(-1)
             if level > levels:
                 continue
             first, count = new_groups[level - 1]
             first = torch.as_tensor(first, device=device).view(-1, 1)
-            ring = ring_positions(t // width - 1, 3, device)  # (B, 3)
+            ring = ring_positions(t // width - 1, self.group_ring, device)  # (B, 2w+1)
             ids = torch.cat([ring, (first + torch.arange(count, device=device)).expand(len(t), -1)], 1)
             stored = torch.cat([(ring >= 0) & (ring < first), ids.new_ones(len(t), count, dtype=torch.bool)], 1)
             use = ((ids[:, None, :, None] == wanted[:, :, None, :]) & member[:, :, None, :]).any(-1)  # (B, c, slots)
@@ -386,7 +426,7 @@ def _step_bias(partition: Partition, lengths: tuple[int, ...], levels: int, dtyp
     of that step only."""
     m = partition.block_size
 
-    def fine_part(t):  # (2m + 1,) of one token at position t
+    def fine_part(t):  # ((w+1)m + 1,) of one token at position t
         return partition._fine_state_bias(torch.tensor([t], device=device), 1, dtype, device)[0, 0]
 
     def coarse_part(t):  # the levels' slots, then the sink tokens' (§3a)
@@ -400,10 +440,19 @@ def _step_bias(partition: Partition, lengths: tuple[int, ...], levels: int, dtyp
         )
 
     # Rows are gathered from per-position parts cached in PLANS, so a step costs lookups, not a computation: the
-    # fine part repeats with period 2m once t >= 2m, the coarse part (with the sinks') is constant within a block.
+    # fine part repeats with period (w+1)m once t >= (w+1)m, the coarse part (with the sinks') is constant within a
+    # block.
     fine = [
         PLANS.get(
-            ("fine_step", partition, t % (2 * m), min(t // m, 2), str(device), dtype), functools.partial(fine_part, t)
+            (
+                "fine_step",
+                partition,
+                t % partition.fine_ring,
+                min(t // m, partition.near_blocks + 1),
+                str(device),
+                dtype,
+            ),
+            functools.partial(fine_part, t),
         )
         for t in lengths
     ]

@@ -2,7 +2,8 @@
 
 :class:`FMAState` holds the rows of a batch (a single sequence is a batch of one); ``fma_decode.py`` fills it from a
 prompt and attends new tokens to it. This module only stores it: ring reads and writes, row selection for beam
-search and batch operations, growing the level count, and its size.
+search and batch operations, growing the level count, its size, and what consuming tokens changes in each level
+(:class:`LevelUpdate`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 import torch
+
+from .fma_partition import Partition
 
 
 def ring_write(ring: torch.Tensor, first: int, items: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -32,6 +35,20 @@ def ring_read(ring: torch.Tensor, start: int, stop: int, dim: int = 1) -> torch.
     return ring.index_select(dim, torch.arange(start, stop, device=ring.device) % ring.shape[dim])
 
 
+@dataclass(frozen=True)
+class LevelUpdate:
+    """One level's part of consuming a chunk of new tokens: the summaries of the groups they complete
+    (``first_group`` .., bias included) and the new partial sums (bias-free) of the group then being filled."""
+
+    first_group: int
+    complete_k: torch.Tensor  # (B, H_kv, groups, p, d)
+    complete_v: torch.Tensor
+    complete_valid: torch.Tensor  # (B, groups): the group holds a real token
+    partial_k: torch.Tensor | None = None  # (B, H_kv, p, d); None for derived levels, which keep no partial sums
+    partial_v: torch.Tensor | None = None
+    partial_valid: torch.Tensor | None = None  # (B,)
+
+
 # The fields with a level dimension (dim 1), and what a level added to a state holds until its groups are computed.
 # Partial sums exist only for the direct families, which hold all their levels from the start.
 NEW_LEVEL_FILL = {"groups_k": 0.0, "groups_v": 0.0, "groups_valid": True, "level_queries": 0.0}
@@ -41,32 +58,33 @@ LEVEL_FIELDS = ("partial_k", "partial_v", "partial_valid", *NEW_LEVEL_FILL)
 @dataclass
 class FMAState:
     """What causal FMA keeps of the past of each row of a batch in one layer (§8); row b has consumed
-    ``lengths[b]`` tokens. Every tensor is batch-first (B rows); m, p, s, d, H, H_kv as in ``FastMultipoleAttention``.
+    ``lengths[b]`` tokens. Every tensor is batch-first (B rows); m, p, s, d, H, H_kv as in ``FastMultipoleAttention``,
+    w its ``near_blocks``, F = (w+1)m and R = 2w+1 (:attr:`Partition.fine_ring`, :attr:`Partition.group_ring`).
 
-    - ``fine_k``/``fine_v`` (B, H_kv, 2m, d): the last ``2m`` fine keys/values, a ring (position j at slot
-      ``j % 2m``), so the window ``[(floor(t/m)-1)m, t)`` is always inside.
+    - ``fine_k``/``fine_v`` (B, H_kv, F, d): the last ``F`` fine keys/values, a ring (position j at slot
+      ``j % F``), so the window ``[(floor(t/m)-w)m, t)`` is always inside.
     - ``partial_k``/``partial_v`` (B, L, H_kv, p, d): per level, the bias-free partial sum of the group being
       filled, over its complete fine blocks (the tokens of the block being filled wait in the fine ring). Empty
       (0 levels) for families whose levels derive from each other (``avgpool``, ``recursive``; §7a): a parent is
       computed from two stored children when the second completes.
-    - ``groups_k``/``groups_v`` (B, L, H_kv, 3, p, d): per level, a ring of the last three complete groups (group g
-      at slot ``g % 3``) -- exactly the groups a present or future query can still need.
+    - ``groups_k``/``groups_v`` (B, L, H_kv, R, p, d): per level, a ring of the last R complete groups (group g
+      at slot ``g % R``) -- exactly the groups a present or future query can still need.
     - ``sink_k``/``sink_v`` (B, H_kv, s, d): the sink tokens, positions ``0 .. s-1`` (§3a), kept once they have
       left the fine ring; ``sink_valid`` (B, s) whether each is a real token. Empty without sinks.
     - ``level_queries`` (B, L, H, d), coarse query mode only: per level, the query that opened the current
       sub-window (the coarse query of every token in it).
-    - ``fine_valid`` (B, 2m), ``partial_valid`` (B, L), ``groups_valid`` (B, L, 3): which fine slots hold real
+    - ``fine_valid`` (B, F), ``partial_valid`` (B, L), ``groups_valid`` (B, L, R): which fine slots hold real
       tokens and which groups hold at least one (masked tokens -- holes in an attention mask -- are positions whose
       keys and values are zero and never attended, as in the forward pass); ``holes[b]`` says whether row b has
       consumed a masked token (without holes its validity flags are all True and attending skips them).
     - ``levels[b]``: the coarse levels row b holds. For the families with a level per built length that is every
-      level; for the derived ones L(t+1) = ``num_levels(t + 1, m)``, the levels the next query reads, so rows gain
+      level; for the derived ones L(t+1) = ``num_levels(t + 1, m, w)``, the levels the next query reads, so rows gain
       levels at different steps. The tensors hold the most any row holds (:attr:`num_levels`); a row's extra levels
       are empty rings its queries never read, which the position-only bias masks.
 
-    ``4m + 2s + 8pL`` key/value vectors per row and key/value head (:attr:`num_vectors`; ``4m + 2s + 6pL`` for the
-    derived families). Updated in place, as transformers' caches are: beams and ``num_return_sequences`` build new
-    states with :meth:`select`, a copy, so rows never share memory.
+    ``2F + 2s + 2(R+1)pL`` key/value vectors per row and key/value head (:attr:`num_vectors`; ``2F + 2s + 2RpL`` for
+    the derived families; w = 1: ``4m + 2s + 8pL`` and ``4m + 2s + 6pL``). Updated in place, as transformers' caches
+    are: beams and ``num_return_sequences`` build new states with :meth:`select`, a copy, so rows never share memory.
     """
 
     lengths: list[int]
@@ -95,15 +113,14 @@ class FMAState:
         coarse_queries,
         dtype,
         device,
-        *,
-        block_size,
-        coarse_tokens,
-        sink_tokens,
-        head_dim,
+        partition: Partition,
+        head_dim: int,
     ) -> FMAState:
-        """The state of ``batch_size`` empty sequences holding ``levels`` levels: nothing consumed, every buffer
-        zero; ``coarse_queries`` the query heads whose level queries it keeps (coarse query mode), else None."""
-        m, p, s, d = block_size, coarse_tokens, sink_tokens, head_dim
+        """The state of ``batch_size`` empty sequences holding ``levels`` levels of ``partition``'s rings: nothing
+        consumed, every buffer zero; ``coarse_queries`` the query heads whose level queries it keeps (coarse query
+        mode), else None."""
+        f, r, p = partition.fine_ring, partition.group_ring, partition.coarse_tokens
+        s, d = partition.sink_tokens, head_dim
 
         def zeros(*shape):
             return torch.zeros(batch_size, *shape, dtype=dtype, device=device)
@@ -113,10 +130,10 @@ class FMAState:
 
         return cls(
             *([0] * batch_size, [levels] * batch_size, [False] * batch_size),
-            *(zeros(kv_heads, 2 * m, d), zeros(kv_heads, 2 * m, d)),
+            *(zeros(kv_heads, f, d), zeros(kv_heads, f, d)),
             *(zeros(levels, kv_heads, p, d), zeros(levels, kv_heads, p, d)),
-            *(zeros(levels, kv_heads, 3, p, d), zeros(levels, kv_heads, 3, p, d)),
-            *(real(2 * m), ~real(levels), real(levels, 3)),
+            *(zeros(levels, kv_heads, r, p, d), zeros(levels, kv_heads, r, p, d)),
+            *(real(f), ~real(levels), real(levels, r)),
             *(zeros(kv_heads, s, d), zeros(kv_heads, s, d), real(s)),
             None if coarse_queries is None else zeros(levels, coarse_queries, d),
         )
@@ -137,12 +154,22 @@ class FMAState:
         return self.groups_k.shape[1]
 
     @property
+    def fine_ring(self) -> int:
+        """Fine positions the ring holds, (w+1)m."""
+        return self.fine_k.shape[2]
+
+    @property
+    def group_ring(self) -> int:
+        """Complete groups each level's ring holds, 2w+1."""
+        return self.groups_k.shape[3]
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     @property
     def num_vectors(self) -> int:
-        """Key/value vectors of size d held per row and key/value head: ``4m + 2s + 8pL``."""
+        """Key/value vectors of size d held per row and key/value head: ``2F + 2s + 2(R+1)pL``."""
         kv = ("fine_k", "fine_v", "partial_k", "partial_v", "groups_k", "groups_v", "sink_k", "sink_v")
         vectors = sum(getattr(self, name).numel() // self.fine_k.shape[-1] for name in kv)
         return vectors // (self.batch_size * self.fine_k.shape[1])
@@ -154,7 +181,7 @@ class FMAState:
     def stored_groups(self, level: int, rows: torch.Tensor, groups: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Keys (R, H_kv, p, d), values and validity (R,) of level-``level`` groups ``groups`` (R,) of rows ``rows``
         (R,), read from their rings."""
-        at, slots = level - 1, groups % 3
+        at, slots = level - 1, groups % self.group_ring
         return self.groups_k[rows, at, :, slots], self.groups_v[rows, at, :, slots], self.groups_valid[rows, at, slots]
 
     def grow_levels(self, levels: int) -> None:

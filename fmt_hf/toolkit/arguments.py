@@ -328,14 +328,18 @@ class ConvertArguments:
     fma_block_size: int = field(
         default=64,
         metadata={
-            "help": "FMA's finest block m (exact for n <= 2m). A pretrained model keeps most of its quality with "
+            "help": "FMA's finest block m (exact for n <= (w+1)m, w = fma_near_blocks, 1 unless --fma_options "
+            "sets it). A pretrained model keeps most of its quality with "
             "m = 256 and --fma_options fma_sink_tokens=64 (README, `scripts/bench_conversion.py`)."
         },
     )
     fma_coarse_tokens: int = field(default=4, metadata={"help": "FMA's summaries per group p."})
     fma_options: str | None = field(
         default=None,
-        metadata={"help": "Further FMA settings, comma-separated, e.g. `fma_downsample=full,fma_query_mode=coarse`."},
+        metadata={
+            "help": "Further FMA settings, comma-separated, e.g. `fma_downsample=full,fma_query_mode=coarse` or "
+            "`fma_near_blocks=3` (a wider exact near field)."
+        },
     )
     dtype: str = field(
         default="float32",

@@ -3,10 +3,10 @@
 FMT is Llama-shaped on purpose (RMSNorm, rotary embeddings, SwiGLU, grouped-query attention, the same parameter
 names), so a ``LlamaForCausalLM`` becomes an ``FMTForCausalLM`` by copying every weight; only the FMA downsamplers
 are new, and they start at their average init (an untrained FMT summarises distant groups by sub-window means, as
-H-Transformer-1D). Wherever FMA is exact -- sequences of at most ``2 * fma_block_size`` tokens -- the converted
-model computes the original's logits; beyond, distant tokens are seen through the summaries, which a short
-uptraining adapts (``scripts/train.py --train_only_downsamplers``). :func:`convert_checkpoint` records what it
-converted (:func:`conversion_record`) for the model card.
+H-Transformer-1D). Wherever FMA is exact -- sequences of at most ``(fma_near_blocks + 1) * fma_block_size``
+tokens -- the converted model computes the original's logits; beyond, distant tokens are seen through the summaries,
+which a short uptraining adapts (``scripts/train.py --train_only_downsamplers``). :func:`convert_checkpoint` records
+what it converted (:func:`conversion_record`) for the model card.
 """
 
 from __future__ import annotations
@@ -103,11 +103,12 @@ def convert_llama_to_fmt(
     """An ``FMTForCausalLM`` with every weight of ``model`` (a transformers ``LlamaForCausalLM``: grouped-query
     attention, tied or untied embeddings, attention and MLP biases, rope types ``default``, ``linear``, ``llama3``,
     ``yarn``), in its dtype and on its device, with its generation config; the FMA downsamplers start at their
-    average init. For at most ``2 * fma_block_size`` tokens its logits are the source's.
+    average init. For at most ``(fma_near_blocks + 1) * fma_block_size`` tokens its logits are the source's.
 
     ``max_position_embeddings`` defaults to the source's; ``fma_options`` are further ``FMTConfig`` FMA fields
-    (``fma_downsample``, ``fma_query_mode``, ``fma_scale_attn``, ``fma_boundary``, and ``fma_sink_tokens``, which
-    keeps the source's attention sinks exact: docs/fma.md §3a). Raises ``TypeError`` for another model class and
+    (``fma_downsample``, ``fma_query_mode``, ``fma_scale_attn``, ``fma_boundary``, ``fma_sink_tokens``, which
+    keeps the source's attention sinks exact: docs/fma.md §3a, and ``fma_near_blocks``, the width of the exact near
+    field: §3). Raises ``TypeError`` for another model class and
     ``ValueError`` for what FMT cannot reproduce (see :func:`fmt_config_from_llama`) or quantized weights.
     """
     if not isinstance(model, LlamaForCausalLM):

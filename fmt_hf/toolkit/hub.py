@@ -329,7 +329,7 @@ def build_model_card(
         auto_class=kind.auto_class.__name__,
         labels=list(config.id2label.values()) if classifies else None,
         num_parameters=f"{num_parameters / 1e6:.2f}M ({num_parameters:,})",
-        fma_levels=num_levels(config.max_position_embeddings, config.fma_block_size),
+        fma_levels=num_levels(config.max_position_embeddings, config.fma_block_size, config.fma_near_blocks),
         base_model=base,
         conversion=conversion,
         chat_template=chat_template,

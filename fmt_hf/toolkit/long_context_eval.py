@@ -33,7 +33,6 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..model.cache_fmt import is_fmt_cache
-from ..model.fma_partition import num_levels
 from .arguments import KVPRESS_SYSTEMS, LongContextArguments, parse_config_overrides
 from .convert import convert_llama_to_fmt, load_llama
 from .data import SMOLLM2_GGUF, fetch_smollm2, load_corpus
@@ -46,7 +45,7 @@ def fmt_cache_vectors(model: PreTrainedModel, tokens: int) -> int:
     levels the next query reads (docs/fma.md §8)."""
     fma = model.model.layers[0].self_attn.fma
     state = fma.decoder.init_state(1, 1, torch.float32)
-    state.grow_levels(num_levels(tokens + 1, fma.block_size))
+    state.grow_levels(fma.partition.levels_for(tokens + 1))
     return state.num_vectors
 
 

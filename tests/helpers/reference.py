@@ -48,48 +48,57 @@ def downsample(module, level, x, block_size):
     return out.reshape(batch, heads, n // width, p, d)
 
 
-def fine_keys(i, n, m, capacity, causal):
-    """Level-0 key positions of query i, split into positions inside [0, capacity) and the count outside
-    (capacity None: no cap, only positions before 0 are outside)."""
+def fine_keys(i, n, m, capacity, causal, near=1):
+    """Level-0 key positions of query i (blocks b-w .. b, up to i; bidirectional b-w .. b+w), split into positions
+    inside [0, capacity) and the count outside (capacity None: no cap, only positions before 0 are outside)."""
     b = i // m
     if causal:
-        positions = range((b - 1) * m, i + 1)
+        positions = range((b - near) * m, i + 1)
     else:
-        positions = range((b - 1) * m, (b + 2) * m)
+        positions = range((b - near) * m, (b + near + 1) * m)
     inside = [j for j in positions if 0 <= j and (capacity is None or j < capacity)]
     return inside, len(positions) - len(inside)
 
 
-def coarse_slot_groups(i, width, causal):
-    """Level groups of query i per §3 (negative or too-large ids included)."""
-    if causal:
-        parent, second_child = i // (2 * width), (i // width) % 2
-        return [2 * parent - 2] + ([2 * parent - 1] if second_child else [])
+def coarse_slot_groups(i, width, causal, near=1):
+    """Level groups of query i per §3 (negative or too-large ids included): the children of the parent level's
+    near field (groups 2(P-w) .. 2(P+w)+1, P the parent of the query's group G) outside this level's (G-w .. G+w),
+    causal ones before G only."""
     own = i // width
-    return [own - 2, own + 2, own + 3] if own % 2 == 0 else [own - 3, own - 2, own + 2]
+    parent = own // 2
+    groups = [g for g in range(2 * (parent - near), 2 * (parent + near) + 2) if not own - near <= g <= own + near]
+    return [g for g in groups if g < own] if causal else groups
 
 
-def sink_slots(i, n, m, causal, sink_tokens):
+def sink_slots(i, n, m, causal, sink_tokens, near=1):
     """§3a: the sink tokens j < s that query i attends as extra fine slots -- those outside the blocks of its
-    level-0 band (blocks b-1, b, and b+1 when bidirectional)."""
+    level-0 band (blocks b-w .. b, and up to b+w when bidirectional)."""
     b = i // m
-    band = range(b - 1, b + (1 if causal else 2))
+    band = range(b - near, b + (1 if causal else near + 1))
     return [j for j in range(min(sink_tokens, n)) if j // m not in band]
 
 
-def multiplicity(n, m, levels, causal, sink_tokens=0):
+def levels_needed(n, m, near=1):
+    """The fewest coarse levels L whose partition covers every pair of a length-n sequence: n <= (w+1) m 2^L."""
+    levels = 0
+    while (near + 1) * m * 2**levels < n:
+        levels += 1
+    return levels
+
+
+def multiplicity(n, m, levels, causal, sink_tokens=0, near=1):
     """How many times the §3 partition (with §3a's sink tokens) covers each (query, key) pair of a length-n
     sequence; a summary covers the positions of its group that are not sink tokens."""
     counts = torch.zeros(n, n, dtype=torch.long)
-    capacity = m * 2 ** (levels + 1)
+    capacity = (near + 1) * m * 2**levels
     for i in range(n):
-        inside, _ = fine_keys(i, n, m, capacity, causal)
-        for j in inside + sink_slots(i, n, m, causal, sink_tokens):
+        inside, _ = fine_keys(i, n, m, capacity, causal, near)
+        for j in inside + sink_slots(i, n, m, causal, sink_tokens, near):
             if j < n:
                 counts[i, j] += 1
         for level in range(1, levels + 1):
             width = m * 2 ** (level - 1)
-            for g in coarse_slot_groups(i, width, causal):
+            for g in coarse_slot_groups(i, width, causal, near):
                 for j in range(max(g * width, sink_tokens), min((g + 1) * width, n)):
                     counts[i, j] += 1
     return counts
@@ -105,11 +114,10 @@ def reference_fma(attn, q, k, v, key_padding_mask=None):
     """
     batch, heads, n, d = q.shape
     m, causal, capacity, levels = attn.block_size, attn.causal, attn.capacity, attn.num_levels
+    near = attn.near_blocks
     if attn.max_seq_len is None:
-        levels = 0
-        while m * 2 ** (levels + 1) < n:  # level l exists when some query has i >= 2 w_l (§7)
-            levels += 1
-    length = m * 2 ** (levels + 1)  # the tensors cover the whole hierarchy
+        levels = levels_needed(n, m, near)  # level l exists when some query has i >= (w+1) w_l (§7)
+    length = (near + 1) * m * 2**levels  # the tensors cover the whole hierarchy
     zero_sink, sink_tokens = attn.boundary == "zero_sink", attn.sink_tokens
     k = k.repeat_interleave(heads // k.shape[1], 1)
     v = v.repeat_interleave(heads // v.shape[1], 1)
@@ -133,8 +141,8 @@ def reference_fma(attn, q, k, v, key_padding_mask=None):
     for b in range(batch):
         for i in range(n):
             # per entry: (H, s) logits and (H, s, d) values
-            inside, outside = fine_keys(i, n, m, capacity, causal)
-            fine = [j for j in inside + sink_slots(i, n, m, causal, sink_tokens) if j < length and real[b, j]]
+            inside, outside = fine_keys(i, n, m, capacity, causal, near)
+            fine = [j for j in inside + sink_slots(i, n, m, causal, sink_tokens, near) if j < length and real[b, j]]
             logits = [torch.einsum("hd,hsd->hs", q[b, :, i], k[b, :, fine])]
             values = [v[b, :, fine]]
             sinks = outside if zero_sink else 0
@@ -146,7 +154,7 @@ def reference_fma(attn, q, k, v, key_padding_mask=None):
                 else:
                     query = q[b, :, i]
                 offset = math.log(width / p) if attn.scale_attn else 0.0
-                for g in coarse_slot_groups(i, width, causal):
+                for g in coarse_slot_groups(i, width, causal, near):
                     if g < 0 or (capacity is not None and g >= capacity // width):
                         sinks += p if zero_sink else 0
                     elif real[b, g * width : (g + 1) * width].any():

@@ -83,6 +83,21 @@ def test_greedy_generate_with_sink_tokens_equals_recomputation(query_mode, downs
         assert torch.equal(batched[i, 30:], recompute_greedy(model, row[None], 15)[0, len(row) :])
 
 
+@pytest.mark.parametrize("near_blocks", [2, 3])
+@pytest.mark.parametrize("query_mode,downsample", [("fine", "depthwise"), ("coarse", "recursive")])
+def test_greedy_generate_with_a_wider_near_field_equals_recomputation(near_blocks, query_mode, downsample):
+    """A near field of w blocks (docs/fma.md §3b) through generate, with sink tokens: single prompts and a
+    left-padded batch whose rows gain levels at different steps."""
+    model = perturbed_fmt(2, query_mode, downsample, fma_sink_tokens=2, fma_near_blocks=near_blocks)
+    for length in (1, 13, 45):
+        ids = prompt(length)
+        out = model.generate(ids, max_new_tokens=20, do_sample=False)
+        assert torch.equal(out, recompute_greedy(model, ids, 20))
+    ids, mask = left_padded([29, 17, 6])
+    batched = model.generate(ids, attention_mask=mask, max_new_tokens=21, do_sample=False)
+    assert torch.equal(batched, model.generate(ids, attention_mask=mask, max_new_tokens=21, use_cache=False))
+
+
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("query_mode", ["fine", "coarse"])
 def test_decoding_logits_equal_full_forward(dtype, tolerance, query_mode):

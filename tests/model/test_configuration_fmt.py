@@ -31,6 +31,7 @@ def test_fields_and_defaults():
     assert config.tie_word_embeddings is False
     assert (config.fma_downsample, config.fma_query_mode, config.fma_boundary) == ("depthwise", "fine", "mask")
     assert config.fma_sink_tokens == 0  # plain FMA
+    assert config.fma_near_blocks == 1  # the paper's partition
     assert config.auto_map == FMT_AUTO_MAP
 
 
@@ -77,6 +78,7 @@ def test_json_and_save_pretrained_round_trip(tmp_path):
         fma_boundary="zero_sink",
         fma_scale_attn=False,
         fma_sink_tokens=5,
+        fma_near_blocks=3,
         is_causal=False,
         tie_word_embeddings=True,
         pad_token_id=0,
@@ -90,7 +92,7 @@ def test_json_and_save_pretrained_round_trip(tmp_path):
     loaded = AutoConfig.from_pretrained(tmp_path)
     assert type(loaded) is FMTConfig
     assert {**loaded.to_dict(), "_name_or_path": ""} == config.to_dict()
-    assert loaded.fma_sink_tokens == 5
+    assert loaded.fma_sink_tokens == 5 and loaded.fma_near_blocks == 3
 
 
 LLAMA3_ROPE = {
@@ -196,6 +198,8 @@ def test_auto_map_keeps_other_entries():
         ({"fma_sink_tokens": -1}, "fma_sink_tokens"),
         ({"fma_block_size": 64, "fma_sink_tokens": 65}, "fma_sink_tokens"),
         ({"fma_sink_tokens": 1.5}, "fma_sink_tokens"),
+        ({"fma_near_blocks": 0}, "fma_near_blocks"),
+        ({"fma_near_blocks": 2.0}, "fma_near_blocks"),
     ],
 )
 def test_invalid_values_raise_naming_the_field(kwargs, field):

@@ -128,6 +128,42 @@ def test_sink_tokens_are_in_no_summary(causal, downsample):
     assert not torch.allclose(perturbed[:, :, 8:], out[:, :, 8:])
 
 
+NEAR_FIELD_OPTIONS = list(
+    itertools.product([2, 3], [True, False], ["fine", "coarse"], ["depthwise", "full", "avgpool", "recursive"])
+)
+
+
+@pytest.mark.parametrize("near_blocks,causal,query_mode,downsample", NEAR_FIELD_OPTIONS)
+def test_near_field_matches_reference(near_blocks, causal, query_mode, downsample):
+    """A near field of w = 2, 3 blocks (§3) at lengths that are no multiple of m (L = 0 .. 3), with sink tokens and a
+    key padding mask (a padded sink, a hole wider than a level-1 group), capped and length-free."""
+    for max_seq_len in (96, None) if downsample in ("avgpool", "recursive") else (96,):
+        attn = fma_layer(
+            causal=causal,
+            query_mode=query_mode,
+            downsample=downsample,
+            max_seq_len=max_seq_len,
+            near_blocks=near_blocks,
+            sink_tokens=3,
+        )
+        for n in (7, 45, 91):
+            q, k, v = qkv(n)
+            mask = torch.ones(2, n, dtype=torch.bool)
+            mask[0, 1] = False
+            mask[1, n // 3 : n // 3 + 6] = False
+            out = attn(q, k, v, key_padding_mask=mask)
+            torch.testing.assert_close(out, reference_fma(attn, q, k, v, mask), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("near_blocks,causal", list(itertools.product([2, 3], [True, False])))
+def test_near_field_with_zero_sinks_matches_reference(near_blocks, causal):
+    """``boundary="zero_sink"`` counts the wider field's blocks and groups before position 0 (and past the cap)."""
+    attn = fma_layer(causal=causal, boundary="zero_sink", near_blocks=near_blocks, max_seq_len=96, sink_tokens=2)
+    for n in (5, 37, 96):
+        q, k, v = qkv(n, batch=1)
+        torch.testing.assert_close(attn(q, k, v), reference_fma(attn, q, k, v), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("causal,query_mode", list(itertools.product([True, False], ["fine", "coarse"])))
 def test_key_padding_matches_reference(causal, query_mode):
     attn = fma_layer(causal=causal, query_mode=query_mode)
@@ -169,10 +205,15 @@ def test_no_coarse_level_is_dense_causal(n):
 
 
 @pytest.mark.parametrize("causal,query_mode", list(itertools.product([True, False], ["fine", "coarse"])))
-def test_identity_pooling_is_dense_attention(causal, query_mode):
-    """§6: one fine token per coarse token at every level -> exactly dense attention (tests partition + softmax)."""
-    attn = with_identity_pooling(fma_layer(perturb=False, causal=causal, query_mode=query_mode))
-    # bidirectional groups partly past the end are zero-padded (§7), so use lengths of whole widest groups
+@pytest.mark.parametrize("near_blocks", [1, 2, 3])
+def test_identity_pooling_is_dense_attention(causal, query_mode, near_blocks):
+    """§6: one fine token per coarse token at every level -> exactly dense attention (tests partition + softmax),
+    for every near-field width."""
+    attn = with_identity_pooling(
+        fma_layer(perturb=False, causal=causal, query_mode=query_mode, near_blocks=near_blocks)
+    )
+    # bidirectional groups partly past the end are zero-padded (§7), so use lengths of whole widest groups (for every
+    # w here)
     for n in (5, 19, 37, 64) if causal else (24, 48, 64):
         q, k, v = qkv(n)
         dense = F.scaled_dot_product_attention(

@@ -77,10 +77,14 @@ def test_decoding_with_sink_tokens_without_a_length_cap():
 @pytest.mark.parametrize(
     "query_mode,downsample", [("fine", "depthwise"), ("coarse", "full"), ("fine", "avgpool"), ("coarse", "recursive")]
 )
-def test_batched_steps_with_sink_tokens_equal_rows_alone(query_mode, downsample):
+@pytest.mark.parametrize("near_blocks", [1, 2, 3])
+def test_batched_steps_with_sink_tokens_equal_rows_alone(query_mode, downsample, near_blocks):
     """Rows at different positions, some still filling their sink tokens in the batched steps, some with holes
-    (one a sink token), each equal to its full forward (§3a)."""
-    attn = fma_layer(query_mode=query_mode, downsample=downsample, max_seq_len=96, sink_tokens=3).eval()
+    (one a sink token), each equal to its full forward (§3a); for every near-field width (§3b: rows gain derived
+    levels at different steps)."""
+    attn = fma_layer(
+        query_mode=query_mode, downsample=downsample, max_seq_len=96, sink_tokens=3, near_blocks=near_blocks
+    ).eval()
     q, k, v = qkv(60, batch=4)
     valid = torch.ones(4, 60, dtype=torch.bool)
     valid[1, [2, 15, 40]] = False
@@ -241,3 +245,68 @@ def test_batched_derived_steps_update_levels_without_splitting_rows(query_mode, 
         assert row.lengths == alone.lengths and row.levels == alone.levels and row.holes == alone.holes
         for a, c in zip(row.tensors(), alone.tensors()):
             torch.testing.assert_close(a, c, rtol=0, atol=1e-12)
+
+
+NEAR_FIELD_LAYERS = [("depthwise", 160), ("full", 160), ("avgpool", None), ("recursive", None), ("recursive", 160)]
+
+
+@pytest.mark.parametrize("near_blocks", [2, 3])
+@pytest.mark.parametrize("query_mode", ["fine", "coarse"])
+@pytest.mark.parametrize("downsample,max_seq_len", NEAR_FIELD_LAYERS)
+def test_near_field_decoding_equals_full_forward(near_blocks, query_mode, downsample, max_seq_len):
+    """A near field of w blocks (§3): a fine ring of (w+1)m, rings of 2w+1 groups, derived levels gained at
+    t = (w+1) w_l; through prefill, chunks and single steps, with sink tokens and holes (one a sink token)."""
+    attn = fma_layer(
+        query_mode=query_mode,
+        downsample=downsample,
+        max_seq_len=max_seq_len,
+        near_blocks=near_blocks,
+        sink_tokens=3,
+    ).eval()
+    q, k, v = qkv(150, batch=1)
+    valid = torch.ones(150, dtype=torch.bool)
+    valid[[0, 30, 41, 100]] = False
+    for mask in (None, valid):
+        full = attn(q, k, v, key_padding_mask=None if mask is None else mask[None])[0]
+        defined = torch.ones(150, dtype=torch.bool)
+        defined[0] = mask is None  # a masked query 0 has no real key: its output is undefined
+        for prompt, chunks in ((0, [1]), (13, [7, 1, 16]), (50, [1]), (0, [33])):
+            out, state = decode(attn, q[0], k[0], v[0], prompt, chunks, mask)
+            rows = defined[prompt:]
+            torch.testing.assert_close(out[:, rows], full[:, prompt:][:, rows], rtol=0, atol=1e-10)
+            assert state.num_levels == attn.partition.levels_for(151)  # = those of the cap, 160 tokens
+
+
+@pytest.mark.parametrize("near_blocks", [2, 3])
+def test_near_field_zero_sink_decoding_equals_full_forward(near_blocks):
+    attn = fma_layer(boundary="zero_sink", max_seq_len=96, near_blocks=near_blocks).eval()
+    q, k, v = qkv(77, batch=1)
+    full = attn(q, k, v)[0]
+    for prompt, chunks in ((0, [1]), (13, [1, 3]), (32, [7, 1, 16])):
+        out, _ = decode(attn, q[0], k[0], v[0], prompt, chunks)
+        torch.testing.assert_close(out, full[:, prompt:], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("near_blocks", [2, 3])
+@pytest.mark.parametrize("downsample,max_seq_len", [("depthwise", 96), ("recursive", None)])
+def test_near_field_chunked_prefill_state_equals_one_shot(near_blocks, downsample, max_seq_len):
+    attn = fma_layer(downsample=downsample, max_seq_len=max_seq_len, near_blocks=near_blocks, sink_tokens=3).eval()
+    q, k, v = qkv(90, batch=1)
+    one_shot = attn.decoder.init_state(4, 2, F64)
+    attn.decoder.prefill(one_shot, q, k, v)
+    _, chunked = decode(attn, q[0], k[0], v[0], 0, [2, 9, 16, 5])
+    for a, b in zip(one_shot.tensors(), chunked.tensors()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("near_blocks", [2, 3])
+def test_near_field_derived_levels_grow_with_the_length(near_blocks):
+    """The derived families hold L(t+1) levels of a near field of w blocks: 2(w+1)m + 2(2w+1)pL vectors."""
+    attn = fma_layer(downsample="avgpool", max_seq_len=None, near_blocks=near_blocks).eval()
+    q, k, v = qkv(200, batch=1)
+    state = attn.decoder.init_state(4, 2, F64)
+    for t in range(200):
+        attn.decoder.step(state, q[:, :, t : t + 1], k[:, :, t : t + 1], v[:, :, t : t + 1])
+        levels = num_levels(t + 2, 4, near_blocks)
+        assert state.num_levels == levels and state.levels == [levels]
+        assert state.num_vectors == 2 * (near_blocks + 1) * 4 + 2 * (2 * near_blocks + 1) * 2 * levels

@@ -130,6 +130,37 @@ def test_flex_with_sink_tokens(causal, sink_tokens):
     assert legal[16:, :sink_tokens].all() and not legal[16:, sink_tokens:8].any()  # blocks >= 2 read the sinks
 
 
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("near_blocks", [2, 3])
+@pytest.mark.parametrize("downsample,max_seq_len", [("depthwise", 512), ("recursive", None)])
+def test_flex_with_a_wider_near_field(causal, near_blocks, downsample, max_seq_len):
+    """A near field of w blocks (§3): the mask's fine band and interaction lists follow w, with sink tokens and a
+    key padding mask, and the block lists hold every allowed pair."""
+    attn = fma_layer(
+        causal=causal,
+        downsample=downsample,
+        block_size=8,
+        coarse_tokens=2,
+        max_seq_len=max_seq_len,
+        near_blocks=near_blocks,
+        sink_tokens=3,
+    )
+    q, k, v = qkv(203, batch=2)
+    mask = torch.ones(2, 203, dtype=torch.bool)
+    mask[1, 60:90] = False
+    for key_padding_mask in (None, mask):
+        flex, gather = both_paths(attn, q, k, v, key_padding_mask)
+        torch.testing.assert_close(flex, gather, rtol=0, atol=1e-13)
+        with torch.no_grad():
+            torch.testing.assert_close(flex, reference_fma(attn, q, k, v, key_padding_mask), rtol=0, atol=1e-13)
+    levels = num_levels(203, 8, near_blocks)
+    plan = flex_plan(attn.partition, 203, (2,) * levels, 8, "cpu")
+    view, legal = kernel_view(block_mask(plan, attn.partition, 8, 208), 208, len(plan.level))
+    assert torch.equal(view, legal)
+    expected = multiplicity(203, 8, levels, causal, 3, near_blocks).double()
+    torch.testing.assert_close(position_multiplicity(legal, plan, 203, 8)[:, 3:], expected[:, 3:], rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_flex_keeps_low_precision_inputs(dtype, monkeypatch):
     """No upcast on the flex path: FlexAttention gets the input dtype (and keeps its softmax in float32)."""

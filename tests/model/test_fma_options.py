@@ -17,6 +17,8 @@ BROKEN = [  # one broken rule each, in layer arguments
     dict(kernel="flex", query_mode="coarse"),
     dict(kernel="flex", boundary="zero_sink"),
     dict(dropout=1.0),
+    dict(near_blocks=0),
+    dict(near_blocks=-1),
 ]
 
 

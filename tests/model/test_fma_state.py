@@ -22,6 +22,19 @@ def test_state_size_is_the_section_8_bound(sink_tokens):
     assert state.num_vectors == bound and state.nbytes == empty_bytes
 
 
+@pytest.mark.parametrize("near_blocks", [2, 3])
+def test_state_size_of_a_wider_near_field(near_blocks):
+    """A near field of w blocks: a fine ring of (w+1)m and rings of 2w+1 groups, 2(w+1)m + 2(2w+2)pL vectors."""
+    attn = FastMultipoleAttention(16, 8192, block_size=64, coarse_tokens=4, near_blocks=near_blocks).eval()
+    state = attn.decoder.init_state(4, 2, torch.float32)
+    assert attn.num_levels == num_levels(8192, 64, near_blocks) == (5 if near_blocks == 3 else 6)
+    bound = 2 * (near_blocks + 1) * 64 + 2 * (2 * near_blocks + 2) * 4 * attn.num_levels
+    assert state.num_vectors == bound
+    q, k, v = (torch.randn(1, h, 3000, 16) for h in (4, 2, 2))
+    attn.decoder.prefill(state, q, k, v)
+    assert state.num_vectors == bound
+
+
 def test_a_batch_state_counts_vectors_per_row():
     attn = fma_layer(max_seq_len=96, sink_tokens=2).eval()
     one, three = (attn.decoder.init_state(4, 2, F64, batch_size=b) for b in (1, 3))

@@ -126,6 +126,17 @@ def test_options_dtype_and_generation_config_carry_over():
     assert convert(llama.train()).training  # the source's mode
 
 
+def test_a_wider_near_field_is_exact_up_to_its_reach():
+    """``fma_near_blocks`` w (docs/fma.md §3) is a conversion option: FMA is then exact up to (w+1) m tokens."""
+    llama = random_float64_llama()
+    fmt = convert(llama, fma_near_blocks=3)
+    assert fmt.config.fma_near_blocks == 3
+    assert all(layer.self_attn.fma.near_blocks == 3 for layer in fmt.model.layers)
+    ids = random_byte_ids(2, 4 * BLOCK)
+    torch.testing.assert_close(logits(fmt, ids), logits(llama, ids), rtol=0, atol=1e-10)
+    assert (logits(convert(llama), ids) - logits(llama, ids)).abs().max() > 1e-3  # w = 1: coarse past 2m
+
+
 def test_generate_equals_dense_greedy_decoding():
     llama = random_float64_llama(tie_word_embeddings=True, attention_bias=True, rope_parameters=dict(LLAMA3))
     fmt = convert(llama)
@@ -212,18 +223,18 @@ def test_convert_llama_script(tmp_path):
             "--max_position_embeddings",
             "128",
             "--fma_options",
-            "fma_query_mode=coarse,fma_sink_tokens=1",
+            "fma_query_mode=coarse,fma_sink_tokens=1,fma_near_blocks=2",
         ]
     )
     assert (fmt.config.max_position_embeddings, fmt.config.fma_query_mode) == (128, "coarse")
-    assert fmt.config.fma_sink_tokens == 1
+    assert fmt.config.fma_sink_tokens == 1 and fmt.config.fma_near_blocks == 2
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "fmt")
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
     assert type(loaded) is FMTForCausalLM and type(dense) is LlamaForCausalLM
     for folder in ("fmt", "dense"):
         assert (tmp_path / folder / "tokenizer.json").is_file()
         assert "quantization_config" not in (tmp_path / folder / "config.json").read_text()
-    ids = random_byte_ids(1, 2 * BLOCK)
+    ids = random_byte_ids(1, 3 * BLOCK)  # exact up to (w+1) m with w = 2
     torch.testing.assert_close(logits(loaded, ids), logits(llama, ids), rtol=1e-5, atol=1e-5)  # float32
     torch.testing.assert_close(logits(dense, ids), logits(llama, ids), rtol=0, atol=0)
     # A local folder with no card and no --base_model: nothing about the base is guessed.
