@@ -15,8 +15,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from fmt_hf.toolkit.data import build_corpus
 
 from .generate_checkpoints import CHECKPOINT_DTYPES, format_checkpoint_table, run_checkpoint_benchmark
@@ -49,7 +47,14 @@ class GenerateBenchArguments:
         default=65536, metadata={"help": "the model's longest sequence (sets FMA's levels)"}
     )
     layers: int = field(default=30, metadata={"help": "decoder layers (SmolLM2-135M: 30)"})
-    threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads; unset: torch's default"})
+    threads: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "torch.set_num_threads, one row per count, interleaved (real-checkpoint mode: one count); unset: "
+            "torch's default (one per core). On a busy machine fewer threads than cores decode faster: "
+            "docs/benchmarks.md, 'Threads'"
+        },
+    )
     out: str = field(
         default=DECODE_OUT,
         metadata={
@@ -94,12 +99,11 @@ class GenerateBenchArguments:
 
 def bench_generate(args: GenerateBenchArguments) -> None:
     """Run the mode ``args`` choose, print its table and write its result files."""
+    if args.threads is not None and not all(count > 0 for count in args.threads):
+        raise ValueError(f"--threads takes positive thread counts, got {args.threads}")
     if args.model_name_or_path:
         checkpoint_mode(args)
-        return
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.batch_sizes:
+    elif args.batch_sizes:
         batch_mode(args)
     else:
         decode_mode(args)
@@ -113,7 +117,9 @@ def _write_json(path: Path, content: dict) -> None:
 def decode_mode(args: GenerateBenchArguments) -> None:
     """Decoding steps on the SmolLM2-shaped model: a table, a log-log PNG at ``out`` and ``<out stem>.json``."""
     config = smollm2_shaped_config(args.max_position_embeddings, num_hidden_layers=args.layers)
-    rows, meta = run_decode_benchmark(args.lengths, args.steps, config, progress=not args.no_progress)
+    rows, meta = run_decode_benchmark(
+        args.lengths, args.steps, config, progress=not args.no_progress, threads=args.threads
+    )
     print(format_decode_table(rows))
     print("\n" + "\n".join(f"{k}: {v}" for k, v in meta["methods"].items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -126,9 +132,16 @@ def decode_mode(args: GenerateBenchArguments) -> None:
 def batch_mode(args: GenerateBenchArguments) -> None:
     """Throughput by batch size on the byte model: a table and ``<out stem>.json``."""
     repeats = args.repeats or 5
-    config = byte_model_config(args.prompt_len + BATCH_STEPS * repeats + 1)
+    rounds = repeats * len(args.threads or [None])  # every thread count decodes on from the same caches
+    config = byte_model_config(args.prompt_len + BATCH_STEPS * rounds + 1)
     rows, meta = run_batch_benchmark(
-        args.batch_sizes, args.prompt_len, BATCH_STEPS, repeats, config, progress=not args.no_progress
+        args.batch_sizes,
+        args.prompt_len,
+        BATCH_STEPS,
+        repeats,
+        config,
+        progress=not args.no_progress,
+        threads=args.threads,
     )
     print(format_batch_table(rows))
     print(f"\nother cores busy: {meta['other_cores']}")
@@ -141,6 +154,8 @@ def batch_mode(args: GenerateBenchArguments) -> None:
 def checkpoint_mode(args: GenerateBenchArguments) -> None:
     """Generation from real prompts: prints a markdown table, writes ``<out stem>.json`` and ``.md`` (``out`` left at
     its default: :data:`CHECKPOINT_OUT`)."""
+    if args.threads is not None and len(args.threads) != 1:
+        raise ValueError(f"--threads: real-checkpoint mode takes one thread count, got {args.threads}")
     out = CHECKPOINT_OUT if args.out == DECODE_OUT else args.out
     texts = build_corpus(args.corpus)[args.split]["text"]
     rows, summary, meta = run_checkpoint_benchmark(
@@ -151,7 +166,7 @@ def checkpoint_mode(args: GenerateBenchArguments) -> None:
         args.dense_model_name_or_path,
         repeats=args.repeats or 1,
         dtype=args.dtype,
-        threads=args.threads,
+        threads=args.threads[0] if args.threads else None,
         progress=not args.no_progress,
     )
     meta["prompt"] = {"corpus": args.corpus, "split": args.split}

@@ -15,6 +15,9 @@ How the numbers are taken (also written into the result files, see :data:`METHOD
   select). Exactness of real prefills and steps is covered by ``tests/test_cache_fmt.py``.
 * **time** -- wall clock of one ``model(next_token, cache=...)`` call under ``torch.no_grad()``; FMT and dense
   alternate, ``steps`` calls each after one untimed warm-up, and the median is reported.
+* **threads** -- each row ran under one ``torch.set_num_threads`` count; several counts take turns step by step on
+  the same caches (so each count's context is a few tokens longer than the last's), and the count in force before
+  the run is restored after it.
 * **bytes** -- FMT: :attr:`FMTCache.nbytes` (every state tensor); dense: the key and value tensors held.
 
 :func:`run_batch_benchmark` instead measures decoding throughput by batch size after a real prefill (METHODS_BATCH).
@@ -39,6 +42,7 @@ METHODS = {
     "states of length n (their size does not depend on n); no prefill",
     "time": "wall clock of one single-token forward under no_grad; FMT and dense interleaved after one warm-up "
     "each; median over the steps",
+    "threads": "torch.set_num_threads per row; several counts interleaved step by step on the same caches",
     "bytes": "FMT: every tensor of every layer's state; dense: key + value tensors",
 }
 
@@ -47,7 +51,7 @@ METHODS_BATCH = {
     "caches": "real prefills: a batch of random prompts of prompt_len tokens through model(..., use_cache=True); FMT "
     "with FMTCache, dense SDPA with DynamicCache",
     "time": "wall clock of `steps` consecutive single-token forwards under no_grad (one whole fine block: every row "
-    "completes one block in it), divided by steps; every (implementation, batch) pair in turn, rotating "
+    "completes one block in it), divided by steps; every (threads, implementation, batch) triple in turn, rotating "
     "the order each repeat; median over repeats. tokens/s = batch / step time",
 }
 
@@ -143,6 +147,11 @@ MODEL_FIELDS = (
 """The config fields a result file records of the benchmarked model."""
 
 
+def thread_counts(threads: list[int] | None) -> list[int]:
+    """The thread counts a benchmark runs under: ``threads``, or torch's current count when None."""
+    return [torch.get_num_threads()] if threads is None else list(threads)
+
+
 def _step_seconds(model: FMTForCausalLM, implementation: str, cache, token: torch.Tensor, position: int):
     """Time one decoding step; returns (seconds, cache after the step)."""
     model.set_attn_implementation(implementation)
@@ -154,55 +163,73 @@ def _step_seconds(model: FMTForCausalLM, implementation: str, cache, token: torc
 
 @torch.no_grad()
 def run_decode_benchmark(
-    lengths: list[int], steps: int = 8, config: FMTConfig | None = None, seed: int = 0, progress: bool = True
+    lengths: list[int],
+    steps: int = 8,
+    config: FMTConfig | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    threads: list[int] | None = None,
 ) -> tuple[list[dict], dict]:
-    """Median per-token decoding time and cache bytes of FMT and dense attention at each context length."""
+    """Median per-token decoding time and cache bytes of FMT and dense attention at each context length, one row per
+    length and thread count (``threads`` None: torch's current count)."""
     from tqdm.auto import tqdm
 
+    counts, restore = thread_counts(threads), torch.get_num_threads()
+    decoded = len(counts) * (steps + 1)  # tokens each cache takes
     if config is None:
-        config = smollm2_shaped_config(max(lengths) + steps + 1)
-    if max(lengths) + steps + 1 > config.max_position_embeddings:
+        config = smollm2_shaped_config(max(lengths) + decoded)
+    if max(lengths) + decoded > config.max_position_embeddings:
         raise ValueError(
-            f"lengths up to {max(lengths)} plus {steps + 1} decoding steps exceed "
-            f"max_position_embeddings={config.max_position_embeddings}"
+            f"lengths up to {max(lengths)} plus {decoded} decoding steps ({len(counts)} thread counts x {steps + 1}) "
+            f"exceed max_position_embeddings={config.max_position_embeddings}"
         )
     torch.manual_seed(seed)
     model = FMTForCausalLM(config).eval()
     generator = torch.Generator().manual_seed(seed)
     rows = []
-    bar = tqdm(total=len(lengths) * 2 * (steps + 1), desc="decode steps", disable=not progress)
-    for length in lengths:
-        caches = {
-            "fma": filled_fmt_cache(model, length, generator),
-            "sdpa": filled_dense_cache(model, length, generator),
-        }
-        held = {name: cache_bytes(cache) for name, cache in caches.items()}
-        times = {"fma": [], "sdpa": []}
-        neighbours = CpuNeighbours().start()
-        for step in range(steps + 1):  # step 0 warms up
-            order = ("fma", "sdpa") if step % 2 else ("sdpa", "fma")
-            for implementation in order:
-                token = torch.randint(0, config.vocab_size, (1, 1), generator=generator)
-                seconds, caches[implementation] = _step_seconds(
-                    model, implementation, caches[implementation], token, length + step
-                )
-                if step:
-                    times[implementation].append(seconds)
-                bar.update()
-        fma_s, dense_s = statistics.median(times["fma"]), statistics.median(times["sdpa"])
-        rows.append(
-            {
-                "context": length,
-                "fmt_ms": 1e3 * fma_s,
-                "dense_ms": 1e3 * dense_s,
-                "speedup": dense_s / fma_s,
-                "fmt_cache_bytes": held["fma"],
-                "dense_cache_bytes": held["sdpa"],
-                "cache_ratio": held["sdpa"] / held["fma"],
-                "other_cores": neighbours.stop(),
+    bar = tqdm(total=len(lengths) * 2 * decoded, desc="decode steps", disable=not progress)
+    try:
+        for length in lengths:
+            caches = {
+                "fma": filled_fmt_cache(model, length, generator),
+                "sdpa": filled_dense_cache(model, length, generator),
             }
-        )
-        del caches
+            held = {name: cache_bytes(cache) for name, cache in caches.items()}
+            times = {(count, implementation): [] for count in counts for implementation in ("fma", "sdpa")}
+            neighbours = CpuNeighbours().start()
+            position = length
+            for step in range(steps + 1):  # step 0 warms up
+                for count in counts:
+                    torch.set_num_threads(count)
+                    order = ("fma", "sdpa") if step % 2 else ("sdpa", "fma")
+                    for implementation in order:
+                        token = torch.randint(0, config.vocab_size, (1, 1), generator=generator)
+                        seconds, caches[implementation] = _step_seconds(
+                            model, implementation, caches[implementation], token, position
+                        )
+                        if step:
+                            times[count, implementation].append(seconds)
+                        bar.update()
+                    position += 1
+            other_cores = neighbours.stop()
+            for count in counts:
+                fma_s, dense_s = (statistics.median(times[count, name]) for name in ("fma", "sdpa"))
+                rows.append(
+                    {
+                        "context": length,
+                        "threads": count,
+                        "fmt_ms": 1e3 * fma_s,
+                        "dense_ms": 1e3 * dense_s,
+                        "speedup": dense_s / fma_s,
+                        "fmt_cache_bytes": held["fma"],
+                        "dense_cache_bytes": held["sdpa"],
+                        "cache_ratio": held["sdpa"] / held["fma"],
+                        "other_cores": other_cores,
+                    }
+                )
+            del caches
+    finally:
+        torch.set_num_threads(restore)
     bar.close()
     meta = {
         "system": system_info(),
@@ -222,54 +249,67 @@ def run_batch_benchmark(
     config: FMTConfig,
     seed: int = 0,
     progress: bool = True,
+    threads: list[int] | None = None,
 ) -> tuple[list[dict], dict]:
-    """Per-step decoding time and tokens per second of FMT and dense attention at each batch size, after a real
-    prefill of ``prompt_len`` tokens per row (see :data:`METHODS_BATCH`)."""
+    """Per-step decoding time and tokens per second of FMT and dense attention at each batch size and thread count
+    (``threads`` None: torch's current count), after a real prefill of ``prompt_len`` tokens per row (see
+    :data:`METHODS_BATCH`)."""
     from tqdm.auto import tqdm
 
-    if prompt_len + repeats * steps + 1 > config.max_position_embeddings:
+    counts, restore = thread_counts(threads), torch.get_num_threads()
+    rounds = repeats * len(counts)  # every thread count decodes on from the same caches
+    if prompt_len + rounds * steps + 1 > config.max_position_embeddings:
         raise ValueError(
-            f"prompt_len={prompt_len} plus {repeats} x {steps} steps exceed "
-            f"max_position_embeddings={config.max_position_embeddings}"
+            f"prompt_len={prompt_len} plus {rounds} x {steps} steps ({repeats} repeats x {len(counts)} thread "
+            f"counts) exceed max_position_embeddings={config.max_position_embeddings}"
         )
     torch.manual_seed(seed)
     model = FMTForCausalLM(config).eval()
     generator = torch.Generator().manual_seed(seed)
-    runs = [(implementation, batch) for batch in batch_sizes for implementation in ("fma", "sdpa")]
+    prefills = [(implementation, batch) for batch in batch_sizes for implementation in ("fma", "sdpa")]
+    runs = [(count, implementation, batch) for count in counts for implementation, batch in prefills]
     caches, tokens = {}, {}
-    for implementation, batch in tqdm(runs, desc="prefills", disable=not progress):
+    for implementation, batch in tqdm(prefills, desc="prefills", disable=not progress):
         model.set_attn_implementation(implementation)
         ids = torch.randint(0, config.vocab_size, (batch, prompt_len), generator=generator)
         out = model(ids, use_cache=True, logits_to_keep=1)
         caches[implementation, batch], tokens[implementation, batch] = out.cache, out.logits[:, -1:].argmax(-1)
     times = {run: [] for run in runs}
     neighbours = CpuNeighbours().start()
-    for repeat in tqdm(range(repeats), desc="repeats", disable=not progress):
-        shift = repeat % len(runs)
-        for implementation, batch in runs[shift:] + runs[:shift]:
-            model.set_attn_implementation(implementation)
-            cache, token = caches[implementation, batch], tokens[implementation, batch]
-            start = time.perf_counter()
-            for _ in range(steps):
-                out = model(token, cache=cache, use_cache=True)
-                cache, token = out.cache, out.logits[:, -1:].argmax(-1)
-            times[implementation, batch].append((time.perf_counter() - start) / steps)
-            caches[implementation, batch], tokens[implementation, batch] = cache, token
+    try:
+        for repeat in tqdm(range(repeats), desc="repeats", disable=not progress):
+            shift = repeat % len(runs)
+            for count, implementation, batch in runs[shift:] + runs[:shift]:
+                torch.set_num_threads(count)
+                model.set_attn_implementation(implementation)
+                cache, token = caches[implementation, batch], tokens[implementation, batch]
+                start = time.perf_counter()
+                for _ in range(steps):
+                    out = model(token, cache=cache, use_cache=True)
+                    cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+                times[count, implementation, batch].append((time.perf_counter() - start) / steps)
+                caches[implementation, batch], tokens[implementation, batch] = cache, token
+    finally:
+        torch.set_num_threads(restore)
     other_cores = neighbours.stop()
     rows = []
-    for batch in batch_sizes:
-        fma_s, dense_s = (statistics.median(times[implementation, batch]) for implementation in ("fma", "sdpa"))
-        rows.append(
-            {
-                "batch": batch,
-                "fmt_ms": 1e3 * fma_s,
-                "dense_ms": 1e3 * dense_s,
-                "fmt_tokens_per_s": batch / fma_s,
-                "dense_tokens_per_s": batch / dense_s,
-            }
-        )
-    for row in rows:
-        row["fmt_step_vs_batch_1"] = row["fmt_ms"] / rows[0]["fmt_ms"]
+    for count in counts:
+        batch_rows = []
+        for batch in batch_sizes:
+            fma_s, dense_s = (statistics.median(times[count, name, batch]) for name in ("fma", "sdpa"))
+            batch_rows.append(
+                {
+                    "threads": count,
+                    "batch": batch,
+                    "fmt_ms": 1e3 * fma_s,
+                    "dense_ms": 1e3 * dense_s,
+                    "fmt_tokens_per_s": batch / fma_s,
+                    "dense_tokens_per_s": batch / dense_s,
+                }
+            )
+        for row in batch_rows:
+            row["fmt_step_vs_batch_1"] = row["fmt_ms"] / batch_rows[0]["fmt_ms"]
+        rows += batch_rows
     meta = {
         "system": system_info(),
         "methods": METHODS_BATCH,
@@ -284,26 +324,26 @@ def run_batch_benchmark(
 
 def format_batch_table(rows: list[dict]) -> str:
     lines = [
-        f"{'batch':>6} {'FMT ms/step':>12} {'dense ms/step':>14} {'FMT tok/s':>10} {'dense tok/s':>12} "
+        f"{'threads':>7} {'batch':>6} {'FMT ms/step':>12} {'dense ms/step':>14} {'FMT tok/s':>10} {'dense tok/s':>12} "
         f"{'FMT step / batch-' + str(rows[0]['batch']):>20}"
     ]
     for r in rows:
         lines.append(
-            f"{r['batch']:>6} {r['fmt_ms']:>12.1f} {r['dense_ms']:>14.1f} {r['fmt_tokens_per_s']:>10.0f} "
-            f"{r['dense_tokens_per_s']:>12.0f} {r['fmt_step_vs_batch_1']:>19.1f}x"
+            f"{r['threads']:>7} {r['batch']:>6} {r['fmt_ms']:>12.1f} {r['dense_ms']:>14.1f} "
+            f"{r['fmt_tokens_per_s']:>10.0f} {r['dense_tokens_per_s']:>12.0f} {r['fmt_step_vs_batch_1']:>19.1f}x"
         )
     return "\n".join(lines)
 
 
 def format_decode_table(rows: list[dict]) -> str:
     lines = [
-        f"{'context':>8} {'FMT ms/tok':>11} {'dense ms/tok':>13} {'speedup':>8} {'FMT cache':>10} "
+        f"{'context':>8} {'threads':>7} {'FMT ms/tok':>11} {'dense ms/tok':>13} {'speedup':>8} {'FMT cache':>10} "
         f"{'dense cache':>12} {'smaller':>8} {'other cores':>12}"
     ]
     for r in rows:
         other = "-" if r["other_cores"] is None else f"{r['other_cores']:.2f}"
         lines.append(
-            f"{r['context']:>8} {r['fmt_ms']:>11.1f} {r['dense_ms']:>13.1f} {r['speedup']:>7.1f}x "
+            f"{r['context']:>8} {r['threads']:>7} {r['fmt_ms']:>11.1f} {r['dense_ms']:>13.1f} {r['speedup']:>7.1f}x "
             f"{r['fmt_cache_bytes'] / 2**20:>8.2f}MB {r['dense_cache_bytes'] / 2**20:>10.1f}MB "
             f"{r['cache_ratio']:>7.1f}x {other:>12}"
         )
@@ -316,13 +356,18 @@ def plot_decode(rows: list[dict], path: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    contexts = [r["context"] for r in rows]
+    counts = sorted({r["threads"] for r in rows})
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    left.loglog(contexts, [r["fmt_ms"] for r in rows], "o-", label="FMT (FMTCache)")
-    left.loglog(contexts, [r["dense_ms"] for r in rows], "s-", label="dense SDPA (DynamicCache)")
+    for count in counts:
+        of_count = [r for r in rows if r["threads"] == count]
+        contexts, threads = [r["context"] for r in of_count], f", {count} threads" if len(counts) > 1 else ""
+        left.loglog(contexts, [r["fmt_ms"] for r in of_count], "o-", label=f"FMT (FMTCache){threads}")
+        left.loglog(contexts, [r["dense_ms"] for r in of_count], "s-", label=f"dense SDPA (DynamicCache){threads}")
     left.set(xlabel="context (tokens)", ylabel="ms per decoded token", title="decoding step")
-    right.loglog(contexts, [r["fmt_cache_bytes"] / 2**20 for r in rows], "o-", label="FMT (FMTCache)")
-    right.loglog(contexts, [r["dense_cache_bytes"] / 2**20 for r in rows], "s-", label="dense (DynamicCache)")
+    sizes = [r for r in rows if r["threads"] == counts[0]]  # the caches are the same whatever the threads
+    contexts = [r["context"] for r in sizes]
+    right.loglog(contexts, [r["fmt_cache_bytes"] / 2**20 for r in sizes], "o-", label="FMT (FMTCache)")
+    right.loglog(contexts, [r["dense_cache_bytes"] / 2**20 for r in sizes], "s-", label="dense (DynamicCache)")
     right.set(xlabel="context (tokens)", ylabel="cache MiB", title="KV cache size")
     for ax in (left, right):
         ax.grid(True, which="both", alpha=0.3)
