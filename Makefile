@@ -13,7 +13,7 @@ install: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --constraint constraints.txt --editable ".[test,bench,data,eval,peft,serve]"
+	$(PY) -m pip install --quiet --constraint constraints.txt --editable ".[test,bench,data,eval,peft,serve,convert]"
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -40,9 +40,9 @@ bench: $(STAMP)
 bench-generate: $(STAMP)
 	$(PY) scripts/bench_generate.py $(ARGS)
 
-# The long-context suite (docs/long_context.md); SmolLM2's GGUF file needs the convert extra. ARGS: further flags.
+# The long-context suite (docs/long_context.md) on SmolLM2's GGUF file (read with the convert extra, installed above).
+# ARGS: further flags.
 long-context: $(STAMP)
-	$(PY) -m pip install --quiet --constraint constraints.txt --editable ".[convert]"
 	$(PY) scripts/eval_long_context.py $(ARGS)
 
 # The kvpress baselines of the long-context suite (--systems kvpress_*): kvpress 0.5.5 needs transformers < 5.3, so it
