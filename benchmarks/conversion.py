@@ -26,8 +26,7 @@ from fmt_hf.toolkit.arguments import CorpusArguments, parse_config_overrides
 from fmt_hf.toolkit.convert import load_llama
 from fmt_hf.toolkit.evaluation import score_documents
 from fmt_hf.toolkit.metrics import LM_BITS
-
-from .rows import append_row, read_rows
+from fmt_hf.toolkit.records import append_rows, read_rows
 
 DENSE = "dense"
 """The setting name of the source model's own row."""
@@ -116,7 +115,7 @@ def run_grid(
             "seconds": round(time.perf_counter() - start, 1),
             "threads": torch.get_num_threads(),
         }
-        append_row(path, row)
+        append_rows(path, [row])
     return read_rows(path)
 
 

@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from fmt_hf.toolkit.records import append_rows, read_rows
 from fmt_hf.toolkit.tokenizer import byte_tokenizer
 
 from .peers import PEER_PACKAGES, peer_unavailable
@@ -44,7 +45,6 @@ from .quality_eval import extrapolation_scores, held_out_bpb, probe_accuracy
 from .quality_report import format_report, plot_extrapolation, plot_training
 from .quality_suite import RunSpec, SuiteConfig, default_suite
 from .quality_training import build_run_model, optimizer_and_schedule, train_steps
-from .rows import append_row, read_rows
 
 
 def run_one(spec: RunSpec, cfg: SuiteConfig, tokenizer, corpus: SuiteData | None, progress: bool = True) -> dict:
@@ -135,7 +135,7 @@ def run_suite(
                 "traceback": traceback.format_exc(limit=5),
             }
         row["meta"] = meta
-        append_row(path, row)
+        append_rows(path, [row])
     return read_rows(path)
 
 

@@ -36,7 +36,7 @@ from transformers import (
     PreTrainedConfig,
 )
 
-from ..model.fma_options import sequence_cap
+from ..model.fma_options import length_free, sequence_cap
 from ..model.fma_partition import num_levels
 from .arguments import DataArguments
 from .data import corpus_package
@@ -330,6 +330,7 @@ def build_model_card(
         labels=list(config.id2label.values()) if classifies else None,
         num_parameters=f"{num_parameters / 1e6:.2f}M ({num_parameters:,})",
         fma_levels=num_levels(config.max_position_embeddings, config.fma_block_size, config.fma_near_blocks),
+        length_free=length_free(config),
         base_model=base,
         conversion=conversion,
         chat_template=chat_template,

@@ -38,6 +38,7 @@ from .convert import convert_llama_to_fmt, load_llama
 from .data import SMOLLM2_GGUF, fetch_smollm2, load_corpus
 from .long_context import TASKS, Haystack, Sample, answer_complete, encode, make_sample, score
 from .long_context_report import plot_heat_maps, results_table
+from .records import append_rows, read_rows
 
 
 def fmt_cache_vectors(model: PreTrainedModel, tokens: int) -> int:
@@ -155,14 +156,6 @@ class StreamingLLM(System):
         return logits
 
 
-def read_rows(path: str) -> list[dict]:
-    """The JSON lines of ``path`` (none when it does not exist)."""
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def answer_row(system: str, sample: Sample, answer: Answer, seconds: float, training_length: int | None) -> dict:
     """The ``samples.jsonl`` line of ``system``'s answer to ``sample``, scored."""
     value = score(answer.prediction, sample.answers)
@@ -185,12 +178,6 @@ def answer_row(system: str, sample: Sample, answer: Answer, seconds: float, trai
         "cache_mib": round(answer.cache_mib, 3),
         "training_length": training_length,
     }
-
-
-def append_rows(path: str, rows: Iterable[dict]) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def done_pairs(path: str) -> set[tuple[str, str]]:
@@ -441,7 +428,6 @@ __all__ = [
     "fmt_cache_vectors",
     "kvpress_compression_ratio",
     "plot_heat_maps",
-    "read_rows",
     "results_table",
     "run_long_context",
     "run_samples",

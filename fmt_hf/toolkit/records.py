@@ -1,11 +1,14 @@
-"""What a run records beside the weights it writes, for the model card to read back (:mod:`fmt_hf.toolkit.hub`):
-the arguments of a training run (:data:`TRAINING_SETUP_NAME`) and the source of a conversion
-(:data:`CONVERSION_RECORD_NAME`)."""
+"""What runs record: beside the weights they write, for the model card to read back (:mod:`fmt_hf.toolkit.hub`), the
+arguments of a training run (:data:`TRAINING_SETUP_NAME`) and the source of a conversion
+(:data:`CONVERSION_RECORD_NAME`); and result files of one JSON row per line, appended as each row finishes so that
+an interrupted run (the long-context suite, the benchmarks) resumes (:func:`read_rows`, :func:`append_rows`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -49,4 +52,19 @@ def write_training_setup(
         json.dump(setup, f, indent=2)
 
 
-__all__ = ["CONVERSION_RECORD_NAME", "TRAINING_SETUP_NAME", "write_training_setup"]
+def read_rows(path: str) -> list[dict]:
+    """The rows of a results file (none when it does not exist)."""
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def append_rows(path: str, rows: Iterable[dict]) -> None:
+    """Append ``rows`` to the results file ``path`` (its folder made if missing)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+__all__ = ["CONVERSION_RECORD_NAME", "TRAINING_SETUP_NAME", "append_rows", "read_rows", "write_training_setup"]

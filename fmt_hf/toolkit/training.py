@@ -45,7 +45,7 @@ from transformers import (
 )
 
 from ..model import FMTConfig
-from ..model.modeling_fmt import sequence_cap
+from ..model.fma_options import sequence_cap
 from .arguments import DataArguments, ModelArguments, parse_config_overrides
 from .classification import passage_classification
 from .data import pack_documents

@@ -18,9 +18,9 @@ from fmt_hf.toolkit.long_context_eval import (
     build_systems,
     check_kvpress_python,
     kvpress_compression_ratio,
-    read_rows,
     run_long_context,
 )
+from fmt_hf.toolkit.records import read_rows
 from fmt_hf.toolkit.tokenizer import byte_tokenizer
 
 BYTES = byte_tokenizer()

@@ -1,4 +1,5 @@
-"""fmt_hf.toolkit.records: the training-setup record reads back as the arguments it was written from."""
+"""fmt_hf.toolkit.records: the training-setup record reads back as the arguments it was written from; result rows
+append and read back."""
 
 import dataclasses
 import json
@@ -21,3 +22,13 @@ def test_training_setup_reads_back_as_the_arguments(tmp_path):
     assert setup["training"]["learning_rate"] == 1e-3 and setup["training"]["max_steps"] == 5
     assert setup["training"]["lr_scheduler_type"] == "linear" and setup["training"]["world_size"] == 1
     assert set(setup["data"]) == {f.name for f in dataclasses.fields(DataArguments)}
+
+
+def test_result_rows_append_and_read_back(tmp_path):
+    from fmt_hf.toolkit.records import append_rows, read_rows
+
+    path = str(tmp_path / "new" / "rows.jsonl")
+    assert read_rows(path) == []
+    append_rows(path, [{"a": 1}])
+    append_rows(path, [{"a": 2}, {"b": None}])
+    assert read_rows(path) == [{"a": 1}, {"a": 2}, {"b": None}]
