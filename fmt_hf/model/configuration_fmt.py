@@ -143,6 +143,13 @@ class FMTConfig(PreTrainedConfig):
             `w` groups on either side, so a level reads `w + 1` groups (bidirectional `2w + 1`). Wider fields see
             more of the context exactly: `(w + 1) * fma_block_size` fine keys per query, and as many fine keys and
             values in the decoding cache. 1: the partition of the paper's kernels.
+        fma_refine_groups (`int`, *optional*, defaults to 0):
+            FMA's adaptive refinement `k >= 0` (docs/fma.md §3c): each query also reads exactly the `k` far fine
+            blocks whose keys may match it best (Quest's per-channel bound), every coarse summary holding one split
+            into its children down to the block. For retrieval from the far field. The decoding cache then keeps a
+            store of every past key and value (reported apart), of which a step reads `k * fma_block_size` fine keys
+            more; the forward pass costs O(n^2 d) for the selected keys. Needs `fma_query_mode="fine"` and
+            `fma_boundary="mask"`. 0: pure FMA.
 
     Example:
 
@@ -186,6 +193,7 @@ class FMTConfig(PreTrainedConfig):
     fma_kernel: Literal[KERNELS] = "auto"
     fma_sink_tokens: int = 0
     fma_near_blocks: int = 1
+    fma_refine_groups: int = 0
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:

@@ -23,6 +23,7 @@ from .fma_downsample import make_downsampler, without_sinks
 from .fma_flex import FLEX_AVAILABLE, flex_fine_queries, flex_plan, flex_unsupported, key_offsets
 from .fma_options import check_fma_options
 from .fma_partition import MASK_VALUE, Partition, num_levels, slots_per_level
+from .fma_refine import refined_fine_queries
 
 # Device kinds on which kernel="auto" takes the FlexAttention path: those where `scripts/check_gpu.py` (exactness
 # against the gather path, then timings) has passed. None yet -- until a GPU run passes, "flex" is opt-in everywhere.
@@ -77,6 +78,10 @@ class FastMultipoleAttention(nn.Module):
             groups wide, so each level reads ``w + 1`` (bidirectional ``2w + 1``) groups. 1: the partition of the
             paper's kernels. Wider fields see more tokens exactly, at ``(w+1)m`` fine keys per query and decoding
             state.
+        refine_groups: ``k >= 0``, adaptive refinement (§3c): each query reads the ``k`` far fine blocks with the
+            best Quest bound exactly, every coarse slot that holds one split into its children. 0: pure FMA. Fine
+            queries and ``boundary="mask"`` only; the forward pass reads the selected keys as masked logits over every
+            fine key (O(n^2 d), unlike pure FMA), decoding from a store of the past (§8).
 
     Attributes:
         flex_kv_block: keys per KV block of the flex path's block mask (``block_size`` by default; a multiple of 16
@@ -98,6 +103,7 @@ class FastMultipoleAttention(nn.Module):
         sink_tokens: int = 0,
         kernel: str = "auto",
         near_blocks: int = 1,
+        refine_groups: int = 0,
     ):
         super().__init__()
         check_fma_options(
@@ -114,6 +120,7 @@ class FastMultipoleAttention(nn.Module):
             sink_tokens=sink_tokens,
             kernel=kernel,
             near_blocks=near_blocks,
+            refine_groups=refine_groups,
         )
         if kernel == "flex" and not FLEX_AVAILABLE:
             raise ImportError(
@@ -124,6 +131,7 @@ class FastMultipoleAttention(nn.Module):
         self.block_size, self.coarse_tokens = block_size, coarse_tokens
         self.causal, self.query_mode, self.scale_attn, self.boundary = causal, query_mode, scale_attn, boundary
         self.dropout, self.sink_tokens, self.near_blocks = dropout, sink_tokens, near_blocks
+        self.refine_groups = refine_groups
         self.kernel, self.flex_kv_block = kernel, block_size
         # None: length-free, each input gets the levels it needs (§7a).
         self.num_levels = None if max_seq_len is None else num_levels(max_seq_len, block_size, near_blocks)
@@ -160,7 +168,8 @@ class FastMultipoleAttention(nn.Module):
             f"head_dim={self.head_dim}, max_seq_len={self.max_seq_len}, block_size={self.block_size}, "
             f"coarse_tokens={self.coarse_tokens}, levels={levels}, causal={self.causal}, "
             f"query_mode={self.query_mode!r}, scale_attn={self.scale_attn}, boundary={self.boundary!r}, "
-            f"sink_tokens={self.sink_tokens}, near_blocks={self.near_blocks}, kernel={self.kernel!r}"
+            f"sink_tokens={self.sink_tokens}, near_blocks={self.near_blocks}, refine_groups={self.refine_groups}, "
+            f"kernel={self.kernel!r}"
         )
 
     # ------------------------------------------------------------------ validation
@@ -242,7 +251,16 @@ class FastMultipoleAttention(nn.Module):
         if key_valid is not None:
             bank_valid = self._bank_valid(key_valid, n_fine, coarse_k)
         plans = self.partition.plans(n, tuple(c.shape[3] for c in coarse_k), k.device, dtype)
-        if self.query_mode == "fine":
+        if self.refine_groups:
+            bases = [1 + n_fine]
+            for c in coarse_k[:-1]:
+                bases.append(bases[-1] + c.shape[2] * c.shape[3])
+            fine_k, fine_v = k[:, :, :n_fine], v[:, :, :n_fine]
+            out = refined_fine_queries(
+                self, queries[:, :, :n_fine], fine_k, fine_v, bank_k, bank_v, *plans[0], bank_valid, key_valid, n,
+                bases[: len(coarse_k)],
+            )
+        elif self.query_mode == "fine":
             out = self._fine_queries(queries[:, :, :n_fine], bank_k, bank_v, *plans[0], bank_valid)
         else:
             out = self._coarse_queries(queries * d**-0.5, bank_k, bank_v, plans, bank_valid, n_fine)
@@ -279,7 +297,7 @@ class FastMultipoleAttention(nn.Module):
     def _runs_flex(self, device: torch.device) -> bool:
         """Whether this call takes the FlexAttention path (see ``kernel``); a forced ``"flex"`` that cannot run
         these sizes on ``device`` is an error rather than a silent fallback."""
-        if self.kernel == "gather" or self.query_mode != "fine" or self.partition.zero_sink:
+        if self.kernel == "gather" or self.query_mode != "fine" or self.partition.zero_sink or self.refine_groups:
             return False
         if self.training and self.dropout:  # FlexAttention has no dropout
             return False

@@ -9,6 +9,7 @@ import torch
 
 from .fma_downsample import without_sinks
 from .fma_partition import MASK_VALUE, ring_positions
+from .fma_refine import block_bounds, covering_level, far_candidates, select_blocks, siblings, split_slots
 from .fma_state import FMAState, LevelUpdate, ring_read, ring_write
 
 
@@ -89,7 +90,8 @@ class FMADecoder:
         """
         if self.fma.training and self.fma.dropout:
             raise ValueError("FastMultipoleAttention decoding runs without dropout: call .eval() first")
-        if q.shape[2] == 1 and (lengths is None or all(n == 1 for n in lengths)):
+        one_token = q.shape[2] == 1 and (lengths is None or all(n == 1 for n in lengths))
+        if one_token and not self.fma.refine_groups:  # refinement (§3c) takes the chunk path, rows by position
             return self._step_tokens(state, q, k, v, valid)
         out = torch.zeros_like(q)
 
@@ -124,12 +126,75 @@ class FMADecoder:
             state, *(x[rows, :, :n] for x in (q, k, v)), None if valid is None else valid[rows, :n]
         )
         self._keep_sinks(state, k, v, valid)  # a chunk's later queries read the sinks it brings
-        updates = self._level_updates(state, k, v, valid, tail_only=not attend)
+        refine = bool(self.fma.refine_groups)
+        updates = self._level_updates(state, k, v, valid, tail_only=not (attend or refine))
         if updates is not None:
             state.grow_levels(len(updates))
+        if refine:
+            self._store(state, k, v, valid, updates)
         out = self._attend_chunk(state, q, k, v, valid, updates) if attend else None
         self._advance(state, q, k, v, valid, updates)
         return out
+
+    def _store(self, state, k, v, valid, updates) -> None:
+        """Refinement (§3c): write the fine blocks and the groups the new tokens complete into the state's store,
+        with the blocks' bounds, before the chunk attends (its later queries may select its earlier blocks)."""
+        t, c, m = state.lengths[0], k.shape[2], self.m
+        first_block, end = t // m, (t + c) // m
+        if end > first_block:
+            keys, values, tokens_valid = self._chunk_tokens(state, k, v, valid, first_block * m, end * m)
+            center, radius, available = block_bounds(keys, tokens_valid, first_block, m, self.s)
+            state.write_store_blocks(first_block, keys, values, tokens_valid, center, radius, available)
+        for level, update in enumerate(updates or [], start=1):
+            state.write_store_groups(
+                level, update.first_group, update.complete_k, update.complete_v, update.complete_valid
+            )
+
+    def _refinement(self, state, queries, t, new_groups):
+        """Refinement (§3c) of queries ``queries`` (B, H_kv, g, c, d), scaled, at ``t .. t+c-1``, from the store:
+        ``split`` (B, H_kv, c, S), which of :meth:`_attend_chunk`'s slots the selection replaces, and the logits
+        (B, H_kv, g, c, E) and values (B, H_kv, c, E, d) of the replacing summaries and the selected fine keys."""
+        partition, m, p, levels = self.partition, self.m, self.p, state.num_levels
+        batch, kv_heads, _, c, d = queries.shape
+        device = queries.device
+        query_blocks = torch.arange(t, t + c, device=device) // m
+        candidate = far_candidates(partition, query_blocks, state.store_blocks)[None] & state.store_available[:, None]
+        chosen, used = select_blocks(queries, state.store_center, state.store_radius, candidate, self.fma.refine_groups)
+        cover = covering_level(partition, query_blocks, chosen, levels)
+
+        split = [chosen.new_zeros(batch, kv_heads, c, state.fine_ring + c, dtype=torch.bool)]
+        for level, (first, count) in enumerate(new_groups, start=1):
+            ring = ring_positions(t // partition.group_width(level) - 1, state.group_ring, device)
+            ids = torch.cat([ring, first + torch.arange(count, device=device)]).repeat_interleave(p)
+            split.append(split_slots(ids, level, chosen, used))
+        split.append(chosen.new_zeros(batch, kv_heads, c, self.s, dtype=torch.bool))
+
+        def gather(source, index, dim):  # source (B, H_kv, N, ...) at index (B, H_kv, c, j) along dim 2
+            tail = source.shape[dim + 1 :]
+            flat = index.flatten(2).view(*index.shape[:2], -1, *([1] * len(tail))).expand(-1, -1, -1, *tail)
+            return source.gather(dim, flat).view(*index.shape, *tail)
+
+        keys, values, biases = [], [], []
+        groups, use = siblings(chosen, used, cover, levels)  # (B, H_kv, c, k', L-1)
+        for level in range(1, levels):
+            width, g = partition.group_width(level), groups[..., level - 1].clamp(0, max(state.store_blocks - 1, 0))
+            keys.append(gather(state.store_groups_k[:, level - 1], g, 2).flatten(3, 4))  # (B, H_kv, c, k'p, d)
+            values.append(gather(state.store_groups_v[:, level - 1], g, 2).flatten(3, 4))
+            stored = state.store_groups_valid[:, level - 1].gather(1, g.flatten(1)).view(g.shape)
+            ok = (use[..., level - 1] & stored)[..., None] & ~partition.sink_summaries(g, width, p).unflatten(-1, (-1, p))
+            biases.append(
+                torch.full(ok.shape, MASK_VALUE, dtype=queries.dtype, device=device)
+                .masked_fill(ok, partition.offset(level))
+                .flatten(-2)
+            )
+        positions = (chosen[..., None] * m + torch.arange(m, device=device)).flatten(-2)  # (B, H_kv, c, k'm)
+        keys.append(gather(state.store_k, positions, 2))
+        values.append(gather(state.store_v, positions, 2))
+        stored = state.store_valid.gather(1, positions.flatten(1)).view(positions.shape)
+        ok = used.repeat_interleave(m, -1) & stored & (positions >= self.s)
+        biases.append(torch.zeros(ok.shape, dtype=queries.dtype, device=device).masked_fill(~ok, MASK_VALUE))
+        logits = torch.einsum("bhgcd,bhced->bhgce", queries, torch.cat(keys, 3)) + torch.cat(biases, -1)[:, :, None]
+        return torch.cat(split, -1), logits, torch.cat(values, 3)
 
     def _keep_sinks(self, state, k, v, valid) -> None:
         """Keep those of the new tokens ``k``/``v`` (B, H_kv, c, d) that are sink tokens (positions below s, §3a):
@@ -321,8 +386,18 @@ class FMADecoder:
         if any(state.holes):
             bias = bias.masked_fill(~torch.cat(slots_valid, 1)[:, None], MASK_VALUE)
         logits = torch.cat(logits, -1).view(batch, kv_heads, -1, c, bias.shape[-1]) + bias[:, None, None]
-        probs = torch.softmax(logits, -1).flatten(2, 3)  # (B, H_kv, g*c, S)
-        return (probs @ torch.cat(values, 2)).reshape(batch, heads, c, d)
+        if not self.fma.refine_groups:
+            probs = torch.softmax(logits, -1).flatten(2, 3)  # (B, H_kv, g*c, S)
+            return (probs @ torch.cat(values, 2)).reshape(batch, heads, c, d)
+        split, extra_logits, extra_values = self._refinement(
+            state, queries.view(batch, kv_heads, -1, c, d), t, new_groups
+        )
+        logits = logits.masked_fill(split[:, :, None], MASK_VALUE)
+        probs = torch.softmax(torch.cat([logits, extra_logits], -1), -1)  # (B, H_kv, g, c, S + E)
+        slots = logits.shape[-1]
+        out = probs[..., :slots].flatten(2, 3) @ torch.cat(values, 2)
+        out = out + torch.einsum("bhgce,bhced->bhgcd", probs[..., slots:], extra_values).flatten(2, 3)
+        return out.reshape(batch, heads, c, d)
 
     # ------------------------------------------------------------------ one token per row, rows at any positions
 

@@ -30,6 +30,7 @@ CONFIG_FIELDS = {
     "sink_tokens": "fma_sink_tokens",
     "kernel": "fma_kernel",
     "near_blocks": "fma_near_blocks",
+    "refine_groups": "fma_refine_groups",
 }
 
 
@@ -76,6 +77,7 @@ def check_fma_options(
     sink_tokens,
     kernel,
     near_blocks,
+    refine_groups=0,
     names: dict[str, str] | None = None,
 ) -> None:
     """Raises a ValueError naming the first argument that breaks a rule, by its name in `names` when given (e.g.
@@ -122,6 +124,19 @@ def check_fma_options(
                 f"`{name('kernel')}`='flex' needs `{name(argument)}`={needed!r}, got {value!r} (use 'gather' or "
                 "'auto')."
             )
+    if not _is_int(refine_groups) or refine_groups < 0:
+        raise ValueError(f"`{name('refine_groups')}` must be a non-negative integer, got {refine_groups!r}.")
+    if refine_groups:
+        for argument, value, allowed in (
+            ("query_mode", query_mode, ("fine",)),
+            ("boundary", boundary, ("mask",)),
+            ("kernel", kernel, ("auto", "gather")),
+        ):
+            if value not in allowed:
+                raise ValueError(
+                    f"`{name('refine_groups')}`={refine_groups} (adaptive refinement) needs `{name(argument)}` in "
+                    f"{allowed}, got {value!r}."
+                )
     if max_seq_len is None and downsample not in LENGTH_FREE_MODES:
         raise ValueError(
             f"{name('max_seq_len')}=None (no length cap) needs a length-free `{name('downsample')}`, one of "

@@ -51,7 +51,28 @@ class LevelUpdate:
 
 # The fields with a level dimension (dim 1), and what a level added to a state holds until its groups are computed.
 # Partial sums exist only for the direct families, which hold all their levels from the start.
-NEW_LEVEL_FILL = {"groups_k": 0.0, "groups_v": 0.0, "groups_valid": True, "level_queries": 0.0}
+NEW_LEVEL_FILL = {
+    "groups_k": 0.0,
+    "groups_v": 0.0,
+    "groups_valid": True,
+    "level_queries": 0.0,
+    "store_groups_k": 0.0,
+    "store_groups_v": 0.0,
+    "store_groups_valid": False,
+}
+# The refinement store (§3c), empty without refinement; its fields grow along the block dimension (the last of
+# the position-like ones).
+STORE_FIELDS = {
+    "store_k": 2,
+    "store_v": 2,
+    "store_valid": 1,
+    "store_center": 2,
+    "store_radius": 2,
+    "store_available": 1,
+    "store_groups_k": 3,
+    "store_groups_v": 3,
+    "store_groups_valid": 2,
+}
 LEVEL_FIELDS = ("partial_k", "partial_v", "partial_valid", *NEW_LEVEL_FILL)
 
 
@@ -71,6 +92,12 @@ class FMAState:
       at slot ``g % R``) -- exactly the groups a present or future query can still need.
     - ``sink_k``/``sink_v`` (B, H_kv, s, d): the sink tokens, positions ``0 .. s-1`` (§3a), kept once they have
       left the fine ring; ``sink_valid`` (B, s) whether each is a real token. Empty without sinks.
+    - the refinement store (§3c; empty, with no blocks, without refinement), for NB complete fine blocks:
+      ``store_k``/``store_v`` (B, H_kv, NB*m, d) and ``store_valid`` (B, NB*m) every past fine key and value (sink
+      tokens read as zeros); ``store_center``/``store_radius`` (B, H_kv, NB, d) and ``store_available`` (B, NB) the
+      Quest bounds of every complete block; ``store_groups_k``/``store_groups_v`` (B, L, H_kv, NB, p, d) and
+      ``store_groups_valid`` (B, L, NB) the summaries of every complete group (level l: groups ``0 ..
+      NB / 2**(l-1) - 1``). Rows at different positions share the tensors, sized by the furthest.
     - ``level_queries`` (B, L, H, d), coarse query mode only: per level, the query that opened the current
       sub-window (the coarse query of every token in it).
     - ``fine_valid`` (B, F), ``partial_valid`` (B, L), ``groups_valid`` (B, L, R): which fine slots hold real
@@ -102,6 +129,15 @@ class FMAState:
     sink_k: torch.Tensor
     sink_v: torch.Tensor
     sink_valid: torch.Tensor
+    store_k: torch.Tensor
+    store_v: torch.Tensor
+    store_valid: torch.Tensor
+    store_center: torch.Tensor
+    store_radius: torch.Tensor
+    store_available: torch.Tensor
+    store_groups_k: torch.Tensor
+    store_groups_v: torch.Tensor
+    store_groups_valid: torch.Tensor
     level_queries: torch.Tensor | None = None
 
     @classmethod
@@ -135,6 +171,9 @@ class FMAState:
             *(zeros(levels, kv_heads, r, p, d), zeros(levels, kv_heads, r, p, d)),
             *(real(f), ~real(levels), real(levels, r)),
             *(zeros(kv_heads, s, d), zeros(kv_heads, s, d), real(s)),
+            *(zeros(kv_heads, 0, d), zeros(kv_heads, 0, d), real(0)),
+            *(zeros(kv_heads, 0, d), zeros(kv_heads, 0, d), real(0)),
+            *(zeros(levels, kv_heads, 0, p, d), zeros(levels, kv_heads, 0, p, d), ~real(levels, 0)),
             None if coarse_queries is None else zeros(levels, coarse_queries, d),
         )
 
@@ -166,6 +205,56 @@ class FMAState:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    @property
+    def store_blocks(self) -> int:
+        """Complete fine blocks the refinement store holds (§3c; 0 without refinement)."""
+        return self.store_available.shape[1]
+
+    @property
+    def store_nbytes(self) -> int:
+        """Bytes of the refinement store (§3c), part of :attr:`nbytes`."""
+        return sum(getattr(self, name).numel() * getattr(self, name).element_size() for name in STORE_FIELDS)
+
+    @property
+    def store_vectors(self) -> int:
+        """Vectors of size d the refinement store holds per row and key/value head (keys, values, bounds and
+        summaries), apart from :attr:`num_vectors`."""
+        names = ("store_k", "store_v", "store_center", "store_radius", "store_groups_k", "store_groups_v")
+        vectors = sum(getattr(self, name).numel() // self.fine_k.shape[-1] for name in names)
+        return vectors // (self.batch_size * self.fine_k.shape[1])
+
+    def grow_store(self, blocks: int, block_size: int) -> None:
+        """Let the store hold ``blocks`` fine blocks of ``block_size`` positions (at least), in place: new ones are
+        empty."""
+        missing = blocks - self.store_blocks
+        if missing <= 0:
+            return
+        for name, dim in STORE_FIELDS.items():
+            tensor = getattr(self, name)
+            shape = list(tensor.shape)
+            shape[dim] = missing * (block_size if name in ("store_k", "store_v", "store_valid") else 1)
+            setattr(self, name, torch.cat([tensor, tensor.new_zeros(shape)], dim))
+
+    def write_store_blocks(self, first_block: int, keys, values, valid, center, radius, available) -> None:
+        """Store complete fine blocks ``first_block ..`` (all rows at one position): ``keys``/``values`` (B, H_kv,
+        nb*m, d), ``valid`` (B, nb*m), their bounds (B, H_kv, nb, d) and ``available`` (B, nb)."""
+        nb = available.shape[1]
+        m = keys.shape[2] // nb
+        self.grow_store(first_block + nb, m)
+        fine = slice(first_block * m, (first_block + nb) * m)
+        self.store_k[:, :, fine], self.store_v[:, :, fine], self.store_valid[:, fine] = keys, values, valid
+        block = slice(first_block, first_block + nb)
+        self.store_center[:, :, block], self.store_radius[:, :, block] = center, radius
+        self.store_available[:, block] = available
+
+    def write_store_groups(self, level: int, first_group: int, keys, values, valid) -> None:
+        """Store complete level-``level`` groups ``first_group ..``: ``keys``/``values`` (B, H_kv, groups, p, d),
+        ``valid`` (B, groups). The store must hold their blocks' level-1 entries (written first)."""
+        groups = slice(first_group, first_group + valid.shape[1])
+        self.store_groups_k[:, level - 1, :, groups] = keys
+        self.store_groups_v[:, level - 1, :, groups] = values
+        self.store_groups_valid[:, level - 1, groups] = valid
 
     @property
     def num_vectors(self) -> int:
@@ -213,6 +302,10 @@ class FMAState:
         then hold the levels ``other`` holds too."""
         levels = max(self.num_levels, other.num_levels)
         self.grow_levels(levels)
+        if other.store_blocks > self.store_blocks:
+            self.grow_store(other.store_blocks, other.store_k.shape[2] // other.store_blocks)
+        elif other.store_blocks < self.store_blocks:
+            other.grow_store(self.store_blocks, self.store_k.shape[2] // self.store_blocks)
         index = torch.tensor(rows, device=self.fine_k.device)
         for name in self.tensor_fields():
             source = getattr(other, name)

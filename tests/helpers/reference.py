@@ -119,6 +119,7 @@ def reference_fma(attn, q, k, v, key_padding_mask=None):
         levels = levels_needed(n, m, near)  # level l exists when some query has i >= (w+1) w_l (§7)
     length = (near + 1) * m * 2**levels  # the tensors cover the whole hierarchy
     zero_sink, sink_tokens = attn.boundary == "zero_sink", attn.sink_tokens
+    k_heads = k.shape[1]
     k = k.repeat_interleave(heads // k.shape[1], 1)
     v = v.repeat_interleave(heads // v.shape[1], 1)
     real = torch.ones(batch, length, dtype=torch.bool)
@@ -137,9 +138,17 @@ def reference_fma(attn, q, k, v, key_padding_mask=None):
         cv = downsample(attn.v_downsample, level, v * summarised[:, None], m)
         coarse.append((m * 2 ** (level - 1), ck, cv))
 
+    refine = getattr(attn, "refine_groups", 0)
+    group_heads = heads // k_heads
     out = torch.zeros(batch, heads, n, d, dtype=q.dtype)
     for b in range(batch):
         for i in range(n):
+            if refine:
+                batch_coarse = [(ck[b], cv[b]) for _, ck, cv in coarse]
+                out[b, :, i] = _refined_query(
+                    attn, q[b, :, i], k[b], v[b], batch_coarse, real[b], i, n, levels, group_heads, refine
+                )
+                continue
             # per entry: (H, s) logits and (H, s, d) values
             inside, outside = fine_keys(i, n, m, capacity, causal, near)
             fine = [j for j in inside + sink_slots(i, n, m, causal, sink_tokens, near) if j < length and real[b, j]]
@@ -169,4 +178,77 @@ def reference_fma(attn, q, k, v, key_padding_mask=None):
                 logits = torch.cat([logits, torch.zeros(heads, sinks, dtype=q.dtype)], -1)
                 values = torch.cat([values, torch.zeros(heads, sinks, d, dtype=q.dtype)], 1)
             out[b, :, i] = torch.einsum("hs,hsd->hd", torch.softmax(logits, -1), values)
+    return out
+
+
+def _far_blocks(i, n_blocks, m, causal, near, levels):
+    """Fine blocks wholly in query i's far field (§3c): those a coarse level covers, each with the level and group
+    of the §3 slot that covers it."""
+    far = {}
+    for level in range(1, levels + 1):
+        width = m * 2 ** (level - 1)
+        for g in coarse_slot_groups(i, width, causal, near):
+            for block in range(max(g, 0) * width // m, (g + 1) * width // m):
+                if g >= 0 and block < n_blocks:
+                    far[block] = (level, g)
+    return far
+
+
+def _refined_query(attn, q, k, v, coarse, real, i, n, levels, group_heads, refine):
+    """§3c for one query (all heads, q (H, d) scaled, k/v (H, N, d) with N the padded length): per key/value head,
+    the Quest bound selects ``refine`` far blocks, and every §3 slot holding one is split into its children down to
+    the fine tokens of the selected blocks; one softmax over fine band, sinks and the refined tree."""
+    m, causal, near, sink_tokens = attn.block_size, attn.causal, attn.near_blocks, attn.sink_tokens
+    heads, d = q.shape
+    n_blocks = -(-n // m)
+    far = _far_blocks(i, n_blocks, m, causal, near, levels)
+    out = torch.zeros(heads, d, dtype=q.dtype)
+    for h in range(heads):
+        kv = h // group_heads
+        scores = {}
+        for block in far:
+            keys = [j for j in range(block * m, min((block + 1) * m, n)) if real[j] and j >= sink_tokens]
+            if not keys:
+                continue
+            lo, hi = k[h, keys].min(0).values, k[h, keys].max(0).values
+            bound = max(
+                float(torch.maximum(q[g] * lo, q[g] * hi).sum())
+                for g in range(kv * group_heads, (kv + 1) * group_heads)
+            )
+            scores[block] = bound
+        chosen = sorted(scores, key=lambda block: -scores[block])[:refine]
+
+        fine = [j for j in fine_keys(i, n, m, None, causal, near)[0] if j < n and real[j]]
+        fine += [j for j in sink_slots(i, n, m, causal, sink_tokens, near) if real[j]]
+        logits = [q[h] @ k[h, fine].T]
+        values = [v[h, fine]]
+
+        def visit(level, g):
+            width = m * 2 ** (level - 1)
+            holds = [block for block in chosen if g * width <= block * m < (g + 1) * width]
+            if not holds:
+                if not real[g * width : (g + 1) * width].any():
+                    return
+                ck, cv = coarse[level - 1]
+                p = ck.shape[2]
+                tokens = [r for r in range(p) if g * width + (r + 1) * (width // p) > sink_tokens]
+                offset = math.log(width / p) if attn.scale_attn else 0.0
+                logits.append(q[h] @ ck[h, g, tokens].T + offset)
+                values.append(cv[h, g, tokens])
+            elif level == 1:
+                keys = [j for j in range(g * m, (g + 1) * m) if j < n and real[j] and j >= sink_tokens]
+                logits.append(q[h] @ k[h, keys].T)
+                values.append(v[h, keys])
+            else:
+                visit(level - 1, 2 * g)
+                visit(level - 1, 2 * g + 1)
+
+        for level in range(1, levels + 1):
+            width = m * 2 ** (level - 1)
+            for g in coarse_slot_groups(i, width, causal, near):
+                if 0 <= g and g * width < n:
+                    visit(level, g)
+        logits = torch.cat(logits)
+        if len(logits):  # else a padding query without a real key: left at zero
+            out[h] = torch.softmax(logits, 0) @ torch.cat(values)
     return out

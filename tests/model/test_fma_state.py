@@ -79,4 +79,4 @@ def test_map_tensors_moves_every_tensor():
     moved = state.map_tensors(lambda t: t.float() if t.is_floating_point() else t, lengths=[3, 4])
     assert moved.lengths == [3, 4] and state.lengths == [0, 0]
     assert {t.dtype for t in moved.tensors()} == {torch.float32, torch.bool}
-    assert len(moved.tensors()) == len(state.tensors()) == 13  # level_queries too (coarse query mode)
+    assert len(moved.tensors()) == len(state.tensors()) == 22  # level_queries too (coarse query mode), the empty store
