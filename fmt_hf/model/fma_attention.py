@@ -257,7 +257,16 @@ class FastMultipoleAttention(nn.Module):
                 bases.append(bases[-1] + c.shape[2] * c.shape[3])
             fine_k, fine_v = k[:, :, :n_fine], v[:, :, :n_fine]
             out = refined_fine_queries(
-                self, queries[:, :, :n_fine], fine_k, fine_v, bank_k, bank_v, *plans[0], bank_valid, key_valid, n,
+                self,
+                queries[:, :, :n_fine],
+                fine_k,
+                fine_v,
+                bank_k,
+                bank_v,
+                *plans[0],
+                bank_valid,
+                key_valid,
+                n,
                 bases[: len(coarse_k)],
             )
         elif self.query_mode == "fine":

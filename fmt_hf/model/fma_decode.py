@@ -181,7 +181,9 @@ class FMADecoder:
             keys.append(gather(state.store_groups_k[:, level - 1], g, 2).flatten(3, 4))  # (B, H_kv, c, k'p, d)
             values.append(gather(state.store_groups_v[:, level - 1], g, 2).flatten(3, 4))
             stored = state.store_groups_valid[:, level - 1].gather(1, g.flatten(1)).view(g.shape)
-            ok = (use[..., level - 1] & stored)[..., None] & ~partition.sink_summaries(g, width, p).unflatten(-1, (-1, p))
+            ok = (use[..., level - 1] & stored)[..., None] & ~partition.sink_summaries(g, width, p).unflatten(
+                -1, (-1, p)
+            )
             biases.append(
                 torch.full(ok.shape, MASK_VALUE, dtype=queries.dtype, device=device)
                 .masked_fill(ok, partition.offset(level))

@@ -154,7 +154,9 @@ def refined_fine_queries(fma, queries, fine_k, fine_v, bank_k, bank_v, index, bi
             if bank_valid is not None:
                 ok = ok & bank_valid.gather(1, entry.flatten(1)).view(entry.shape)
             sibling_index.append(torch.where(ok, entry, 0).flatten(-2))
-            bias_of = torch.full(ok.shape, MASK_VALUE, dtype=q.dtype, device=q.device).masked_fill(ok, partition.offset(level))
+            bias_of = torch.full(ok.shape, MASK_VALUE, dtype=q.dtype, device=q.device).masked_fill(
+                ok, partition.offset(level)
+            )
             sibling_bias.append(bias_of.flatten(-2))
         if sibling_index:
             sibling_index, sibling_bias = torch.cat(sibling_index, -1), torch.cat(sibling_bias, -1)  # (B, H_kv, c, E)
@@ -179,7 +181,9 @@ def refined_fine_queries(fma, queries, fine_k, fine_v, bank_k, bank_v, index, bi
         )  # (B, H_kv, c, g, S + E + n_fine)
         base_probs = probs[..., :base_slots].unflatten(2, (len(blocks), m))
         result = torch.einsum("bhkrgs,bhksd->bhkrgd", base_probs, values).flatten(2, 3)
-        result = result + torch.einsum("bhcge,bhced->bhcgd", probs[..., base_slots : base_slots + sibling_slots], sibling_v)
+        result = result + torch.einsum(
+            "bhcge,bhced->bhcgd", probs[..., base_slots : base_slots + sibling_slots], sibling_v
+        )
         result = result + torch.einsum("bhcgn,bhnd->bhcgd", probs[..., base_slots + sibling_slots :], fine_v)
         out[:, :, rows] = result
     return out

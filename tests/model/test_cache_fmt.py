@@ -98,6 +98,19 @@ def test_greedy_generate_with_a_wider_near_field_equals_recomputation(near_block
     assert torch.equal(batched, model.generate(ids, attention_mask=mask, max_new_tokens=21, use_cache=False))
 
 
+@pytest.mark.parametrize("downsample", ["depthwise", "recursive"])
+def test_greedy_generate_with_refinement_equals_recomputation(downsample):
+    """Adaptive refinement (docs/fma.md §3c) through generate: single prompts, a left-padded batch, beams."""
+    model = perturbed_fmt(2, "fine", downsample, fma_sink_tokens=2, fma_refine_groups=2)
+    for length in (13, 45):
+        ids = prompt(length)
+        assert torch.equal(model.generate(ids, max_new_tokens=20, do_sample=False), recompute_greedy(model, ids, 20))
+    ids, mask = left_padded([29, 17, 6])
+    for mode in (dict(do_sample=False), dict(num_beams=2, do_sample=False)):
+        batched = model.generate(ids, attention_mask=mask, max_new_tokens=15, **mode)
+        assert torch.equal(batched, model.generate(ids, attention_mask=mask, max_new_tokens=15, use_cache=False, **mode))
+
+
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
 @pytest.mark.parametrize("query_mode", ["fine", "coarse"])
 def test_decoding_logits_equal_full_forward(dtype, tolerance, query_mode):

@@ -19,6 +19,10 @@ BROKEN = [  # one broken rule each, in layer arguments
     dict(dropout=1.0),
     dict(near_blocks=0),
     dict(near_blocks=-1),
+    dict(refine_groups=-1),
+    dict(refine_groups=2, query_mode="coarse"),
+    dict(refine_groups=2, boundary="zero_sink"),
+    dict(refine_groups=2, kernel="flex"),
 ]
 
 
