@@ -98,8 +98,9 @@ def refined_fine_queries(fma, queries, fine_k, fine_v, bank_k, bank_v, index, bi
     ``queries`` (B, H_kv, n_fine, g, d) unscaled; ``fine_k``/``fine_v`` (B, H_kv, n_fine, d); the bank, the
     fine-query plan ``index`` (blocks, S) and ``bias`` (blocks, m, S) and ``bank_valid`` as in
     ``FastMultipoleAttention._fine_queries``; ``key_valid`` (B, >= n_fine) or None; ``bases[l-1]`` the bank offset
-    of level l. Query blocks are taken in chunks; the selected fine keys are read as masked logits over all fine
-    keys (a matrix product per chunk, O(n^2 d) in all). Returns (B, H_kv, n_fine, g, d)."""
+    of level l. Query blocks are taken in chunks of about 1024 queries; a chunk reads the selected fine keys as
+    masked logits over the blocks any of its queries selects (a matrix product: O(n^2 d) at worst, when a chunk's
+    queries select every block between them). Returns (B, H_kv, n_fine, g, d)."""
     partition, m, p = fma.partition, fma.block_size, fma.coarse_tokens
     batch, kv_heads, n_fine, heads, d = queries.shape
     n_blocks, levels, k = n_fine // m, len(bases), fma.refine_groups
@@ -116,8 +117,9 @@ def refined_fine_queries(fma, queries, fine_k, fine_v, bank_k, bank_v, index, bi
     slot_group = (index - torch.tensor([0, *bases], device=index.device)[slot_level]) // p
 
     out = torch.empty_like(queries)
-    slots = index.shape[1] + k * max(levels - 1, 0) * p + n_fine
-    chunk = max(1, 2**24 // (batch * kv_heads * m * heads * slots))
+    # About 1024 queries a chunk: fewer queries select fewer distinct blocks, whose keys the chunk then reads.
+    slots = index.shape[1] + k * max(levels - 1, 0) * p + k * m
+    chunk = max(1, min(1024 // m, 2**24 // (batch * kv_heads * m * heads * slots)))
     for start in range(0, n_blocks, chunk):
         stop = min(start + chunk, n_blocks)
         blocks = torch.arange(start, stop, device=index.device)
@@ -168,11 +170,14 @@ def refined_fine_queries(fma, queries, fine_k, fine_v, bank_k, bank_v, index, bi
         sibling_v = bank_v.gather(2, gather).view(*sibling_index.shape, d)
         sibling_logits = torch.einsum("bhcgd,bhced->bhcge", q, sibling_k) + sibling_bias[:, :, :, None]
 
-        # The selected blocks' fine keys: masked logits over every fine key.
+        # The selected blocks' fine keys: masked logits over the keys of the blocks any query of the chunk selects.
         selected = torch.zeros(*chosen.shape[:3], n_blocks, dtype=torch.bool, device=q.device)
         selected.scatter_(-1, chosen, used)  # scatter of False onto unused picks leaves them False
-        selected = selected.repeat_interleave(m, -1) & fine_real[:, None, None]  # (B, H_kv, c, n_fine)
-        fine_logits = torch.einsum("bhcgd,bhnd->bhcgn", q, fine_k)
+        union = selected.flatten(0, 2).any(0).nonzero()[:, 0]  # (u,) blocks
+        positions = (union[:, None] * m + torch.arange(m, device=q.device)).flatten()  # (u*m,)
+        selected = selected[..., union].repeat_interleave(m, -1) & fine_real[:, None, None, positions]
+        union_k, union_v = fine_k[:, :, positions], fine_v[:, :, positions]  # (B, H_kv, u*m, d)
+        fine_logits = torch.einsum("bhcgd,bhnd->bhcgn", q, union_k)
         fine_logits = fine_logits.masked_fill(~selected[:, :, :, None], MASK_VALUE)
 
         base_slots, sibling_slots = base_logits.shape[-1], sibling_logits.shape[-1]
@@ -184,6 +189,6 @@ def refined_fine_queries(fma, queries, fine_k, fine_v, bank_k, bank_v, index, bi
         result = result + torch.einsum(
             "bhcge,bhced->bhcgd", probs[..., base_slots : base_slots + sibling_slots], sibling_v
         )
-        result = result + torch.einsum("bhcgn,bhnd->bhcgd", probs[..., base_slots + sibling_slots :], fine_v)
+        result = result + torch.einsum("bhcgn,bhnd->bhcgd", probs[..., base_slots + sibling_slots :], union_v)
         out[:, :, rows] = result
     return out

@@ -338,7 +338,8 @@ class ConvertArguments:
         default=None,
         metadata={
             "help": "Further FMA settings, comma-separated, e.g. `fma_downsample=full,fma_query_mode=coarse` or "
-            "`fma_near_blocks=3` (a wider exact near field)."
+            "`fma_near_blocks=3` (a wider exact near field) or `fma_refine_groups=4` (each query also reads its 4 best "
+            "far blocks exactly: retrieval from the far field, docs/fma.md §3c)."
         },
     )
     dtype: str = field(

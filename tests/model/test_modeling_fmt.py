@@ -44,6 +44,7 @@ CODE_FILES = (
     "fma_downsample.py",
     "fma_state.py",
     "fma_decode.py",
+    "fma_refine.py",
     "fma_flex.py",
     "fma_options.py",
     "fma_masking.py",
