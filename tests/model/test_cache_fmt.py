@@ -108,7 +108,9 @@ def test_greedy_generate_with_refinement_equals_recomputation(downsample):
     ids, mask = left_padded([29, 17, 6])
     for mode in (dict(do_sample=False), dict(num_beams=2, do_sample=False)):
         batched = model.generate(ids, attention_mask=mask, max_new_tokens=15, **mode)
-        assert torch.equal(batched, model.generate(ids, attention_mask=mask, max_new_tokens=15, use_cache=False, **mode))
+        assert torch.equal(
+            batched, model.generate(ids, attention_mask=mask, max_new_tokens=15, use_cache=False, **mode)
+        )
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
