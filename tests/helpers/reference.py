@@ -223,32 +223,49 @@ def _refined_query(attn, q, k, v, coarse, real, i, n, levels, group_heads, refin
         logits = [q[h] @ k[h, fine].T]
         values = [v[h, fine]]
 
-        def visit(level, g):
-            width = m * 2 ** (level - 1)
-            holds = [block for block in chosen if g * width <= block * m < (g + 1) * width]
-            if not holds:
-                if not real[g * width : (g + 1) * width].any():
-                    return
-                ck, cv = coarse[level - 1]
-                p = ck.shape[2]
-                tokens = [r for r in range(p) if g * width + (r + 1) * (width // p) > sink_tokens]
-                offset = math.log(width / p) if attn.scale_attn else 0.0
-                logits.append(q[h] @ ck[h, g, tokens].T + offset)
-                values.append(cv[h, g, tokens])
-            elif level == 1:
-                keys = [j for j in range(g * m, (g + 1) * m) if j < n and real[j] and j >= sink_tokens]
-                logits.append(q[h] @ k[h, keys].T)
-                values.append(v[h, keys])
-            else:
-                visit(level - 1, 2 * g)
-                visit(level - 1, 2 * g + 1)
-
         for level in range(1, levels + 1):
             width = m * 2 ** (level - 1)
             for g in coarse_slot_groups(i, width, causal, near):
                 if 0 <= g and g * width < n:
-                    visit(level, g)
+                    _visit(
+                        attn,
+                        q[h],
+                        k[h],
+                        v[h],
+                        [(ck[h], cv[h]) for ck, cv in coarse],
+                        real,
+                        n,
+                        level,
+                        g,
+                        chosen,
+                        logits,
+                        values,
+                    )
         logits = torch.cat(logits)
         if len(logits):  # else a padding query without a real key: left at zero
             out[h] = torch.softmax(logits, 0) @ torch.cat(values)
     return out
+
+
+def _visit(attn, q, k, v, coarse, real, n, level, g, chosen, logits, values):
+    """§3c's refinement of level-``level`` group ``g`` for one query head (``q`` (d,), ``k``/``v`` (N, d), ``coarse``
+    per level ``(ck, cv)`` (groups, p, d)): its summaries when it holds no block of ``chosen``, the fine keys of a
+    chosen block, else its two children; appends logits and values."""
+    m, sink_tokens = attn.block_size, attn.sink_tokens
+    width = m * 2 ** (level - 1)
+    if not any(g * width <= block * m < (g + 1) * width for block in chosen):
+        if not real[g * width : (g + 1) * width].any():
+            return
+        ck, cv = coarse[level - 1]
+        p = ck.shape[1]
+        tokens = [r for r in range(p) if g * width + (r + 1) * (width // p) > sink_tokens]
+        offset = math.log(width / p) if attn.scale_attn else 0.0
+        logits.append(q @ ck[g, tokens].T + offset)
+        values.append(cv[g, tokens])
+    elif level == 1:
+        keys = [j for j in range(g * m, (g + 1) * m) if j < n and real[j] and j >= sink_tokens]
+        logits.append(q @ k[keys].T)
+        values.append(v[keys])
+    else:
+        for child in (2 * g, 2 * g + 1):
+            _visit(attn, q, k, v, coarse, real, n, level - 1, child, chosen, logits, values)
