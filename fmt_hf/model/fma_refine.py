@@ -11,8 +11,9 @@ selection replaces) and :func:`siblings` (the groups that replace them). The for
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from .fma_partition import MASK_VALUE, Partition, attends_group
+from .fma_partition import MASK_VALUE, Partition, attends_group, slots_per_level
 
 
 def block_bounds(keys: torch.Tensor, valid: torch.Tensor | None, first_block: int, block_size: int, sink_tokens: int):
@@ -91,6 +92,24 @@ def siblings(blocks: torch.Tensor, used: torch.Tensor, cover: torch.Tensor, leve
     return groups, use & ~under_sibling & ~shared
 
 
+def picks_by_block(chosen: torch.Tensor, used: torch.Tensor):
+    """The used picks ``chosen`` (B, H_kv, c, k) grouped by the block they select, so that each block's keys meet
+    the queries that picked it in one matrix product: per (row, key/value head, block), ``(b, h, block, queries,
+    picks)``, the positions (in c) of the queries that picked it and which of their k picks it is."""
+    segments = []
+    k = chosen.shape[-1]
+    for b in range(chosen.shape[0]):
+        for h in range(chosen.shape[1]):
+            flat, real = chosen[b, h].flatten(), used[b, h].flatten()
+            picks = real.nonzero()[:, 0]
+            order = flat[picks].argsort(stable=True)
+            picks = picks[order]
+            blocks, counts = flat[picks].unique_consecutive(return_counts=True)
+            for block, group in zip(blocks.tolist(), picks.split(counts.tolist())):
+                segments.append((b, h, block, group // k, group % k))
+    return segments
+
+
 def refined_fine_queries(fma, queries, fine_k, fine_v, bank_k, bank_v, index, bias, bank_valid, key_valid, n, bases):
     """Fine queries with adaptive refinement (§3c), one joint softmax per query over its §3 slots (those the
     selection splits masked), the replacing summaries and the selected blocks' fine keys.
@@ -98,11 +117,15 @@ def refined_fine_queries(fma, queries, fine_k, fine_v, bank_k, bank_v, index, bi
     ``queries`` (B, H_kv, n_fine, g, d) unscaled; ``fine_k``/``fine_v`` (B, H_kv, n_fine, d); the bank, the
     fine-query plan ``index`` (blocks, S) and ``bias`` (blocks, m, S) and ``bank_valid`` as in
     ``FastMultipoleAttention._fine_queries``; ``key_valid`` (B, >= n_fine) or None; ``bases[l-1]`` the bank offset
-    of level l. Query blocks are taken in chunks of about 1024 queries; a chunk reads the selected fine keys as
-    masked logits over the blocks any of its queries selects (a matrix product: O(n^2 d) at worst, when a chunk's
-    queries select every block between them). Returns (B, H_kv, n_fine, g, d)."""
+    of level l. Query blocks are taken in chunks; a chunk's picks are grouped by the block they select
+    (:func:`picks_by_block`), one matrix product per block: O(n k m d) for the fine keys of all picks.
+    Returns (B, H_kv, n_fine, g, d)."""
     partition, m, p = fma.partition, fma.block_size, fma.coarse_tokens
     batch, kv_heads, n_fine, heads, d = queries.shape
+
+    def dropout(weights):  # on the joint probabilities, here their unnormalised terms (the sum is taken before)
+        return F.dropout(weights, fma.dropout) if fma.training and fma.dropout else weights
+
     n_blocks, levels, k = n_fine // m, len(bases), fma.refine_groups
     queries = queries * d**-0.5
     real = torch.arange(n_fine, device=queries.device) < n
@@ -110,16 +133,15 @@ def refined_fine_queries(fma, queries, fine_k, fine_v, bank_k, bank_v, index, bi
     center, radius, available = block_bounds(fine_k, real, 0, m, partition.sink_tokens)
     fine_real = real & (torch.arange(n_fine, device=real.device) >= partition.sink_tokens)
 
-    # Which (level, group) each plan slot reads: the bank holds [zero | fine | level 1 | level 2 | ...].
-    slot_level = torch.zeros_like(index)
-    for level, base in enumerate(bases, start=1):
-        slot_level = torch.where(index >= base, level, slot_level)
-    slot_group = (index - torch.tensor([0, *bases], device=index.device)[slot_level]) // p
+    # The plan's coarse slots come last, level by level, each level's groups p slots each (§3).
+    per_level = slots_per_level(partition.causal, partition.near_blocks) * p
+    first_coarse = index.shape[1] - levels * per_level
+    fine_real_blocks = fine_real.view(batch, n_blocks, m)
+    whole_blocks = fine_real_blocks.all(-1).tolist()  # per row and block: no position to mask
 
     out = torch.empty_like(queries)
-    # About 1024 queries a chunk: fewer queries select fewer distinct blocks, whose keys the chunk then reads.
     slots = index.shape[1] + k * max(levels - 1, 0) * p + k * m
-    chunk = max(1, min(1024 // m, 2**24 // (batch * kv_heads * m * heads * slots)))
+    chunk = max(1, 2**25 // (batch * kv_heads * m * heads * slots))
     for start in range(0, n_blocks, chunk):
         stop = min(start + chunk, n_blocks)
         blocks = torch.arange(start, stop, device=index.device)
@@ -134,15 +156,16 @@ def refined_fine_queries(fma, queries, fine_k, fine_v, bank_k, bank_v, index, bi
         idx = index[blocks]  # (cb, S)
         keys, values = bank_k[:, :, idx], bank_v[:, :, idx]  # (B, H_kv, cb, S, d)
         base_logits = torch.einsum("bhkrgd,bhksd->bhkrgs", q.unflatten(2, (len(blocks), m)), keys)
-        base_bias = bias[blocks][None, None].expand(batch, kv_heads, -1, -1, -1).clone()  # (B, H_kv, cb, m, S)
-        per_query = (batch, kv_heads, len(blocks), m, -1)
-        for level in range(1, levels + 1):
-            at_level = (slot_level[blocks] == level)[:, None]  # (cb, 1, S)
-            split = split_slots(slot_group[blocks][:, None], level, chosen.view(per_query), used.view(per_query))
-            base_bias.masked_fill_(split & at_level, MASK_VALUE)
+        base_logits.add_(bias[blocks][:, :, None, :])  # (B, H_kv, cb, m, g, S)
         if bank_valid is not None:
-            base_bias += torch.where(bank_valid[:, idx], 0.0, MASK_VALUE).to(base_bias.dtype)[:, None, :, None]
-        base_logits = base_logits + base_bias[:, :, :, :, None]
+            base_logits.add_(torch.where(bank_valid[:, idx], 0.0, MASK_VALUE).to(q.dtype)[:, None, :, None, None])
+        per_query = (batch, kv_heads, len(blocks), m, -1)
+        split = []
+        for level in range(1, levels + 1):
+            groups = partition.coarse_groups(blocks >> (level - 1))[0].repeat_interleave(p, -1)  # (cb, per_level)
+            split.append(split_slots(groups[:, None], level, chosen.view(per_query), used.view(per_query)))
+        if split:
+            base_logits[..., first_coarse:].masked_fill_(torch.cat(split, -1)[:, :, :, :, None], MASK_VALUE)
 
         # The summaries that replace split slots, p bank entries each.
         groups, use = siblings(chosen, used, cover, levels)  # (B, H_kv, c, k', L-1)
@@ -165,30 +188,37 @@ def refined_fine_queries(fma, queries, fine_k, fine_v, bank_k, bank_v, index, bi
         else:
             sibling_index = chosen.new_zeros(*chosen.shape[:3], 0)
             sibling_bias = q.new_zeros(*chosen.shape[:3], 0)
-        gather = sibling_index.flatten(2)[..., None].expand(-1, -1, -1, d)
-        sibling_k = bank_k.gather(2, gather).view(*sibling_index.shape, d)  # (B, H_kv, c, E, d)
-        sibling_v = bank_v.gather(2, gather).view(*sibling_index.shape, d)
+        rows_at = torch.arange(batch, device=q.device)[:, None, None, None]
+        heads_at = torch.arange(kv_heads, device=q.device)[None, :, None, None]
+        sibling_k = bank_k[rows_at, heads_at, sibling_index]  # (B, H_kv, c, E, d)
+        sibling_v = bank_v[rows_at, heads_at, sibling_index]
         sibling_logits = torch.einsum("bhcgd,bhced->bhcge", q, sibling_k) + sibling_bias[:, :, :, None]
 
-        # The selected blocks' fine keys: masked logits over the keys of the blocks any query of the chunk selects.
-        selected = torch.zeros(*chosen.shape[:3], n_blocks, dtype=torch.bool, device=q.device)
-        selected.scatter_(-1, chosen, used)  # scatter of False onto unused picks leaves them False
-        union = selected.flatten(0, 2).any(0).nonzero()[:, 0]  # (u,) blocks
-        positions = (union[:, None] * m + torch.arange(m, device=q.device)).flatten()  # (u*m,)
-        selected = selected[..., union].repeat_interleave(m, -1) & fine_real[:, None, None, positions]
-        union_k, union_v = fine_k[:, :, positions], fine_v[:, :, positions]  # (B, H_kv, u*m, d)
-        fine_logits = torch.einsum("bhcgd,bhnd->bhcgn", q, union_k)
-        fine_logits = fine_logits.masked_fill(~selected[:, :, :, None], MASK_VALUE)
+        # The selected blocks' fine keys, block by block (picks_by_block): a block's keys meet the queries that
+        # picked it in one product, so no tensor of every pick's logits is built (a chunk holds its segments').
+        segments = []
+        for b, h, block, rows_of, _ in picks_by_block(chosen, used):
+            logits = q[b, h, rows_of] @ fine_k[b, h, block * m : (block + 1) * m].T  # (s, g, m)
+            if not whole_blocks[b][block]:  # sink or padding positions
+                logits.masked_fill_(~fine_real_blocks[b, block], MASK_VALUE)
+            segments.append((b, h, block, rows_of, logits))
 
-        base_slots, sibling_slots = base_logits.shape[-1], sibling_logits.shape[-1]
-        probs = torch.softmax(
-            torch.cat([base_logits.flatten(2, 3), sibling_logits, fine_logits], -1), -1
-        )  # (B, H_kv, c, g, S + E + n_fine)
-        base_probs = probs[..., :base_slots].unflatten(2, (len(blocks), m))
-        result = torch.einsum("bhkrgs,bhksd->bhkrgd", base_probs, values).flatten(2, 3)
-        result = result + torch.einsum(
-            "bhcge,bhced->bhcgd", probs[..., base_slots : base_slots + sibling_slots], sibling_v
-        )
-        result = result + torch.einsum("bhcgn,bhnd->bhcgd", probs[..., base_slots + sibling_slots :], union_v)
-        out[:, :, rows] = result
+        base_logits = base_logits.flatten(2, 3)  # (B, H_kv, c, g, S)
+        # The softmax's shift, a constant (detached: its gradient cancels), the largest logit of each query.
+        top = base_logits.detach().amax(-1)  # (B, H_kv, c, g)
+        if sibling_logits.shape[-1]:
+            top = torch.maximum(top, sibling_logits.detach().amax(-1))
+        for b, h, _, rows_of, logits in segments:
+            top[b, h, rows_of] = torch.maximum(top[b, h, rows_of], logits.detach().amax(-1))
+        base_weights = torch.exp(base_logits - top[..., None])
+        sibling_weights = torch.exp(sibling_logits - top[..., None])
+        total = base_weights.sum(-1) + sibling_weights.sum(-1)
+        base_weights = dropout(base_weights).unflatten(2, (len(blocks), m))
+        result = torch.einsum("bhkrgs,bhksd->bhkrgd", base_weights, values).flatten(2, 3)
+        result += torch.einsum("bhcge,bhced->bhcgd", dropout(sibling_weights), sibling_v)
+        for b, h, block, rows_of, logits in segments:
+            weights = logits.sub_(top[b, h, rows_of, :, None]).exp_()
+            total[b, h].index_add_(0, rows_of, weights.sum(-1))
+            result[b, h].index_add_(0, rows_of, dropout(weights) @ fine_v[b, h, block * m : (block + 1) * m])
+        out[:, :, rows] = result / total[..., None]
     return out
