@@ -15,6 +15,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fmt_hf.toolkit.arguments import parse_config_overrides
 from fmt_hf.toolkit.data import build_corpus
 
 from .generate_checkpoints import CHECKPOINT_DTYPES, format_checkpoint_table, run_checkpoint_benchmark
@@ -47,6 +48,13 @@ class GenerateBenchArguments:
         default=65536, metadata={"help": "the model's longest sequence (sets FMA's levels)"}
     )
     layers: int = field(default=30, metadata={"help": "decoder layers (SmolLM2-135M: 30)"})
+    fma_options: str | None = field(
+        default=None,
+        metadata={
+            "help": "FMA settings of the decoding-step model, comma-separated FMTConfig fields, e.g. the converted "
+            "SmolLM2's `fma_block_size=256,fma_downsample=recursive,fma_sink_tokens=64,fma_refine_groups=4`"
+        },
+    )
     threads: list[int] | None = field(
         default=None,
         metadata={
@@ -116,7 +124,8 @@ def _write_json(path: Path, content: dict) -> None:
 
 def decode_mode(args: GenerateBenchArguments) -> None:
     """Decoding steps on the SmolLM2-shaped model: a table, a log-log PNG at ``out`` and ``<out stem>.json``."""
-    config = smollm2_shaped_config(args.max_position_embeddings, num_hidden_layers=args.layers)
+    overrides = parse_config_overrides(args.fma_options)
+    config = smollm2_shaped_config(args.max_position_embeddings, num_hidden_layers=args.layers, **overrides)
     rows, meta = run_decode_benchmark(
         args.lengths, args.steps, config, progress=not args.no_progress, threads=args.threads
     )

@@ -96,6 +96,10 @@ def filled_fmt_cache(model: FMTForCausalLM, length: int, generator: torch.Genera
     for layer, cache_layer in zip(model.model.layers, cache.layers):
         fma = layer.self_attn.fma
         state = fma.decoder.init_state(config.num_attention_heads, config.num_key_value_heads, model.dtype)
+        levels = fma.partition.levels_for(length + 1)  # derived families (§7a) gain their levels as they decode
+        state.grow_levels(levels)
+        if fma.refine_groups:  # a store of every complete block (§3c), as a prefill would leave it
+            state.grow_store(length // fma.block_size, fma.block_size)
         state = state.map_tensors(
             lambda t: (
                 t
@@ -104,8 +108,10 @@ def filled_fmt_cache(model: FMTForCausalLM, length: int, generator: torch.Genera
                 else torch.randn(t.shape, generator=generator, dtype=t.dtype)
             )
         )
+        for name in ("store_valid", "store_available", "store_groups_valid"):  # the store's, empty ones False
+            setattr(state, name, torch.ones_like(getattr(state, name)))
         # What `FMTCacheLayer.attend` would have left after `length` tokens of a batch of one.
-        cache_layer.state = dataclasses.replace(state, lengths=[length])
+        cache_layer.state = dataclasses.replace(state, lengths=[length], levels=[state.num_levels])
         cache_layer.seen_tokens, cache_layer.is_initialized = length, True
     return cache
 

@@ -90,8 +90,7 @@ class FMADecoder:
         """
         if self.fma.training and self.fma.dropout:
             raise ValueError("FastMultipoleAttention decoding runs without dropout: call .eval() first")
-        one_token = q.shape[2] == 1 and (lengths is None or all(n == 1 for n in lengths))
-        if one_token and not self.fma.refine_groups:  # refinement (§3c) takes the chunk path, rows by position
+        if q.shape[2] == 1 and (lengths is None or all(n == 1 for n in lengths)):
             return self._step_tokens(state, q, k, v, valid)
         out = torch.zeros_like(q)
 
@@ -150,53 +149,44 @@ class FMADecoder:
                 level, update.first_group, update.complete_k, update.complete_v, update.complete_valid
             )
 
-    def _refinement(self, state, queries, t, new_groups):
-        """Refinement (§3c) of queries ``queries`` (B, H_kv, g, c, d), scaled, at ``t .. t+c-1``, from the store:
-        ``split`` (B, H_kv, c, S), which of :meth:`_attend_chunk`'s slots the selection replaces, and the logits
-        (B, H_kv, g, c, E) and values (B, H_kv, c, E, d) of the replacing summaries and the selected fine keys."""
+    def _refinement(self, state, queries, positions, slot_groups):
+        """Refinement (§3c) of queries ``queries`` (B, H_kv, g, c, d), scaled, at positions ``positions`` (B or 1,
+        c), from the store. ``slot_groups`` (B or 1, L, S) names the group of each of the caller's S slots per level
+        (-1: none). Returns ``split`` (B, H_kv, c, L, S), which of those slots the selection replaces, and the
+        logits (B, H_kv, g, c, E) and values (B, H_kv, c, E, d) of the replacing summaries and the selected fine
+        keys."""
         partition, m, p, levels = self.partition, self.m, self.p, state.num_levels
-        batch, kv_heads, _, c, d = queries.shape
-        device = queries.device
-        query_blocks = torch.arange(t, t + c, device=device) // m
-        candidate = far_candidates(partition, query_blocks, state.store_blocks)[None] & state.store_available[:, None]
+        device, dtype = queries.device, queries.dtype
+        query_blocks = positions // m
+        candidate = far_candidates(partition, query_blocks, state.store_blocks) & state.store_available[:, None]
         chosen, used = select_blocks(queries, state.store_center, state.store_radius, candidate, self.fma.refine_groups)
-        cover = covering_level(partition, query_blocks, chosen, levels)
+        cover = covering_level(partition, query_blocks[:, None], chosen, levels)
+        split = split_slots(slot_groups[:, None, None], chosen, used)
+        rows = torch.arange(chosen.shape[0], device=device)[:, None, None, None]
+        heads = torch.arange(chosen.shape[1], device=device)[None, :, None, None]
 
-        split = [chosen.new_zeros(batch, kv_heads, c, state.fine_ring + c, dtype=torch.bool)]
-        for level, (first, count) in enumerate(new_groups, start=1):
-            ring = ring_positions(t // partition.group_width(level) - 1, state.group_ring, device)
-            ids = torch.cat([ring, first + torch.arange(count, device=device)]).repeat_interleave(p)
-            split.append(split_slots(ids, level, chosen, used))
-        split.append(chosen.new_zeros(batch, kv_heads, c, self.s, dtype=torch.bool))
-
-        def gather(source, index, dim):  # source (B, H_kv, N, ...) at index (B, H_kv, c, j) along dim 2
-            tail = source.shape[dim + 1 :]
-            flat = index.flatten(2).view(*index.shape[:2], -1, *([1] * len(tail))).expand(-1, -1, -1, *tail)
-            return source.gather(dim, flat).view(*index.shape, *tail)
-
-        keys, values, biases = [], [], []
+        # The summaries replacing split slots, every level at once: (B, H_kv, c, k', L-1, p, d).
         groups, use = siblings(chosen, used, cover, levels)  # (B, H_kv, c, k', L-1)
-        for level in range(1, levels):
-            width, g = partition.group_width(level), groups[..., level - 1].clamp(0, max(state.store_blocks - 1, 0))
-            keys.append(gather(state.store_groups_k[:, level - 1], g, 2).flatten(3, 4))  # (B, H_kv, c, k'p, d)
-            values.append(gather(state.store_groups_v[:, level - 1], g, 2).flatten(3, 4))
-            stored = state.store_groups_valid[:, level - 1].gather(1, g.flatten(1)).view(g.shape)
-            ok = (use[..., level - 1] & stored)[..., None] & ~partition.sink_summaries(g, width, p).unflatten(
-                -1, (-1, p)
-            )
-            biases.append(
-                torch.full(ok.shape, MASK_VALUE, dtype=queries.dtype, device=device)
-                .masked_fill(ok, partition.offset(level))
-                .flatten(-2)
-            )
-        positions = (chosen[..., None] * m + torch.arange(m, device=device)).flatten(-2)  # (B, H_kv, c, k'm)
-        keys.append(gather(state.store_k, positions, 2))
-        values.append(gather(state.store_v, positions, 2))
-        stored = state.store_valid.gather(1, positions.flatten(1)).view(positions.shape)
-        ok = used.repeat_interleave(m, -1) & stored & (positions >= self.s)
-        biases.append(torch.zeros(ok.shape, dtype=queries.dtype, device=device).masked_fill(~ok, MASK_VALUE))
-        logits = torch.einsum("bhgcd,bhced->bhgce", queries, torch.cat(keys, 3)) + torch.cat(biases, -1)[:, :, None]
-        return torch.cat(split, -1), logits, torch.cat(values, 3)
+        groups = groups.clamp(0, max(state.store_blocks - 1, 0))
+        at = torch.arange(max(levels - 1, 0), device=device)
+        sibling_k = state.store_groups_k[rows[..., None], at, heads[..., None], groups]
+        sibling_v = state.store_groups_v[rows[..., None], at, heads[..., None], groups]
+        widths = m << at  # w_l of levels 1 .. L-1
+        ends = (groups * widths)[..., None] + (torch.arange(p, device=device) + 1) * (widths // p)[:, None]
+        ok = (use & state.store_groups_valid[rows[..., None], at, groups])[..., None] & (ends > self.s)
+        offsets = torch.tensor([partition.offset(level) for level in range(1, levels)], dtype=dtype, device=device)
+        sibling_bias = torch.where(ok, offsets[:, None], torch.tensor(MASK_VALUE, dtype=dtype, device=device))
+
+        # The selected blocks' fine keys: (B, H_kv, c, k'm, d).
+        picked = (chosen[..., None] * m + torch.arange(m, device=device)).flatten(-2)
+        fine_k, fine_v = state.store_k[rows, heads, picked], state.store_v[rows, heads, picked]
+        ok = used.repeat_interleave(m, -1) & state.store_valid[rows, picked] & (picked >= self.s)
+        fine_bias = torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill(~ok, MASK_VALUE)
+
+        keys = torch.cat([sibling_k.flatten(3, 5), fine_k], 3)
+        bias = torch.cat([sibling_bias.flatten(3), fine_bias], 3)
+        logits = torch.einsum("bhgcd,bhced->bhgce", queries, keys) + bias[:, :, None]
+        return split, logits, torch.cat([sibling_v.flatten(3, 5), fine_v], 3)
 
     def _keep_sinks(self, state, k, v, valid) -> None:
         """Keep those of the new tokens ``k``/``v`` (B, H_kv, c, d) that are sink tokens (positions below s, §3a):
@@ -391,10 +381,26 @@ class FMADecoder:
         if not self.fma.refine_groups:
             probs = torch.softmax(logits, -1).flatten(2, 3)  # (B, H_kv, g*c, S)
             return (probs @ torch.cat(values, 2)).reshape(batch, heads, c, d)
+        slot_groups = [  # per level: its ring's groups, then those the chunk adds, p slots each
+            torch.cat(
+                [
+                    ring_positions(t // self.partition.group_width(level) - 1, state.group_ring, q.device),
+                    first + torch.arange(count, device=q.device),
+                ]
+            ).repeat_interleave(p)
+            for level, (first, count) in enumerate(new_groups, start=1)
+        ]
+        widest = max((len(ids) for ids in slot_groups), default=0)
+        padded = torch.full((1, len(slot_groups), widest), -1, device=q.device)  # (1, L, S): -1 names no group
+        for level, ids in enumerate(slot_groups):
+            padded[0, level, : len(ids)] = ids
+        positions = torch.arange(t, t + c, device=q.device)[None]
         split, extra_logits, extra_values = self._refinement(
-            state, queries.view(batch, kv_heads, -1, c, d), t, new_groups
+            state, queries.view(batch, kv_heads, -1, c, d), positions, padded
         )
-        logits = logits.masked_fill(split[:, :, None], MASK_VALUE)
+        split = torch.cat([split[..., level, : len(ids)] for level, ids in enumerate(slot_groups)], -1)
+        fine_slots = state.fine_ring + c  # the slots before the levels': the fine ring and the new tokens
+        logits[..., fine_slots : fine_slots + split.shape[-1]].masked_fill_(split[:, :, None], MASK_VALUE)
         probs = torch.softmax(torch.cat([logits, extra_logits], -1), -1)  # (B, H_kv, g, c, S + E)
         slots = logits.shape[-1]
         out = probs[..., :slots].flatten(2, 3) @ torch.cat(values, 2)
@@ -446,7 +452,19 @@ class FMADecoder:
                 slots_valid.append(valid.new_ones(batch, 1))
             slots_valid.append(state.sink_valid)
             bias = bias.masked_fill(~torch.cat(slots_valid, 1), MASK_VALUE)
-        probs = torch.softmax(torch.cat(logits, -1) + bias[:, None, None], -1)  # (B, H_kv, g, S)
+        logits = torch.cat(logits, -1) + bias[:, None, None]  # (B, H_kv, g, S)
+        if self.fma.refine_groups:  # §3c: the split ring slots masked, the picks' slots appended
+            widths = self.m << torch.arange(levels, device=q.device)
+            slot_groups = ring_positions(t[:, None] // widths - 1, state.group_ring, q.device)  # (B, L, R)
+            split, extra_logits, extra_values = self._refinement(
+                state, queries[:, :, :, None], t[:, None], slot_groups.repeat_interleave(p, -1)
+            )
+            split = split.flatten(-2)[:, :, 0]  # (B, H_kv, L*R*p)
+            logits[..., fine_ring + 1 : fine_ring + 1 + split.shape[-1]].masked_fill_(split[:, :, None], MASK_VALUE)
+            logits = torch.cat([logits, extra_logits[:, :, :, 0]], -1)
+        probs = torch.softmax(logits, -1)
+        if self.fma.refine_groups:
+            probs, extra = probs[..., : bias.shape[-1]], probs[..., bias.shape[-1] :]  # (B, H_kv, g, E)
         fine, own = probs[..., :fine_ring], probs[..., fine_ring : fine_ring + 1]
         coarse = probs[..., fine_ring + 1 : fine_ring + 1 + levels * group_slots].unflatten(-1, (levels, group_slots))
         out = (
@@ -456,6 +474,8 @@ class FMADecoder:
         )
         if self.s:
             out = out + probs[..., -self.s :] @ state.sink_v
+        if self.fma.refine_groups:
+            out = out + extra @ extra_values[:, :, 0]
         out = out.reshape(batch, heads, 1, d)
 
         rows, slots = torch.arange(batch, device=q.device), t % fine_ring
@@ -500,6 +520,25 @@ class FMADecoder:
             tokens = [x * keep for x in tokens]
         return tokens, state.fine_valid[rows[:, None], slots].any(1)
 
+    def _store_block_rows(self, state, rows: torch.Tensor, blocks: torch.Tensor) -> None:
+        """Refinement (§3c), in place: store fine blocks ``blocks`` (R,) of rows ``rows`` (R,), all in their fine
+        rings, with their bounds (sink tokens read as zeros, as :meth:`_store` stores them)."""
+        m = self.m
+        state.grow_store(int(blocks.max()) + 1, m)
+        positions = blocks[:, None] * m + torch.arange(m, device=blocks.device)  # (R, m)
+        slots = positions % state.fine_ring
+        keep = (positions >= self.s)[..., None, None]
+        keys = state.fine_k[rows[:, None], :, slots] * keep  # (R, m, H_kv, d)
+        values = state.fine_v[rows[:, None], :, slots] * keep
+        valid = state.fine_valid[rows[:, None], slots]
+        center, radius, available = block_bounds(keys.transpose(1, 2), valid & (positions >= self.s), 0, m, 0)
+        state.store_k[rows[:, None], :, positions] = keys
+        state.store_v[rows[:, None], :, positions] = values
+        state.store_valid[rows[:, None], positions] = valid
+        state.store_center[rows, :, blocks] = center[:, :, 0]
+        state.store_radius[rows, :, blocks] = radius[:, :, 0]
+        state.store_available[rows, blocks] = available[:, 0]
+
     def _complete_blocks(self, state, rows: list[int]) -> None:
         """Direct families, in place: rows ``rows`` whose last token completed a fine block (now wholly in their
         fine rings) add its contribution to every level's partial sum, one batched pass per level over those rows; a
@@ -508,6 +547,8 @@ class FMADecoder:
         ends = torch.tensor([state.lengths[b] for b in rows], device=index.device)  # positions consumed
         block_start = ends - m
         (tokens_k, tokens_v), block_valid = self._block_tokens(state, index, block_start // m)
+        if self.fma.refine_groups:
+            self._store_block_rows(state, index, block_start // m)
         for level in range(1, state.num_levels + 1):
             width = self.partition.group_width(level)
             offsets = (block_start[:, None] + torch.arange(m, device=index.device)) % width
@@ -518,9 +559,14 @@ class FMADecoder:
                 partial = getattr(state, f"partial_{name}")
                 summed = partial[index, level - 1] + block_sums.transpose(0, 1)
                 getattr(state, f"groups_{name}")[done, level - 1, :, group_slot] = summed[complete] + bias
+                if self.fma.refine_groups:
+                    group = ends[complete] // width - 1
+                    getattr(state, f"store_groups_{name}")[done, level - 1, :, group] = summed[complete] + bias
                 partial[index, level - 1] = summed.masked_fill(complete[:, None, None, None], 0)
             real = state.partial_valid[index, level - 1] | block_valid
             state.groups_valid[done, level - 1, group_slot] = real[complete]
+            if self.fma.refine_groups:
+                state.store_groups_valid[done, level - 1, ends[complete] // width - 1] = real[complete]
             state.partial_valid[index, level - 1] = real & ~complete
 
     def _complete_derived_blocks(self, state, rows: list[int]) -> None:
@@ -565,12 +611,19 @@ class FMADecoder:
                 pair_summaries = [torch.cat([a, b], -2) for a, b in zip(first[:2], second[:2])]  # (P, H_kv, 2p, d)
                 summaries = [family.combine(x) for family, x in zip(families, pair_summaries)]
                 valid = first[2] | second[2]
-            writes.append((level, pair_rows, groups % state.group_ring, summaries, valid))
+            writes.append((level, pair_rows, groups, summaries, valid))
             below = {b: i for i, (b, _) in enumerate(completed)}
             below_summaries = (*summaries, valid)
-        for level, pair_rows, slots, (summary_k, summary_v), valid in writes:
+        if writes and self.fma.refine_groups:
+            self._store_block_rows(state, writes[0][1], writes[0][2])
+        for level, pair_rows, groups, (summary_k, summary_v), valid in writes:
+            slots = groups % state.group_ring
             state.groups_k[pair_rows, level - 1, :, slots] = summary_k
             state.groups_v[pair_rows, level - 1, :, slots] = summary_v
             state.groups_valid[pair_rows, level - 1, slots] = valid
+            if self.fma.refine_groups:
+                state.store_groups_k[pair_rows, level - 1, :, groups] = summary_k
+                state.store_groups_v[pair_rows, level - 1, :, groups] = summary_v
+                state.store_groups_valid[pair_rows, level - 1, groups] = valid
         for b, n in zip(rows, needed):
             state.levels[b] = n

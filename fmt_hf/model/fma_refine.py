@@ -38,9 +38,9 @@ def block_bounds(keys: torch.Tensor, valid: torch.Tensor | None, first_block: in
 
 def far_candidates(partition: Partition, query_blocks: torch.Tensor, n_blocks: int) -> torch.Tensor:
     """Whether each fine block ``0 .. n_blocks-1`` lies wholly in the far field of queries of fine blocks
-    ``query_blocks`` (c,): outside their level-0 band (§3: causal, before it). (c, n_blocks)."""
+    ``query_blocks`` (..., c): outside their level-0 band (§3: causal, before it). (..., c, n_blocks)."""
     blocks = torch.arange(n_blocks, device=query_blocks.device)
-    gap = query_blocks[:, None] - blocks
+    gap = query_blocks[..., None] - blocks
     w = partition.near_blocks
     return gap > w if partition.causal else gap.abs() > w
 
@@ -57,20 +57,20 @@ def select_blocks(queries, center, radius, candidate, k: int):
 
 def covering_level(partition: Partition, query_blocks: torch.Tensor, blocks: torch.Tensor, levels: int):
     """The coarse level whose §3 slot holds fine block ``blocks`` (..., c, k) for queries of fine blocks
-    ``query_blocks`` (c,); 0 for a block in the level-0 band."""
-    query_blocks = query_blocks[:, None]
-    cover = torch.zeros_like(blocks)
-    for level in range(1, levels + 1):
-        own, group = query_blocks >> (level - 1), blocks >> (level - 1)
-        cover = torch.where(attends_group(own, group, partition.causal, partition.near_blocks), level, cover)
-    return cover
+    ``query_blocks`` (broadcast against (..., c)); 0 for a block in the level-0 band."""
+    shifts = torch.arange(levels, device=blocks.device)  # level l shifts by l-1
+    own, group = query_blocks[..., None, None] >> shifts, blocks[..., None] >> shifts  # (..., c, 1|k, L)
+    hit = attends_group(own, group, partition.causal, partition.near_blocks)
+    return (hit * (shifts + 1)).amax(-1) if levels else torch.zeros_like(blocks)
 
 
-def split_slots(slot_groups: torch.Tensor, level: int, blocks: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
-    """Whether level-``level`` slots of groups ``slot_groups`` (broadcast against (..., S)) hold a selected block
-    (``blocks``/``used`` (..., k)): those slots are replaced by their refinement. (..., S)."""
-    held = blocks >> (level - 1)
-    return ((slot_groups[..., None] == held[..., None, :]) & used[..., None, :]).any(-1)
+def split_slots(slot_groups: torch.Tensor, blocks: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    """Whether a caller's coarse slots hold a selected block (``blocks``/``used`` (..., k)), so that the selection
+    replaces them by their refinement: ``slot_groups`` (broadcast against (..., L, S)) names the group of each of S
+    slots per level, level l in row l-1 (-1: none). (..., L, S)."""
+    held = blocks[..., None] >> torch.arange(slot_groups.shape[-2], device=blocks.device)  # (..., k, L)
+    match = slot_groups[..., None] == held.transpose(-1, -2)[..., None, :]  # (..., L, S, k)
+    return (match & used[..., None, None, :]).any(-1)
 
 
 def siblings(blocks: torch.Tensor, used: torch.Tensor, cover: torch.Tensor, levels: int):
@@ -159,13 +159,12 @@ def refined_fine_queries(fma, queries, fine_k, fine_v, bank_k, bank_v, index, bi
         base_logits.add_(bias[blocks][:, :, None, :])  # (B, H_kv, cb, m, g, S)
         if bank_valid is not None:
             base_logits.add_(torch.where(bank_valid[:, idx], 0.0, MASK_VALUE).to(q.dtype)[:, None, :, None, None])
-        per_query = (batch, kv_heads, len(blocks), m, -1)
-        split = []
-        for level in range(1, levels + 1):
-            groups = partition.coarse_groups(blocks >> (level - 1))[0].repeat_interleave(p, -1)  # (cb, per_level)
-            split.append(split_slots(groups[:, None], level, chosen.view(per_query), used.view(per_query)))
-        if split:
-            base_logits[..., first_coarse:].masked_fill_(torch.cat(split, -1)[:, :, :, :, None], MASK_VALUE)
+        if levels:
+            shifts = torch.arange(levels, device=blocks.device)
+            slot_groups = partition.coarse_groups(blocks[:, None] >> shifts)[0].repeat_interleave(p, -1)  # (cb, L, S')
+            per_query = (batch, kv_heads, len(blocks), m, -1)
+            split = split_slots(slot_groups[:, None], chosen.view(per_query), used.view(per_query)).flatten(-2)
+            base_logits[..., first_coarse:].masked_fill_(split[:, :, :, :, None], MASK_VALUE)
 
         # The summaries that replace split slots, p bank entries each.
         groups, use = siblings(chosen, used, cover, levels)  # (B, H_kv, c, k', L-1)

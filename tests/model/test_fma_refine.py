@@ -89,9 +89,13 @@ def test_split_slots_and_siblings_cover_a_group_once():
         if use[b, level]
     }
     assert chosen == {(1, 4), (1, 7), (3, 0)}  # (level, group)
-    assert split_slots(torch.tensor([0, 1]), 4, blocks, used).tolist() == [True, False]
-    assert split_slots(torch.tensor([0, 1, 2]), 3, blocks, used).tolist() == [False, True, False]
-    assert split_slots(torch.tensor([1, 2, 3]), 2, blocks, used).tolist() == [False, True, True]
+    slot_groups = torch.tensor([[4, 5, 6], [1, 2, 3], [0, 1, 2], [0, 1, -1]])  # levels 1 .. 4, -1 for no group
+    assert split_slots(slot_groups, blocks, used).tolist() == [
+        [False, True, True],
+        [False, True, True],
+        [False, True, False],
+        [True, False, False],
+    ]
 
 
 @pytest.mark.parametrize("downsample,max_seq_len", DOWNSAMPLERS)
