@@ -359,7 +359,7 @@ class ConvertArguments:
     )
 
 
-IN_PROCESS_SYSTEMS = ("dense", "fmt", "streaming")
+IN_PROCESS_SYSTEMS = ("dense", "fmt", "fmt_refined", "streaming")
 """The systems ``scripts/eval_long_context.py`` builds from one checkpoint in its own process
 (:func:`fmt_hf.toolkit.long_context_eval.build_systems`), its default ``--systems``."""
 
@@ -389,6 +389,7 @@ class LongContextArguments:
         default_factory=lambda: list(IN_PROCESS_SYSTEMS),
         metadata={
             "help": "dense (the checkpoint, full cache), fmt (its in-memory conversion with --conversion), "
+            "fmt_refined (the same with --refine_groups far blocks refined per query, docs/fma.md §3c), "
             "streaming (the checkpoint with sinks and a sliding window holding as many vectors as the conversion's "
             "cache), kvpress_streaming, kvpress_snapkv, kvpress_expected_attention (kvpress's presses compressing "
             "the prompt's cache to the conversion's size; need `make kvpress-venv`)."
@@ -396,6 +397,9 @@ class LongContextArguments:
     )
     conversion: str = field(
         default=RECOMMENDED_CONVERSION, metadata={"help": "FMA settings of the fmt system (and of streaming's size)."}
+    )
+    refine_groups: int = field(
+        default=4, metadata={"help": "fma_refine_groups of the fmt_refined system (its conversion is --conversion's)."}
     )
     checkpoints: list[str] = field(
         default_factory=list,

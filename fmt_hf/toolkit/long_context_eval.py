@@ -51,9 +51,11 @@ def fmt_cache_vectors(model: PreTrainedModel, tokens: int) -> int:
 
 
 def cache_size(cache) -> tuple[int, int]:
-    """(key/value vectors per layer and KV head, bytes) of an ``FMTCache`` or a ``DynamicCache`` of one sequence."""
+    """(key/value vectors per layer and KV head, bytes) of an ``FMTCache`` or a ``DynamicCache`` of one sequence; an
+    FMT cache's vectors include its refinement store (docs/fma.md §3c)."""
     if is_fmt_cache(cache):
-        return cache.layers[0].state.num_vectors, cache.nbytes
+        state = cache.layers[0].state
+        return state.num_vectors + state.store_vectors, cache.nbytes
     tensors = [t for layer in cache.layers for t in (layer.keys, layer.values)]
     return 2 * cache.layers[0].keys.shape[-2], sum(t.numel() * t.element_size() for t in tensors)
 
@@ -337,8 +339,12 @@ def build_systems(args: LongContextArguments) -> tuple[list[System], KVPress | N
     if "dense" in args.systems:
         systems.append(System("dense", model, tokenizer))
     kvpress = None
+    conversion = parse_config_overrides(args.conversion)
+    if "fmt_refined" in args.systems:  # the same conversion with adaptive refinement (docs/fma.md §3c)
+        refined = convert_llama_to_fmt(model, **{**conversion, "fma_refine_groups": args.refine_groups}).eval()
+        systems.append(System("fmt_refined", refined, tokenizer))
     if "fmt" in args.systems or "streaming" in args.systems or kvpress_systems:
-        fmt = convert_llama_to_fmt(model, **parse_config_overrides(args.conversion)).eval()
+        fmt = convert_llama_to_fmt(model, **conversion).eval()
         if "fmt" in args.systems:
             systems.append(System("fmt", fmt, tokenizer))
         if "streaming" in args.systems:

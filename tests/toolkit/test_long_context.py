@@ -205,22 +205,26 @@ def test_script_end_to_end_and_resume(tmp_path, monkeypatch):
 
     monkeypatch.setattr(long_context_eval.System, "answer", counted)
     table = eval_long_context.main(argv)
-    assert len(calls) == 3 * 3 * 2 and len(set(calls)) == len(calls)
+    assert len(calls) == 4 * 3 * 2 and len(set(calls)) == len(calls)
     rows = [json.loads(line) for line in (tmp_path / "out" / "samples.jsonl").read_text().splitlines()]
-    assert len(rows) == 18
+    assert len(rows) == 24
     assert {"prompt_hash", "answers", "prediction", "correct", "seconds", "cache_vectors"} <= set(rows[0])
-    assert {row["system"] for row in rows} == {"dense", "fmt", "streaming"}
+    assert {row["system"] for row in rows} == {"dense", "fmt", "fmt_refined", "streaming"}
+    # the refined conversion's cache holds its store of past keys and values too
+    vectors = {row["system"]: row["cache_vectors"] for row in rows if row["task"] == "passkey"}
+    assert vectors["fmt_refined"] > vectors["fmt"] == vectors["streaming"]
     assert "| passkey | 600 | streaming | 2 |" in table and "| common_words | 600 | fmt | 2 |" in table
     assert {p.name for p in (tmp_path / "out").glob("heatmap_*.png")} == {
         "heatmap_dense.png",
         "heatmap_fmt.png",
+        "heatmap_fmt_refined.png",
         "heatmap_streaming.png",
     }
     # A rerun with one more sample per cell answers only the new prompts.
     calls.clear()
     eval_long_context.main([*argv[:-4], "--num_samples", "3", *argv[-2:]])
-    assert len(calls) == 3 * 3 and {hash_ for _, hash_ in calls}.isdisjoint({row["prompt_hash"] for row in rows})
-    assert len((tmp_path / "out" / "samples.jsonl").read_text().splitlines()) == 27
+    assert len(calls) == 4 * 3 and {hash_ for _, hash_ in calls}.isdisjoint({row["prompt_hash"] for row in rows})
+    assert len((tmp_path / "out" / "samples.jsonl").read_text().splitlines()) == 36
 
 
 def test_documented_command_lines_parse():
