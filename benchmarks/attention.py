@@ -77,6 +77,8 @@ class BenchConfig:
     # other FMA downsample families timed in the same cells, interleaved with the main one (implementations
     # "fma_<family>"), e.g. ("recursive",) against downsample="depthwise"
     compare_downsample: tuple[str, ...] = ()
+    sink_tokens: int = 0
+    refine_groups: int = 0  # adaptive refinement (docs/fma.md §3c)
     repeats: int = 5
     min_repeats: int = 1
     budget_s: float = 30.0
@@ -87,11 +89,23 @@ class BenchConfig:
 # ---------------------------------------------------------------------------------------------- FLOP counts
 
 
-def fma_pairs(n: int, block_size: int, coarse_tokens: int, causal: bool, query_mode: str = "fine") -> int:
-    """(query, key slot) pairs FMA evaluates per head at length ``n`` (see module docstring)."""
+def fma_pairs(
+    n: int,
+    block_size: int,
+    coarse_tokens: int,
+    causal: bool,
+    query_mode: str = "fine",
+    sink_tokens: int = 0,
+    refine_groups: int = 0,
+) -> int:
+    """(query, key slot) pairs FMA evaluates per head at length ``n`` (see module docstring); with refinement, at most
+    ``refine_groups * (m + (L-1) p)`` more per query (picks and the summaries replacing their slots), and the 2n/m
+    bounds each query scores counted as pairs too."""
     per_group = 2 if causal else 3  # fine blocks per query, and coarse groups per query per level
     levels = num_levels(n, block_size)
-    pairs = n * per_group * block_size
+    pairs = n * (per_group * block_size + sink_tokens)
+    if refine_groups:
+        pairs += n * (refine_groups * (block_size + max(levels - 1, 0) * coarse_tokens) + 2 * n // block_size)
     for level in range(1, levels + 1):
         width = block_size << (level - 1)
         queries = n if query_mode == "fine" else n * coarse_tokens // width
@@ -105,7 +119,7 @@ def fma_flops(n: int, cfg: BenchConfig, causal: bool, backward: bool) -> float:
         * cfg.batch
         * cfg.heads
         * cfg.head_dim
-        * fma_pairs(n, cfg.block_size, cfg.coarse_tokens, causal, cfg.query_mode)
+        * fma_pairs(n, cfg.block_size, cfg.coarse_tokens, causal, cfg.query_mode, cfg.sink_tokens, cfg.refine_groups)
     )
     return 3.0 * fwd if backward else fwd
 
@@ -149,6 +163,8 @@ class _Cell:
                 causal=causal,
                 downsample=family,
                 query_mode=cfg.query_mode,
+                sink_tokens=cfg.sink_tokens,
+                refine_groups=cfg.refine_groups,
             ).to(dtype)
             for impl, family in families.items()
         }
@@ -347,6 +363,10 @@ class AttentionBenchArguments:
             "leaves dense attention out",
         },
     )
+    sink_tokens: int = field(default=0, metadata={"help": "FMA sink tokens s (docs/fma.md §3a)"})
+    refine_groups: int = field(
+        default=0, metadata={"help": "FMA adaptive refinement k (docs/fma.md §3c: far blocks each query reads exactly)"}
+    )
     threads: int | None = field(default=None, metadata={"help": "torch.set_num_threads; unset: torch's default"})
     matmul_size: int = field(default=2048, metadata={"help": "square matmul timed for the machine's rate"})
     seed: int = field(default=0, metadata={"help": "seed for inputs"})
@@ -367,6 +387,8 @@ class AttentionBenchArguments:
             query_mode=self.query_mode,
             downsample=self.downsample,
             compare_downsample=tuple(self.compare_downsample),
+            sink_tokens=self.sink_tokens,
+            refine_groups=self.refine_groups,
             repeats=self.repeats,
             min_repeats=self.min_repeats,
             budget_s=self.budget,

@@ -15,6 +15,10 @@ def test_fma_pairs_count_the_slots_of_section_3():
     assert fma_pairs(1024, 64, 4, causal=True, query_mode="coarse") == 1024 * 2 * 64 + sum(
         1024 * 4 // (64 << (level - 1)) * 2 * 4 for level in (1, 2, 3)
     )
+    # sinks, and refinement: k picks of m keys and (L-1) replacing summaries each, and 2n/m bounds scored
+    assert fma_pairs(1024, 64, 4, causal=True, sink_tokens=8, refine_groups=2) == 1024 * (
+        2 * 64 + 8 + 2 * 4 * 3 + 2 * (64 + 2 * 4) + 2 * 1024 // 64
+    )
 
 
 def test_attention_benchmark_runs_end_to_end(tmp_path):
@@ -57,3 +61,11 @@ def test_attention_benchmark_compares_downsamplers(tmp_path):
     png = plot_results(rows, str(tmp_path / "compare.png"))
     csv_path, _ = write_results(rows, meta, png)
     assert "ratio_fma_recursive_over_fma" in open(csv_path).readline()
+
+
+def test_attention_benchmark_times_refinement():
+    refined = BenchConfig(
+        heads=2, head_dim=16, block_size=32, coarse_tokens=4, repeats=1, budget_s=0.0, refine_groups=2
+    )
+    rows, _ = run_benchmark([300], ("causal",), ("fwd",), refined, matmul_size=64, matmul_repeats=1, progress=False)
+    assert rows[0]["fma_median_s"] > 0 and rows[0]["sdpa_median_s"] > 0
