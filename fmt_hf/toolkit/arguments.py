@@ -441,6 +441,10 @@ class LongContextArguments:
             raise ValueError(f"--lengths must be positive, got {self.lengths}")
         if self.kvpress_timeout <= 0:
             raise ValueError(f"--kvpress_timeout must be positive, got {self.kvpress_timeout}")
+        if self.refine_groups < 1:
+            raise ValueError(
+                f"--refine_groups must be at least 1 (the fmt system is the one without), got {self.refine_groups}"
+            )
 
 
 DEMO_MODEL = "hidden_size=256,intermediate_size=768,num_hidden_layers=4,num_attention_heads=4,fma_block_size=64"

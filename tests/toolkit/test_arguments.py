@@ -52,7 +52,8 @@ def test_eval_arguments_reject_bad_values():
     [
         (
             {"systems": ["dense", "kvpress"]},
-            r"--systems: unknown \['kvpress'\]; valid: dense, fmt, streaming, kvpress_streaming, kvpress_snapkv, "
+            r"--systems: unknown \['kvpress'\]; valid: dense, fmt, fmt_refined, streaming, kvpress_streaming, "
+            "kvpress_snapkv, "
             "kvpress_expected_attention",
         ),
         ({"tasks": ["passkey", "haystack"]}, r"--tasks: unknown \['haystack'\]"),
@@ -60,6 +61,7 @@ def test_eval_arguments_reject_bad_values():
         ({"depths": []}, r"--depths must be fractions in \[0, 1\], got \[\]"),
         ({"depths": [0.5, 1.5]}, r"--depths must be fractions in \[0, 1\], got \[0.5, 1.5\]"),
         ({"lengths": [2048, 0]}, r"--lengths must be positive, got \[2048, 0\]"),
+        ({"refine_groups": 0}, r"--refine_groups must be at least 1 \(the fmt system is the one without\), got 0"),
     ],
 )
 def test_long_context_arguments_reject_bad_values(options, message):
