@@ -177,16 +177,30 @@ class FMADecoder:
         offsets = torch.tensor([partition.offset(level) for level in range(1, levels)], dtype=dtype, device=device)
         sibling_bias = torch.where(ok, offsets[:, None], torch.tensor(MASK_VALUE, dtype=dtype, device=device))
 
-        # The selected blocks' fine keys: (B, H_kv, c, k'm, d).
-        picked = (chosen[..., None] * m + torch.arange(m, device=device)).flatten(-2)
-        fine_k, fine_v = state.store_k[rows, heads, picked], state.store_v[rows, heads, picked]
-        ok = used.repeat_interleave(m, -1) & state.store_valid[rows, picked] & (picked >= self.s)
-        fine_bias = torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill(~ok, MASK_VALUE)
+        # The selected blocks' fine keys: (B, H_kv, c, k'm, d), read a block at a time.
+        fine_k = state.store_k.unflatten(2, (-1, m))[rows, heads, chosen].flatten(3, 4)
+        fine_v = state.store_v.unflatten(2, (-1, m))[rows, heads, chosen].flatten(3, 4)
+        ok = state.store_valid.unflatten(1, (-1, m))[rows, chosen] & used[..., None]  # (B, H_kv, c, k', m)
+        if self.s:  # sink tokens keep their own slots
+            ok = ok & ((chosen[..., None] * m + torch.arange(m, device=device)) >= self.s)
+        fine_bias = torch.zeros(ok.shape, dtype=dtype, device=device).masked_fill(~ok, MASK_VALUE).flatten(3)
 
-        keys = torch.cat([sibling_k.flatten(3, 5), fine_k], 3)
-        bias = torch.cat([sibling_bias.flatten(3), fine_bias], 3)
-        logits = torch.einsum("bhgcd,bhced->bhgce", queries, keys) + bias[:, :, None]
-        return split, logits, torch.cat([sibling_v.flatten(3, 5), fine_v], 3)
+        sibling_logits = torch.einsum("bhgcd,bhced->bhgce", queries, sibling_k.flatten(3, 5))
+        fine_logits = torch.einsum("bhgcd,bhced->bhgce", queries, fine_k)
+        logits = torch.cat(
+            [sibling_logits + sibling_bias.flatten(3)[:, :, None], fine_logits + fine_bias[:, :, None]], -1
+        )
+        return split, logits, (sibling_v.flatten(3, 5), fine_v)
+
+    @staticmethod
+    def _refined_output(probs, values):
+        """The output (B, H_kv, g, c, d) of refinement's slots: ``probs`` (B, H_kv, g, c, E) over the slots of
+        ``values``, a tuple of (B, H_kv, c, E_i, d) parts side by side."""
+        out, start = 0, 0
+        for part in values:
+            out = out + torch.einsum("bhgce,bhced->bhgcd", probs[..., start : start + part.shape[3]], part)
+            start += part.shape[3]
+        return out
 
     def _keep_sinks(self, state, k, v, valid) -> None:
         """Keep those of the new tokens ``k``/``v`` (B, H_kv, c, d) that are sink tokens (positions below s, §3a):
@@ -404,7 +418,7 @@ class FMADecoder:
         probs = torch.softmax(torch.cat([logits, extra_logits], -1), -1)  # (B, H_kv, g, c, S + E)
         slots = logits.shape[-1]
         out = probs[..., :slots].flatten(2, 3) @ torch.cat(values, 2)
-        out = out + torch.einsum("bhgce,bhced->bhgcd", probs[..., slots:], extra_values).flatten(2, 3)
+        out = out + self._refined_output(probs[..., slots:], extra_values).flatten(2, 3)
         return out.reshape(batch, heads, c, d)
 
     # ------------------------------------------------------------------ one token per row, rows at any positions
@@ -475,7 +489,7 @@ class FMADecoder:
         if self.s:
             out = out + probs[..., -self.s :] @ state.sink_v
         if self.fma.refine_groups:
-            out = out + extra @ extra_values[:, :, 0]
+            out = out + self._refined_output(extra[:, :, :, None], extra_values)[:, :, :, 0]
         out = out.reshape(batch, heads, 1, d)
 
         rows, slots = torch.arange(batch, device=q.device), t % fine_ring
