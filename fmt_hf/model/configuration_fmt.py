@@ -148,8 +148,8 @@ class FMTConfig(PreTrainedConfig):
             blocks whose keys may match it best (Quest's per-channel bound), every coarse summary holding one split
             into its children down to the block. For retrieval from the far field. The decoding cache then keeps a
             store of every past key and value (reported apart), of which a step reads `k * fma_block_size` fine keys
-            more; the forward pass costs up to O(n^2 d) for the selected keys. Needs `fma_query_mode="fine"` and
-            `fma_boundary="mask"`. 0: pure FMA.
+            more, as every query of the forward pass does. Needs `fma_query_mode="fine"` and `fma_boundary="mask"`.
+            0: pure FMA.
 
     Example:
 

@@ -80,8 +80,8 @@ class FastMultipoleAttention(nn.Module):
             state.
         refine_groups: ``k >= 0``, adaptive refinement (§3c): each query reads the ``k`` far fine blocks with the
             best Quest bound exactly, every coarse slot that holds one split into its children. 0: pure FMA. Fine
-            queries and ``boundary="mask"`` only; the forward pass reads the selected keys as masked logits over the
-            blocks a chunk of queries selects (O(n^2 d) at worst, unlike pure FMA), decoding from a store of the past.
+            queries and ``boundary="mask"`` only; the forward pass reads each query's picks block by block
+            (``fma_refine.py``, O(n k m d)), decoding from a store of the past.
 
     Attributes:
         flex_kv_block: keys per KV block of the flex path's block mask (``block_size`` by default; a multiple of 16

@@ -140,14 +140,35 @@ class FMADecoder:
         with the blocks' bounds, before the chunk attends (its later queries may select its earlier blocks)."""
         t, c, m = state.lengths[0], k.shape[2], self.m
         first_block, end = t // m, (t + c) // m
+        rows = torch.arange(state.batch_size, device=k.device)
         if end > first_block:
             keys, values, tokens_valid = self._chunk_tokens(state, k, v, valid, first_block * m, end * m)
-            center, radius, available = block_bounds(keys, tokens_valid, first_block, m, self.s)
-            state.write_store_blocks(first_block, keys, values, tokens_valid, center, radius, available)
-        for level, update in enumerate(updates or [], start=1):
-            state.write_store_groups(
-                level, update.first_group, update.complete_k, update.complete_v, update.complete_valid
+            blocks = torch.arange(first_block, end, device=k.device)
+            by_block = [x.unflatten(2, (-1, m)).transpose(1, 2).flatten(0, 1) for x in (keys, values)]  # (B nb, ..)
+            self._store_blocks(
+                state,
+                rows.repeat_interleave(len(blocks)),
+                blocks.repeat(len(rows)),
+                *by_block,
+                tokens_valid.reshape(-1, m),
             )
+        for level, update in enumerate(updates or [], start=1):
+            count = update.complete_valid.shape[1]
+            groups = torch.arange(update.first_group, update.first_group + count, device=k.device)
+            state.write_store_groups(
+                level,
+                rows.repeat_interleave(count),
+                groups.repeat(len(rows)),
+                *(x.transpose(1, 2).flatten(0, 1) for x in (update.complete_k, update.complete_v)),
+                update.complete_valid.flatten(),
+            )
+
+    def _store_blocks(self, state, rows, blocks, keys, values, valid) -> None:
+        """Refinement (§3c): store fine blocks ``blocks`` (R,) of rows ``rows`` (R,) -- ``keys``/``values`` (R, H_kv,
+        m, d) with sink tokens read as zeros, ``valid`` (R, m) -- with their Quest bounds."""
+        real = valid & (blocks[:, None] * self.m + torch.arange(self.m, device=valid.device) >= self.s)
+        center, radius, available = block_bounds(keys, real, 0, self.m, 0)
+        state.write_store_blocks(rows, blocks, keys, values, valid, center[:, :, 0], radius[:, :, 0], available[:, 0])
 
     def _refinement(self, state, queries, positions, slot_groups):
         """Refinement (§3c) of queries ``queries`` (B, H_kv, g, c, d), scaled, at positions ``positions`` (B or 1,
@@ -171,9 +192,8 @@ class FMADecoder:
         at = torch.arange(max(levels - 1, 0), device=device)
         sibling_k = state.store_groups_k[rows[..., None], at, heads[..., None], groups]
         sibling_v = state.store_groups_v[rows[..., None], at, heads[..., None], groups]
-        widths = m << at  # w_l of levels 1 .. L-1
-        ends = (groups * widths)[..., None] + (torch.arange(p, device=device) + 1) * (widths // p)[:, None]
-        ok = (use & state.store_groups_valid[rows[..., None], at, groups])[..., None] & (ends > self.s)
+        only_sinks = partition.sink_summaries(groups, m << at, p).unflatten(-1, (-1, p))  # w_l of levels 1 .. L-1
+        ok = (use & state.store_groups_valid[rows[..., None], at, groups])[..., None] & ~only_sinks
         offsets = torch.tensor([partition.offset(level) for level in range(1, levels)], dtype=dtype, device=device)
         sibling_bias = torch.where(ok, offsets[:, None], torch.tensor(MASK_VALUE, dtype=dtype, device=device))
 
@@ -534,24 +554,13 @@ class FMADecoder:
             tokens = [x * keep for x in tokens]
         return tokens, state.fine_valid[rows[:, None], slots].any(1)
 
-    def _store_block_rows(self, state, rows: torch.Tensor, blocks: torch.Tensor) -> None:
-        """Refinement (§3c), in place: store fine blocks ``blocks`` (R,) of rows ``rows`` (R,), all in their fine
-        rings, with their bounds (sink tokens read as zeros, as :meth:`_store` stores them)."""
-        m = self.m
-        state.grow_store(int(blocks.max()) + 1, m)
-        positions = blocks[:, None] * m + torch.arange(m, device=blocks.device)  # (R, m)
-        slots = positions % state.fine_ring
-        keep = (positions >= self.s)[..., None, None]
-        keys = state.fine_k[rows[:, None], :, slots] * keep  # (R, m, H_kv, d)
-        values = state.fine_v[rows[:, None], :, slots] * keep
-        valid = state.fine_valid[rows[:, None], slots]
-        center, radius, available = block_bounds(keys.transpose(1, 2), valid & (positions >= self.s), 0, m, 0)
-        state.store_k[rows[:, None], :, positions] = keys
-        state.store_v[rows[:, None], :, positions] = values
-        state.store_valid[rows[:, None], positions] = valid
-        state.store_center[rows, :, blocks] = center[:, :, 0]
-        state.store_radius[rows, :, blocks] = radius[:, :, 0]
-        state.store_available[rows, blocks] = available[:, 0]
+    def _store_block_tokens(self, state, rows, blocks, tokens_k, tokens_v) -> None:
+        """:meth:`_store_blocks` of fine blocks ``blocks`` of rows ``rows`` (R,) read by :meth:`_block_tokens`
+        (``tokens_k``/``tokens_v`` (H_kv, R*m, d)), their validity from the fine rings."""
+        keys, values = (x.unflatten(1, (len(rows), self.m)).transpose(0, 1) for x in (tokens_k, tokens_v))
+        positions = blocks[:, None] * self.m + torch.arange(self.m, device=blocks.device)
+        valid = state.fine_valid[rows[:, None], positions % state.fine_ring]
+        self._store_blocks(state, rows, blocks, keys, values, valid)
 
     def _complete_blocks(self, state, rows: list[int]) -> None:
         """Direct families, in place: rows ``rows`` whose last token completed a fine block (now wholly in their
@@ -562,25 +571,24 @@ class FMADecoder:
         block_start = ends - m
         (tokens_k, tokens_v), block_valid = self._block_tokens(state, index, block_start // m)
         if self.fma.refine_groups:
-            self._store_block_rows(state, index, block_start // m)
+            self._store_block_tokens(state, index, block_start // m, tokens_k, tokens_v)
         for level in range(1, state.num_levels + 1):
             width = self.partition.group_width(level)
             offsets = (block_start[:, None] + torch.arange(m, device=index.device)) % width
             complete = ends % width == 0  # (R,): the block is its group's last
             done, group_slot = index[complete], (ends[complete] // width - 1) % state.group_ring
+            summaries = []
             for name, family, tokens in (("k", self.k_downsample, tokens_k), ("v", self.v_downsample, tokens_v)):
                 block_sums, bias = family(tokens, level=level, offsets=offsets.flatten())  # (H_kv, R, p, d)
                 partial = getattr(state, f"partial_{name}")
                 summed = partial[index, level - 1] + block_sums.transpose(0, 1)
-                getattr(state, f"groups_{name}")[done, level - 1, :, group_slot] = summed[complete] + bias
-                if self.fma.refine_groups:
-                    group = ends[complete] // width - 1
-                    getattr(state, f"store_groups_{name}")[done, level - 1, :, group] = summed[complete] + bias
+                summaries.append(summed[complete] + bias)
+                getattr(state, f"groups_{name}")[done, level - 1, :, group_slot] = summaries[-1]
                 partial[index, level - 1] = summed.masked_fill(complete[:, None, None, None], 0)
             real = state.partial_valid[index, level - 1] | block_valid
             state.groups_valid[done, level - 1, group_slot] = real[complete]
             if self.fma.refine_groups:
-                state.store_groups_valid[done, level - 1, ends[complete] // width - 1] = real[complete]
+                state.write_store_groups(level, done, ends[complete] // width - 1, *summaries, real[complete])
             state.partial_valid[index, level - 1] = real & ~complete
 
     def _complete_derived_blocks(self, state, rows: list[int]) -> None:
@@ -614,6 +622,8 @@ class FMADecoder:
             if level == 1:
                 tokens, valid = self._block_tokens(state, pair_rows, groups)
                 summaries = [family(x, 1)[0].transpose(0, 1) for family, x in zip(families, tokens)]
+                if self.fma.refine_groups:
+                    self._store_block_tokens(state, pair_rows, groups, *tokens)
             else:
                 # Children 2g are stored; children 2g+1 are the groups the level below completes now, except for
                 # gained groups g < w, whose children 2g+1 are stored too.
@@ -628,16 +638,12 @@ class FMADecoder:
             writes.append((level, pair_rows, groups, summaries, valid))
             below = {b: i for i, (b, _) in enumerate(completed)}
             below_summaries = (*summaries, valid)
-        if writes and self.fma.refine_groups:
-            self._store_block_rows(state, writes[0][1], writes[0][2])
         for level, pair_rows, groups, (summary_k, summary_v), valid in writes:
             slots = groups % state.group_ring
             state.groups_k[pair_rows, level - 1, :, slots] = summary_k
             state.groups_v[pair_rows, level - 1, :, slots] = summary_v
             state.groups_valid[pair_rows, level - 1, slots] = valid
             if self.fma.refine_groups:
-                state.store_groups_k[pair_rows, level - 1, :, groups] = summary_k
-                state.store_groups_v[pair_rows, level - 1, :, groups] = summary_v
-                state.store_groups_valid[pair_rows, level - 1, groups] = valid
+                state.write_store_groups(level, pair_rows, groups, summary_k, summary_v, valid)
         for b, n in zip(rows, needed):
             state.levels[b] = n

@@ -234,12 +234,14 @@ class Partition:
         when b <= w -- causal and bidirectional alike."""
         return blocks > self.near_blocks
 
-    def sink_summaries(self, groups: torch.Tensor, width: int, p: int) -> torch.Tensor:
+    def sink_summaries(self, groups: torch.Tensor, width, p: int) -> torch.Tensor:
         """Whether each of the ``p`` coarse tokens of groups ``groups`` (``groups.shape + (p,)``, flattened into the
-        last dimension) of ``width`` positions stands for sink tokens only (§3a): coarse token r stands for the
-        r-th sub-window of ``width / p`` positions (the resolution of §4's offset and §5's coarse queries), and the
-        downsamplers read sinks as zeros, so such a token summarises nothing and is masked."""
-        ends = groups[..., None] * width + (torch.arange(p, device=groups.device) + 1) * (width // p)
+        last dimension) of ``width`` positions (an int, or a tensor broadcast against ``groups``) stands for sink
+        tokens only (§3a): coarse token r stands for the r-th sub-window of ``width / p`` positions (the resolution
+        of §4's offset and §5's coarse queries), and the downsamplers read sinks as zeros, so such a token summarises
+        nothing and is masked."""
+        width = torch.as_tensor(width, device=groups.device)
+        ends = (groups * width)[..., None] + (torch.arange(p, device=groups.device) + 1) * (width // p)[..., None]
         return ((groups[..., None] >= 0) & (ends <= self.sink_tokens)).flatten(-2)
 
     def group_width(self, level: int) -> int:

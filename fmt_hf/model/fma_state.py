@@ -236,25 +236,24 @@ class FMAState:
             shape[dim] = missing * (block_size if name in ("store_k", "store_v", "store_valid") else 1)
             setattr(self, name, torch.cat([tensor, tensor.new_zeros(shape)], dim))
 
-    def write_store_blocks(self, first_block: int, keys, values, valid, center, radius, available) -> None:
-        """Store complete fine blocks ``first_block ..`` (all rows at one position): ``keys``/``values`` (B, H_kv,
-        nb*m, d), ``valid`` (B, nb*m), their bounds (B, H_kv, nb, d) and ``available`` (B, nb)."""
-        nb = available.shape[1]
-        m = keys.shape[2] // nb
-        self.grow_store(first_block + nb, m)
-        fine = slice(first_block * m, (first_block + nb) * m)
-        self.store_k[:, :, fine], self.store_v[:, :, fine], self.store_valid[:, fine] = keys, values, valid
-        block = slice(first_block, first_block + nb)
-        self.store_center[:, :, block], self.store_radius[:, :, block] = center, radius
-        self.store_available[:, block] = available
+    def write_store_blocks(self, rows, blocks, keys, values, valid, center, radius, available) -> None:
+        """Store complete fine blocks ``blocks`` (R,) of rows ``rows`` (R,), in place: ``keys``/``values`` (R, H_kv,
+        m, d), ``valid`` (R, m), their bounds ``center``/``radius`` (R, H_kv, d) and ``available`` (R,)."""
+        m = keys.shape[2]
+        self.grow_store(int(blocks.max()) + 1, m)
+        positions = blocks[:, None] * m + torch.arange(m, device=blocks.device)  # (R, m)
+        self.store_k[rows[:, None], :, positions] = keys.transpose(1, 2)
+        self.store_v[rows[:, None], :, positions] = values.transpose(1, 2)
+        self.store_valid[rows[:, None], positions] = valid
+        self.store_center[rows, :, blocks], self.store_radius[rows, :, blocks] = center, radius
+        self.store_available[rows, blocks] = available
 
-    def write_store_groups(self, level: int, first_group: int, keys, values, valid) -> None:
-        """Store complete level-``level`` groups ``first_group ..``: ``keys``/``values`` (B, H_kv, groups, p, d),
-        ``valid`` (B, groups). The store must hold their blocks' level-1 entries (written first)."""
-        groups = slice(first_group, first_group + valid.shape[1])
-        self.store_groups_k[:, level - 1, :, groups] = keys
-        self.store_groups_v[:, level - 1, :, groups] = values
-        self.store_groups_valid[:, level - 1, groups] = valid
+    def write_store_groups(self, level: int, rows, groups, keys, values, valid) -> None:
+        """Store complete level-``level`` groups ``groups`` (R,) of rows ``rows`` (R,), in place: ``keys``/``values``
+        (R, H_kv, p, d), ``valid`` (R,). The store must hold their blocks (written first)."""
+        self.store_groups_k[rows, level - 1, :, groups] = keys
+        self.store_groups_v[rows, level - 1, :, groups] = values
+        self.store_groups_valid[rows, level - 1, groups] = valid
 
     @property
     def num_vectors(self) -> int:
